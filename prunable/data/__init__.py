@@ -1,0 +1,18 @@
+"""Built-in datasets for demos, tests and benchmarks.
+
+The only dataset so far is :class:`JapaneseCharacters`, generated on the fly from
+the IPAex Gothic font shipped with ``japanize-matplotlib`` (``pip install
+prunable[demo]``), so it needs no download.
+
+Example
+-------
+>>> from prunable.data import JapaneseCharacters, loaders
+>>> ds = JapaneseCharacters("val", samples_per_class=2, size=32)  # doctest: +SKIP
+>>> ds.num_classes, ds[0][0].shape                                # doctest: +SKIP
+(92, torch.Size([1, 32, 32]))
+>>> train, val, test = loaders(batch_size=64)                     # doctest: +SKIP
+"""
+
+from .japanese import JapaneseCharacters, loaders
+
+__all__ = ["JapaneseCharacters", "loaders"]
