@@ -9,14 +9,25 @@ torch.Size([2, 10])
 """
 
 from .errors import EstimationError, PrunableError, PruningValueError, SurgeryError
+from .flops import count_flops, count_params, measure_latency, module_flops
+from .graph import ChannelGroup, DependencyGraph
+from .importance import (
+    APoZ, Aggregation, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN,
+    TaylorWeight, WeightNorm,
+)
 from .models import CharNet, SeedNet, vgg
 from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
+from .plan import Plan
+from .pruner import Pruner, Scope
 from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CharNet", "EstimationError", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
-    "PLinear", "PrunableError", "PruningValueError", "Role", "SeedNet", "SurgeryError",
-    "convert", "register_handler", "slice_optimizer_state", "vgg",
+    "APoZ", "Aggregation", "BNScale", "ChannelGroup", "CharNet", "Criterion", "DependencyGraph",
+    "EstimationError", "MeanActivation", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
+    "PLinear", "Plan", "PrunableError", "Pruner", "PruningValueError", "Random", "Role", "Scope",
+    "SeedNet", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm",
+    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "register_handler",
+    "slice_optimizer_state", "vgg",
 ]

@@ -17,9 +17,19 @@ torch.Size([3])
 
 from __future__ import annotations
 
-import torch
+import enum
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["taylor_per_example", "ScoreAccumulator", "l2_normalize"]
+import torch
+from torch import nn
+
+from .errors import EstimationError
+
+__all__ = [
+    "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
+    "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm", "BNScale", "MeanActivation", "APoZ", "Random",
+]
 
 
 def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
@@ -95,3 +105,239 @@ def l2_normalize(scores: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``scores / ||scores||_2``; an all-zero vector stays zero (no NaN)."""
     norm = torch.linalg.vector_norm(scores.float())
     return scores.float() / norm if norm > eps else torch.zeros_like(scores, dtype=torch.float32)
+
+
+class Aggregation(enum.Enum):
+    """How the scores of coupled channels (a residual group) are combined."""
+
+    SUM = "sum"
+    MEAN = "mean"
+    MAX = "max"
+
+
+class MeasurePoint:
+    """Where a producer's channels are observed.
+
+    ``module`` is the producing layer, or the norm right after it when there
+    is one (for conv→BN→ReLU the BN output ``y`` gives
+    ``relu(y)·dL/drelu(y) == y·dL/dy``, the paper's measurement); ``dim`` is
+    the channel dimension of its output; ``producer`` is the layer whose
+    output channels these are.
+    """
+
+    def __init__(self, name: str, module: nn.Module, dim: int, producer: nn.Module) -> None:
+        self.name, self.module, self.dim, self.producer = name, module, dim, producer
+
+    @property
+    def norm(self) -> nn.Module | None:
+        """The normalisation layer measured, if any."""
+        return self.module if self.module is not self.producer else None
+
+    def out_axis(self) -> int:
+        """Output-channel axis of the producer's weight."""
+        return 1 if getattr(self.producer, "transposed", False) else 0
+
+
+class Criterion:
+    """Base class of channel importance criteria.
+
+    A criterion declares what it needs (``needs_activations``, ``needs_grad``)
+    and scores each :class:`MeasurePoint`; it never branches on module types.
+    Data-driven criteria accumulate inside ``Pruner.estimate()``.
+    """
+
+    needs_activations = False
+    needs_grad = False
+    #: layer-wise L2 normalisation before ranking across layers
+    normalize = True
+
+    def __init__(self) -> None:
+        self.accumulators: dict[str, ScoreAccumulator] = {}
+
+    def attach(self, points: list[MeasurePoint]) -> list[Any]:
+        """Install hooks on ``points``; returns removable handles."""
+        handles = []
+        for point in points:
+            acc = self.accumulators.setdefault(point.name, ScoreAccumulator())
+            handles += self._hooks(point, acc)
+        return handles
+
+    def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
+        if not self.needs_activations:
+            return []
+
+        def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor):
+                return
+            if self.needs_grad:
+                if torch.is_grad_enabled() and output.requires_grad:
+                    a = output.detach()
+                    output.register_hook(lambda g: acc.add(self.per_example(a, g, point.dim)))
+            else:
+                acc.add(self.per_example(output.detach(), None, point.dim))
+
+        return [point.module.register_forward_hook(forward_hook)]
+
+    def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+        """Per-example, per-channel values ``(N, C)`` for activation criteria."""
+        raise NotImplementedError
+
+    def scores(self, point: MeasurePoint) -> torch.Tensor:
+        """Importance of each output channel of ``point.producer``."""
+        acc = self.accumulators.get(point.name)
+        if acc is None or acc.count == 0:
+            raise EstimationError(
+                f"{type(self).__name__} has no estimates for {point.name}: run forward and backward "
+                "passes inside `with pruner.estimate():` first"
+            )
+        return acc.value()
+
+    def reset(self) -> None:
+        """Forget accumulated statistics."""
+        self.accumulators.clear()
+
+    def synchronize(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Sum accumulated totals and counts across processes with ``all_reduce``."""
+        for acc in self.accumulators.values():
+            if acc.total is None:
+                continue
+            count = torch.tensor([float(acc.count)], device=acc.total.device)
+            all_reduce(acc.total)
+            all_reduce(count)
+            acc.count = int(count.item())
+
+
+class TaylorActivation(Criterion):
+    """Molchanov et al. 2017, Eq. 8: per example ``|mean_spatial(a·dL/da)|``, averaged.
+
+    ``a`` is the output of the BatchNorm after the producing layer when there
+    is one (exact for a following ReLU), else the producer's output.
+    ``abs_after_batch_mean=True`` gives the 2018 seed's variant.
+    """
+
+    needs_activations = True
+    needs_grad = True
+
+    def __init__(self, abs_after_batch_mean: bool = False) -> None:
+        super().__init__()
+        self.abs_after_batch_mean = abs_after_batch_mean
+
+    def attach(self, points: list[MeasurePoint]) -> list[Any]:
+        for point in points:
+            self.accumulators.setdefault(point.name, ScoreAccumulator(self.abs_after_batch_mean))
+        return super().attach(points)
+
+    def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+        return taylor_per_example(a, g, dim)
+
+
+class MeanActivation(Criterion):
+    """Mean of ``relu(a)`` per channel (Molchanov et al. 2017's baseline)."""
+
+    needs_activations = True
+
+    def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+        return taylor_per_example(a.relu(), torch.ones_like(a), dim)
+
+
+class APoZ(Criterion):
+    """``1 − APoZ``: the fraction of positive ``a`` per channel (Hu et al. 2016)."""
+
+    needs_activations = True
+
+    def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
+        return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim)
+
+
+def _out_view(point: MeasurePoint, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a producer parameter) as ``(out_channels, -1)``."""
+    axis = point.out_axis() if t.dim() > 1 else 0
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+class WeightNorm(Criterion):
+    """``||W_k||_p`` of each output filter of the producer (L1 by default)."""
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def scores(self, point: MeasurePoint) -> torch.Tensor:
+        w = _out_view(point, point.producer.weight.detach().float())
+        return torch.linalg.vector_norm(w, ord=self.p, dim=1)
+
+
+class BNScale(Criterion):
+    """``|γ|`` of the BatchNorm after the producer (Liu et al. 2017); L1 weight norm without one."""
+
+    def scores(self, point: MeasurePoint) -> torch.Tensor:
+        norm = point.norm
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            return norm.weight.detach().float().abs()
+        return WeightNorm(1.0).scores(point)
+
+
+class Random(Criterion):
+    """Uniform random scores from a seeded generator (a baseline)."""
+
+    normalize = False
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, point: MeasurePoint) -> torch.Tensor:
+        n = point.producer.weight.shape[point.out_axis()]
+        return torch.rand(n, generator=self.generator)
+
+
+class _ParamTaylor(Criterion):
+    """``(Σ w·dL/dw)²`` per channel over chosen parameters, accumulated per backward."""
+
+    needs_grad = True
+
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+        raise NotImplementedError
+
+    def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
+        handles = []
+        for i, (param, producer_param) in enumerate(self.params(point)):
+            def on_grad(g: torch.Tensor, p=param, prod=producer_param, first=i == 0) -> None:
+                wg = (p.detach() * g).float()
+                per_channel = _out_view(point, wg) if prod else wg.view(len(p), -1)
+                acc.add_total(per_channel.sum(1).pow(2), int(first))
+            handles.append(param.register_hook(on_grad))
+        return handles
+
+    def scores(self, point: MeasurePoint) -> torch.Tensor:
+        acc = self.accumulators.get(point.name)
+        if acc is None or acc.total is None:
+            raise EstimationError(
+                f"{type(self).__name__} has no estimates for {point.name}: run backward passes "
+                "inside `with pruner.estimate():` first"
+            )
+        return acc.total / max(acc.count, 1)
+
+
+class TaylorWeight(_ParamTaylor):
+    """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
+
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+        out = [(point.producer.weight, True)]
+        if getattr(point.producer, "bias", None) is not None:
+            out.append((point.producer.bias, True))
+        norm = point.norm
+        for name in ("weight", "bias"):
+            if norm is not None and getattr(norm, name, None) is not None:
+                out.append((getattr(norm, name), False))
+        return out
+
+
+class TaylorBN(_ParamTaylor):
+    """Molchanov et al. 2019 on BN only: ``(γ·dL/dγ + β·dL/dβ)²``; the filter without a BN."""
+
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+        norm = point.norm
+        if norm is None or getattr(norm, "weight", None) is None:
+            return TaylorWeight.params(self, point)
+        return [(t, False) for t in (norm.weight, norm.bias) if t is not None]

@@ -9,8 +9,9 @@ starts with the samples of a smaller one. Generated sets are cached as ``.pt``
 files.
 
 Images are float32 tensors of shape ``(1, size, size)`` in ``[0, 1]``: a white
-glyph on a black background, not normalised (subtract ``0.2`` and divide by
-``0.3`` if you want roughly zero mean and unit variance).
+glyph on a black background, not normalised. With the defaults the pixel mean
+is about 0.09 and the standard deviation about 0.23; normalise with those if
+you want zero mean and unit variance.
 
 Example
 -------
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import math
 import os
 import tempfile
 import types
@@ -116,7 +116,8 @@ def _draw(chars: Sequence[str], side: int) -> torch.Tensor:
         xy = ((side - (right - left)) / 2 - left, (side - (bottom - top)) / 2 - top)
         image = Image.new("L", (side, side), 0)
         ImageDraw.Draw(image).text(xy, char, fill=255, font=font)
-        out[i, 0] = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(side, side)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        out[i, 0] = pixels.view(side, side)
     return out.float().div_(255)
 
 
@@ -219,7 +220,8 @@ def _generate(
 
 
 def _cache_dir(root: str | os.PathLike[str] | None) -> Path:
-    """``root``, else ``$PRUNABLE_CACHE``, else ``$XDG_CACHE_HOME/prunable`` or ``~/.cache/prunable``."""
+    """The cache folder, first found of: ``root``, ``$PRUNABLE_CACHE``,
+    ``$XDG_CACHE_HOME/prunable``, ``~/.cache/prunable``."""
     if root is not None:
         return Path(root).expanduser()
     if os.environ.get("PRUNABLE_CACHE"):
@@ -257,7 +259,8 @@ def _save_cache(path: Path, payload: dict[str, object]) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as exc:
-        warnings.warn(f"could not cache the dataset at {path}: {exc}", RuntimeWarning, stacklevel=3)
+        message = f"could not cache the dataset at {path}: {exc}"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -402,9 +405,9 @@ def loaders(
     _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
     sets = [JapaneseCharacters(s, classes, size, None, seed, root) for s in _SPLITS]
-    shuffle_gen = torch.Generator().manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
     return (
-        DataLoader(sets[0], batch_size, shuffle=True, generator=shuffle_gen, num_workers=num_workers),
+        DataLoader(sets[0], batch_size, shuffle=True, generator=order, num_workers=num_workers),
         DataLoader(sets[1], batch_size, num_workers=num_workers),
         DataLoader(sets[2], batch_size, num_workers=num_workers),
     )

@@ -1,0 +1,98 @@
+"""FLOPs, parameter counts and CPU latency.
+
+FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` run on a
+``meta`` copy of the model: no arithmetic is done and the model (its running
+statistics, its train/eval mode) is untouched.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+>>> count_flops(net, torch.randn(1, 3, 10, 10))
+27648
+>>> count_params(net)
+224
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from .graph import meta_clone
+
+__all__ = ["count_flops", "count_params", "module_flops", "measure_latency"]
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
+    clone = meta_clone(model)
+    meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, _as_tuple(inputs))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        clone(*meta_inputs)
+    return counter
+
+
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward pass of ``model`` on ``inputs`` (a tensor or tuple).
+
+    Counted as torch counts them (a multiply-add is 2 FLOPs) for the ops
+    :class:`~torch.utils.flop_counter.FlopCounterMode` knows (convolutions,
+    matrix products, attention).
+    """
+    return int(_count(model, inputs).get_total_flops())
+
+
+def module_flops(model: nn.Module, inputs: Any) -> dict[str, int]:
+    """FLOPs per module qualified name (``""`` is the whole model)."""
+    counts = _count(model, inputs).get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for name, ops in counts.items():
+        if name == "Global":
+            continue
+        key = "" if name == root else name[len(root) + 1:] if name.startswith(root + ".") else name
+        out[key] = int(sum(ops.values()))
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time in seconds of ``model(*inputs)`` in eval mode.
+
+    The model's train/eval mode is restored afterwards. On CUDA the device is
+    synchronised around each run.
+    """
+    was_training = model.training
+    model.eval()
+    args = _as_tuple(inputs)
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in args)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(*args)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)

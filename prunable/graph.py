@@ -1,0 +1,312 @@
+"""Dependency graph: which channels of a model must be removed together.
+
+:class:`DependencyGraph` traces one forward pass of a model (see
+:mod:`prunable.trace`) on a parameter-free ``meta`` copy, so the model's
+parameters, buffers and train/eval mode are never touched, and Python control
+flow in ``forward`` is simply followed. It returns :class:`ChannelGroup` s:
+a conv's outputs with its BatchNorm and every consumer's inputs, all residual
+partners of a ResNet stage, concatenation offsets, the Linear after a flatten,
+depthwise pairs, squeeze-excitation scales, layer-scale parameters …
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+...                     nn.Conv2d(8, 4, 3))
+>>> graph = DependencyGraph(net, torch.randn(1, 3, 8, 8))
+>>> print(graph.groups[0])
+0.out ⇄ 1 ⇄ 3.in  (8 channels)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .surgery import Cut, Role
+from .trace import ChannelTracer, Target, Trace
+
+__all__ = ["DependencyGraph", "ChannelGroup", "Member"]
+
+
+@dataclass
+class Member:
+    """One target of a group with the class of each of its indices along the cut axis."""
+
+    target: Target
+    classes: torch.Tensor
+    producer: bool
+
+    def __str__(self) -> str:
+        if self.target.role is not None and self.target.module is not None and self.channelwise:
+            return self.target.name
+        return self.target.label()
+
+    @property
+    def channelwise(self) -> bool:
+        return self.target.role is Role.IN and type(self.target.module).__name__ in _CHANNELWISE_NAMES
+
+
+_CHANNELWISE_NAMES = {
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "PBatchNorm1d", "PBatchNorm2d", "SyncBatchNorm",
+    "LayerNorm", "LayerNorm2d", "GroupNorm", "PReLU", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+}
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are removed together, across every module that holds them.
+
+    ``id`` is the qualified name of the group's first producer; channel ``k``
+    of the group is ``classes[k]``. ``skip_reason`` is set when the group
+    cannot be pruned.
+    """
+
+    id: str
+    classes: torch.Tensor
+    members: list[Member]
+    skip_reason: str | None = None
+    measure: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels of the group."""
+        return len(self.classes)
+
+    @property
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.producer]
+
+    def __str__(self) -> str:
+        names = [str(m) for m in self.members]
+        text = " ⇄ ".join(dict.fromkeys(names))
+        note = f"; skipped: {self.skip_reason}" if self.skip_reason else ""
+        return f"{text}  ({self.channels} channels{note})"
+
+    __repr__ = __str__
+
+
+def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+    """Connected-component representative (smallest id) of each of ``n`` nodes."""
+    label = torch.arange(n)
+    if not edges or n == 0:
+        return label
+    e = torch.cat(edges)
+    u, v = e[:, 0], e[:, 1]
+    while True:
+        m = torch.minimum(label[u], label[v])
+        new = label.clone()
+        new.scatter_reduce_(0, u, m, reduce="amin")
+        new.scatter_reduce_(0, v, m, reduce="amin")
+        new = new[new]
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def meta_clone(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on ``meta``."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    owners: dict[int, tuple[nn.Module, str, str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            if t is not None:
+                owners.setdefault(id(t), (module, mname, attr))
+    return names, owners
+
+
+def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, Any]:
+    """Run ``model`` once under a :class:`ChannelTracer`; returns tracer and output."""
+    names, owners = _owners(model)
+    tracer = ChannelTracer(names, owners)
+    hooks = []
+
+    def enter(module: nn.Module, inputs: Any) -> None:
+        tracer.stack.append(module)
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        tracer.stack.pop()
+
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(enter))
+        hooks.append(module.register_forward_hook(leave))
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad(), tracer:
+            for t in tree_flatten(inputs)[0]:
+                if isinstance(t, torch.Tensor):
+                    tracer.mark_input(t)
+            out = model(*inputs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    tracer.trace.block(tracer.shadow(t), "model output")
+    finally:
+        for h in hooks:
+            h.remove()
+    return tracer, out
+
+
+def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int, nn.Module]]:
+    """Trace on a meta copy (falling back to a real copy for data-dependent code).
+
+    Returns the trace and a map from the copy's module ids to the real modules.
+    """
+    real = dict(model.named_modules(remove_duplicate=False))
+    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    try:
+        clone = meta_clone(model)
+        tracer, _ = run_traced(clone, tree_map(to_meta, example_inputs))
+    except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
+        clone = copy.deepcopy(model)
+        tracer, _ = run_traced(clone, example_inputs)
+    mapping = {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
+    return tracer.trace, mapping
+
+
+class DependencyGraph:
+    """Channel groups of ``model``, found by tracing one forward pass.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; it is not modified (tracing runs on a meta copy).
+    example_inputs
+        A tensor or tuple of positional inputs for ``model``.
+
+    Attributes
+    ----------
+    groups : list[ChannelGroup]
+        Every group, prunable or not (``skip_reason``).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        self.model = model
+        trace, mapping = trace_model(model, example_inputs)
+        self._build(trace, mapping)
+
+    def _retarget(self, t: Target, mapping: dict[int, nn.Module]) -> Target:
+        module = mapping[t.uid]
+        return Target(module, t.name, t.role, t.param, t.axis, id(module))
+
+    def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
+        root = _components(trace.n_slots, trace.edges)
+        blocked: dict[int, str] = {}
+        for labels, reason in trace.blocked:
+            for r in root[labels].tolist():
+                blocked.setdefault(r, reason)
+        cls = lambda labels: torch.where(labels >= 0, root[labels.clamp(min=0)], labels)  # noqa: E731
+        members: list[Member] = []
+        for t, slots in trace.producers.values():
+            members.append(Member(self._retarget(t, mapping), root[slots], True))
+        for t, labels in trace.consumers.values():
+            members.append(Member(self._retarget(t, mapping), cls(labels), False))
+        members += self._param_members(trace, root, mapping, blocked)
+        self.groups = self._group(members, blocked, trace, root, mapping)
+
+    def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
+        """Bare parameters (layer scale, class token): find the axis holding channels."""
+        produced = set(torch.cat([root[s] for _, s in trace.producers.values()]).tolist()) if trace.producers else set()
+        out = []
+        for t, slots in trace.params.values():
+            classes = root[slots]
+            linked = [r for r in classes.unique().tolist() if r in produced]
+            if not linked:
+                continue
+            axis = next((d for d in range(classes.dim()) if _only_varies_along(classes, d)), None)
+            if axis is None:
+                for r in linked:
+                    blocked.setdefault(r, f"{t.label()} mixes channels over several axes")
+                continue
+            line = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)[:, 0]
+            out.append(Member(self._retarget(Target(t.module, t.name, None, t.param, axis, t.uid), mapping), line, False))
+        return out
+
+    def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
+        producers = [m for m in members if m.producer]
+        index = {r: i for i, r in enumerate(sorted({int(c) for m in producers for c in m.classes.tolist()}))}
+        edges = [torch.stack([m.classes[:1].expand(len(m.classes)), m.classes], 1) for m in producers]
+        remap = torch.tensor(sorted(index), dtype=torch.long)
+        lookup = torch.full((int(remap.max()) + 1 if len(remap) else 1,), -1, dtype=torch.long)
+        lookup[remap] = torch.arange(len(remap))
+        comp = _components(len(remap), [lookup[e] for e in edges]) if len(remap) else remap
+        by_group: dict[int, list[Member]] = {}
+        for m in members:
+            known = m.classes[(m.classes >= 0) & (m.classes < len(lookup))]
+            known = known[lookup[known] >= 0]
+            for g in comp[lookup[known]].unique().tolist():
+                by_group.setdefault(g, []).append(m)
+        measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
+        groups = []
+        for g, ms in by_group.items():
+            classes = _ordered_unique(torch.cat([m.classes for m in ms if m.producer]))
+            classes = classes[comp[lookup[classes]] == g]
+            ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
+            reason = next((blocked[int(c)] for c in classes.tolist() if int(c) in blocked), None)
+            group = ChannelGroup(ms[0].target.name, classes, ms, reason)
+            group.measure = self._measure(group, measure)
+            groups.append(group)
+        groups.sort(key=lambda grp: min(int(m.classes.min()) for m in grp.producers))
+        return groups
+
+    def _measure(self, group: ChannelGroup, measure: dict) -> list[tuple[str, int, torch.Tensor]]:
+        """(module name, channel dim, group index per channel) where activations are measured."""
+        position = {int(c): i for i, c in enumerate(group.classes.tolist())}
+        out = []
+        for m in group.producers:
+            name, dim = measure.get(m.target.name, (m.target.name, 1))
+            out.append((name, dim, torch.tensor([position.get(int(c), -1) for c in m.classes.tolist()])))
+        return out
+
+    # -- pruning -----------------------------------------------------------
+    def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
+        """Cuts removing channel indices ``removals[group_id]`` of the named groups."""
+        by_id = {g.id: g for g in self.groups}
+        removed = torch.cat([by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)]
+                             for gid, idx in removals.items()]) if removals else torch.empty(0, dtype=torch.long)
+        seen: dict[tuple, Cut] = {}
+        for gid in removals:
+            for m in by_id[gid].members:
+                t = m.target
+                key = (t.uid, t.role, t.param, t.axis)
+                if key in seen:
+                    continue
+                drop = torch.isin(m.classes, removed)
+                if bool(drop.any()):
+                    keep = torch.nonzero(~drop).flatten()
+                    seen[key] = Cut(t.module, t.role, keep, t.param, t.axis, t.label())
+        return list(seen.values())
+
+
+def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
+    moved = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)
+    return bool((moved == moved[:, :1]).all())
+
+
+def _ordered_unique(x: torch.Tensor) -> torch.Tensor:
+    """Unique values of ``x`` in order of first appearance."""
+    seen: dict[int, None] = {}
+    for v in x.tolist():
+        if v >= 0:
+            seen.setdefault(v, None)
+    return torch.tensor(list(seen), dtype=torch.long)

@@ -1,0 +1,378 @@
+"""``Pruner``: prune any model, no per-architecture code.
+
+Example
+-------
+>>> import torch, torchvision
+>>> from prunable import Pruner, WeightNorm, count_flops
+>>> model = torchvision.models.resnet18(num_classes=10)
+>>> x = torch.randn(1, 3, 64, 64)
+>>> before = count_flops(model, x)
+>>> pruner = Pruner(model, x, criterion=WeightNorm())
+>>> plan = pruner.step(64)            # the 64 least important channels, globally
+>>> count_flops(model, x) < before, model(x).shape
+(True, torch.Size([1, 10]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .errors import EstimationError, PruningValueError, SurgeryError
+from .flops import count_flops, count_params, module_flops
+from .graph import ChannelGroup, DependencyGraph, meta_clone
+from .importance import Aggregation, Criterion, MeasurePoint, TaylorActivation, l2_normalize
+from .plan import Plan
+from .surgery import Cut, apply_cuts
+
+__all__ = ["Pruner", "Scope"]
+
+
+class Scope(enum.Enum):
+    """How ``Pruner.step(n)`` spends ``n``."""
+
+    GLOBAL = "global"  #: the n least important channels over all groups
+    LAYER = "layer"  #: the n least important channels of every group
+
+
+class Pruner:
+    """Prune channels of an unmodified model, in place.
+
+    Parameters
+    ----------
+    model
+        The model; pruned in place.
+    example_inputs
+        A tensor or tuple of positional inputs for one forward pass.
+    criterion
+        A :class:`~prunable.importance.Criterion`; :class:`TaylorActivation` by default.
+    ignored_layers
+        Modules (or qualified names) whose output channels are never pruned.
+    min_channels
+        Every group keeps at least this many channels.
+    round_to
+        Keep channel counts multiples of this (e.g. 8 for fast kernels).
+    optimizer
+        An optimizer whose per-parameter state is sliced with the parameters.
+    aggregation
+        How coupled channels' scores combine (:class:`Aggregation`).
+    flops_regularization
+        λ of Molchanov et al.'s Eq. 9: scores become ``θ − λ·MFLOPs(channel)``.
+    validate
+        Check each group and each plan on a meta copy before touching the model.
+
+    Attributes
+    ----------
+    groups : list[ChannelGroup]
+        The prunable groups.
+    skipped : dict[str, str]
+        Group id → why it is not pruned.
+    history : list[Plan]
+        Every plan applied, in order.
+    """
+
+    def __init__(
+        self, model: nn.Module, example_inputs: Any, criterion: Criterion | None = None,
+        ignored_layers: Iterable[nn.Module | str] = (), min_channels: int = 1, round_to: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None, aggregation: Aggregation = Aggregation.SUM,
+        flops_regularization: float = 0.0, validate: bool = True,
+    ) -> None:
+        if not isinstance(min_channels, int) or min_channels < 1:
+            raise PruningValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise PruningValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+        self.model = model
+        self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.criterion = criterion if criterion is not None else TaylorActivation()
+        self.min_channels, self.round_to, self.optimizer = min_channels, round_to, optimizer
+        self.aggregation = Aggregation(aggregation)
+        self.flops_regularization = float(flops_regularization)
+        self.validate = validate
+        names = {id(m): n for n, m in model.named_modules()}
+        self.ignored = {x if isinstance(x, str) else names.get(id(x), "") for x in ignored_layers}
+        self.history: list[Plan] = []
+        self.log: list[dict[str, float]] = []
+        self._rebuild(warn=True)
+
+    # -- graph -----------------------------------------------------------------
+    def _rebuild(self, warn: bool = False) -> None:
+        self.graph = DependencyGraph(self.model, self.example_inputs)
+        self.skipped: dict[str, str] = {}
+        for g in self.graph.groups:
+            reason = g.skip_reason or next(
+                (f"ignored layer {m.target.name}" for m in g.producers if m.target.name in self.ignored), None)
+            if reason is None and g.channels <= self.min_channels:
+                reason = f"{g.channels} channel(s) left, min_channels={self.min_channels}"
+            if reason:
+                self.skipped[g.id] = reason
+        if self.validate:
+            for gid, error in self._invalid_groups():
+                self.skipped[gid] = f"trial prune failed: {error}"
+        if warn:
+            for gid, reason in self.skipped.items():
+                if reason != "model output" and not reason.startswith(("ignored layer", "1 channel")):
+                    warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
+        modules = dict(self.model.named_modules())
+        self._points = {}
+        for g in self.groups:
+            for (name, dim, _), member in zip(g.measure, g.producers):
+                self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """Groups that can be pruned."""
+        return [g for g in self.graph.groups if g.id not in self.skipped]
+
+    def _trial(self, cuts: list[Cut]) -> str | None:
+        """Apply ``cuts`` to a meta copy and run it; the error text, or None."""
+        clone = meta_clone(self.model)
+        twin = dict(zip((id(m) for m in self.model.modules()), clone.modules()))
+        moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
+        inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, self.example_inputs)
+        try:
+            apply_cuts(moved)
+            with torch.no_grad():
+                clone(*inputs)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
+
+    def _failing(self, removals: dict[str, list[int]]) -> list[tuple[str, str]]:
+        """Group ids whose removal breaks the forward pass (bisection)."""
+        error = self._trial(self.graph.cuts(removals)) if removals else None
+        if error is None:
+            return []
+        if len(removals) == 1:
+            return [(next(iter(removals)), error)]
+        items = list(removals.items())
+        half = len(items) // 2
+        return self._failing(dict(items[:half])) + self._failing(dict(items[half:]))
+
+    def _invalid_groups(self) -> list[tuple[str, str]]:
+        probe = {g.id: [g.channels - 1] for g in self.groups}
+        return self._failing(probe)
+
+    # -- scores ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def estimate(self) -> Iterator["Pruner"]:
+        """Collect data-driven importance while the block runs forward/backward passes.
+
+        Hooks are removed on exit, also when the block raises.
+        """
+        handles = self.criterion.attach(list(self._points.values()))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Importance of every channel of every prunable group (lower = pruned first)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.criterion.synchronize(torch.distributed.all_reduce)
+        penalty = self._flops_per_channel() if self.flops_regularization else {}
+        out = {}
+        for g in self.groups:
+            parts = []
+            for name, _, index in g.measure:
+                s = self.criterion.scores(self._points[name]).detach().float().cpu()
+                s = l2_normalize(s) if self.criterion.normalize else s
+                if not bool(torch.isfinite(s).all()):
+                    raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+                parts.append((s, index))
+            score = _aggregate(parts, g.channels, self.aggregation)
+            if g.id in penalty:
+                score = score - self.flops_regularization * penalty[g.id]
+            out[g.id] = score
+        return out
+
+    def _flops_per_channel(self) -> dict[str, float]:
+        flops = module_flops(self.model, self.example_inputs)
+        out = {}
+        for g in self.groups:
+            total = sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
+                        for m in g.members if m.target.param is None)
+            out[g.id] = total / 1e6
+        return out
+
+    # -- pruning ---------------------------------------------------------------
+    def plan(self, n: int = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
+        """The plan :meth:`step` would apply: the ``n`` least important channels."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PruningValueError(f"n must be a positive int, got {n!r}")
+        scores = self.scores()
+        caps = {g.id: g.channels - self._floor(g.channels) for g in self.groups}
+        if Scope(scope) is Scope.LAYER:
+            chosen = {gid: s.argsort()[: min(n, caps[gid])].tolist() for gid, s in scores.items()}
+        else:
+            chosen = _global_lowest(scores, caps, n)
+        if self.round_to:
+            chosen = {gid: scores[gid].argsort()[: self._rounded(gid, len(idx), caps[gid])].tolist()
+                      for gid, idx in chosen.items() if idx}
+        return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
+
+    def _floor(self, channels: int) -> int:
+        floor = self.min_channels
+        if self.round_to:
+            floor = max(floor, min(channels, self.round_to))
+        return floor
+
+    def _rounded(self, gid: str, k: int, cap: int) -> int:
+        channels = next(g.channels for g in self.groups if g.id == gid)
+        kept = max(self.round_to, ((channels - k) // self.round_to) * self.round_to)
+        return min(channels - kept, cap) if channels - kept > 0 else 0
+
+    def step(self, n: int = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
+        """Remove the ``n`` least important channels; returns the applied plan."""
+        plan = self.plan(n, scope)
+        if not len(plan):
+            raise PruningValueError("nothing left to prune: every group is at its minimum")
+        self.prune(plan)
+        return plan
+
+    def prune(self, plan: Plan | Mapping[str, Iterable[int]]) -> None:
+        """Apply ``plan`` (group id → channel indices) atomically.
+
+        Raises :class:`PruningValueError` for an unknown or skipped group, an
+        index out of range or a group left below ``min_channels``, and
+        :class:`SurgeryError` if the pruned model would not run; in both cases
+        the model and optimizer are unchanged.
+        """
+        plan = Plan.coerce(plan)
+        self._check(plan)
+        removals = {k: list(v) for k, v in plan.removals.items()}
+        if self.validate:
+            failing = self._failing(removals)
+            if failing:
+                gid, error = failing[0]
+                raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
+        apply_cuts(self.graph.cuts(removals), self.optimizer)
+        self.history.append(plan)
+        self.criterion.reset()
+        self._rebuild()
+
+    def _check(self, plan: Plan) -> None:
+        by_id = {g.id: g for g in self.graph.groups}
+        for gid, idx in plan.removals.items():
+            if gid not in by_id:
+                raise PruningValueError(f"unknown group {gid!r}; groups are {list(by_id)[:8]}...")
+            if gid in self.skipped:
+                raise PruningValueError(f"group {gid} cannot be pruned: {self.skipped[gid]}")
+            size = by_id[gid].channels
+            bad = [i for i in idx if not 0 <= i < size]
+            if bad:
+                raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {size})")
+            if size - len(idx) < self.min_channels:
+                raise PruningValueError(
+                    f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
+                    f"min_channels={self.min_channels}")
+
+    def prune_to(
+        self, flops: float | None = None, params: float | None = None,
+        fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int = 8,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
+        """Prune step by step until FLOPs and/or params are at most the given fractions.
+
+        Before each step, ``fine_tune()`` is called ``prune_every`` times inside
+        :meth:`estimate` (a few training batches: forward, backward, optimizer
+        step). Returns (and appends to ``self.log``) one record per step.
+        """
+        targets = {"flops": flops, "params": params}
+        for key, value in targets.items():
+            if value is not None and not 0 < value <= 1:
+                raise PruningValueError(f"{key} target must be a fraction in (0, 1], got {value!r}")
+        if flops is None and params is None:
+            raise PruningValueError("give a flops= or params= target")
+        if self.criterion.needs_activations or self.criterion.needs_grad:
+            if fine_tune is None:
+                raise PruningValueError(f"{type(self.criterion).__name__} needs data: pass fine_tune=")
+        start = self._measure()
+        bar = _progress(progress)
+        while not self._reached(start, targets):
+            if fine_tune is not None:
+                with self.estimate():
+                    for _ in range(prune_every):
+                        fine_tune()
+            if not self.groups:
+                warnings.warn("prunable: no prunable group left before reaching the target", stacklevel=2)
+                break
+            try:
+                plan = self.step(channels_per_step)
+            except PruningValueError:
+                warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=2)
+                break
+            record = {"step": len(self.log) + 1, "removed": len(plan), **self._ratios(start)}
+            self.log.append(record)
+            bar(record)
+        bar(None)
+        return self.log
+
+    def _measure(self) -> dict[str, int]:
+        return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
+
+    def _ratios(self, start: dict[str, int]) -> dict[str, float]:
+        now = self._measure()
+        return {k: now[k] / max(start[k], 1) for k in now}
+
+    def _reached(self, start: dict[str, int], targets: dict[str, float | None]) -> bool:
+        ratios = self._ratios(start)
+        return all(ratios[k] <= v for k, v in targets.items() if v is not None)
+
+
+def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Aggregation) -> torch.Tensor:
+    """Combine per-producer scores into one score per group channel."""
+    if how is Aggregation.MAX:
+        out = torch.full((size,), -math.inf)
+        for s, index in parts:
+            ok = index >= 0
+            out.scatter_reduce_(0, index[ok], s[ok], reduce="amax")
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    out, count = torch.zeros(size), torch.zeros(size)
+    for s, index in parts:
+        ok = index >= 0
+        out.index_add_(0, index[ok], s[ok])
+        count.index_add_(0, index[ok], torch.ones(int(ok.sum())))
+    return out / count.clamp(min=1) if how is Aggregation.MEAN else out
+
+
+def _global_lowest(scores: dict[str, torch.Tensor], caps: dict[str, int], n: int) -> dict[str, list[int]]:
+    """The ``n`` lowest scores over all groups, at most ``caps[g]`` from group g."""
+    flat = [(float(v), gid, i) for gid, s in scores.items() for i, v in enumerate(s.tolist())]
+    flat.sort(key=lambda t: t[0])
+    chosen: dict[str, list[int]] = {}
+    for _, gid, i in flat:
+        if n == 0:
+            break
+        if len(chosen.setdefault(gid, [])) < caps[gid]:
+            chosen[gid].append(i)
+            n -= 1
+    return chosen
+
+
+def _progress(enabled: bool) -> Callable[[dict | None], None]:
+    """A tqdm progress callback when tqdm is installed and ``enabled``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return lambda record: None
+    bar = tqdm(desc="pruning", unit="step")
+
+    def update(record: dict | None) -> None:
+        if record is None:
+            bar.close()
+            return
+        bar.update(1)
+        bar.set_postfix(flops=f"{record['flops']:.3f}", params=f"{record['params']:.3f}")
+
+    return update

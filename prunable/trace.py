@@ -1,0 +1,475 @@
+"""Channel tracing: which channels of which tensors are the same channel.
+
+One forward pass runs under a :class:`torch.overrides.TorchFunctionMode`. Every
+tensor gets a *shadow*: an integer tensor of the same shape whose entries are
+channel labels ("slots"). A convolution or Linear creates fresh slots for its
+output channels; shape operations (view, permute, cat, chunk, getitem …) are
+replayed on the shadows, so labels follow the data through any reshaping;
+elementwise operations (residual adds, squeeze-excitation multiplies) record
+that their operands' labels must be pruned together. The result is a set of
+union edges between slots, the slot ranges of every producer, and the label
+vector seen by every consumer — :mod:`prunable.graph` turns it into groups.
+
+Labels ``FREE`` (-1) mark constants that never constrain pruning; ``FIXED``
+(-2) marks data whose size cannot change (model inputs, outputs of operations
+prunable does not understand); an elementwise pairing of a slot with ``FIXED``
+blocks that slot.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .surgery import Role, handler_for, is_depthwise
+
+FREE, FIXED = -1, -2
+
+_IDENTITY = {
+    "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "detach",
+    "clone", "contiguous", "requires_grad_", "detach_", "pin_memory", "__deepcopy__",
+}
+_INDEX = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "expand", "expand_as", "cat", "concat", "concatenate", "stack", "unbind",
+    "__getitem__", "narrow", "select", "movedim", "moveaxis", "roll", "flip", "view_as",
+    "reshape_as", "swapaxes", "swapdims", "repeat", "tile", "hstack", "vstack",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+    "split_with_sizes", "tensor_split",
+}
+_SPLITS = {"view", "reshape", "unflatten", "stack"}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum"}
+_BLOCK = {
+    "matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "einsum", "baddbmm", "addmm", "addbmm",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "bilinear", "__setitem__",
+    "index_put_", "index_put", "scatter", "scatter_", "gather", "masked_scatter", "split",
+}
+_CONV = {"conv1d", "conv2d", "conv3d"}
+_CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One sliceable thing: a module side (``role``) or one parameter axis."""
+
+    module: nn.Module = field(compare=False, hash=False)
+    name: str
+    role: Role | None = None
+    param: str | None = None
+    axis: int = 0
+    uid: int = 0
+
+    def label(self) -> str:
+        if self.param is not None:
+            return f"{self.name}.{self.param}" if self.name else self.param
+        return f"{self.name or '<model>'}.{self.role.value}"
+
+
+@dataclass
+class Trace:
+    """Raw result of tracing: slots, union edges, producers and consumers."""
+
+    n_slots: int = 0
+    edges: list[torch.Tensor] = field(default_factory=list)
+    blocked: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    producers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
+    consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
+    params: dict[int, tuple[Target, torch.Tensor]] = field(default_factory=dict)
+    measure: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+
+    def new_slots(self, n: int) -> torch.Tensor:
+        slots = torch.arange(self.n_slots, self.n_slots + n)
+        self.n_slots += n
+        return slots
+
+    def union(self, a: torch.Tensor, b: torch.Tensor, reason: str = "fixed-size operand") -> None:
+        """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
+        a, b = _compress(a, b)
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            pair = torch.stack([a[both], b[both]], 1)
+            self.edges.append(torch.unique(pair, dim=0) if len(pair) > 64 else pair)
+        for x, y in ((a, b), (b, a)):
+            hit = (x >= 0) & (y == FIXED)
+            if hit.any():
+                self.block(x[hit], reason)
+
+    def block(self, labels: torch.Tensor, reason: str) -> None:
+        labels = labels[labels >= 0]
+        if labels.numel():
+            self.blocked.append((torch.unique(labels), reason))
+
+
+def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Narrow dims along which every shadow is constant to size one."""
+    out = list(shadows)
+    for d in range(out[0].dim()):
+        if out[0].shape[d] > 1 and all(bool((s == s.narrow(d, 0, 1)).all()) for s in out):
+            out = [s.narrow(d, 0, 1) for s in out]
+    return tuple(out)
+
+
+def varying_dims(shadow: torch.Tensor) -> list[int]:
+    """Dims along which the labels of ``shadow`` change."""
+    return [
+        d for d in range(shadow.dim())
+        if shadow.shape[d] > 1 and not bool((shadow == shadow.narrow(d, 0, 1)).all())
+    ]
+
+
+def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Label of each index of ``dim`` if labels are constant along other dims, else None."""
+    moved = shadow.movedim(dim, 0).reshape(shadow.shape[dim], -1)
+    first = moved[:, :1]
+    return first.flatten().clone() if bool((moved == first).all()) else None
+
+
+def _func_name(func: Any) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return "property:" + getattr(getattr(func, "__self__", None), "__name__", "")
+    return name
+
+
+def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(key, default)
+
+
+class ChannelTracer(TorchFunctionMode):
+    """Record channel labels for one forward pass of ``model``.
+
+    ``names`` maps ``id(module)`` to qualified names and ``owners`` maps
+    ``id(tensor)`` of every parameter/buffer to ``(module, module_name, attr)``.
+    """
+
+    def __init__(self, names: dict[int, str], owners: dict[int, tuple[nn.Module, str, str]]) -> None:
+        super().__init__()
+        self.trace = Trace()
+        self.names = names
+        self.owners = owners
+        self.stack: list[nn.Module] = []
+        self._shadows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._made_by: dict[int, tuple] = {}
+
+    # -- shadows -------------------------------------------------------------
+    def shadow(self, t: torch.Tensor) -> torch.Tensor:
+        entry = self._shadows.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if id(t) in self.owners and t.is_floating_point():
+            return self._param_shadow(t)
+        return torch.full(t.shape, FREE, dtype=torch.long)
+
+    def has_labels(self, t: torch.Tensor) -> bool:
+        entry = self._shadows.get(id(t))
+        return entry is not None and entry[0]() is t
+
+    def set_shadow(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        key = id(t)
+        self._shadows[key] = (weakref.ref(t, lambda _r, k=key, d=self._shadows: d.pop(k, None)), s)
+
+    def mark_input(self, t: torch.Tensor) -> None:
+        self.set_shadow(t, torch.full(t.shape, FIXED, dtype=torch.long))
+
+    def _param_shadow(self, p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in self.trace.params:
+            module, mname, attr = self.owners[id(p)]
+            slots = self.trace.new_slots(p.numel()).view(p.shape)
+            self.trace.params[id(p)] = (Target(module, mname, None, attr, 0, id(module)), slots)
+        return self.trace.params[id(p)][1]
+
+    # -- dispatch ------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _func_name(func)
+        if name in ("size", "dim", "numel", "__len__", "property:shape", "property:dtype", "property:device"):
+            return out
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:
+            ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            if name in _BLOCK:
+                for t in ins:
+                    self.trace.block(self.shadow(t), f"{name} is not supported")
+            return out
+        self._dispatch(name, args, kwargs, out, outs)
+        return out
+
+    def _dispatch(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        rule = {
+            "linear": self._linear, "batch_norm": self._norm, "instance_norm": self._norm,
+            "layer_norm": self._layer_norm, "group_norm": self._group_norm, "prelu": self._prelu,
+            "embedding": self._embedding, "chunk": self._chunk,
+        }.get(name)
+        if name in _CONV or name in _CONV_T:
+            rule = self._conv
+        if rule is not None:
+            rule(name, args, kwargs, out)
+        elif name in _IDENTITY or name == "property:data":
+            self.set_shadow(outs[0], self.shadow(args[0]))
+        elif name in _INDEX or name.startswith("property:"):
+            self._index(name, args, kwargs, out)
+        elif name in _BLOCK or name == "split":
+            self._block_all(name, args, kwargs, outs)
+        elif name in _REDUCE and _arg(args, kwargs, 1, "dim") is not None:
+            self._reduce(args, kwargs, out)
+        else:
+            self._generic(name, args, kwargs, out, outs)
+
+    def _tensors_in(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        return [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+
+    def _block_all(self, name: str, args: tuple, kwargs: dict, outs: list) -> None:
+        for t in self._tensors_in(args, kwargs):
+            self.trace.block(self.shadow(t), f"used by {name}")
+        for t in outs:
+            self.mark_input(t)
+
+    # -- weighted operations -------------------------------------------------
+    def _owner_target(self, weight: Any, role: Role, fallback: bool = False) -> tuple[Target | None, str]:
+        """The module side owning ``weight``, or ``(None, reason)`` if it cannot be cut."""
+        owner = self.owners.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if owner is None:
+            module = self.stack[-1] if fallback and self.stack else None
+            if module is None:
+                return None, "weight is not a parameter of any module"
+            owner = (module, self.names.get(id(module), ""), "weight")
+        module, mname, attr = owner
+        handler = handler_for(module)
+        if handler is None:
+            return None, f"{mname} ({type(module).__name__}) has no handler; use prunable.register_handler"
+        if attr not in handler.params(module, Role.IN) and attr not in handler.params(module, Role.OUT) and attr != "weight":
+            return None, f"{mname}.{attr} is used outside its module"
+        return Target(module, mname, role, uid=id(module)), ""
+
+    def _produce(self, target: Target, n: int) -> torch.Tensor:
+        key = (target.uid, Role.OUT)
+        if key not in self.trace.producers:
+            self.trace.producers[key] = (target, self.trace.new_slots(n))
+        return self.trace.producers[key][1]
+
+    def _consume(self, target: Target, labels: torch.Tensor) -> None:
+        key = (target.uid, Role.IN)
+        if key in self.trace.consumers:
+            old = self.trace.consumers[key][1]
+            if old.shape != labels.shape:
+                self.trace.block(torch.cat([old, labels]), f"{target.name} sees inputs of different sizes")
+                return
+            self.trace.union(old, labels)
+        else:
+            self.trace.consumers[key] = (target, labels)
+
+    def _in_labels(self, x: torch.Tensor, dim: int, who: str) -> torch.Tensor | None:
+        s = self.shadow(x)
+        labels = labels_along(s, dim)
+        if labels is None:
+            self.trace.block(s, f"{who}: input channels are mixed with other dimensions")
+        return labels
+
+    def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int) -> None:
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        self.set_shadow(out, slots.view(shape).expand(out.shape))
+
+    def _conv(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight")
+        groups = int(_arg(args, kwargs, 6 if name in _CONV else 7, "groups", 1) or 1)
+        ch = 1 if x.dim() == weight.dim() else 0
+        target, why = self._owner_target(weight, Role.OUT)
+        labels = self._in_labels(x, ch, name)
+        cout = out.shape[ch]
+        if target is None or labels is None:
+            self.trace.block(self.shadow(x), why or "mixed input")
+            return self.mark_input(out)
+        module = target.module
+        grouped = groups > 1 and not (is_depthwise(module) and groups == x.shape[ch])
+        if grouped or (groups > 1 and name in _CONV_T and cout != groups):
+            self.trace.block(labels, f"{target.name}: grouped convolution (groups={groups})")
+            return self.mark_input(out)
+        slots = self._produce(target, cout)
+        self._consume(Target(module, target.name, Role.IN, uid=id(module)), labels)
+        if groups > 1:  # depthwise: output o comes from input o // multiplier
+            mult = cout // groups
+            if bool((labels < 0).any()):
+                self.trace.block(slots, f"{target.name}: depthwise convolution of a fixed input")
+            else:
+                self.trace.union(slots, labels.repeat_interleave(mult))
+        self._made_by[id(out)] = ((target.uid, Role.OUT), ch)
+        self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
+        self._out_shadow(out, slots, ch)
+
+    def _linear(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight")
+        target, why = self._owner_target(weight, Role.OUT)
+        labels = self._in_labels(x, x.dim() - 1, name)
+        if target is None or labels is None:
+            self.trace.block(self.shadow(x), why or "mixed input")
+            return self.mark_input(out)
+        slots = self._produce(target, out.shape[-1])
+        self._consume(Target(target.module, target.name, Role.IN, uid=target.uid), labels)
+        self._made_by[id(out)] = ((target.uid, Role.OUT), out.dim() - 1)
+        self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
+        self._out_shadow(out, slots, out.dim() - 1)
+
+    def _channelwise(self, name: str, x: torch.Tensor, weight: Any, out: torch.Tensor, dim: int) -> None:
+        """A per-channel module (norm, PReLU): consumer of its input, output = input labels."""
+        s = self.shadow(x)
+        self.set_shadow(out, s)
+        target, why = self._owner_target(weight, Role.IN, fallback=True)
+        labels = labels_along(s, dim)
+        if target is None or labels is None:
+            return self.trace.block(s, why or f"{name}: mixed channels")
+        self._consume(target, labels)
+        made = self._made_by.get(id(x))
+        if made is not None and (dim % x.dim()) == made[1] % x.dim():
+            self.trace.measure[made[0]] = (target.name, made[1])
+
+    def _norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x = args[0]
+        weight = _arg(args, kwargs, 3, "weight") if name == "batch_norm" else _arg(args, kwargs, 3, "weight")
+        if weight is None:
+            weight = _arg(args, kwargs, 1, "running_mean")
+        self._channelwise(name, x, weight, out, 1 if x.dim() > 1 else 0)
+
+    def _layer_norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, shape = args[0], tuple(_arg(args, kwargs, 1, "normalized_shape"))
+        if len(shape) != 1:
+            self.set_shadow(out, self.shadow(x))
+            return self.trace.block(self.shadow(x), f"{name} over {len(shape)} dims")
+        self._channelwise(name, x, _arg(args, kwargs, 2, "weight"), out, x.dim() - 1)
+
+    def _group_norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, groups = args[0], int(_arg(args, kwargs, 1, "num_groups"))
+        if groups not in (1, x.shape[1]):
+            self.set_shadow(out, self.shadow(x))
+            return self.trace.block(self.shadow(x), f"group_norm with {groups} groups")
+        self._channelwise(name, x, _arg(args, kwargs, 2, "weight"), out, 1)
+
+    def _prelu(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, weight = args[0], args[1]
+        if weight.numel() == 1:
+            return self.set_shadow(out, self.shadow(x))
+        self._channelwise(name, x, weight, out, 1 if x.dim() > 1 else 0)
+
+    def _embedding(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        target, why = self._owner_target(_arg(args, kwargs, 1, "weight"), Role.OUT)
+        if target is None:
+            return self.mark_input(out)
+        self._out_shadow(out, self._produce(target, out.shape[-1]), out.dim() - 1)
+
+    # -- shape and elementwise operations ------------------------------------
+    def _shadow_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def convert(a: Any) -> Any:
+            if not isinstance(a, torch.Tensor):
+                return a
+            if self.has_labels(a) or a.is_floating_point() or id(a) in self.owners:
+                return self.shadow(a)
+            if a.device.type == "meta":
+                raise RuntimeError("index tensor without data")
+            return a.cpu()
+        sargs, skwargs = tree_map(convert, (args, kwargs))
+        if "value" in skwargs:
+            skwargs["value"] = FREE
+        return sargs, skwargs
+
+    def _index(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        try:
+            sargs, skwargs = self._shadow_args(args, kwargs)
+            func = getattr(torch.Tensor, name.split(":")[-1], None)
+            if name.startswith("property:"):
+                sout = getattr(sargs[0], name.split(":")[1])
+            elif isinstance(args[0], torch.Tensor) and func is not None and not isinstance(args[0], (list, tuple)):
+                sout = getattr(torch.Tensor, name)(*sargs, **skwargs)
+            else:
+                sout = getattr(torch, name)(*sargs, **skwargs)
+        except Exception:  # noqa: BLE001 - unknown shape op: be conservative
+            return self._block_all(name, args, kwargs, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+        real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
+        for t, s in zip(real, shadow):
+            if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.shape == s.shape:
+                if name in _SPLITS:
+                    self._couple_outer(s)
+                self.set_shadow(t, s)
+            elif isinstance(t, torch.Tensor):
+                self._block_all(name, args, kwargs, [t])
+
+    def _couple_outer(self, s: torch.Tensor) -> None:
+        """A channel dim split into (outer, inner): outer parts must shrink together."""
+        dims = varying_dims(s)
+        for d in dims[:-1]:
+            self.trace.union(s, s.narrow(d, 0, 1).expand(s.shape))
+
+    def _chunk(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        x, dim = args[0], int(_arg(args, kwargs, 2, "dim", 0))
+        s = self.shadow(x)
+        parts = s.chunk(int(_arg(args, kwargs, 1, "chunks")), dim)
+        for t, p in zip(out, parts):
+            self.set_shadow(t, p)
+        if len(set(p.shape[dim] for p in parts)) == 1:
+            for p in parts[1:]:
+                self.trace.union(parts[0], p)
+        else:
+            self.trace.block(s, "uneven chunk")
+
+    def _reduce(self, args: tuple, kwargs: dict, out: Any) -> None:
+        x, dim = args[0], _arg(args, kwargs, 1, "dim")
+        keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+        s = self.shadow(x)
+        dims = sorted({d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)}, reverse=True)
+        for d in dims:
+            s = s.narrow(d, 0, 1) if keepdim else s.select(d, 0)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.shape == s.shape:
+                self.set_shadow(t, s)
+
+    def _generic(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        ins = self._tensors_in(args, kwargs)
+        if not ins:
+            return
+        try:
+            shape = torch.broadcast_shapes(*[t.shape for t in ins])
+        except RuntimeError:
+            shape = None
+        if shape is not None and all(t.shape == shape for t in outs):
+            return self._elementwise(ins, outs, shape)
+        labelled = [t for t in ins if self.has_labels(t)]
+        if len(labelled) == 1 and all(t.dim() == labelled[0].dim() for t in outs):
+            return self._resize(labelled[0], outs, name)
+        self._block_all(name, args, kwargs, outs)
+
+    def _elementwise(self, ins: list, outs: list, shape: torch.Size) -> None:
+        ops = [self.shadow(t) for t in ins]
+        full = [s.expand(shape) if s.dim() else s.expand(shape) for s in ops]
+        bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
+                  s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
+        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((ops[i] >= 0).any())))
+        p = order[0]
+        vary_p = set(varying_dims(full[p]))
+        for i in order[1:]:
+            if bcast[i] & vary_p or bcast[p] & set(varying_dims(full[i])):
+                continue
+            self.trace.union(full[p], full[i])
+        for t in outs:
+            self.set_shadow(t, full[p])
+
+    def _resize(self, x: torch.Tensor, outs: list, name: str) -> None:
+        """Pooling, interpolation: dims whose size changed hold no channel labels."""
+        s = self.shadow(x)
+        changed = [d for d in range(x.dim()) if x.shape[d] != outs[0].shape[d]]
+        if set(changed) & set(varying_dims(s)):
+            self.trace.block(s, f"{name} changes a channel dimension")
+            for t in outs:
+                self.mark_input(t)
+            return
+        for d in changed:
+            s = s.narrow(d, 0, 1)
+        for t in outs:
+            self.set_shadow(t, s.expand(t.shape))
