@@ -386,8 +386,10 @@ class ChannelTracer(TorchFunctionMode):
             func = getattr(torch.Tensor, name.split(":")[-1], None)
             if name.startswith("property:"):
                 sout = getattr(sargs[0], name.split(":")[1])
-            elif isinstance(args[0], torch.Tensor) and func is not None and not isinstance(args[0], (list, tuple)):
-                sout = getattr(torch.Tensor, name)(*sargs, **skwargs)
+            elif isinstance(args[0], torch.Tensor) and func is not None:
+                # shadows may be non-contiguous where the real tensor is not: reshape, never view
+                method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
+                sout = getattr(torch.Tensor, method)(*sargs, **skwargs)
             else:
                 sout = getattr(torch, name)(*sargs, **skwargs)
         except Exception:  # noqa: BLE001 - unknown shape op: be conservative

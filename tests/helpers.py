@@ -1,0 +1,32 @@
+"""Shared test helpers: reference 'zeroed copy' of a plan."""
+
+import torch
+from torch import nn
+
+from prunable.graph import DependencyGraph
+from prunable.surgery import Role
+
+
+def zero_plan(model: nn.Module, graph: DependencyGraph, removals: dict) -> None:
+    """Zero, in ``model`` (a copy of ``graph.model``), every consumer weight that
+    reads a channel of ``removals``: its outputs then equal those of the pruned model."""
+    by_id = {g.id: g for g in graph.groups}
+    removed = torch.cat([by_id[gid].classes[torch.as_tensor(idx)] for gid, idx in removals.items()])
+    modules = dict(model.named_modules())
+    for g in graph.groups:
+        for m in g.members:
+            t = m.target
+            module = modules.get(t.name)
+            if t.role is not Role.IN or not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            mask = torch.isin(m.classes, removed)
+            if not mask.any():
+                continue
+            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+            with torch.no_grad():
+                if depthwise:
+                    module.weight[mask] = 0
+                    if module.bias is not None:
+                        module.bias[mask] = 0
+                else:
+                    module.weight[:, mask] = 0

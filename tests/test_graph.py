@@ -1,0 +1,149 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunable import DependencyGraph, ModuleHandler, Pruner, WeightNorm, register_handler
+from helpers import zero_plan
+
+
+def _plan(pruner, fraction=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {grp.id: torch.randperm(grp.channels, generator=g)[: int(grp.channels * fraction)].tolist()
+            for grp in pruner.groups if int(grp.channels * fraction) > 0}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x1_0"])
+def test_pruned_equals_zeroed_copy(name):
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    removals = _plan(pruner)
+    zeroed = copy.deepcopy(model)
+    zero_plan(zeroed, pruner.graph, removals)
+    expected = zeroed(x)
+    pruner.prune(removals)
+    torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def test_resnet_stage_is_one_group_and_prints_readably():
+    model = torchvision.models.resnet18()
+    graph = DependencyGraph(model, torch.randn(1, 3, 64, 64))
+    stage = next(g for g in graph.groups if g.id == "conv1")
+    names = {m.target.label() for m in stage.members}
+    assert {"conv1.out", "layer1.0.conv2.out", "layer1.1.conv2.out", "layer2.0.conv1.in",
+            "layer2.0.downsample.0.in"} <= names
+    text = str(stage)
+    assert text.startswith("conv1.out ⇄ layer1.0.conv2.out") and "(64 channels)" in text
+    fc = next(g for g in graph.groups if g.id == "fc")
+    assert fc.skip_reason == "model output"
+
+
+def test_tracing_changes_neither_mode_nor_parameters():
+    model = torchvision.models.resnet18().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    DependencyGraph(model, torch.randn(2, 3, 32, 32))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class Branchy(nn.Module):
+    """Control flow, concat, chunk, squeeze-excitation and flatten→Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(14)
+        self.se1 = nn.Conv2d(14, 4, 1)
+        self.se2 = nn.Conv2d(4, 14, 1)
+        self.c = nn.Conv2d(7, 5, 3, stride=2, padding=1)
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        if y.shape[-1] > 4:  # Python control flow on shapes
+            y = self.bn(y)
+        s = torch.sigmoid(self.se2(torch.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        y = y * s
+        left, right = y.chunk(2, dim=1)
+        return self.fc(torch.flatten(self.c(left + right), 1))
+
+
+def test_cat_chunk_se_flatten():
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    ids = {g.id for g in pruner.groups}
+    assert {"a", "c", "se1"} <= ids
+    concat = next(g for g in pruner.groups if g.id == "a")
+    assert concat.channels == 7  # chunk(2) pairs channel j of each half
+    assert {"a.out", "b.out", "bn", "se1.in", "se2.out", "c.in"} <= {m.target.label() if m.target.name != "bn" else "bn" for m in concat.members}
+    c = next(g for g in pruner.groups if g.id == "c")
+    fc_in = next(m for m in c.members if m.target.label() == "fc.in")
+    assert len(fc_in.classes) == 80 and len(set(fc_in.classes.tolist())) == 5
+    zeroed = copy.deepcopy(model)
+    removals = {"c": [1, 3], "se1": [0]}
+    zero_plan(zeroed, pruner.graph, removals)
+    pruner.prune(removals)
+    torch.testing.assert_close(model(x), zeroed(x), atol=1e-5, rtol=1e-5)
+    assert model.fc.in_features == 48 and model.c.out_channels == 3
+
+
+def test_chunk_halves_pruned_together():
+    model = Branchy().eval()
+    pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion=WeightNorm())
+    pruner.prune({"a": [0]})  # channel 0 of `a` is paired with channel 7 of the concat
+    assert model.bn.num_features == 12 and model.c.in_channels == 6
+
+
+class Gain(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(c, 1, 1))
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.ops.aten.mul(self.conv(x), self.gain)
+
+
+class Opaque(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 1, 1))
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight)
+
+
+def test_custom_module_without_handler_is_reported_then_registered():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Opaque(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with pytest.warns(UserWarning, match="no handler"):
+        pruner = Pruner(model, torch.randn(1, 3, 6, 6), criterion=WeightNorm())
+    assert "no handler" in pruner.skipped["0"]
+
+    @register_handler(Opaque)
+    class OpaqueHandler(ModuleHandler):
+        def params(self, module, role):
+            return {"weight": 0 if role.value == "out" else 1}
+
+    pruner = Pruner(model, torch.randn(1, 3, 6, 6), criterion=WeightNorm())
+    assert "0" in {g.id for g in pruner.groups}
+    pruner.prune({"0": [1, 2]})
+    assert model[1].weight.shape == (8, 6, 1, 1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_handler(Opaque)(OpaqueHandler)

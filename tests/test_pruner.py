@@ -1,0 +1,184 @@
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunable import (
+    Plan, Pruner, PruningValueError, Scope, SurgeryError, TaylorActivation, WeightNorm, count_flops,
+    count_params,
+)
+from conftest import assert_state_equal, state_copy
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1, stride=2), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    )
+
+
+X = torch.randn(4, 3, 8, 8)
+Y = torch.randint(0, 5, (4,))
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=1e-3),
+])
+def test_optimizer_state_sliced_and_training_continues(make_opt):
+    model = small_cnn()
+    opt = make_opt(model.parameters())
+    for _ in range(2):
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.step()
+        opt.zero_grad()
+    weight = model[0].weight
+    state = {k: v.clone() for k, v in opt.state[weight].items() if torch.is_tensor(v) and v.dim()}
+    pruner = Pruner(model, X, criterion=WeightNorm(), optimizer=opt)
+    pruner.prune({"0": [2, 5]})
+    keep = [i for i in range(16) if i not in (2, 5)]
+    assert model[0].weight is weight
+    for k, v in state.items():
+        torch.testing.assert_close(opt.state[weight][k], v[keep])
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.step()
+    assert model[0].weight.shape == (14, 3, 3, 3)
+
+
+def test_step_global_and_layer_scope():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    plan = pruner.step(5)
+    assert len(plan) == 5
+    assert model[0].out_channels + model[3].out_channels == 40 - 5
+    plan = pruner.step(2, scope=Scope.LAYER)
+    assert plan.removals.keys() == {"0", "3"} and all(len(v) == 2 for v in plan.removals.values())
+
+
+def test_step_removes_the_lowest_scores():
+    model = small_cnn()
+    with torch.no_grad():
+        model[0].weight[7] *= 1e-3
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    assert pruner.plan(1) == Plan({"0": (7,)})
+
+
+def test_min_channels_and_round_to():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm(), min_channels=4)
+    for _ in range(20):
+        try:
+            pruner.step(3)
+        except PruningValueError:
+            break
+    assert model[0].out_channels == 4 and model[3].out_channels == 4
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm(), round_to=8)
+    pruner.step(3)
+    assert model[0].out_channels % 8 == 0 and model[3].out_channels % 8 == 0
+
+
+def test_ignored_layers():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm(), ignored_layers=[model[3]])
+    assert "ignored layer 3" in pruner.skipped["3"]
+    pruner.step(6)
+    assert model[3].out_channels == 24 and model[0].out_channels == 10
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"nope": [0]}, "unknown group 'nope'"),
+    ({"0": [16]}, "channel index 16 out of range"),
+    ({"0": list(range(16))}, "min_channels"),
+    ({"8": [0]}, "model output"),
+])
+def test_bad_plans_raise_and_leave_model_unchanged(plan, message):
+    model = small_cnn()
+    before = state_copy(model)
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    with pytest.raises(PruningValueError, match=message):
+        pruner.prune(plan)
+    assert_state_equal(model, before)
+
+
+class Fragile(nn.Module):
+    """Its forward hard-codes a channel count: pruning `a` breaks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(8, 2, 1)
+        self.d = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.c(y.reshape(y.shape[0], 8, y.shape[2], y.shape[3])) + self.d(self.b(x))
+
+
+def test_group_breaking_the_forward_is_skipped_and_plan_refused():
+    model = Fragile()
+    with pytest.warns(UserWarning, match="trial prune failed"):
+        pruner = Pruner(model, X, criterion=WeightNorm())
+    assert "trial prune failed" in pruner.skipped["a"] and "b" in {g.id for g in pruner.groups}
+    before = state_copy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(X).sum().backward()
+    opt.step()
+    momentum = opt.state[model.a.weight]["momentum_buffer"].clone()
+    pruner.skipped.pop("a")  # force the bad plan through validation
+    pruner.optimizer = opt
+    before = state_copy(model)
+    with pytest.raises(SurgeryError, match="group a"):
+        pruner.prune({"a": [0]})
+    assert_state_equal(model, before)
+    assert torch.equal(opt.state[model.a.weight]["momentum_buffer"], momentum)
+
+
+def test_plan_json_replays_on_fresh_copy():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(1, 3, 64, 64)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    pruner.step(40)
+    pruner.step(40)
+    texts = [p.to_json() for p in pruner.history]
+    replay = Pruner(fresh, x, criterion=WeightNorm())
+    for text in texts:
+        json.loads(text)
+        replay.prune(Plan.from_json(text))
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(model(x), fresh(x))
+    assert count_params(fresh) == count_params(model)
+
+
+def test_prune_to_reaches_flops_target_with_taylor():
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = []
+
+    def fine_tune():
+        calls.append(1)
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    pruner = Pruner(model, X, criterion=TaylorActivation(), optimizer=opt)
+    start = count_flops(model, X)
+    log = pruner.prune_to(flops=0.5, fine_tune=fine_tune, channels_per_step=4, progress=False)
+    assert count_flops(model, X) <= 0.5 * start
+    assert log[-1]["flops"] <= 0.5 and len(calls) == len(log)
+    assert all(a["flops"] >= b["flops"] for a, b in zip(log, log[1:]))
+
+
+def test_prune_to_rejects_bad_targets():
+    pruner = Pruner(small_cnn(), X, criterion=WeightNorm())
+    with pytest.raises(PruningValueError, match="1.5"):
+        pruner.prune_to(flops=1.5)
+    with pytest.raises(PruningValueError, match="needs data"):
+        Pruner(small_cnn(), X).prune_to(flops=0.5)
