@@ -184,9 +184,9 @@ class Pruner:
             parts = []
             for name, _, index in g.measure:
                 s = self.criterion.scores(self._points[name]).detach().float().cpu()
-                s = l2_normalize(s) if self.criterion.normalize else s
                 if not bool(torch.isfinite(s).all()):
                     raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+                s = l2_normalize(s) if self.criterion.normalize else s
                 parts.append((s, index))
             score = _aggregate(parts, g.channels, self.aggregation)
             if g.id in penalty:
