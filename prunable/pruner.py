@@ -32,6 +32,7 @@ from .graph import ChannelGroup, DependencyGraph, meta_clone
 from .importance import Aggregation, Criterion, MeasurePoint, TaylorActivation, l2_normalize
 from .plan import Plan
 from .surgery import Cut, apply_cuts
+from .trace import MetaShortcuts
 
 __all__ = ["Pruner", "Scope"]
 
@@ -139,7 +140,7 @@ class Pruner:
         inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, self.example_inputs)
         try:
             apply_cuts(moved)
-            with torch.no_grad():
+            with torch.no_grad(), MetaShortcuts():
                 clone(*inputs)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

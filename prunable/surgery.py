@@ -69,6 +69,10 @@ class ModuleHandler:
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         """Set the module's attributes after its ``role`` side has ``n`` channels."""
 
+    def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
+        """Indices to keep along tensor ``name`` given the channels kept on the ``role`` side."""
+        return keep
+
 
 _HANDLERS: dict[type, ModuleHandler] = {}
 
@@ -128,6 +132,12 @@ class _ConvHandler(ModuleHandler):
         if is_depthwise(module):
             return {} if not module.transposed else {"weight": 0}
         return {"weight": in_axis}
+
+    def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
+        if role is Role.IN and module.groups > 1 and not is_depthwise(module):
+            # grouped: the graph removes the same position from every group
+            return keep[keep < module.in_channels // module.groups]
+        return keep
 
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         if role is Role.OUT:
@@ -281,22 +291,23 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
             names = handler.params(cut.module, cut.role)
             resizes.append((handler, cut.module, cut.role, len(cut.keep)))
         else:
-            names = {cut.param: cut.axis}
+            handler, names = ModuleHandler(), {cut.param: cut.axis}
         for attr, axis in names.items():
+            keep = handler.local_keep(cut.module, cut.role, attr, cut.keep)
             tensor = getattr(cut.module, attr)
             if tensor is None:
                 continue
             key = (id(cut.module), attr)
             entry = pending.setdefault(key, _Pending(cut.module, attr, tensor, {}))
             axis = axis % tensor.dim()
-            if axis in entry.axes and not torch.equal(entry.axes[axis], cut.keep):
+            if axis in entry.axes and not torch.equal(entry.axes[axis], keep):
                 raise SurgeryError(f"{cut.label()}: axis {axis} of {attr!r} cut twice differently")
-            if len(cut.keep) and int(cut.keep.max()) >= tensor.shape[axis]:
+            if len(keep) and int(keep.max()) >= tensor.shape[axis]:
                 raise SurgeryError(
-                    f"{cut.label()}: index {int(cut.keep.max())} out of range for "
+                    f"{cut.label()}: index {int(keep.max())} out of range for "
                     f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}"
                 )
-            entry.axes[axis] = cut.keep
+            entry.axes[axis] = keep
     return pending, resizes
 
 

@@ -143,6 +143,24 @@ def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -
     return kwargs.get(key, default)
 
 
+_SAME_SHAPE = {"batch_norm", "instance_norm", "layer_norm", "group_norm"}
+
+
+def _call(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
+    normalisations on ``meta`` tensors, whose output shape is the input's."""
+    if getattr(func, "__name__", "") in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        return torch.empty_like(args[0])
+    return func(*args, **kwargs)
+
+
+class MetaShortcuts(TorchFunctionMode):
+    """Run a meta model faster: normalisations return an empty tensor of the input's shape."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return _call(func, args, kwargs or {})
+
+
 class ChannelTracer(TorchFunctionMode):
     """Record channel labels for one forward pass of ``model``.
 
@@ -189,7 +207,7 @@ class ChannelTracer(TorchFunctionMode):
     # -- dispatch ------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _call(func, args, kwargs)
         name = _func_name(func)
         if name in ("size", "dim", "numel", "__len__", "property:shape", "property:dtype", "property:device"):
             return out
@@ -290,13 +308,16 @@ class ChannelTracer(TorchFunctionMode):
             self.trace.block(self.shadow(x), why or "mixed input")
             return self.mark_input(out)
         module = target.module
-        grouped = groups > 1 and not (is_depthwise(module) and groups == x.shape[ch])
-        if grouped or (groups > 1 and name in _CONV_T and cout != groups):
+        depthwise = groups > 1 and is_depthwise(module) and groups == x.shape[ch]
+        if groups > 1 and not depthwise and (name in _CONV_T or bool((labels < 0).any())):
             self.trace.block(labels, f"{target.name}: grouped convolution (groups={groups})")
             return self.mark_input(out)
         slots = self._produce(target, cout)
         self._consume(Target(module, target.name, Role.IN, uid=id(module)), labels)
-        if groups > 1:  # depthwise: output o comes from input o // multiplier
+        if groups > 1 and not depthwise:  # grouped: the same position leaves every group
+            for part in (labels.view(groups, -1), slots.view(groups, -1)):
+                self.trace.union(part, part[:1].expand_as(part))
+        elif groups > 1:  # depthwise: output o comes from input o // multiplier
             mult = cout // groups
             if bool((labels < 0).any()):
                 self.trace.block(slots, f"{target.name}: depthwise convolution of a fixed input")

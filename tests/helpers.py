@@ -22,9 +22,15 @@ def zero_plan(model: nn.Module, graph: DependencyGraph, removals: dict) -> None:
             mask = torch.isin(m.classes, removed)
             if not mask.any():
                 continue
-            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+            groups = module.groups if isinstance(module, nn.Conv2d) else 1
+            depthwise = groups > 1 and groups == module.in_channels
             with torch.no_grad():
-                if depthwise:
+                if groups > 1 and not depthwise:
+                    cin_g, cout_g = module.in_channels // groups, module.out_channels // groups
+                    for c in torch.nonzero(mask).flatten().tolist():
+                        i = c // cin_g
+                        module.weight[i * cout_g:(i + 1) * cout_g, c % cin_g] = 0
+                elif depthwise:
                     module.weight[mask] = 0
                     if module.bias is not None:
                         module.bias[mask] = 0

@@ -15,7 +15,7 @@ def _plan(pruner, fraction=0.3, seed=0):
             for grp in pruner.groups if int(grp.channels * fraction) > 0}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x1_0"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x1_0", "regnet_x_400mf"])
 def test_pruned_equals_zeroed_copy(name):
     model = torchvision.models.get_model(name, num_classes=10).eval()
     _randomize_bn(model)
