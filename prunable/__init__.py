@@ -17,6 +17,7 @@ from .importance import (
 )
 from .models import CharNet, SeedNet, vgg
 from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
+from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
 from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
@@ -28,6 +29,6 @@ __all__ = [
     "EstimationError", "MeanActivation", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
     "PLinear", "Plan", "PrunableError", "Pruner", "PruningValueError", "Random", "Role", "Scope",
     "SeedNet", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm",
-    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "register_handler",
+    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "oracle_importance", "register_handler",
     "slice_optimizer_state", "vgg",
 ]

@@ -1,0 +1,332 @@
+"""Save and load pruned models as plain data: no pickled code, ever.
+
+A prunable file is one :func:`torch.save` archive holding only strings,
+numbers, lists, dicts and tensors::
+
+    {"format": "prunable/1",
+     "architecture": {"name": "CharNet", "num_classes": 92, ...},  # how to build it
+     "plans": [{"features.0": [3, 7]}, ...],   # pruner.history, in order
+     "input_shape": [1, 1, 32, 32],            # an input the model accepts
+     "state_dict": {...},                      # the pruned weights
+     "meta": {"params": ..., "flops": ...}}    # for ``info``; free-form JSON data
+
+:func:`load` reads it with ``torch.load(..., weights_only=True)``, which refuses
+any pickled object that is not plain data, builds the unpruned model from
+``architecture``, replays the plans with :class:`~prunable.Pruner` and loads
+the weights strictly.
+
+Example
+-------
+>>> import os, tempfile, torch
+>>> from prunable import CharNet, Pruner, WeightNorm
+>>> arch = {"name": "CharNet", "num_classes": 5, "config": [8, "M"], "input_size": 8, "hidden": 16}
+>>> net = build_model(arch)
+>>> pruner = Pruner(net, torch.zeros(2, 1, 8, 8), criterion=WeightNorm())
+>>> _ = pruner.step(3)
+>>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
+>>> save(net, path, plans=pruner.history, architecture=arch, example_input_shape=(1, 1, 8, 8))
+>>> again = load(path)
+>>> x = torch.randn(4, 1, 8, 8)
+>>> torch.equal(again(x), net.eval()(x))
+True
+>>> info(path)["channels_removed"]
+3
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from .errors import PrunableError
+from .flops import count_flops, count_params
+from .importance import WeightNorm
+from .models import CharNet, SeedNet
+from .plan import Plan
+from .pruner import Pruner
+
+__all__ = [
+    "FORMAT", "ModelFileError", "UnsafeFileError", "BUILDERS", "build_model", "save", "load", "info",
+]
+
+#: The value of the ``"format"`` key of every file this version writes and reads.
+FORMAT = "prunable/1"
+
+PathOrFile = str | os.PathLike[str] | IO[bytes]
+
+
+class ModelFileError(PrunableError, ValueError):
+    """A model file is missing, unreadable, not a prunable file, or does not fit its architecture."""
+
+
+class UnsafeFileError(ModelFileError):
+    """A model file holds pickled objects other than plain data; it was not executed."""
+
+
+def _charnet(arch: Mapping[str, Any]) -> nn.Module:
+    return CharNet(**arch)
+
+
+def _seednet(arch: Mapping[str, Any]) -> nn.Module:
+    return SeedNet(**arch)
+
+
+def _torchvision(arch: Mapping[str, Any]) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ModelFileError("this file holds a torchvision model: pip install torchvision") from exc
+    extra = set(arch) - {"model", "num_classes"}
+    if "model" not in arch or extra:
+        raise ModelFileError(
+            f"a torchvision architecture is {{'name': 'torchvision', 'model': NAME, 'num_classes': N}}, "
+            f"got keys {sorted(arch)}")
+    try:
+        return torchvision.models.get_model(arch["model"], weights=None, num_classes=arch.get("num_classes", 1000))
+    except ValueError as exc:
+        raise ModelFileError(f"unknown torchvision model {arch['model']!r}: {exc}") from exc
+
+
+#: Known architectures: ``architecture["name"]`` → builder taking the other keys.
+BUILDERS: Mapping[str, Callable[[Mapping[str, Any]], nn.Module]] = types.MappingProxyType(
+    {"CharNet": _charnet, "SeedNet": _seednet, "torchvision": _torchvision})
+
+
+def build_model(architecture: Mapping[str, Any]) -> nn.Module:
+    """Build the unpruned model an architecture dict describes (see :data:`BUILDERS`).
+
+    Parameters
+    ----------
+    architecture
+        ``{"name": NAME, **kwargs}``; ``NAME`` is a key of :data:`BUILDERS`.
+
+    Returns
+    -------
+    nn.Module
+        A freshly initialised, unpruned model.
+
+    Raises
+    ------
+    ModelFileError
+        If the name is unknown or the builder rejects the arguments.
+
+    Example
+    -------
+    >>> build_model({"name": "CharNet", "num_classes": 3, "config": [4], "input_size": 8}).spatial
+    (8, 8)
+    """
+    if not isinstance(architecture, Mapping) or "name" not in architecture:
+        raise ModelFileError(f"an architecture is a dict with a 'name' key, got {architecture!r}")
+    name = architecture["name"]
+    if name not in BUILDERS:
+        raise ModelFileError(f"unknown architecture {name!r}; known: {sorted(BUILDERS)} (or pass build=)")
+    kwargs = {k: v for k, v in architecture.items() if k != "name"}
+    try:
+        return BUILDERS[name](kwargs)
+    except TypeError as exc:
+        raise ModelFileError(f"architecture {name!r}: bad arguments {kwargs}: {exc}") from exc
+
+
+def _eval_flops(model: nn.Module, shape: Sequence[int]) -> int | None:
+    """FLOPs of one forward pass in eval mode (BatchNorm1d refuses batch 1 in train mode)."""
+    was_training = model.training
+    try:
+        model.eval()
+        return count_flops(model, torch.zeros(*shape))
+    except Exception:  # noqa: BLE001 - FLOPs are informative only
+        return None
+    finally:
+        model.train(was_training)
+
+
+def save(
+    model: nn.Module, path: PathOrFile, *, plans: Sequence[Plan | Mapping[str, Sequence[int]]] = (),
+    architecture: Mapping[str, Any], example_input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a pruned model as plain data: its architecture, plans and weights.
+
+    Parameters
+    ----------
+    model
+        The pruned model.
+    path
+        File name or binary file object.
+    plans
+        The plans that turned the unpruned architecture into ``model``, in order
+        (``pruner.history``; concatenate histories of successive pruners).
+    architecture
+        JSON-able ``{"name": ..., **kwargs}`` that :func:`build_model` (or the
+        ``build`` callable given to :func:`load`) turns into the unpruned model.
+    example_input_shape
+        Shape of an input the model accepts, e.g. ``(1, 1, 32, 32)``.
+    meta
+        Extra JSON-able information stored as is (merged over ``params``/``flops``).
+
+    Example
+    -------
+    >>> import io
+    >>> arch = {"name": "CharNet", "num_classes": 3, "config": [4], "input_size": 8, "hidden": 8}
+    >>> buffer = io.BytesIO()
+    >>> save(build_model(arch), buffer, architecture=arch, example_input_shape=[1, 1, 8, 8])
+    >>> buffer.tell() > 0
+    True
+    """
+    shape = [int(s) for s in example_input_shape]
+    payload = {
+        "format": FORMAT,
+        "architecture": dict(architecture),
+        "plans": [Plan.coerce(p).to_dict() for p in plans],
+        "input_shape": shape,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": {"params": count_params(model), "flops": _eval_flops(model, shape), **dict(meta or {})},
+    }
+    torch.save(payload, path)
+
+
+def _read(path: PathOrFile, mmap: bool = False) -> dict[str, Any]:
+    """The payload of a prunable file, loaded with ``weights_only=True`` and checked."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+        raise ModelFileError(f"no such model file: {os.fspath(path)!r}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "global" in str(exc).lower():
+            raise UnsafeFileError(
+                f"refused to load {_name(path)}: it contains pickled code, not plain data ({first})") from exc
+        raise ModelFileError(f"{_name(path)} is not a prunable model file ({first})") from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ModelFileError(f"cannot read {_name(path)}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    return _validate(payload, path)
+
+
+def _name(path: PathOrFile) -> str:
+    return repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "the file object"
+
+
+def _validate(payload: Any, path: PathOrFile) -> dict[str, Any]:
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ModelFileError(f"{_name(path)} is not a prunable model file (no 'format' key)")
+    if payload["format"] != FORMAT:
+        raise ModelFileError(f"{_name(path)} has unknown format {payload['format']!r}; this version reads {FORMAT!r}")
+    missing = {"architecture", "plans", "input_shape", "state_dict"} - set(payload)
+    if missing:
+        raise ModelFileError(f"{_name(path)} lacks {sorted(missing)}")
+    return payload
+
+
+def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save`; no code from the file is run.
+
+    Parameters
+    ----------
+    path
+        File name or binary file object.
+    build
+        How to get the unpruned model: ``None`` (look ``architecture["name"]``
+        up in :data:`BUILDERS`), a callable taking the architecture dict, or a
+        freshly built unpruned model of that architecture.
+
+    Returns
+    -------
+    nn.Module
+        The pruned model with its weights, in eval mode.
+
+    Raises
+    ------
+    UnsafeFileError
+        If the file contains pickled objects other than plain data.
+    ModelFileError
+        If the file is missing or unreadable, its format or architecture is
+        unknown, or the plans or weights do not fit the architecture.
+
+    Example
+    -------
+    >>> load("missing.pt")
+    Traceback (most recent call last):
+    ...
+    prunable.io.ModelFileError: no such model file: 'missing.pt'
+    """
+    payload = _read(path)
+    arch = payload["architecture"]
+    if isinstance(build, nn.Module):
+        model = build
+    else:
+        model = build(dict(arch)) if build is not None else build_model(arch)
+    model.eval()
+    _replay(model, payload["plans"], payload["input_shape"], path)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(
+            f"the weights in {_name(path)} do not fit architecture {arch.get('name')!r} after "
+            f"{len(payload['plans'])} plans: {str(exc).splitlines()[-1].strip()}") from exc
+    return model
+
+
+def _replay(model: nn.Module, plans: list, input_shape: list, path: PathOrFile) -> None:
+    """Apply ``plans`` in order to the unpruned ``model``."""
+    if not plans:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "group X is not pruned" is expected here
+        try:
+            pruner = Pruner(model, torch.zeros(*input_shape), criterion=WeightNorm(), validate=False)
+        except PrunableError as exc:
+            raise ModelFileError(f"cannot trace the model of {_name(path)}: {exc}") from exc
+        for step, plan in enumerate(plans, 1):
+            try:
+                pruner.prune(Plan.coerce(plan))
+            except PrunableError as exc:
+                raise ModelFileError(
+                    f"plan {step} of {len(plans)} in {_name(path)} does not fit the model: {exc}") from exc
+
+
+def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a model file without building the model.
+
+    Returns
+    -------
+    dict
+        ``format``, ``architecture``, ``input_shape``, ``params`` and ``flops``
+        (as saved), ``plans`` (number of plans), ``channels_removed``,
+        ``history`` (channels removed per group, per plan), ``layers``
+        (``{name: shape}`` of every weight), ``file_size`` (bytes) and ``meta``.
+
+    Raises
+    ------
+    UnsafeFileError, ModelFileError
+        As :func:`load`.
+
+    Example
+    -------
+    >>> info("missing.pt")
+    Traceback (most recent call last):
+    ...
+    prunable.io.ModelFileError: no such model file: 'missing.pt'
+    """
+    payload = _read(path, mmap=True)
+    plans = [Plan.coerce(p) for p in payload["plans"]]
+    state = payload["state_dict"]
+    meta = dict(payload.get("meta", {}))
+    return {
+        "format": payload["format"],
+        "architecture": payload["architecture"],
+        "input_shape": payload["input_shape"],
+        "params": meta.get("params"),
+        "flops": meta.get("flops"),
+        "plans": len(plans),
+        "channels_removed": sum(len(p) for p in plans),
+        "history": [{gid: len(idx) for gid, idx in p.removals.items()} for p in plans],
+        "layers": {k[: -len(".weight")]: list(v.shape) for k, v in state.items()
+                   if k.endswith(".weight") and v.dim() > 1},
+        "file_size": os.path.getsize(path),
+        "meta": meta,
+    }
