@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import PruningValueError
 from .surgery import Cut, Role
 from .trace import ChannelTracer, Target, Trace
 
@@ -179,7 +180,13 @@ def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int,
         tracer, _ = run_traced(clone, tree_map(to_meta, example_inputs))
     except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
         clone = copy.deepcopy(model)
-        tracer, _ = run_traced(clone, example_inputs)
+        try:
+            tracer, _ = run_traced(clone, example_inputs)
+        except Exception as exc:
+            shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+            raise PruningValueError(
+                f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
+            ) from exc
     mapping = {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
     return tracer.trace, mapping
 

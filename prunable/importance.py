@@ -29,6 +29,7 @@ from .errors import EstimationError
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
     "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm", "BNScale", "MeanActivation", "APoZ", "Random",
+    "CRITERIA", "make_criterion",
 ]
 
 
@@ -341,3 +342,36 @@ class TaylorBN(_ParamTaylor):
         if norm is None or getattr(norm, "weight", None) is None:
             return TaylorWeight.params(self, point)
         return [(t, False) for t in (norm.weight, norm.bias) if t is not None]
+
+
+#: criteria by command-line name
+CRITERIA: dict[str, Callable[[], Criterion]] = {
+    "taylor": TaylorActivation,
+    "taylor-bn": TaylorBN,
+    "taylor-weight": TaylorWeight,
+    "l1": lambda: WeightNorm(1.0),
+    "l2": lambda: WeightNorm(2.0),
+    "bn-scale": BNScale,
+    "mean-activation": MeanActivation,
+    "apoz": APoZ,
+    "random": Random,
+}
+
+
+def make_criterion(criterion: "Criterion | str | None") -> Criterion:
+    """A criterion from an instance, a name in :data:`CRITERIA`, or None (Taylor).
+
+    Example
+    -------
+    >>> type(make_criterion("l1")).__name__
+    'WeightNorm'
+    """
+    if criterion is None:
+        return TaylorActivation()
+    if isinstance(criterion, Criterion):
+        return criterion
+    if isinstance(criterion, str) and criterion in CRITERIA:
+        return CRITERIA[criterion]()
+    from .errors import PruningValueError
+
+    raise PruningValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)} or a Criterion")

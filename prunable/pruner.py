@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
 from .graph import ChannelGroup, DependencyGraph, meta_clone
-from .importance import Aggregation, Criterion, MeasurePoint, TaylorActivation, l2_normalize
+from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
 from .surgery import Cut, apply_cuts
 from .trace import MetaShortcuts
@@ -54,7 +54,8 @@ class Pruner:
     example_inputs
         A tensor or tuple of positional inputs for one forward pass.
     criterion
-        A :class:`~prunable.importance.Criterion`; :class:`TaylorActivation` by default.
+        A :class:`~prunable.importance.Criterion` or its name (``"taylor"``, ``"l1"`` …,
+        see :data:`~prunable.importance.CRITERIA`); :class:`TaylorActivation` by default.
     ignored_layers
         Modules (or qualified names) whose output channels are never pruned.
     min_channels
@@ -66,7 +67,8 @@ class Pruner:
     aggregation
         How coupled channels' scores combine (:class:`Aggregation`).
     flops_regularization
-        λ of Molchanov et al.'s Eq. 9: scores become ``θ − λ·MFLOPs(channel)``.
+        λ of Molchanov et al.'s Eq. 9: scores become ``θ − λ·MFLOPs(channel)``, the
+        FLOPs one channel costs per example, in millions; ``True`` means λ = 1e-3.
     validate
         Check each group and each plan on a meta copy before touching the model.
 
@@ -81,10 +83,10 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, example_inputs: Any, criterion: Criterion | None = None,
+        self, model: nn.Module, example_inputs: Any, criterion: Criterion | str | None = None,
         ignored_layers: Iterable[nn.Module | str] = (), min_channels: int = 1, round_to: int | None = None,
         optimizer: torch.optim.Optimizer | None = None, aggregation: Aggregation = Aggregation.SUM,
-        flops_regularization: float = 0.0, validate: bool = True,
+        flops_regularization: float | bool = 0.0, validate: bool = True,
     ) -> None:
         if not isinstance(min_channels, int) or min_channels < 1:
             raise PruningValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
@@ -92,13 +94,13 @@ class Pruner:
             raise PruningValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
         self.model = model
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        self.criterion = criterion if criterion is not None else TaylorActivation()
+        self.criterion = make_criterion(criterion)
         self.min_channels, self.round_to, self.optimizer = min_channels, round_to, optimizer
         self.aggregation = Aggregation(aggregation)
-        self.flops_regularization = float(flops_regularization)
+        self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
-        names = {id(m): n for n, m in model.named_modules()}
-        self.ignored = {x if isinstance(x, str) else names.get(id(x), "") for x in ignored_layers}
+        self.ignored = _ignored_names(model, ignored_layers)
+        _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
         self.log: list[dict[str, float]] = []
         self._rebuild(warn=True)
@@ -168,6 +170,9 @@ class Pruner:
 
         Hooks are removed on exit, also when the block raises.
         """
+        if self.criterion.needs_grad and not torch.is_grad_enabled():
+            raise EstimationError(f"{type(self.criterion).__name__} needs gradients but they are "
+                                  "disabled (torch.no_grad / inference_mode) around estimate()")
         handles = self.criterion.attach(list(self._points.values()))
         try:
             yield self
@@ -201,17 +206,22 @@ class Pruner:
         for g in self.groups:
             total = sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
                         for m in g.members if m.target.param is None)
-            out[g.id] = total / 1e6
+            out[g.id] = total / 1e6 / _batch_size(self.example_inputs)
         return out
 
     # -- pruning ---------------------------------------------------------------
-    def plan(self, n: int = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
-        """The plan :meth:`step` would apply: the ``n`` least important channels."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise PruningValueError(f"n must be a positive int, got {n!r}")
-        scores = self.scores()
+    def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
+        """The plan :meth:`step` would apply: the ``n`` least important channels.
+
+        ``n`` is a count, or a float in (0, 1): that fraction of the channels
+        (of all prunable groups with the global scope, of each group with the
+        layer scope).
+        """
+        scope = Scope(scope)
         caps = {g.id: g.channels - self._floor(g.channels) for g in self.groups}
-        if Scope(scope) is Scope.LAYER:
+        n = self._count(n, scope, caps)
+        scores = self.scores()
+        if scope is Scope.LAYER:
             chosen = {gid: s.argsort()[: min(n, caps[gid])].tolist() for gid, s in scores.items()}
         else:
             chosen = _global_lowest(scores, caps, n)
@@ -219,6 +229,20 @@ class Pruner:
             chosen = {gid: scores[gid].argsort()[: self._rounded(gid, len(idx), caps[gid])].tolist()
                       for gid, idx in chosen.items() if idx}
         return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
+
+    def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> int:
+        if isinstance(n, float) and not isinstance(n, bool):
+            if not 0 < n < 1:
+                raise PruningValueError(f"pruning ratio must be in (0, 1), got {n!r}")
+            total = sum(g.channels for g in self.groups) if scope is Scope.GLOBAL else min(
+                (g.channels for g in self.groups), default=0)
+            return max(1, int(round(n * total)))
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PruningValueError(f"n must be a positive int or a ratio in (0, 1), got {n!r}")
+        available = sum(caps.values())
+        if scope is Scope.GLOBAL and n > available:
+            raise PruningValueError(f"n={n} exceeds the {available} channels that can still be pruned")
+        return n
 
     def _floor(self, channels: int) -> int:
         floor = self.min_channels
@@ -247,6 +271,9 @@ class Pruner:
         :class:`SurgeryError` if the pruned model would not run; in both cases
         the model and optimizer are unchanged.
         """
+        if torch.is_inference_mode_enabled():
+            raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
+                                    "parameters could never be trained again; call it outside")
         plan = Plan.coerce(plan)
         self._check(plan)
         removals = {k: list(v) for k, v in plan.removals.items()}
@@ -285,7 +312,9 @@ class Pruner:
 
         Before each step, ``fine_tune()`` is called ``prune_every`` times inside
         :meth:`estimate` (a few training batches: forward, backward, optimizer
-        step). Returns (and appends to ``self.log``) one record per step.
+        step). Returns (and appends to ``self.log``) one record per step: step,
+        channels removed, FLOPs and params as fractions of the start, and what
+        ``fine_tune`` returned last (a number as ``metric``, or a dict merged in).
         """
         targets = {"flops": flops, "params": params}
         for key, value in targets.items():
@@ -299,10 +328,11 @@ class Pruner:
         start = self._measure()
         bar = _progress(progress)
         while not self._reached(start, targets):
+            result = None
             if fine_tune is not None:
                 with self.estimate():
                     for _ in range(prune_every):
-                        fine_tune()
+                        result = fine_tune()
             if not self.groups:
                 warnings.warn("prunable: no prunable group left before reaching the target", stacklevel=2)
                 break
@@ -312,6 +342,7 @@ class Pruner:
                 warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=2)
                 break
             record = {"step": len(self.log) + 1, "removed": len(plan), **self._ratios(start)}
+            record.update(result if isinstance(result, dict) else {} if result is None else {"metric": float(result)})
             self.log.append(record)
             bar(record)
         bar(None)
@@ -377,3 +408,30 @@ def _progress(enabled: bool) -> Callable[[dict | None], None]:
         bar.set_postfix(flops=f"{record['flops']:.3f}", params=f"{record['params']:.3f}")
 
     return update
+
+
+def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[str]:
+    """Qualified names of ``ignored``; unknown entries raise."""
+    by_id = {id(m): n for n, m in model.named_modules()}
+    names = set(by_id.values())
+    out = set()
+    for item in ignored:
+        name = item if isinstance(item, str) else by_id.get(id(item))
+        if name is None or name not in names:
+            raise PruningValueError(f"ignored_layers entry {item if isinstance(item, str) else type(item).__name__!r} is not a module of the model")
+        out.add(name)
+    return out
+
+
+def _check_inputs(model: nn.Module, inputs: tuple) -> None:
+    """Example inputs must sit on the model's device."""
+    param = next(model.parameters(), None)
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and param is not None and t.device.type != param.device.type:
+            raise PruningValueError(
+                f"example input on {t.device} but the model's parameters are on {param.device}")
+
+
+def _batch_size(inputs: tuple) -> int:
+    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    return int(first.shape[0]) if first is not None else 1

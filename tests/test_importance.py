@@ -155,5 +155,7 @@ def test_flops_regularization_subtracts_lambda_times_mflops():
     conv0_out = 2 * n * hw * 3  # FLOPs per output channel of the 1x1 conv
     conv2_io = 2 * n * hw * 4 * 25  # per input (or output) channel of the 5x5 conv
     conv4_in = 2 * n * hw * 2
-    torch.testing.assert_close(plain["0"] - reg["0"], torch.full((4,), 1e-3 * (conv0_out + conv2_io) / 1e6))
-    torch.testing.assert_close(plain["2"] - reg["2"], torch.full((4,), 1e-3 * (conv2_io + conv4_in) / 1e6))
+    torch.testing.assert_close(plain["0"] - reg["0"], torch.full((4,), 1e-3 * (conv0_out + conv2_io) / 1e6 / n))
+    torch.testing.assert_close(plain["2"] - reg["2"], torch.full((4,), 1e-3 * (conv2_io + conv4_in) / 1e6 / n))
+    on = Pruner(model, X, criterion=WeightNorm(), flops_regularization=True)
+    assert on.flops_regularization == 1e-3
