@@ -197,16 +197,6 @@ class Criterion:
         """Forget accumulated statistics."""
         self.accumulators.clear()
 
-    def synchronize(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        """Sum accumulated totals and counts across processes with ``all_reduce``."""
-        for acc in self.accumulators.values():
-            if acc.total is None:
-                continue
-            count = torch.tensor([float(acc.count)], device=acc.total.device)
-            all_reduce(acc.total)
-            all_reduce(count)
-            acc.count = int(count.item())
-
 
 class TaylorActivation(Criterion):
     """Molchanov et al. 2017, Eq. 8: per example ``|mean_spatial(a·dL/da)|``, averaged.

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
 from .graph import ChannelGroup, DependencyGraph, meta_clone
@@ -182,8 +183,6 @@ class Pruner:
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Importance of every channel of every prunable group (lower = pruned first)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.criterion.synchronize(torch.distributed.all_reduce)
         penalty = self._flops_per_channel() if self.flops_regularization else {}
         out = {}
         for g in self.groups:
@@ -198,7 +197,7 @@ class Pruner:
             if g.id in penalty:
                 score = score - self.flops_regularization * penalty[g.id]
             out[g.id] = score
-        return out
+        return average_across_ranks(out)
 
     def _flops_per_channel(self) -> dict[str, float]:
         flops = module_flops(self.model, self.example_inputs)
