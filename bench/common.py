@@ -1,0 +1,441 @@
+"""Helpers shared by the benchmark scripts: setup, timing, memory, data, training, pruning.
+
+Every script in ``bench/`` imports this module (``bench/`` is on ``sys.path``
+when a script runs as ``python bench/<name>.py``). Nothing here asserts on a
+measurement; everything returns numbers for the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+THREADS = 2
+
+Data = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- setup and command line ---------------------------------------------------
+def setup(seed: int = 0) -> None:
+    """Two intra-op threads, every generator seeded, Python warnings of the libraries silenced."""
+    torch.set_num_threads(THREADS)
+    seed_all(seed)
+    warnings.filterwarnings("ignore")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--quick`` (a smaller, faster version of the table) plus script-specific options."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="smaller configuration, for a smoke run")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args()
+
+
+def run_script(main: Callable[..., str], doc: str | None) -> None:
+    """Entry point of every script: parse ``--quick``, run ``main``, print its markdown and wall time."""
+    args = parse_args(doc)
+    start = time.perf_counter()
+    print(main(quick=args.quick))
+    print(f"\n_{Path(sys.argv[0]).name}: {time.perf_counter() - start:.0f} s wall time_", file=sys.stderr)
+
+
+# -- formatting ----------------------------------------------------------------
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are ``str()``-ed."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_seconds(x: float | None) -> str:
+    if x is None or x != x:
+        return "—"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def fmt_ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or num != num or den != den or den == 0:
+        return "—"
+    return f"{num / den:.2f}×"
+
+
+def fmt_mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    vals = [v * scale for v in values if v == v]
+    if not vals:
+        return "—"
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{digits}f} ± {std:.{digits}f}"
+
+
+def short_error(exc: BaseException) -> str:
+    """``ExceptionType: first line of the message`` (truncated), for a table cell."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = text.replace("|", "/")
+    return f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
+
+
+# -- timing ----------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of one call and its result."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median_time(fn: Callable[[], Any], warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def latency(model: nn.Module, x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> float:
+    """Median eval-mode forward time of ``model(x)`` (``prunable.measure_latency`` does the same)."""
+    from prunable import measure_latency
+
+    return measure_latency(model, x, warmup=warmup, repeats=repeats)
+
+
+# -- memory: a fresh subprocess per configuration ----------------------------------
+def max_rss_mib() -> float:
+    """This process's peak resident set size so far (``getrusage``; KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(script: str | Path, args: Sequence[str], timeout: float = 900) -> dict:
+    """Run ``python <script> <args>`` in a fresh interpreter; it prints one JSON line last.
+
+    A fresh process per configuration makes ``ru_maxrss`` (a high-water mark)
+    the peak of that configuration alone.
+    """
+    cmd = [sys.executable, str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+# -- machine -------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu_model(),
+        "cores (os.cpu_count)": str(os.cpu_count()),
+        "torch threads": str(THREADS),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "torch-pruning": version("torch-pruning"),
+        "prunable": version("prunable"),
+        "scikit-learn": version("scikit-learn"),
+    }
+
+
+# -- data ---------------------------------------------------------------------------------
+def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = int(n * (1 - test_fraction))
+    return order[:cut], order[cut:]
+
+
+def digits(size: int = 32, test_fraction: float = 0.3, split_seed: int = 0) -> tuple[Data, Data]:
+    """scikit-learn's ``load_digits`` (1797 real 8×8 handwritten digits) upsampled to ``size``.
+
+    Pixels are scaled to [0, 1] and bilinearly upsampled; the split is fixed by ``split_seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.tensor(raw.target, dtype=torch.long)
+    train, test = _split(len(y), test_fraction, split_seed)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def japanese(size: int = 32, train_per_class: int = 30, test_per_class: int = 10) -> tuple[Data, Data]:
+    """The built-in Japanese characters (92 kana), train and test splits as tensors."""
+    from prunable.data import JapaneseCharacters
+
+    def tensors(split: str, n: int) -> Data:
+        ds = JapaneseCharacters(split, size=size, samples_per_class=n)
+        return ds.data.float() / 255.0, ds.targets.long()
+
+    return tensors("train", train_per_class), tensors("test", test_per_class)
+
+
+def batches(data: Data, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Data]:
+    """One epoch of minibatches, shuffled when a generator is given."""
+    x, y = data
+    order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+def endless(data: Data, batch_size: int, generator: torch.Generator) -> Iterator[Data]:
+    """Shuffled minibatches forever (a new order every epoch)."""
+    while True:
+        yield from batches(data, batch_size, generator)
+
+
+# -- models and training ---------------------------------------------------------------------
+def small_cnn(channels: Sequence[int], num_classes: int, in_channels: int = 1, size: int = 32) -> nn.Sequential:
+    """``[Conv3×3 → BN → ReLU → MaxPool2]`` per entry of ``channels``, then one Linear."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for width in channels:
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+        c, size = width, size // 2
+    layers += [nn.Flatten(), nn.Linear(c * size * size, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def sgd(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def train_steps(model: nn.Module, stream: Iterator[Data], steps: int, optimizer: torch.optim.Optimizer) -> float:
+    """``steps`` SGD minibatches in train mode; the last loss."""
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x, y = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
+def gradient_passes(model: nn.Module, stream: Iterator[Data], steps: int, zero_first: bool = True) -> None:
+    """Forward + backward on ``steps`` minibatches, gradients summed in ``.grad``, no update.
+
+    The data-driven criteria (ours inside ``Pruner.estimate()``, Torch-Pruning's
+    Taylor reading ``.grad``) collect their statistics from these passes.
+    """
+    model.train()
+    if zero_first:
+        model.zero_grad(set_to_none=True)
+    for _ in range(steps):
+        x, y = next(stream)
+        F.cross_entropy(model(x), y).backward()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for x, y in batches(data, batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(data[1])
+
+
+def train_epochs(model: nn.Module, data: Data, epochs: int, batch_size: int, seed: int, lr: float = 0.05) -> None:
+    """Plain training with cosine learning-rate decay (used for the base models)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = sgd(model, lr)
+    steps = epochs * -(-len(data[1]) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(epochs):
+        for x, y in batches(data, batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+
+
+# -- pruning to a FLOPs target ------------------------------------------------------------------
+def flops_of_plan(pruner: Any, plan: Any) -> int:
+    """FLOPs ``pruner.model`` would have after ``plan``, computed on a meta copy (no weights touched).
+
+    Uses prunable internals (``graph.cuts``, ``surgery.apply_cuts``,
+    ``graph.meta_clone``), the same path as ``Pruner._trial``; prunable has no
+    public "FLOPs after this plan" call yet.
+    """
+    from prunable import Plan, count_flops
+    from prunable.graph import meta_clone
+    from prunable.surgery import Cut, apply_cuts
+
+    plan = Plan.coerce(plan)
+    clone = meta_clone(pruner.model)
+    twin = dict(zip((id(m) for m in pruner.model.modules()), clone.modules()))
+    cuts = pruner.graph.cuts({k: list(v) for k, v in plan.removals.items()})
+    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
+    return count_flops(clone, pruner.example_inputs)
+
+
+def ours_plan_for_flops(pruner: Any, target_flops: float) -> Any:
+    """The smallest global plan ``pruner.plan(n)`` whose result has at most ``target_flops``.
+
+    Bisection on ``n`` (the plan for ``n`` removes a superset of the plan for
+    fewer channels). Returns the plan with the most FLOPs that is still at or
+    under the target, or the largest possible plan if the target is unreachable.
+    """
+    from prunable import Plan
+
+    floor = pruner._floor  # noqa: SLF001 - the same per-group minimum as Pruner.plan
+    hi = sum(g.channels - floor(g.channels) for g in pruner.groups)
+    cache: dict[int, tuple[Any, int]] = {}
+
+    def evaluate(n: int) -> tuple[Any, int]:
+        if n not in cache:
+            plan = pruner.plan(n)
+            cache[n] = (plan, flops_of_plan(pruner, plan) if len(plan) else count_flops_model(pruner))
+        return cache[n]
+
+    if hi < 1 or evaluate(hi)[1] > target_flops:
+        return evaluate(hi)[0] if hi >= 1 else Plan({})
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if evaluate(mid)[1] <= target_flops:
+            hi = mid
+        else:
+            lo = mid
+    return evaluate(hi)[0]
+
+
+def count_flops_model(pruner: Any) -> int:
+    from prunable import count_flops
+
+    return count_flops(pruner.model, pruner.example_inputs)
+
+
+def bisect_fraction(flops_at: Callable[[float], int], target_flops: float, lo: float = 0.0, hi: float = 0.95,
+                    iterations: int = 8, start: float | None = None) -> float:
+    """The smallest ratio in [lo, hi] with ``flops_at(ratio) <= target_flops`` (bisection, ``iterations`` steps).
+
+    ``start`` (a good first guess) is tried first and narrows the interval.
+    """
+    if start is not None and lo < start < hi:
+        if flops_at(start) <= target_flops:
+            hi = start
+        else:
+            lo = start
+    if flops_at(hi) > target_flops:
+        return hi
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if flops_at(mid) <= target_flops:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# -- Torch-Pruning ----------------------------------------------------------------------------------
+def tp_ignored_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
+    """The classifier (Linear or Conv whose outputs are the ``num_classes`` logits)."""
+    return [m for m in model.modules()
+            if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+            or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+
+
+def tp_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, num_classes: int,
+              **kwargs: Any) -> Any:
+    """Torch-Pruning's ``BasePruner`` with the classifier ignored and attention heads declared."""
+    import torch_pruning as tp
+
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    if heads:
+        kwargs.setdefault("num_heads", heads)
+    return tp.pruner.BasePruner(model, x, importance=importance, pruning_ratio=ratio,
+                                ignored_layers=tp_ignored_layers(model, num_classes), **kwargs)
+
+
+def tp_prune_to_flops(model: nn.Module, x: torch.Tensor, make_importance: Callable[[], Any], target_flops: float,
+                      num_classes: int, seed: int = 0, iterations: int = 8, **kwargs: Any) -> float:
+    """Prune ``model`` in place with Torch-Pruning to at most ``target_flops``; returns the ratio used.
+
+    The channel ratio is found by bisection on deep copies (a copy keeps the
+    ``.grad`` that Taylor importance reads); random importance is re-seeded
+    per trial so the final prune matches the chosen trial.
+    """
+    from prunable import count_flops
+
+    base = count_flops(model, x)
+    results: dict[float, int] = {}
+
+    def apply(target: nn.Module, ratio: float) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            tp_pruner(target, x, make_importance(), ratio, num_classes, **kwargs).step()
+
+    def flops_at(ratio: float) -> int:
+        if ratio not in results:
+            trial = copy.deepcopy(model)
+            for src, dst in zip(model.parameters(), trial.parameters()):
+                dst.grad = None if src.grad is None else src.grad.clone()
+            apply(trial, ratio)
+            results[ratio] = count_flops(trial, x)
+        return results[ratio]
+
+    guess = max(0.0, min(0.9, 1 - (target_flops / base) ** 0.5))
+    ratio = bisect_fraction(flops_at, target_flops, iterations=iterations, start=guess)
+    apply(model, ratio)
+    return ratio
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence warnings (both libraries warn about skipped layers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -1,0 +1,339 @@
+"""Fuzzing (issue 7): random CNNs, random plans, pruned == zeroed copy; prune to the minimum.
+
+A hypothesis strategy draws a small "program" — a list of blocks (plain, grouped
+and depthwise convolutions, residual adds with or without a 1×1 projection,
+concatenations of two branches, pooling) followed by a head (global average pool
+or flatten, then one Linear or Linear→ReLU→Linear) — and :class:`ProgramNet`
+interprets it. For every drawn model a random plan is applied and the pruned
+model must compute exactly what a deep copy with the removed channels' consumer
+weights zeroed computes (``helpers.zero_plan``).
+
+``PRUNABLE_FUZZ_EXAMPLES`` sets the budget of the default test; the ``slow``
+variants run at least 200 examples (``make test-all``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import prunable
+from prunable import Pruner, WeightNorm
+from helpers import zero_plan
+
+FAST_EXAMPLES = int(os.environ.get("PRUNABLE_FUZZ_EXAMPLES", 25))
+SLOW_EXAMPLES = max(200, int(os.environ.get("PRUNABLE_FUZZ_SLOW_EXAMPLES", 200)))
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(),
+    "relu_": lambda: nn.ReLU(inplace=True),
+    "gelu": lambda: nn.GELU(),
+    "silu": lambda: nn.SiLU(),
+    "tanh": lambda: nn.Tanh(),
+    "leaky": lambda: nn.LeakyReLU(0.1),
+    "hardswish": lambda: nn.Hardswish(),
+    "none": lambda: nn.Identity(),
+}
+
+
+# -- the interpreted model ---------------------------------------------------------------------------
+def conv_unit(spec: dict) -> nn.Sequential:
+    """conv [→ BN] → activation, from a spec dict (cin, cout, k, stride, groups, bias, bn, act)."""
+    layers = [nn.Conv2d(spec["cin"], spec["cout"], spec["k"], spec.get("stride", 1), spec["k"] // 2,
+                        groups=spec.get("groups", 1), bias=spec["bias"])]
+    if spec["bn"]:
+        layers.append(nn.BatchNorm2d(spec["cout"]))
+    layers.append(ACTIVATIONS[spec.get("act", "none")]())
+    return nn.Sequential(*layers)
+
+
+class Block(nn.Module):
+    """One instruction of the program."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        self.kind = spec["kind"]
+        if self.kind in ("conv", "group", "dw"):
+            self.body = conv_unit(spec["conv"])
+        elif self.kind == "res":
+            self.body = nn.Sequential(*[conv_unit(s) for s in spec["body"]])
+            self.proj = conv_unit(spec["proj"]) if spec["proj"] else nn.Identity()
+            self.post = ACTIVATIONS[spec["post"]]()
+        elif self.kind == "cat":
+            self.a = conv_unit(spec["a"])
+            self.b = conv_unit(spec["b"]) if spec["b"] else (
+                nn.MaxPool2d(3, 1, 1) if spec["b_pool"] else nn.Identity())
+        elif self.kind == "pool":
+            self.pool = nn.MaxPool2d(2) if spec["op"] == "max" else nn.AvgPool2d(2)
+        else:  # pragma: no cover - the strategy draws only the kinds above
+            raise ValueError(self.kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("conv", "group", "dw"):
+            return self.body(x)
+        if self.kind == "res":
+            return self.post(self.body(x) + self.proj(x))
+        if self.kind == "cat":
+            return torch.cat([self.a(x), self.b(x)], 1)
+        return self.pool(x)
+
+
+class ProgramNet(nn.Module):
+    """A CNN whose forward interprets ``program`` (see :func:`programs`)."""
+
+    def __init__(self, program: dict) -> None:
+        super().__init__()
+        self.program = program
+        self.blocks = nn.ModuleList(Block(b) for b in program["blocks"])
+        head = program["head"]
+        self.flatten = head["flatten"]
+        layers: list[nn.Module] = []
+        if head["hidden"]:
+            layers += [nn.Linear(head["features"], head["hidden"], bias=head["hidden_bias"])]
+            if head["hidden_bn"]:
+                layers.append(nn.BatchNorm1d(head["hidden"]))
+            layers += [nn.ReLU(), nn.Linear(head["hidden"], head["classes"])]
+        else:
+            layers.append(nn.Linear(head["features"], head["classes"]))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        x = torch.flatten(x, 1) if self.flatten else x.mean((2, 3))
+        return self.head(x)
+
+
+# -- the strategy ----------------------------------------------------------------------------------
+widths = st.integers(1, 24)
+
+
+@st.composite
+def conv_specs(draw, cin: int, cout: int | None = None, k: tuple[int, ...] = (1, 3), stride: int = 1) -> dict:
+    return {
+        "cin": cin, "cout": draw(widths) if cout is None else cout, "k": draw(st.sampled_from(k)),
+        "stride": stride, "groups": 1, "bias": draw(st.booleans()), "bn": draw(st.booleans()),
+        "act": draw(st.sampled_from(sorted(ACTIVATIONS))),
+    }
+
+
+@st.composite
+def programs(draw, max_depth: int = 8, depthwise_multiplier: bool = False) -> dict:
+    """A random CNN program: ``{"size", "blocks", "head"}``, channel count tracked block by block.
+
+    ``depthwise_multiplier`` also draws depthwise convolutions with ``out = 2 · in``
+    (``helpers.zero_plan`` cannot zero those, so the equivalence test leaves them out).
+    """
+    size = draw(st.integers(8, 16))
+    c, h = 3, size
+    blocks = []
+    for _ in range(draw(st.integers(2, max_depth))):
+        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "dw", "group", "pool"]))
+        if kind == "pool" and h < 4:
+            kind = "conv"
+        if kind == "conv":
+            stride = 2 if h >= 4 and draw(st.integers(0, 4)) == 0 else 1
+            spec = {"kind": "conv", "conv": draw(conv_specs(c, stride=stride))}
+            h = (h + 2 * (spec["conv"]["k"] // 2) - spec["conv"]["k"]) // stride + 1
+        elif kind == "dw":
+            mult = draw(st.sampled_from([1, 2])) if depthwise_multiplier else 1
+            conv = draw(conv_specs(c, c * mult, k=(3,)))
+            conv["groups"] = c
+            spec = {"kind": "dw", "conv": conv}
+        elif kind == "group":
+            divisors = [g for g in range(2, min(c, 8) + 1) if c % g == 0]
+            if not divisors:
+                spec = {"kind": "conv", "conv": draw(conv_specs(c))}
+            else:
+                g = draw(st.sampled_from(divisors))
+                cout = g * draw(st.integers(1, max(1, 24 // g)))
+                if g == c and not depthwise_multiplier:
+                    cout = c  # groups == in_channels is a depthwise conv: multiplier 1 only
+                conv = draw(conv_specs(c, cout))
+                conv["groups"] = g
+                spec = {"kind": "group", "conv": conv}
+        elif kind == "res":
+            w = draw(widths)
+            out = c if draw(st.booleans()) else draw(widths)
+            n_body = draw(st.integers(1, 2))
+            body = [draw(conv_specs(c, w if n_body == 2 else out))]
+            if n_body == 2:
+                body.append(draw(conv_specs(w, out)))
+            body[-1]["act"] = "none"
+            proj = None
+            if out != c or draw(st.integers(0, 3)) == 0:
+                proj = draw(conv_specs(c, out, k=(1,)))
+                proj["act"] = "none"
+            spec = {"kind": "res", "body": body, "proj": proj, "post": draw(st.sampled_from(sorted(ACTIVATIONS)))}
+            c = out
+        elif kind == "cat":
+            a = draw(conv_specs(c))
+            b = draw(conv_specs(c)) if draw(st.booleans()) else None
+            spec = {"kind": "cat", "a": a, "b": b, "b_pool": draw(st.booleans())}
+            c = a["cout"] + (b["cout"] if b else c)
+        else:
+            spec = {"kind": "pool", "op": draw(st.sampled_from(["max", "avg"]))}
+            h //= 2
+        if spec["kind"] in ("conv", "dw", "group"):
+            c = spec["conv"]["cout"]
+        blocks.append(spec)
+    flatten = draw(st.booleans())
+    assert h > 1
+    head = {
+        "flatten": flatten, "features": c * h * h if flatten else c,
+        "hidden": draw(st.one_of(st.none(), widths)), "hidden_bias": draw(st.booleans()),
+        "hidden_bn": draw(st.booleans()), "classes": draw(st.integers(1, 10)),
+    }
+    return {"size": size, "blocks": blocks, "head": head, "seed": draw(st.integers(0, 2**16))}
+
+
+def build(program: dict) -> tuple[nn.Module, torch.Tensor]:
+    """The model (eval mode, random weights and non-trivial BN statistics) and an input of batch 2."""
+    torch.manual_seed(program["seed"])
+    model = ProgramNet(program)
+    randomize(model)
+    x = torch.randn(2, 3, program["size"], program["size"])
+    return model.eval(), x
+
+
+def randomize(model: nn.Module) -> None:
+    """BatchNorm far from the identity, so a wrongly sliced BN changes the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def make_pruner(model: nn.Module, x: torch.Tensor, criterion=None) -> Pruner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "group … is not pruned" notes are expected here
+        return Pruner(model, x, criterion=criterion or WeightNorm())
+
+
+def assert_no_empty_tensor(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.dim():
+            assert 0 not in t.shape, f"{name} has an empty dimension: {tuple(t.shape)}"
+
+
+# -- random plan: pruned == zeroed copy ---------------------------------------------------------------
+def check_equivalence(data) -> None:
+    program = data.draw(programs(), label="program")
+    model, x = build(program)
+    with torch.no_grad():
+        before = model(x)
+    pruner = make_pruner(model, x)
+    note(f"groups: {[(g.id, g.channels) for g in pruner.groups]}; skipped: {pruner.skipped}")
+    removals = {}
+    for g in pruner.groups:
+        idx = data.draw(st.sets(st.integers(0, g.channels - 1), max_size=g.channels - 1), label=f"remove {g.id}")
+        if idx:
+            removals[g.id] = sorted(idx)
+    note(f"plan: {removals}")
+    zeroed = copy.deepcopy(model)
+    if removals:  # zero_plan needs at least one removal
+        zero_plan(zeroed, pruner.graph, removals)
+    pruner.prune(removals)
+    assert_no_empty_tensor(model)
+    with torch.no_grad():
+        out, expected = model(x), zeroed(x)
+    assert out.shape == before.shape
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_random_cnn_pruned_equals_zeroed_copy(data):
+    check_equivalence(data)
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_random_cnn_pruned_equals_zeroed_copy_many(data):
+    check_equivalence(data)
+
+
+# -- repeated pruning to the minimum ------------------------------------------------------------------
+def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
+    """``step(1)`` until PruningValueError: forward works and nothing is empty after every step."""
+    with torch.no_grad():
+        shape = model(x).shape
+    pruner = make_pruner(model, x, criterion="l1")
+    prunable_ids = {g.id for g in pruner.groups}
+    budget = sum(g.channels - 1 for g in pruner.groups)
+    steps = 0
+    while True:
+        try:
+            pruner.step(1)
+        except prunable.PruningValueError:
+            break
+        steps += 1
+        assert steps <= budget, f"more steps ({steps}) than prunable channels ({budget})"
+        assert_no_empty_tensor(model)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == shape and torch.isfinite(out).all()
+    assert not pruner.groups, f"groups still prunable after the last step: {pruner.groups}"
+    channels = {g.id: g.channels for g in pruner.graph.groups}
+    left = {gid: channels.get(gid) for gid in prunable_ids if channels.get(gid) != 1}
+    assert not left, f"groups not at min_channels=1: {left}"
+
+
+def fixed_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.a = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                   nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.grouped = nn.Conv2d(8, 12, 1, groups=4)
+            self.head = nn.Linear(12 * 4 * 4, 5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = torch.relu(x + self.a(x))
+            x = nn.functional.max_pool2d(torch.cat([self.dw(x), x], 1)[:, :8], 2)
+            return self.head(torch.flatten(self.grouped(x), 1))
+
+    seq = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    return {"residual": (Residual().eval(), torch.randn(2, 3, 8, 8)),
+            "sequential": (seq.eval(), torch.randn(2, 3, 8, 8))}
+
+
+@pytest.mark.parametrize("name", ["residual", "sequential"])
+def test_prune_fixed_model_to_minimum(name):
+    model, x = fixed_models()[name]
+    randomize(model)
+    prune_to_minimum(model, x)
+
+
+@settings(max_examples=max(3, FAST_EXAMPLES // 5), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs(max_depth=5, depthwise_multiplier=True))
+def test_prune_random_cnn_to_minimum(program):
+    model, x = build(program)
+    prune_to_minimum(model, x)
+
+
+@pytest.mark.slow
+@settings(max_examples=50, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs(depthwise_multiplier=True))
+def test_prune_random_cnn_to_minimum_many(program):
+    model, x = build(program)
+    prune_to_minimum(model, x)
