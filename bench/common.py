@@ -137,6 +137,43 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_kib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory of a code block, in MiB, in this process.
+
+    On Linux the kernel's high-water mark (``VmHWM``) is reset on entry by
+    writing ``5`` to ``/proc/self/clear_refs``, so ``peak`` is the block's own
+    peak and ``delta`` = peak − resident memory on entry (what the block
+    added). Where that is unavailable, ``getrusage`` ``ru_maxrss`` (the
+    process's lifetime peak) is used and ``method`` says so. Run it in a fresh
+    subprocess per configuration (:func:`run_worker`) so blocks cannot see
+    each other's allocations.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "ru_maxrss (lifetime peak)"
+        self.start = (_status_kib("VmRSS") or 0) / 1024
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        hwm = _status_kib("VmHWM") if self.method.startswith("VmHWM") else None
+        self.peak = hwm / 1024 if hwm is not None else max_rss_mib()
+        self.delta = self.peak - self.start
+
+
 def run_worker(script: str | Path, args: Sequence[str], timeout: float = 900) -> dict:
     """Run ``python <script> <args>`` in a fresh interpreter; it prints one JSON line last.
 
