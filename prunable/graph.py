@@ -159,9 +159,9 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
                 if isinstance(t, torch.Tensor):
                     tracer.mark_input(t)
             out = model(*inputs)
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    tracer.trace.block(tracer.shadow(t), "model output")
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                tracer.trace.block(tracer.shadow(t), "model output")
     finally:
         for h in hooks:
             h.remove()

@@ -101,33 +101,53 @@ class Trace:
                 self.block(x[hit], reason)
 
     def block(self, labels: torch.Tensor, reason: str) -> None:
+        labels = _core(canonical(labels)) if labels.dim() else labels
         labels = labels[labels >= 0]
         if labels.numel():
             self.blocked.append((torch.unique(labels), reason))
 
 
+def _core(shadow: torch.Tensor) -> torch.Tensor:
+    """``shadow`` with every broadcast (stride-0) dim narrowed to size one: a cheap view."""
+    for d in range(shadow.dim()):
+        if shadow.stride(d) == 0 and shadow.shape[d] > 1:
+            shadow = shadow.narrow(d, 0, 1)
+    return shadow
+
+
+def canonical(shadow: torch.Tensor) -> torch.Tensor:
+    """The same labels as a broadcast view of the smallest tensor holding them.
+
+    Shadows are mostly constant along batch and spatial dims; storing them as
+    ``expand``-ed views keeps every later check proportional to the number of
+    channels, not to the activation size.
+    """
+    core = _core(shadow)
+    for d in sorted(range(core.dim()), key=lambda i: -core.shape[i]):
+        if core.shape[d] > 1 and bool((core == core.narrow(d, 0, 1)).all()):
+            core = core.narrow(d, 0, 1)
+    return core.expand(shadow.shape)
+
+
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
-    out = list(shadows)
-    for d in range(out[0].dim()):
-        if out[0].shape[d] > 1 and all(bool((s == s.narrow(d, 0, 1)).all()) for s in out):
-            out = [s.narrow(d, 0, 1) for s in out]
-    return tuple(out)
+    cores = [_core(canonical(s)) for s in shadows]
+    shape = [max(c.shape[d] for c in cores) for d in range(cores[0].dim())]
+    return tuple(c.expand(shape) for c in cores)
 
 
 def varying_dims(shadow: torch.Tensor) -> list[int]:
     """Dims along which the labels of ``shadow`` change."""
-    return [
-        d for d in range(shadow.dim())
-        if shadow.shape[d] > 1 and not bool((shadow == shadow.narrow(d, 0, 1)).all())
-    ]
+    core = _core(canonical(shadow))
+    return [d for d in range(core.dim()) if core.shape[d] > 1]
 
 
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     """Label of each index of ``dim`` if labels are constant along other dims, else None."""
-    moved = shadow.movedim(dim, 0).reshape(shadow.shape[dim], -1)
-    first = moved[:, :1]
-    return first.flatten().clone() if bool((moved == first).all()) else None
+    core = _core(canonical(shadow))
+    if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()):
+        return None
+    return core.reshape(-1).expand(shadow.shape[dim]).clone()
 
 
 def _func_name(func: Any) -> str:
@@ -184,7 +204,7 @@ class ChannelTracer(TorchFunctionMode):
             return entry[1]
         if id(t) in self.owners and t.is_floating_point():
             return self._param_shadow(t)
-        return torch.full(t.shape, FREE, dtype=torch.long)
+        return torch.tensor(FREE).expand(t.shape)
 
     def has_labels(self, t: torch.Tensor) -> bool:
         entry = self._shadows.get(id(t))
@@ -192,10 +212,10 @@ class ChannelTracer(TorchFunctionMode):
 
     def set_shadow(self, t: torch.Tensor, s: torch.Tensor) -> None:
         key = id(t)
-        self._shadows[key] = (weakref.ref(t, lambda _r, k=key, d=self._shadows: d.pop(k, None)), s)
+        self._shadows[key] = (weakref.ref(t, lambda _r, k=key, d=self._shadows: d.pop(k, None)), canonical(s))
 
     def mark_input(self, t: torch.Tensor) -> None:
-        self.set_shadow(t, torch.full(t.shape, FIXED, dtype=torch.long))
+        self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
 
     def _param_shadow(self, p: torch.Tensor) -> torch.Tensor:
         if id(p) not in self.trace.params:
