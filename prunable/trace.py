@@ -493,7 +493,7 @@ class ChannelTracer(TorchFunctionMode):
         full = [s.expand(shape) if s.dim() else s.expand(shape) for s in ops]
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((ops[i] >= 0).any())))
+        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((_core(ops[i]) >= 0).any())))
         p = order[0]
         vary_p = set(varying_dims(full[p]))
         for i in order[1:]:
