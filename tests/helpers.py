@@ -36,3 +36,14 @@ def zero_plan(model: nn.Module, graph: DependencyGraph, removals: dict) -> None:
                         module.bias[mask] = 0
                 else:
                     module.weight[:, mask] = 0
+
+
+class Opaque(nn.Module):
+    """A custom module calling a functional conv on its own weight (no handler registered)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight)

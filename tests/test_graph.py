@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from prunable import DependencyGraph, ModuleHandler, Pruner, WeightNorm, register_handler
-from helpers import zero_plan
+from helpers import Opaque, zero_plan
 
 
 def _plan(pruner, fraction=0.3, seed=0):
@@ -111,32 +111,43 @@ def test_chunk_halves_pruned_together():
     assert model.bn.num_features == 12 and model.c.in_channels == 6
 
 
-class Gain(nn.Module):
+class LayerScale(nn.Module):
+    """A bare per-channel parameter in a residual branch, like ConvNeXt's layer scale."""
+
     def __init__(self, c):
         super().__init__()
-        self.gain = nn.Parameter(torch.ones(c, 1, 1))
         self.conv = nn.Conv2d(c, c, 1)
+        self.gain = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Conv2d(c, 2, 1)
 
     def forward(self, x):
-        return torch.ops.aten.mul(self.conv(x), self.gain)
+        return self.head(x + self.conv(x) * self.gain)
 
 
-class Opaque(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(c, c, 1, 1))
+def test_bare_parameter_is_sliced_with_its_group():
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), LayerScale(6)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    stream = next(g for g in pruner.groups if g.id == "0")
+    assert "1.gain" in {m.target.label() for m in stream.members}
+    zeroed = copy.deepcopy(model)
+    zero_plan(zeroed, pruner.graph, {"0": [2, 4]})
+    pruner.prune({"0": [2, 4]})
+    assert model[1].gain.shape == (4, 1, 1)
+    torch.testing.assert_close(model(x), zeroed(x), atol=1e-5, rtol=1e-5)
 
-    def forward(self, x):
-        return nn.functional.conv2d(x, self.weight)
+
+class MyOpaque(Opaque):
+    """Registered below; the base class stays without a handler for other tests."""
 
 
 def test_custom_module_without_handler_is_reported_then_registered():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), Opaque(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), MyOpaque(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     with pytest.warns(UserWarning, match="no handler"):
         pruner = Pruner(model, torch.randn(1, 3, 6, 6), criterion=WeightNorm())
     assert "no handler" in pruner.skipped["0"]
 
-    @register_handler(Opaque)
+    @register_handler(MyOpaque)
     class OpaqueHandler(ModuleHandler):
         def params(self, module, role):
             return {"weight": 0 if role.value == "out" else 1}
@@ -146,4 +157,4 @@ def test_custom_module_without_handler_is_reported_then_registered():
     pruner.prune({"0": [1, 2]})
     assert model[1].weight.shape == (8, 6, 1, 1)
     with pytest.raises(ValueError, match="already registered"):
-        register_handler(Opaque)(OpaqueHandler)
+        register_handler(MyOpaque)(OpaqueHandler)

@@ -7,16 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import Opaque
 from prunable import EstimationError, PrunableError, Pruner, PruningValueError, TaylorActivation, WeightNorm
-
-
-class Opaque(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(c, c, 1, 1))
-
-    def forward(self, x):
-        return nn.functional.conv2d(x, self.weight)
 
 
 def make():
