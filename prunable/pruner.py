@@ -16,6 +16,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import enum
 import math
 import warnings
@@ -118,11 +119,10 @@ class Pruner:
             if reason:
                 self.skipped[g.id] = reason
         if self.validate:
-            for gid, error in self._invalid_groups():
-                self.skipped[gid] = f"trial prune failed: {error}"
+            self.skipped.update(self._invalid_groups())
         if warn:
             for gid, reason in self.skipped.items():
-                if reason != "model output" and not reason.startswith(("ignored layer", "1 channel")):
+                if reason != "model output" and not reason.startswith(("ignored layer", "1 channel", "every channel")):
                     warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         modules = dict(self.model.named_modules())
         self._points = {}
@@ -161,8 +161,17 @@ class Pruner:
         return self._failing(dict(items[:half])) + self._failing(dict(items[half:]))
 
     def _invalid_groups(self) -> list[tuple[str, str]]:
-        probe = {g.id: [g.channels - 1] for g in self.groups}
-        return self._failing(probe)
+        """Groups that cannot lose a channel: every channel is the last of some layer,
+        or removing one breaks the forward pass (checked on a meta copy)."""
+        guard, probe, stuck = _MemberGuard(self.groups), {}, []
+        for g in self.groups:
+            i = next((i for i in reversed(range(g.channels)) if guard.emptied_by(g.id, i) is None), None)
+            if i is None:
+                stuck.append((g.id, "every channel left is the last one of some layer"))
+                continue
+            guard.remove(g.id, i)
+            probe[g.id] = [i]
+        return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe)]
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -218,30 +227,39 @@ class Pruner:
         """
         scope = Scope(scope)
         caps = {g.id: g.channels - self._floor(g.channels) for g in self.groups}
-        n = self._count(n, scope, caps)
+        per_group = self._count(n, scope, caps)
         scores = self.scores()
+        guard = _MemberGuard(self.groups)
+        order = {gid: s.argsort().tolist() for gid, s in scores.items()}
         if scope is Scope.LAYER:
-            chosen = {gid: s.argsort()[: min(n, caps[gid])].tolist() for gid, s in scores.items()}
+            chosen = {g.id: guard.take(g.id, order[g.id], min(per_group(g.channels), caps[g.id]))
+                      for g in self.groups}
         else:
-            chosen = _global_lowest(scores, caps, n)
+            flat = sorted((float(v), gid, i) for gid, s in scores.items() for i, v in enumerate(s.tolist()))
+            chosen = guard.take_global([(gid, i) for _, gid, i in flat], caps, per_group(0))
         if self.round_to:
-            chosen = {gid: scores[gid].argsort()[: self._rounded(gid, len(idx), caps[gid])].tolist()
-                      for gid, idx in chosen.items() if idx}
+            for gid, idx in list(chosen.items()):
+                target = self._rounded(gid, len(idx), caps[gid]) if idx else 0
+                if target != len(idx):
+                    guard.release(gid, idx)
+                    chosen[gid] = guard.take(gid, order[gid], target)
         return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
 
-    def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> int:
+    def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> Callable[[int], int]:
+        """Validate ``n``; returns channels to remove as a function of a group's size."""
         if isinstance(n, float) and not isinstance(n, bool):
             if not 0 < n < 1:
                 raise PruningValueError(f"pruning ratio must be in (0, 1), got {n!r}")
-            total = sum(g.channels for g in self.groups) if scope is Scope.GLOBAL else min(
-                (g.channels for g in self.groups), default=0)
-            return max(1, int(round(n * total)))
+            if scope is Scope.LAYER:
+                return lambda channels: int(round(n * channels))
+            total = max(1, int(round(n * sum(g.channels for g in self.groups))))
+            return lambda channels: min(total, sum(caps.values()))
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise PruningValueError(f"n must be a positive int or a ratio in (0, 1), got {n!r}")
         available = sum(caps.values())
         if scope is Scope.GLOBAL and n > available:
             raise PruningValueError(f"n={n} exceeds the {available} channels that can still be pruned")
-        return n
+        return lambda channels: n
 
     def _floor(self, channels: int) -> int:
         floor = self.min_channels
@@ -301,6 +319,13 @@ class Pruner:
                 raise PruningValueError(
                     f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
                     f"min_channels={self.min_channels}")
+        guard = _MemberGuard(self.graph.groups)
+        for gid, idx in plan.removals.items():
+            for i in idx:
+                emptied = guard.emptied_by(gid, i)
+                if emptied:
+                    raise PruningValueError(f"group {gid}: removing channel {i} leaves {emptied} with no channels")
+                guard.remove(gid, i)
 
     def prune_to(
         self, flops: float | None = None, params: float | None = None,
@@ -375,18 +400,51 @@ def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: A
     return out / count.clamp(min=1) if how is Aggregation.MEAN else out
 
 
-def _global_lowest(scores: dict[str, torch.Tensor], caps: dict[str, int], n: int) -> dict[str, list[int]]:
-    """The ``n`` lowest scores over all groups, at most ``caps[g]`` from group g."""
-    flat = [(float(v), gid, i) for gid, s in scores.items() for i, v in enumerate(s.tolist())]
-    flat.sort(key=lambda t: t[0])
-    chosen: dict[str, list[int]] = {}
-    for _, gid, i in flat:
-        if n == 0:
-            break
-        if len(chosen.setdefault(gid, [])) < caps[gid]:
-            chosen[gid].append(i)
-            n -= 1
-    return chosen
+class _MemberGuard:
+    """Tracks channels left in every module side and parameter while a plan is chosen,
+    so no layer inside a group (one branch of a concat tied to others) is emptied."""
+
+    def __init__(self, groups: list[ChannelGroup]) -> None:
+        self.left: dict[tuple, float] = {}
+        self.labels: dict[tuple, str] = {}
+        self.hits: dict[tuple[str, int], list[tuple[tuple, int]]] = {}
+        for g in groups:
+            position = {int(c): i for i, c in enumerate(g.classes.tolist())}
+            for m in g.members:
+                key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
+                values = m.classes.tolist()
+                self.left.setdefault(key, math.inf if any(v < 0 for v in values) else len(values))
+                self.labels[key] = m.target.label()
+                for c, k in Counter(v for v in values if v in position).items():
+                    self.hits.setdefault((g.id, position[c]), []).append((key, k))
+
+    def emptied_by(self, gid: str, i: int) -> str | None:
+        """Label of a member that removing channel ``i`` of ``gid`` would empty."""
+        return next((self.labels[key] for key, k in self.hits.get((gid, i), []) if self.left[key] - k < 1), None)
+
+    def remove(self, gid: str, i: int, sign: int = 1) -> None:
+        for key, k in self.hits.get((gid, i), []):
+            self.left[key] -= sign * k
+
+    def release(self, gid: str, idx: list[int]) -> None:
+        for i in idx:
+            self.remove(gid, i, -1)
+
+    def take(self, gid: str, order: list[int], k: int) -> list[int]:
+        """The first ``k`` channels of ``order`` that can go."""
+        return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
+
+    def take_global(self, order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
+        """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
+        chosen: dict[str, list[int]] = {}
+        for gid, i in order:
+            if n <= 0:
+                break
+            if len(chosen.setdefault(gid, [])) < caps[gid] and self.emptied_by(gid, i) is None:
+                self.remove(gid, i)
+                chosen[gid].append(i)
+                n -= 1
+        return chosen
 
 
 def _progress(enabled: bool) -> Callable[[dict | None], None]:

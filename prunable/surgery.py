@@ -281,6 +281,8 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
     pending: dict[tuple[int, str], _Pending] = {}
     resizes: list[tuple] = []
     for cut in cuts:
+        if len(cut.keep) == 0:
+            raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
         if cut.param is None:
             handler = handler_for(cut.module)
             if handler is None:

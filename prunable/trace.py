@@ -340,7 +340,9 @@ class ChannelTracer(TorchFunctionMode):
         elif groups > 1:  # depthwise: output o comes from input o // multiplier
             mult = cout // groups
             if bool((labels < 0).any()):
-                self.trace.block(slots, f"{target.name}: depthwise convolution of a fixed input")
+                reason = f"{target.name}: depthwise convolution of a fixed input"
+                self.trace.block(slots, reason)
+                self.trace.block(labels, reason)
             else:
                 self.trace.union(slots, labels.repeat_interleave(mult))
         self._made_by[id(out)] = ((target.uid, Role.OUT), ch)
@@ -435,6 +437,8 @@ class ChannelTracer(TorchFunctionMode):
                 sout = getattr(torch, name)(*sargs, **skwargs)
         except Exception:  # noqa: BLE001 - unknown shape op: be conservative
             return self._block_all(name, args, kwargs, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+        if name in ("cat", "concat", "concatenate"):
+            sout = self._token_concat(sargs, skwargs, sout)
         real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
         for t, s in zip(real, shadow):
             if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.shape == s.shape:
@@ -443,6 +447,20 @@ class ChannelTracer(TorchFunctionMode):
                 self.set_shadow(t, s)
             elif isinstance(t, torch.Tensor):
                 self._block_all(name, args, kwargs, [t])
+
+    def _token_concat(self, sargs: tuple, skwargs: dict, sout: torch.Tensor) -> torch.Tensor:
+        """Concatenating along a dim that holds no channels (a class token joining
+        the patch tokens): the parts' channels are the same channels."""
+        parts, dim = sargs[0], _arg(sargs, skwargs, 1, "dim", 0)
+        firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
+        varying = [varying_dims(p) for p in parts]
+        if len(firsts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
+            return sout
+        if any(not bool((_core(f) >= 0).any()) for f in firsts):
+            return sout
+        for f in firsts[1:]:
+            self.trace.union(firsts[0], f)
+        return firsts[0].expand(sout.shape)
 
     def _couple_outer(self, s: torch.Tensor) -> None:
         """A channel dim split into (outer, inner): outer parts must shrink together."""

@@ -20,16 +20,20 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import prunable
-from prunable import Pruner, WeightNorm
+from prunable import PruningValueError, Pruner, WeightNorm
 from helpers import zero_plan
 
 FAST_EXAMPLES = int(os.environ.get("PRUNABLE_FUZZ_EXAMPLES", 25))
 SLOW_EXAMPLES = max(200, int(os.environ.get("PRUNABLE_FUZZ_SLOW_EXAMPLES", 200)))
+# Shrinking a failure of the many-example and prune-to-minimum tests takes many minutes (hypothesis
+# stops after five); those tests print the failing example as drawn instead, and the minimal cases
+# found so far are the regression tests at the end of this file.
+NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
@@ -112,27 +116,31 @@ class ProgramNet(nn.Module):
 
 
 # -- the strategy ----------------------------------------------------------------------------------
-widths = st.integers(1, 24)
-
-
 @st.composite
-def conv_specs(draw, cin: int, cout: int | None = None, k: tuple[int, ...] = (1, 3), stride: int = 1) -> dict:
+def conv_specs(draw, cin: int, cout: int | None = None, k: tuple[int, ...] = (1, 3), stride: int = 1,
+               max_width: int = 24) -> dict:
     return {
-        "cin": cin, "cout": draw(widths) if cout is None else cout, "k": draw(st.sampled_from(k)),
+        "cin": cin, "cout": draw(st.integers(1, max_width)) if cout is None else cout,
+        "k": draw(st.sampled_from(k)),
         "stride": stride, "groups": 1, "bias": draw(st.booleans()), "bn": draw(st.booleans()),
         "act": draw(st.sampled_from(sorted(ACTIVATIONS))),
     }
 
 
 @st.composite
-def programs(draw, max_depth: int = 8, depthwise_multiplier: bool = False) -> dict:
+def programs(draw, max_depth: int = 8, max_width: int = 24, depthwise_multiplier: bool = False) -> dict:
     """A random CNN program: ``{"size", "blocks", "head"}``, channel count tracked block by block.
 
     ``depthwise_multiplier`` also draws depthwise convolutions with ``out = 2 · in``
     (``helpers.zero_plan`` cannot zero those, so the equivalence test leaves them out).
     """
+    widths = st.integers(1, max_width)
     size = draw(st.integers(8, 16))
     c, h = 3, size
+
+    def unit(cin: int, cout: int | None = None, **kwargs) -> dict:
+        return draw(conv_specs(cin, cout, max_width=max_width, **kwargs))
+
     blocks = []
     for _ in range(draw(st.integers(2, max_depth))):
         kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "dw", "group", "pool"]))
@@ -140,42 +148,42 @@ def programs(draw, max_depth: int = 8, depthwise_multiplier: bool = False) -> di
             kind = "conv"
         if kind == "conv":
             stride = 2 if h >= 4 and draw(st.integers(0, 4)) == 0 else 1
-            spec = {"kind": "conv", "conv": draw(conv_specs(c, stride=stride))}
+            spec = {"kind": "conv", "conv": unit(c, stride=stride)}
             h = (h + 2 * (spec["conv"]["k"] // 2) - spec["conv"]["k"]) // stride + 1
         elif kind == "dw":
             mult = draw(st.sampled_from([1, 2])) if depthwise_multiplier else 1
-            conv = draw(conv_specs(c, c * mult, k=(3,)))
+            conv = unit(c, c * mult, k=(3,))
             conv["groups"] = c
             spec = {"kind": "dw", "conv": conv}
         elif kind == "group":
             divisors = [g for g in range(2, min(c, 8) + 1) if c % g == 0]
             if not divisors:
-                spec = {"kind": "conv", "conv": draw(conv_specs(c))}
+                spec = {"kind": "conv", "conv": unit(c)}
             else:
                 g = draw(st.sampled_from(divisors))
-                cout = g * draw(st.integers(1, max(1, 24 // g)))
+                cout = g * draw(st.integers(1, max(1, max_width // g)))
                 if g == c and not depthwise_multiplier:
                     cout = c  # groups == in_channels is a depthwise conv: multiplier 1 only
-                conv = draw(conv_specs(c, cout))
+                conv = unit(c, cout)
                 conv["groups"] = g
                 spec = {"kind": "group", "conv": conv}
         elif kind == "res":
             w = draw(widths)
             out = c if draw(st.booleans()) else draw(widths)
             n_body = draw(st.integers(1, 2))
-            body = [draw(conv_specs(c, w if n_body == 2 else out))]
+            body = [unit(c, w if n_body == 2 else out)]
             if n_body == 2:
-                body.append(draw(conv_specs(w, out)))
+                body.append(unit(w, out))
             body[-1]["act"] = "none"
             proj = None
             if out != c or draw(st.integers(0, 3)) == 0:
-                proj = draw(conv_specs(c, out, k=(1,)))
+                proj = unit(c, out, k=(1,))
                 proj["act"] = "none"
             spec = {"kind": "res", "body": body, "proj": proj, "post": draw(st.sampled_from(sorted(ACTIVATIONS)))}
             c = out
         elif kind == "cat":
-            a = draw(conv_specs(c))
-            b = draw(conv_specs(c)) if draw(st.booleans()) else None
+            a = unit(c)
+            b = unit(c) if draw(st.booleans()) else None
             spec = {"kind": "cat", "a": a, "b": b, "b_pool": draw(st.booleans())}
             c = a["cout"] + (b["cout"] if b else c)
         else:
@@ -227,6 +235,21 @@ def assert_no_empty_tensor(model: nn.Module) -> None:
 
 
 # -- random plan: pruned == zeroed copy ---------------------------------------------------------------
+@st.composite
+def removal_sets(draw, channels: int) -> set[int]:
+    """Channels to remove from a group of ``channels``, leaving at least one: a random subset,
+    a contiguous run (a whole concat segment, say) or all but one."""
+    mode = draw(st.sampled_from(["subset", "run", "all_but_one"]))
+    if mode == "subset":
+        return draw(st.sets(st.integers(0, channels - 1), max_size=channels - 1))
+    if mode == "run":
+        start = draw(st.integers(0, channels - 1))
+        stop = draw(st.integers(start, min(channels, start + channels - 1)))
+        return set(range(start, stop))
+    keep = draw(st.integers(0, channels - 1))
+    return set(range(channels)) - {keep}
+
+
 def check_equivalence(data) -> None:
     program = data.draw(programs(), label="program")
     model, x = build(program)
@@ -236,14 +259,21 @@ def check_equivalence(data) -> None:
     note(f"groups: {[(g.id, g.channels) for g in pruner.groups]}; skipped: {pruner.skipped}")
     removals = {}
     for g in pruner.groups:
-        idx = data.draw(st.sets(st.integers(0, g.channels - 1), max_size=g.channels - 1), label=f"remove {g.id}")
+        idx = data.draw(removal_sets(g.channels), label=f"remove {g.id}")
         if idx:
             removals[g.id] = sorted(idx)
     note(f"plan: {removals}")
     zeroed = copy.deepcopy(model)
     if removals:  # zero_plan needs at least one removal
         zero_plan(zeroed, pruner.graph, removals)
-    pruner.prune(removals)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        pruner.prune(removals)
+    except PruningValueError as exc:  # a plan emptying one layer of a group is refused ...
+        assert "with no channels" in str(exc)
+        after = model.state_dict()  # ... and leaves the model untouched
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        return
     assert_no_empty_tensor(model)
     with torch.no_grad():
         out, expected = model(x), zeroed(x)
@@ -259,7 +289,7 @@ def test_random_cnn_pruned_equals_zeroed_copy(data):
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, deadline=None, derandomize=True,
+@settings(max_examples=SLOW_EXAMPLES, deadline=None, derandomize=True, phases=NO_SHRINK,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_random_cnn_pruned_equals_zeroed_copy_many(data):
@@ -273,7 +303,9 @@ def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
         shape = model(x).shape
     pruner = make_pruner(model, x, criterion="l1")
     prunable_ids = {g.id for g in pruner.groups}
-    budget = sum(g.channels - 1 for g in pruner.groups)
+    # every step removes at least one output channel of some conv/Linear (a group's channel
+    # count may grow: a grouped conv pruned down to in_channels == groups becomes depthwise)
+    budget = sum(m.weight.shape[0] - 1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     steps = 0
     while True:
         try:
@@ -281,7 +313,7 @@ def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
         except prunable.PruningValueError:
             break
         steps += 1
-        assert steps <= budget, f"more steps ({steps}) than prunable channels ({budget})"
+        assert steps <= budget, f"more steps ({steps}) than output channels ({budget})"
         assert_no_empty_tensor(model)
         with torch.no_grad():
             out = model(x)
@@ -289,7 +321,9 @@ def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
     assert not pruner.groups, f"groups still prunable after the last step: {pruner.groups}"
     channels = {g.id: g.channels for g in pruner.graph.groups}
     left = {gid: channels.get(gid) for gid in prunable_ids if channels.get(gid) != 1}
-    assert not left, f"groups not at min_channels=1: {left}"
+    # a group tying several layers (a concat's branches) stops when each keeps one channel
+    assert all(pruner.skipped.get(gid, "").startswith("every channel left") for gid in left), (
+        f"groups above min_channels=1: {left}, {pruner.skipped}")
 
 
 def fixed_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -322,18 +356,89 @@ def test_prune_fixed_model_to_minimum(name):
     prune_to_minimum(model, x)
 
 
-@settings(max_examples=max(3, FAST_EXAMPLES // 5), deadline=None, derandomize=True,
+@settings(max_examples=max(3, FAST_EXAMPLES // 5), deadline=None, derandomize=True, phases=NO_SHRINK,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(programs(max_depth=5, depthwise_multiplier=True))
+@given(programs(max_depth=5, max_width=8, depthwise_multiplier=True))
 def test_prune_random_cnn_to_minimum(program):
     model, x = build(program)
     prune_to_minimum(model, x)
 
 
 @pytest.mark.slow
-@settings(max_examples=50, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True, phases=NO_SHRINK,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(programs(depthwise_multiplier=True))
+@given(programs(max_width=16, depthwise_multiplier=True))
 def test_prune_random_cnn_to_minimum_many(program):
     model, x = build(program)
     prune_to_minimum(model, x)
+
+
+# -- minimal reproducers of what the fuzzer found ---------------------------------------------------
+class ConcatThenResidual(nn.Module):
+    """cat([a(x), b(x)]) tied to c's outputs by a residual add: one group, three producers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)  # group channels 0-3 come from a, 4-5 from b
+        y = y + self.c(y)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_plan_emptying_one_concat_branch_is_refused():
+    """Group 'a' keeps 1 channel (>= min_channels) but conv b would keep none: refuse, model unchanged."""
+    torch.manual_seed(0)
+    model, x = ConcatThenResidual().eval(), torch.randn(2, 3, 8, 8)
+    pruner = make_pruner(model, x)
+    assert [g.id for g in pruner.groups] == ["a"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        pruner.prune({"a": [0, 1, 2, 4, 5]})  # every channel of b
+    except prunable.PrunableError:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_no_empty_tensor(model)
+    with torch.no_grad():
+        assert model(x).shape == (2, 2)
+
+
+def test_concat_branch_never_emptied_by_pruning_to_minimum():
+    torch.manual_seed(0)
+    prune_to_minimum(ConcatThenResidual().eval(), torch.randn(2, 3, 8, 8))
+
+
+class DepthwiseOverInputConcat(nn.Module):
+    """A depthwise conv whose input is cat([a(x), x]): it holds some channels of the model input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(11, 11, 3, padding=1, groups=11)
+        self.fc = nn.Linear(11, 2)
+
+    def forward(self, x):
+        return self.fc(self.dw(torch.cat([self.a(x), x], 1)).mean((2, 3)))
+
+
+def test_depthwise_over_concat_with_model_input():
+    """Pruning a's outputs must cut dw's weight too (or refuse); it used to leave groups=9, weight 11."""
+    torch.manual_seed(0)
+    model, x = DepthwiseOverInputConcat().eval(), torch.randn(2, 3, 8, 8)
+    pruner = make_pruner(model, x)
+    if "a" not in {g.id for g in pruner.groups}:
+        return  # refusing to prune 'a' is a valid answer
+    removals = {"a": [0, 1]}
+    zeroed = copy.deepcopy(model)
+    zero_plan(zeroed, pruner.graph, removals)
+    try:
+        pruner.prune(removals)
+    except prunable.PrunableError:
+        return  # refused atomically: fine
+    dw = model.dw
+    assert dw.weight.shape[0] == dw.out_channels and dw.in_channels % dw.groups == 0
+    assert dw.out_channels % dw.groups == 0, f"{dw}: weight {tuple(dw.weight.shape)}"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), zeroed(x), atol=1e-4, rtol=1e-4)

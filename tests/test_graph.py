@@ -158,3 +158,31 @@ def test_custom_module_without_handler_is_reported_then_registered():
     assert model[1].weight.shape == (8, 6, 1, 1)
     with pytest.raises(ValueError, match="already registered"):
         register_handler(MyOpaque)(OpaqueHandler)
+
+
+class TokenConcat(nn.Module):
+    """A class token concatenated along the token dim joins the channels of the patch tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.proj = nn.Linear(4, 8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 2)
+        self.one_a, self.one_b = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 1, 1)
+        self.mix = nn.Conv2d(2, 1, 1)
+
+    def forward(self, x, img):
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.proj(x)], 1)
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        pair = torch.cat([self.one_a(img), self.one_b(img)], 1)  # two 1-channel maps: distinct channels
+        return self.head(t[:, 0]) + self.mix(pair).mean((1, 2, 3))[:, None]
+
+
+def test_token_concat_couples_but_single_channel_concat_does_not():
+    model = TokenConcat()
+    graph = DependencyGraph(model, (torch.randn(2, 5, 4), torch.randn(2, 3, 4, 4)))
+    by_id = {g.id: g for g in graph.groups}
+    assert by_id["fc1"].skip_reason is None and by_id["fc1"].channels == 16
+    stream = next(g for g in graph.groups if "cls" in {m.target.label() for m in g.members})
+    assert stream.channels == 8
+    assert by_id["one_a"].channels == 1 and by_id["one_b"].channels == 1
