@@ -1,14 +1,11 @@
 """``prunable demo``: train, prune and fine-tune a CharNet on built-in Japanese characters.
 
-The story of the seed's capstone, on data we ship: a CharNet learns the 92
-kana of :class:`~prunable.data.JapaneseCharacters`, then :class:`~prunable.Pruner`
-removes channels, ranked by the Taylor criterion of Molchanov et al. (2017)
-with their FLOPs regularisation, a few at a time with a few training batches
-between steps (the hidden Linear layer is pruned too, so the classifier does
-not end up dominating the model), until the FLOPs are at most ``flops`` times
-the original; a short fine-tuning follows. Every stage is measured: test
-accuracy, parameters, FLOPs, CPU latency (median, batch 1 and 32) and size on
-disk.
+A CharNet learns the 92 kana of :class:`~prunable.data.JapaneseCharacters`;
+:class:`~prunable.Pruner` removes channels ranked by the Taylor criterion with
+FLOPs regularisation (Molchanov et al. 2017), with training batches between
+steps and the hidden Linear layer included, until the FLOPs are at most
+``flops`` times the original; a short fine-tuning follows. Each stage is
+measured: test accuracy, params, FLOPs, CPU latency (batch 1 and 32), size on disk.
 
 The default model is sized for a 2-core CPU (see :data:`DEFAULT`): 32×32
 inputs and ``config=(32, "M", 64, "M", 128, "M", 256, "M")``, ``hidden=256``
@@ -21,16 +18,20 @@ after), ``baseline.pt`` and ``pruned.pt`` (:func:`prunable.io.save` files).
 
 Example
 -------
+>>> DEFAULT.size, DEFAULT.epochs, QUICK.epochs
+(32, 6, 4)
 >>> result = run_demo("demo-out", quick=True)      # doctest: +SKIP
 >>> print(result.table)                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io as _io
 import json
-import math
+import os
 import time
 import types
 import warnings
@@ -48,22 +49,18 @@ from .flops import count_flops, count_params, measure_latency
 from .importance import (
     APoZ, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN, TaylorWeight, WeightNorm,
 )
-from .models import CharNet
 from .pruner import Pruner
 
-__all__ = ["CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo"]
+__all__ = [
+    "CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo", "prune_file",
+    "accuracy", "format_table",
+]
 
-#: ``--criterion`` names → criterion factories taking the seed.
-CRITERIA: types.MappingProxyType[str, Callable[[int], Criterion]] = types.MappingProxyType({
-    "taylor": lambda seed: TaylorActivation(),
-    "taylor-bn": lambda seed: TaylorBN(),
-    "taylor-weight": lambda seed: TaylorWeight(),
-    "l1": lambda seed: WeightNorm(1.0),
-    "l2": lambda seed: WeightNorm(2.0),
-    "bn-scale": lambda seed: BNScale(),
-    "mean-activation": lambda seed: MeanActivation(),
-    "apoz": lambda seed: APoZ(),
-    "random": lambda seed: Random(seed),
+#: ``--criterion`` names → criterion classes (``Random`` also takes the seed).
+CRITERIA: types.MappingProxyType[str, Callable[..., Criterion]] = types.MappingProxyType({
+    "taylor": TaylorActivation, "taylor-bn": TaylorBN, "taylor-weight": TaylorWeight,
+    "l1": functools.partial(WeightNorm, 1.0), "l2": functools.partial(WeightNorm, 2.0), "bn-scale": BNScale,
+    "mean-activation": MeanActivation, "apoz": APoZ, "random": Random,
 })
 
 
@@ -77,7 +74,7 @@ def make_criterion(name: str, seed: int = 0) -> Criterion:
     """
     if name not in CRITERIA:
         raise PruningValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
-    return CRITERIA[name](seed)
+    return CRITERIA[name](seed) if CRITERIA[name] is Random else CRITERIA[name]()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +82,8 @@ class DemoSettings:
     """Model, data and schedule of a demo run.
 
     ``prune_every`` training batches (estimating importance) precede each
-    pruning step, which removes ``channels_per_step`` channels globally.
+    pruning step, which removes the ``prune_step`` least important channels over
+    all layers: a count, or a float in (0, 1), that fraction of the remaining channels.
 
     Example
     -------
@@ -104,7 +102,7 @@ class DemoSettings:
     lr: float = 0.1
     prune_lr: float = 0.01
     prune_every: int = 10
-    channels_per_step: int = 8
+    prune_step: int | float = 0.05
     flops_regularization: float = 1e-3
     finetune_epochs: int = 3
     finetune_lr: float = 0.02
@@ -115,8 +113,8 @@ class DemoSettings:
 DEFAULT = DemoSettings()
 #: ``--quick``: a smoke run of well under 2 minutes.
 QUICK = DemoSettings(
-    config=(16, "M", 32, "M", 64, "M", 128, "M"), hidden=128, train_per_class=20, eval_per_class=5,
-    epochs=3, prune_every=4, channels_per_step=16, finetune_epochs=1, latency_repeats=10,
+    config=(16, "M", 32, "M", 64, "M", 128, "M"), hidden=128, train_per_class=40, eval_per_class=10,
+    epochs=4, prune_every=5, prune_step=0.08, finetune_epochs=4, latency_repeats=20,
 )
 
 
@@ -124,12 +122,12 @@ QUICK = DemoSettings(
 class DemoResult:
     """What :func:`run_demo` measured and wrote."""
 
-    rows: list[dict[str, Any]]
-    steps: list[dict[str, float]]
-    table: str
-    wall_time: float
+    rows: list[dict[str, Any]]  #: one per stage: test_accuracy, params, flops, latency_b1_ms, ...
+    steps: list[dict[str, float]]  #: one per pruning step: FLOPs fraction, validation accuracy
+    table: str  #: ``rows`` as markdown
+    wall_time: float  #: seconds
     files: dict[str, Path]
-    accuracy: float
+    channels: dict[str, tuple[int, int]]  #: output channels per layer, before and after pruning
 
 
 @dataclasses.dataclass
@@ -143,13 +141,10 @@ class _Data:
 def _load_data(s: DemoSettings, seed: int, root: str | Path | None) -> _Data:
     from .data import JapaneseCharacters
 
-    def split(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = JapaneseCharacters(name, s.classes, s.size, n, seed, root)
-        return ds.data.float().div_(255), ds.targets
-
-    train = JapaneseCharacters("train", s.classes, s.size, s.train_per_class, seed, root)
-    return _Data((train.data.float().div_(255), train.targets), split("val", s.eval_per_class),
-                 split("test", s.eval_per_class), train.num_classes)
+    sizes = {"train": s.train_per_class, "val": s.eval_per_class, "test": s.eval_per_class}
+    sets = {k: JapaneseCharacters(k, s.classes, s.size, n, seed, root) for k, n in sizes.items()}
+    return _Data(**{k: (v.data.float().div_(255), v.targets) for k, v in sets.items()},
+                 num_classes=sets["train"].num_classes)
 
 
 def _batches(data: tuple[torch.Tensor, torch.Tensor], batch_size: int,
@@ -169,42 +164,22 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.detach().item()
 
 
-def _bar(total: int, desc: str, progress: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        progress = False
-    if not progress:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+def _bar(total: int, desc: str, progress: bool, unit: str = "batch") -> Any:
+    from tqdm.auto import tqdm
 
-
-class _NoBar:
-    """Stand-in for a tqdm bar when progress bars are off or tqdm is missing."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not progress)
 
 
 def _train(model: nn.Module, data: _Data, epochs: int, lr: float, s: DemoSettings,
            generator: torch.Generator, desc: str, progress: bool, one_cycle: bool) -> None:
     """SGD (Nesterov) for ``epochs`` epochs: one-cycle schedule, or cosine decay from ``lr``."""
-    steps_per_epoch = max(1, len(data.train[0]) // s.batch_size)
-    total = max(1, epochs * steps_per_epoch)
+    total = max(1, epochs * (len(data.train[0]) // s.batch_size))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    if one_cycle:
-        sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2) if one_cycle
+             else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total))
     batches = _batches(data.train, min(s.batch_size, len(data.train[0])), generator)
     bar = _bar(total, desc, progress)
     for step in range(total):
@@ -222,31 +197,30 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_si
 
     Example
     -------
-    >>> net = CharNet(3, config=[4], input_size=8, hidden=8)
+    >>> net = io.build_model({"name": "CharNet", "num_classes": 3, "config": [4], "input_size": 8})
     >>> 0.0 <= accuracy(net, (torch.rand(6, 1, 8, 8), torch.arange(6) % 3)) <= 1.0
     True
     """
-    was_training = model.training
-    model.eval()
     x, y = data
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
+    with _evaluating(model):
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(x), batch_size))
     return correct / max(len(x), 1)
 
 
-def _eval_flops(model: nn.Module, size: int) -> int:
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The block runs with ``model`` in eval mode; its mode is restored afterwards."""
     was_training = model.training
-    model.eval()  # BatchNorm1d refuses a batch of 1 in train mode
     try:
-        return count_flops(model, torch.zeros(1, 1, size, size))
+        yield model.eval()
     finally:
         model.train(was_training)
 
 
-def _architecture(s: DemoSettings, num_classes: int) -> dict[str, Any]:
-    return {"name": "CharNet", "num_classes": num_classes, "config": list(s.config), "in_channels": 1,
-            "input_size": s.size, "hidden": s.hidden}
+def _eval_flops(model: nn.Module, size: int) -> int:
+    with _evaluating(model):  # BatchNorm1d refuses a batch of 1 in train mode
+        return count_flops(model, torch.zeros(1, 1, size, size))
 
 
 def _channels(model: nn.Module) -> dict[str, int]:
@@ -254,7 +228,7 @@ def _channels(model: nn.Module) -> dict[str, int]:
     return {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, saved: Callable[[], int]) -> dict[str, Any]:
+def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_bytes: int) -> dict[str, Any]:
     """One row of the results table."""
     x1, x32 = torch.rand(1, 1, s.size, s.size), torch.rand(32, 1, s.size, s.size)
     return {
@@ -264,40 +238,33 @@ def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, saved: 
         "flops": _eval_flops(model, s.size),
         "latency_b1_ms": 1e3 * measure_latency(model, x1, warmup=5, repeats=s.latency_repeats),
         "latency_b32_ms": 1e3 * measure_latency(model, x32, warmup=2, repeats=max(3, s.latency_repeats // 3)),
-        "size_bytes": saved(),
+        "size_bytes": size_bytes,
     }
 
 
 def _prune(model: nn.Module, data: _Data, s: DemoSettings, criterion: Criterion, target: float,
            generator: torch.Generator, progress: bool) -> tuple[Pruner, list[dict[str, float]]]:
-    """Prune to ``target`` × the original FLOPs with training batches between steps.
-
-    Drives ``estimate()``/``step()`` itself (as ``Pruner.prune_to`` does) so that the
-    validation accuracy can be measured after each step without the criterion's hooks.
-    """
+    """Prune to ``target`` × the FLOPs, training between steps. Drives ``estimate()``/``step()``
+    like ``Pruner.prune_to`` so validation accuracy is measured after each step, outside the hooks."""
     opt = torch.optim.SGD(model.parameters(), lr=s.prune_lr, momentum=0.9, weight_decay=5e-4)
     example = data.train[0][:2]  # batch 2: BatchNorm1d needs more than one sample in train mode
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = Pruner(model, example, criterion=criterion, optimizer=opt,
-                        flops_regularization=s.flops_regularization)
+    pruner = Pruner(model, example, criterion=criterion, optimizer=opt, flops_regularization=s.flops_regularization)
     start = _eval_flops(model, s.size)
     steps = [{"step": 0, "flops": 1.0, "val_accuracy": accuracy(model, data.val)}]
     batches = _batches(data.train, min(s.batch_size, len(data.train[0])), generator)
-    expected = max(1, math.ceil(sum(_channels(model).values()) * (1 - math.sqrt(target)) / s.channels_per_step))
-    bar = _bar(expected, "pruning", progress)
+    bar = _bar(100, "pruning", progress, unit="%")  # progress: share of the FLOPs to remove that is gone
     while steps[-1]["flops"] > target:
         with pruner.estimate():
             for _ in range(s.prune_every):
                 _train_step(model, opt, *next(batches))
         try:
-            pruner.step(s.channels_per_step)
+            pruner.step(s.prune_step)
         except PruningValueError:  # every group at its minimum
             warnings.warn(f"prunable demo: stopped at {steps[-1]['flops']:.3f} of the FLOPs", stacklevel=2)
             break
         steps.append({"step": len(steps), "flops": _eval_flops(model, s.size) / start,
                       "val_accuracy": accuracy(model, data.val)})
-        bar.update()
+        bar.update(min(100, round(100 * (1 - steps[-1]["flops"]) / (1 - target))) - bar.n)
         bar.set_postfix(flops=f"{steps[-1]['flops']:.3f}", val_acc=f"{steps[-1]['val_accuracy']:.3f}")
     bar.close()
     return pruner, steps
@@ -330,42 +297,44 @@ def _summary(rows: list[dict[str, Any]]) -> str:
             f"×{base['latency_b32_ms'] / last['latency_b32_ms']:.2f} (batch 32)")
 
 
-def _plot(steps: list[dict[str, float]], before: dict[str, int], after: dict[str, int], path: Path) -> None:
+def _plot(steps: list[dict[str, float]], rows: list[dict[str, Any]], channels: dict[str, tuple[int, int]],
+          path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state; PNG via Agg
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax, bars = fig.subplots(1, 2)
-    ax.plot([100 * r["flops"] for r in steps], [100 * r["val_accuracy"] for r in steps], "o-", ms=3)
-    ax.set(xlabel="FLOPs (% of the trained model)", ylabel="validation accuracy (%)",
-           title="Accuracy over the pruning steps")
+    ax.plot([100 * r["flops"] for r in steps], [100 * r["val_accuracy"] for r in steps], "o-", ms=3,
+            label="validation, after each step")
+    ratio = [100 * r["flops"] / rows[0]["flops"] for r in rows]
+    ax.plot(ratio[::2], [100 * r["test_accuracy"] for r in rows[::2]], "r*", ms=12, label="test: trained, fine-tuned")
+    ax.set(xlabel="FLOPs (% of the trained model)", ylabel="accuracy (%)", title="Accuracy while pruning")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    names = list(before)
-    pos = torch.arange(len(names)).tolist()
-    bars.bar([p - 0.2 for p in pos], [before[n] for n in names], 0.4, label="before")
-    bars.bar([p + 0.2 for p in pos], [after.get(n, 0) for n in names], 0.4, label="after")
-    bars.set_xticks(pos, names, rotation=30, ha="right")
+    ax.legend(loc="lower left")
+    pos = list(range(len(channels)))
+    bars.bar([p - 0.2 for p in pos], [b for b, _ in channels.values()], 0.4, label="before")
+    bars.bar([p + 0.2 for p in pos], [a for _, a in channels.values()], 0.4, label="after")
+    bars.set_xticks(pos, list(channels), rotation=30, ha="right")
     bars.set(ylabel="output channels", title="Channels per layer")
     bars.legend()
     fig.savefig(path, dpi=110)
 
 
-def _saver(model: nn.Module, arch: dict[str, Any], pruner: Pruner | None, size: int,
-           path: Path | None) -> Callable[[], int]:
-    """A function that saves the model (to ``path`` or memory) and returns the size in bytes."""
-    def save() -> int:
-        target: Any = path if path is not None else _io.BytesIO()
-        io.save(model, target, plans=pruner.history if pruner else (), architecture=arch,
-                example_input_shape=(1, 1, size, size))
-        return path.stat().st_size if path is not None else target.getbuffer().nbytes
-    return save
+def _save(model: nn.Module, arch: dict[str, Any], plans: list, s: DemoSettings, seed: int, path: Path | None) -> int:
+    """Save the model to ``path`` (or to memory when None); returns the size in bytes."""
+    target: Any = path if path is not None else _io.BytesIO()
+    meta = {"data": {"dataset": "JapaneseCharacters", "classes": s.classes, "size": s.size, "seed": seed}}
+    io.save(model, target, plans=plans, architecture=arch, example_input_shape=(1, 1, s.size, s.size), meta=meta)
+    return path.stat().st_size if path is not None else target.getbuffer().nbytes
 
 
 def _write(out: Path, result: DemoResult, settings: DemoSettings, flops: float, criterion: str, seed: int) -> None:
+    load = f", 1-min load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     text = [f"# prunable demo (criterion {criterion}, target {flops:g} of the FLOPs, seed {seed})", "",
             result.table, "", _summary(result.rows), "",
-            f"Wall time: {result.wall_time:.0f} s with {torch.get_num_threads()} CPU threads. "
-            f"Latency is the median of repeated runs on this CPU. Settings: {settings}.", ""]
+            "Channels per layer: " + ", ".join(f"{k} {b} → {a}" for k, (b, a) in result.channels.items()), "",
+            f"Wall time: {result.wall_time:.0f} s with {torch.get_num_threads()} CPU threads{load}. Latency is the "
+            f"median of repeated runs on this CPU. Settings: {settings}.", ""]
     (out / "results.md").write_text("\n".join(text), encoding="utf-8")
     blob = {"rows": result.rows, "steps": result.steps, "wall_time_s": result.wall_time,
             "settings": dataclasses.asdict(settings), "criterion": criterion, "flops_target": flops, "seed": seed}
@@ -412,19 +381,30 @@ def run_demo(
     ...
     prunable.errors.PruningValueError: flops must be a fraction in (0, 1), got 1.5
     """
+    _check_args(flops, criterion, seed)
+    with _torch_threads(threads):
+        return _run(Path(out_dir), settings or (QUICK if quick else DEFAULT), float(flops), criterion, seed,
+                    data_root, progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads, then restore the old count."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_args(flops: float, criterion: str, seed: int) -> None:
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops < 1:
         raise PruningValueError(f"flops must be a fraction in (0, 1), got {flops!r}")
     make_criterion(criterion, seed)  # fail fast on a bad name
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise PruningValueError(f"seed must be an int >= 0, got {seed!r}")
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run(Path(out_dir), settings or (QUICK if quick else DEFAULT), float(flops), criterion, seed,
-                    data_root, progress)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _run(out: Path, s: DemoSettings, flops: float, criterion: str, seed: int,
@@ -434,18 +414,84 @@ def _run(out: Path, s: DemoSettings, flops: float, criterion: str, seed: int,
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data = _load_data(s, seed, data_root)
-    arch = _architecture(s, data.num_classes)
+    arch = {"name": "CharNet", "num_classes": data.num_classes, "config": list(s.config), "in_channels": 1,
+            "input_size": s.size, "hidden": s.hidden}
     model = io.build_model(arch)
     _train(model, data, s.epochs, s.lr, s, generator, "training", progress, one_cycle=True)
-    rows = [_measure("trained baseline", model, data, s, _saver(model, arch, None, s.size, out / "baseline.pt"))]
+    rows = [_measure("trained baseline", model, data, s, _save(model, arch, [], s, seed, out / "baseline.pt"))]
     before = _channels(model)
-    pruner, steps = _prune(model, data, s, make_criterion(criterion, seed), flops, generator, progress)
-    rows.append(_measure("after pruning", model, data, s, _saver(model, arch, pruner, s.size, None)))
-    _train(model, data, s.finetune_epochs, s.finetune_lr, s, generator, "fine-tuning", progress, one_cycle=False)
-    rows.append(_measure("after fine-tuning", model, data, s, _saver(model, arch, pruner, s.size, out / "pruned.pt")))
-    _plot(steps, before, _channels(model), out / "pruning.png")
+    more, steps = _prune_and_finetune(model, data, s, arch, [], criterion, flops, seed, generator,
+                                      out / "pruned.pt", progress)
+    rows += more
+    channels = {k: (v, _channels(model)[k]) for k, v in before.items()}
+    _plot(steps, rows, channels, out / "pruning.png")
     files = {name: out / name for name in ("results.md", "results.json", "pruning.png", "baseline.pt", "pruned.pt")}
-    result = DemoResult(rows, steps, format_table(rows), time.perf_counter() - start, files,
-                        rows[-1]["test_accuracy"])
+    result = DemoResult(rows, steps, format_table(rows), time.perf_counter() - start, files, channels)
     _write(out, result, s, flops, criterion, seed)
     return result
+
+
+def _prune_and_finetune(
+    model: nn.Module, data: _Data, s: DemoSettings, arch: dict[str, Any], plans: list, criterion: str,
+    flops: float, seed: int, generator: torch.Generator, path: Path, progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Prune, measure, fine-tune, measure and save to ``path`` (after the earlier ``plans``)."""
+    pruner, steps = _prune(model, data, s, make_criterion(criterion, seed), flops, generator, progress)
+    history = list(plans) + list(pruner.history)
+    rows = [_measure("after pruning", model, data, s, _save(model, arch, history, s, seed, None))]
+    _train(model, data, s.finetune_epochs, s.finetune_lr, s, generator, "fine-tuning", progress, one_cycle=False)
+    rows.append(_measure("after fine-tuning", model, data, s, _save(model, arch, history, s, seed, path)))
+    return rows, steps
+
+
+def _settings_for(record: dict[str, Any], model: nn.Module, **overrides: Any) -> DemoSettings:
+    """Demo settings matching a saved model's input and classes on the built-in data."""
+    from .data.japanese import CLASS_SETS
+
+    shape = list(record["input_shape"])
+    if len(shape) != 4 or shape[1] != 1 or shape[2] != shape[3]:
+        raise PruningValueError(f"the built-in data are 1-channel square images; the model takes {shape}")
+    with torch.no_grad():
+        classes = int(model.eval()(torch.zeros(2, *shape[1:])).shape[-1])
+    names = {len(v): k for k, v in CLASS_SETS.items()}
+    if classes not in names:
+        raise PruningValueError(f"the built-in data have {sorted(names)} classes; the model outputs {classes}")
+    return dataclasses.replace(DEFAULT, size=shape[-1], classes=names[classes], **overrides)
+
+
+def prune_file(
+    model_path: str | Path, out_path: str | Path, *, flops: float = 0.5, criterion: str = "taylor", seed: int = 0,
+    prune_every: int = 10, prune_step: int | float = 0.05, finetune_epochs: int = 2, threads: int | None = 2,
+    data_root: str | Path | None = None, progress: bool = True,
+) -> DemoResult:
+    """Prune a model saved by :func:`prunable.io.save` further, on the built-in data.
+
+    ``flops`` is relative to the loaded model. The new file holds the earlier
+    plans followed by the new ones. Returns the loaded / pruned / fine-tuned rows.
+
+    Example
+    -------
+    >>> prune_file("missing.pt", "out.pt")
+    Traceback (most recent call last):
+    ...
+    prunable.io.ModelFileError: no such model file: 'missing.pt'
+    """
+    record = io.read(model_path)
+    _check_args(flops, criterion, seed)
+    start = time.perf_counter()
+    with _torch_threads(threads):
+        model = io.load(model_path)
+        s = _settings_for(record, model, prune_every=prune_every, prune_step=prune_step,
+                          finetune_epochs=finetune_epochs)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        data = _load_data(s, seed, data_root)
+        rows = [_measure("loaded", model, data, s, Path(model_path).stat().st_size)]
+        before = _channels(model)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        more, steps = _prune_and_finetune(model, data, s, record["architecture"], record["plans"], criterion, flops,
+                                          seed, generator, Path(out_path), progress)
+    rows += more
+    channels = {k: (v, _channels(model)[k]) for k, v in before.items()}
+    return DemoResult(rows, steps, format_table(rows), time.perf_counter() - start, {"model": Path(out_path)},
+                      channels)

@@ -39,6 +39,7 @@ import os
 import pickle
 import types
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
@@ -53,7 +54,7 @@ from .plan import Plan
 from .pruner import Pruner
 
 __all__ = [
-    "FORMAT", "ModelFileError", "UnsafeFileError", "BUILDERS", "build_model", "save", "load", "info",
+    "FORMAT", "ModelFileError", "UnsafeFileError", "BUILDERS", "build_model", "save", "load", "read", "info",
 ]
 
 #: The value of the ``"format"`` key of every file this version writes and reads.
@@ -190,21 +191,49 @@ def save(
     torch.save(payload, path)
 
 
-def _read(path: PathOrFile, mmap: bool = False) -> dict[str, Any]:
-    """The payload of a prunable file, loaded with ``weights_only=True`` and checked."""
+def read(path: PathOrFile, mmap: bool = False) -> dict[str, Any]:
+    """The raw content of a prunable file (plain data), read with ``weights_only=True``.
+
+    Keys: ``format``, ``architecture``, ``plans`` (list of ``{group: [indices]}``),
+    ``input_shape``, ``state_dict``, ``meta``. ``mmap=True`` maps the tensors
+    instead of reading them (file names only).
+
+    Raises
+    ------
+    UnsafeFileError, ModelFileError
+        As :func:`load`.
+
+    Example
+    -------
+    >>> read("missing.pt")
+    Traceback (most recent call last):
+    ...
+    prunable.io.ModelFileError: no such model file: 'missing.pt'
+    """
     if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise ModelFileError(f"no such model file: {os.fspath(path)!r}")
+    if mmap and not (isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path)):
+        mmap = False  # only the zip format can be memory-mapped; read others the plain way
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": we refuse it anyway
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "global" in str(exc).lower():
-            raise UnsafeFileError(
-                f"refused to load {_name(path)}: it contains pickled code, not plain data ({first})") from exc
-        raise ModelFileError(f"{_name(path)} is not a prunable model file ({first})") from exc
+        detail = _unpickling_detail(str(exc))
+        if "GLOBAL" in str(exc):
+            raise UnsafeFileError(f"refused to load {_name(path)}: it holds pickled code or objects, "
+                                  f"not plain data ({detail}); nothing was run") from exc
+        raise ModelFileError(f"{_name(path)} is not a prunable model file ({detail}); nothing was run") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ModelFileError(f"cannot read {_name(path)}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     return _validate(payload, path)
+
+
+def _unpickling_detail(text: str) -> str:
+    """The informative line of torch's weights-only refusal (not its banner or its advice)."""
+    boring = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boring)]
+    return lines[0] if lines else "unreadable pickle"
 
 
 def _name(path: PathOrFile) -> str:
@@ -219,6 +248,7 @@ def _validate(payload: Any, path: PathOrFile) -> dict[str, Any]:
     missing = {"architecture", "plans", "input_shape", "state_dict"} - set(payload)
     if missing:
         raise ModelFileError(f"{_name(path)} lacks {sorted(missing)}")
+    payload.setdefault("meta", {})
     return payload
 
 
@@ -254,7 +284,7 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
     ...
     prunable.io.ModelFileError: no such model file: 'missing.pt'
     """
-    payload = _read(path)
+    payload = read(path)
     arch = payload["architecture"]
     if isinstance(build, nn.Module):
         model = build
@@ -312,7 +342,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     ...
     prunable.io.ModelFileError: no such model file: 'missing.pt'
     """
-    payload = _read(path, mmap=True)
+    payload = read(path, mmap=True)
     plans = [Plan.coerce(p) for p in payload["plans"]]
     state = payload["state_dict"]
     meta = dict(payload.get("meta", {}))

@@ -1,0 +1,197 @@
+"""Table 5: every torchvision classification model, 30 % of each group's channels, ours vs Torch-Pruning.
+
+Models and inputs come from ``tests/zoo_models.py`` (random weights, 10
+classes, eval mode, small valid inputs, mostly 64×64). For each model:
+
+- **ours**: ``Pruner(model, x, criterion=WeightNorm())``, then
+  ``pruner.prune({g.id: scores[g.id].argsort()[:k]})`` with ``k`` = 30 % of
+  each prunable group (at least one channel kept);
+- **TP**: Torch-Pruning ``BasePruner`` + ``MagnitudeImportance(p=1)``,
+  ``pruning_ratio=0.3``, the 10-way classifier ignored, attention heads
+  declared for ``nn.MultiheadAttention``;
+
+"ok" means the pruned model runs, its output shape is unchanged and finite,
+and its FLOPs and params are strictly lower. Each library gets ``LIMIT``
+seconds per model for building its graph and pruning (a ``SIGALRM``
+interrupts it: "timeout"; the limit keeps the whole zoo near 15 minutes).
+Also writes ``docs/zoo.md``.
+
+Run: ``python bench/zoo.py [--quick]`` (``--quick``: the representative subset
+that ``make test`` uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+import common
+from common import REPO, fmt_seconds, markdown_table, short_error, timed
+
+sys.path.insert(0, str(REPO / "tests"))
+from zoo_models import REPRESENTATIVE, all_models, build  # noqa: E402
+
+FRACTION = 0.3
+LIMIT = 30  # seconds per model and library
+CLASSES = 10
+ZOO_DOC = REPO / "docs" / "zoo.md"
+
+
+class Timeout(Exception):
+    """A library ran past ``LIMIT`` seconds on one model."""
+
+
+@contextmanager
+def time_limit(seconds: int):
+    def handler(signum, frame):
+        raise Timeout(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check(model: torch.nn.Module, x: torch.Tensor, shape: tuple, before: dict[str, int]) -> dict[str, Any]:
+    """Status ("ok" or why not) and the pruned model's FLOPs and params."""
+    from prunable import count_flops, count_params
+
+    with torch.no_grad():
+        out = model(x)
+    after = {"flops": count_flops(model, x), "params": count_params(model)}
+    if tuple(out.shape) != shape:
+        status = f"failed: output shape {tuple(out.shape)} != {shape}"
+    elif not bool(torch.isfinite(out).all()):
+        status = "failed: non-finite output"
+    elif after["flops"] >= before["flops"] or after["params"] >= before["params"]:
+        status = "failed: FLOPs or params not lower"
+    else:
+        status = "ok"
+    return {"status": status, **after}
+
+
+def run_ours(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    from prunable import Pruner, WeightNorm
+
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    info = {"groups": f"{len(pruner.groups)}/{len(pruner.graph.groups)}"}
+    scores = pruner.scores()
+    plan = {}
+    for g in pruner.groups:
+        k = min(int(g.channels * FRACTION), g.channels - 1)
+        if k > 0:
+            plan[g.id] = scores[g.id].argsort()[:k].tolist()
+    if not plan:
+        raise RuntimeError(f"no prunable group ({info['groups']} groups)")
+    pruner.prune(plan)
+    return info
+
+
+def run_theirs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    import torch_pruning as tp
+
+    pruner = common.tp_pruner(model, x, tp.importance.MagnitudeImportance(p=1), FRACTION, CLASSES)
+    groups = sum(1 for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                      root_module_types=pruner.root_module_types))
+    pruner.step()
+    return {"groups": str(groups)}
+
+
+def attempt(runner, model: torch.nn.Module, x: torch.Tensor, shape: tuple, before: dict[str, int]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    try:
+        with common.quiet(), time_limit(LIMIT):
+            seconds, result = timed(lambda: runner(model, x))
+        result["seconds"] = seconds
+        result.update(_check(model, x, shape, before))
+    except Timeout:
+        result.update(status=f"timeout (> {LIMIT} s)", seconds=float(LIMIT))
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        result.update(status=f"failed: {short_error(exc)}")
+    return result
+
+
+def run_model(name: str) -> dict[str, Any]:
+    from prunable import count_flops, count_params
+
+    common.seed_all(0)
+    model, x = build(name)
+    with torch.no_grad():
+        shape = tuple(model(x).shape)
+    before = {"flops": count_flops(model, x), "params": count_params(model)}
+    twin = copy.deepcopy(model)
+    ours = attempt(run_ours, model, x, shape, before)
+    del model
+    gc.collect()
+    theirs = attempt(run_theirs, twin, x, shape, before)
+    del twin
+    gc.collect()
+    return {"name": name, "input": tuple(x.shape[-2:]), "before": before, "ours": ours, "theirs": theirs}
+
+
+def _millions(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:,.2f} M"
+
+
+def write_doc(results: list[dict[str, Any]], summary: str) -> None:
+    rows = []
+    for r in results:
+        o, t, b = r["ours"], r["theirs"], r["before"]
+        rows.append([f"`{r['name']}`", f"{r['input'][0]}×{r['input'][1]}", o.get("groups", "—"),
+                     f"{_millions(b['params'])} → {_millions(o.get('params'))}",
+                     f"{_millions(b['flops'])} → {_millions(o.get('flops'))}", o["status"], t["status"]])
+    table = markdown_table(["model", "input", "groups (prunable/total)", "params before → after",
+                            "FLOPs before → after", "prunable", "Torch-Pruning"], rows)
+    ZOO_DOC.parent.mkdir(exist_ok=True)
+    ZOO_DOC.write_text(
+        "# torchvision model zoo\n\n"
+        "Generated by `python bench/zoo.py` (also run by `make bench`); do not edit by hand.\n\n"
+        "Every classification model of `torchvision.models.list_models(module=torchvision.models)`, random "
+        f"weights, 10 classes, the input of `tests/zoo_models.py`. prunable removes {FRACTION:.0%} of the "
+        "channels of every prunable group (lowest L1 norm, `WeightNorm()`); \"groups\" counts the groups "
+        "`Pruner` may prune over all groups its graph found (the rest are the model output or skipped with a "
+        "reason, see `pruner.skipped`). Params and FLOPs are prunable's result. Torch-Pruning "
+        f"(`BasePruner`, `pruning_ratio={FRACTION}`) is run on an identical copy for comparison. \"ok\" = the "
+        "pruned model runs, output shape unchanged and finite, FLOPs and params strictly lower; \"timeout\" = "
+        f"graph + pruning took over {LIMIT} s.\n\n"
+        f"{summary}\n\n{table}\n")
+
+
+def main(quick: bool = False) -> str:
+    common.setup(0)
+    names = [n for n in all_models() if n in REPRESENTATIVE] if quick else all_models()
+    results = []
+    for name in names:
+        results.append(run_model(name))
+        print(f"zoo: {name}: ours {results[-1]['ours']['status']}, TP {results[-1]['theirs']['status']}",
+              file=sys.stderr, flush=True)
+    ok = {who: sum(r[who]["status"] == "ok" for r in results) for who in ("ours", "theirs")}
+    summary = (f"**prunable: {ok['ours']}/{len(results)} ok; Torch-Pruning: {ok['theirs']}/{len(results)} ok** "
+               f"({'representative subset' if quick else 'every model'}; {LIMIT} s limit per model and library).")
+    if not quick:
+        write_doc(results, summary)
+    both = [r for r in results if r["ours"]["status"] == r["theirs"]["status"] == "ok"]
+    ours_s, theirs_s = (sum(r[w]["seconds"] for r in both) for w in ("ours", "theirs"))
+    timing = (f"Graph + prune time summed over the {len(both)} models both libraries prune: ours "
+              f"{ours_s:.0f} s, Torch-Pruning {theirs_s:.0f} s (ratio {ours_s / max(theirs_s, 1e-9):.2f}×).")
+    shown = results if quick else [r for r in results if not r["ours"]["status"] == r["theirs"]["status"] == "ok"]
+    rows = [[f"`{r['name']}`", r["ours"].get("groups", "—"), r["ours"]["status"],
+             fmt_seconds(r["ours"].get("seconds")), r["theirs"]["status"], fmt_seconds(r["theirs"].get("seconds"))]
+            for r in shown]
+    table = markdown_table(["model", "ours groups", "ours", "ours time", "TP", "TP time"], rows)
+    scope = "" if quick else ("Models where the two libraries differ or either fails (every model, with groups, "
+                              "params and FLOPs, is in [docs/zoo.md](zoo.md)):\n\n")
+    return f"{summary} {timing}\n\n{scope}{table}"
+
+
+if __name__ == "__main__":
+    common.run_script(main, __doc__)
