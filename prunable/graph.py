@@ -220,7 +220,7 @@ class DependencyGraph:
         root = _components(trace.n_slots, trace.edges)
         blocked: dict[int, str] = {}
         for labels, reason in trace.blocked:
-            for r in root[labels].tolist():
+            for r in torch.unique(root[labels]).tolist():
                 blocked.setdefault(r, reason)
         cls = lambda labels: torch.where(labels >= 0, root[labels.clamp(min=0)], labels)  # noqa: E731
         members: list[Member] = []

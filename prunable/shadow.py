@@ -58,8 +58,12 @@ class Trace:
         a, b = _compress(a, b)
         both = (a >= 0) & (b >= 0)
         if both.any():
-            pair = torch.stack([a[both], b[both]], 1)
-            self.edges.append(torch.unique(pair, dim=0) if len(pair) > 64 else pair)
+            x, y = a[both], b[both]
+            if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
+                base = int(y.max()) + 1
+                key = torch.unique(x * base + y)
+                x, y = key // base, key % base
+            self.edges.append(torch.stack([x, y], 1))
         for x, y in ((a, b), (b, a)):
             hit = (x >= 0) & (y == FIXED)
             if hit.any():

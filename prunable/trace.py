@@ -138,7 +138,8 @@ class ChannelTracer(TorchFunctionMode):
             ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             if name in _BLOCK:
                 for t in ins:
-                    self.trace.block(self.shadow(t), f"{name} is not supported")
+                    if self.has_labels(t):
+                        self.trace.block(self.shadow(t), f"{name} is not supported")
             return out
         self._dispatch(name, args, kwargs, out, outs)
         return out
@@ -169,7 +170,8 @@ class ChannelTracer(TorchFunctionMode):
 
     def _block_all(self, name: str, args: tuple, kwargs: dict, outs: list) -> None:
         for t in self._tensors_in(args, kwargs):
-            self.trace.block(self.shadow(t), f"used by {name}")
+            if self.has_labels(t) or id(t) in self.trace.params:  # weights consumed here need no labels
+                self.trace.block(self.shadow(t), f"used by {name}")
         for t in outs:
             self.mark_input(t)
 
