@@ -11,6 +11,7 @@ torch.Size([2, 10])
 from .errors import EstimationError, PrunableError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, measure_latency, module_flops
 from .graph import ChannelGroup, DependencyGraph
+from .io import ModelFileError, load, save
 from .importance import (
     APoZ, Aggregation, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN,
     TaylorWeight, WeightNorm,
@@ -29,6 +30,6 @@ __all__ = [
     "EstimationError", "MeanActivation", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
     "PLinear", "Plan", "PrunableError", "Pruner", "PruningValueError", "Random", "Role", "Scope",
     "SeedNet", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm",
-    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "oracle_importance", "register_handler",
+    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "ModelFileError", "load", "save", "oracle_importance", "register_handler",
     "slice_optimizer_state", "vgg",
 ]

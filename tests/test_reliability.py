@@ -1,14 +1,15 @@
 """Bad input is refused with a clear message and leaves model and optimizer bit-identical."""
 
-import copy
 import os
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 from helpers import Opaque
-from prunable import EstimationError, PrunableError, Pruner, PruningValueError, TaylorActivation, WeightNorm
+import prunable
+from prunable import ModelFileError, EstimationError, PrunableError, Pruner, PruningValueError, TaylorActivation, WeightNorm
 
 
 def make():
@@ -45,6 +46,15 @@ def _nan_weights(model, opt, x):
     quiet_pruner(model, x, criterion=WeightNorm()).step(1)
 
 
+def _corrupted_file(model, opt, x):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+        prunable.save(model, path, architecture={"name": "unknown-to-test"}, example_input_shape=list(x.shape))
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        prunable.load(path)
+
+
 def _in_inference_mode(model, opt, x):
     pruner = quiet_pruner(model, x, criterion=WeightNorm())
     with torch.inference_mode():
@@ -74,6 +84,7 @@ CASES = {
     "ignored module not in model": (lambda m, o, x: Pruner(m, x, ignored_layers=[nn.Linear(2, 2)]), PruningValueError, "Linear"),
     "plan for another architecture": (lambda m, o, x: quiet_pruner(m, x).prune({"layer1.0.conv1": [0]}), PruningValueError, "layer1.0.conv1"),
     "index out of range": (lambda m, o, x: quiet_pruner(m, x).prune({"6": [6]}), PruningValueError, "index 6"),
+    "corrupted saved file": (_corrupted_file, ModelFileError, "model.pt"),
     "custom module without handler": (lambda m, o, x: quiet_pruner(m, x).prune({"3": [1]}), PruningValueError, "no handler"),
 }
 
