@@ -249,7 +249,7 @@ class ChannelTracer(TorchFunctionMode):
                 self.trace.block(labels, reason)
             else:
                 self.trace.union(slots, labels.repeat_interleave(mult))
-        self._made_by[id(out)] = ((target.uid, Role.OUT), ch)
+        self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), ch)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
         self._out_shadow(out, slots, ch)
 
@@ -262,7 +262,7 @@ class ChannelTracer(TorchFunctionMode):
             return self.mark_input(out)
         slots = self._produce(target, out.shape[-1])
         self._consume(Target(target.module, target.name, Role.IN, uid=target.uid), labels)
-        self._made_by[id(out)] = ((target.uid, Role.OUT), out.dim() - 1)
+        self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), out.dim() - 1)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
         self._out_shadow(out, slots, out.dim() - 1)
 
@@ -276,8 +276,8 @@ class ChannelTracer(TorchFunctionMode):
             return self.trace.block(s, why or f"{name}: mixed channels")
         self._consume(target, labels)
         made = self._made_by.get(id(x))
-        if made is not None and (dim % x.dim()) == made[1] % x.dim():
-            self.trace.measure[made[0]] = (target.name, made[1])
+        if made is not None and made[0]() is x and (dim % x.dim()) == made[2] % x.dim():
+            self.trace.measure[made[1]] = (target.name, made[2])  # ids are reused: check liveness
 
     def _norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x = args[0]

@@ -186,3 +186,18 @@ def test_token_concat_couples_but_single_channel_concat_does_not():
     stream = next(g for g in graph.groups if "cls" in {m.target.label() for m in g.members})
     assert stream.channels == 8
     assert by_id["one_a"].channels == 1 and by_id["one_b"].channels == 1
+
+
+def test_measure_point_is_the_norm_after_each_producer_over_many_steps():
+    """Regression: tensor ids are reused during a trace; the measure point must not drift."""
+    from prunable import CharNet
+
+    torch.manual_seed(0)
+    net = CharNet(10, config=[16, "M", 24, "M", 32, "M"], input_size=16, hidden=32)
+    pruner = Pruner(net, torch.zeros(2, 1, 16, 16), criterion=WeightNorm())
+    for _ in range(30):
+        for g in pruner.groups:
+            (name, _, _), = g.measure
+            prefix, index = g.id.rsplit(".", 1)
+            assert name == f"{prefix}.{int(index) + 1}", (g.id, name)
+        pruner.step(2)
