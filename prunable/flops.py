@@ -36,7 +36,7 @@ def _as_tuple(inputs: Any) -> tuple:
 
 
 def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
-    clone = meta_clone(model)
+    clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
     meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, _as_tuple(inputs))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         clone(*meta_inputs)

@@ -183,6 +183,14 @@ def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int,
         try:
             tracer, _ = run_traced(clone, example_inputs)
         except Exception as exc:
+            if clone.training:  # e.g. BatchNorm1d refuses a batch of one in train mode
+                try:
+                    inner, to_clone = trace_model(clone.eval(), example_inputs)
+                except PruningValueError:
+                    pass
+                else:
+                    names = {id(m): n for n, m in clone.named_modules(remove_duplicate=False)}
+                    return inner, {k: real[names[id(v)]] for k, v in to_clone.items()}
             shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
             raise PruningValueError(
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
