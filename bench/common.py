@@ -71,12 +71,10 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def parse_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """``--quick`` (a smaller, faster version of the table) plus script-specific options."""
+def parse_args(doc: str | None) -> argparse.Namespace:
+    """``--quick``: a smaller, faster version of the table."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
     parser.add_argument("--quick", action="store_true", help="smaller configuration, for a smoke run")
-    if extra is not None:
-        extra(parser)
     return parser.parse_args()
 
 
@@ -131,37 +129,28 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def median_time(fn: Callable[[], Any], warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
+    """Median wall time of each function, their calls interleaved (A, B, A, B, …) after warm-up.
+
+    Interleaving exposes every function to the same background load, so the
+    ratios between them stay meaningful on a shared machine.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            times[i].append(timed(fn)[0])
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
 def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> list[float]:
-    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved.
-
-    Interleaving (A, B, A, B, …) exposes every model to the same background
-    load, so ratios between them stay meaningful on a shared machine.
-    """
+    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved."""
     for m in models:
         m.eval()
-    for _ in range(warmup):
-        for m in models:
-            m(x)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            start = time.perf_counter()
-            m(x)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return interleaved_medians([lambda m=m: m(x) for m in models], warmup, repeats)
 
 
 # -- memory: a fresh subprocess per configuration ----------------------------------
@@ -438,35 +427,23 @@ def ours_plan_for_flops(pruner: Any, target_flops: float) -> Any:
     return evaluate(hi)[0]
 
 
-def uniform_plan(pruner: Any, fraction: float) -> dict[str, list[int]]:
-    """Remove ``fraction`` of every group's channels (lowest scores first), like Torch-Pruning's default.
+def uniform_plan(pruner: Any, fraction: float) -> Any:
+    """``pruner.plan(fraction, scope="layer")``: that fraction of every group's channels, lowest scores first.
 
-    Honours ``pruner.min_channels`` and ``pruner.round_to`` the way
-    ``Pruner.plan`` does (kept counts rounded down to a multiple, at least one
-    multiple). Built here because ``Pruner.plan(ratio, scope="layer")`` removes
-    the same *count* from every group (the ratio of the smallest group).
+    Per-layer ratios like Torch-Pruning's default; ``Pruner.plan`` honours
+    ``min_channels`` and ``round_to``.
     """
-    scores = pruner.scores()
-    plan = {}
-    for g in pruner.groups:
-        c = g.channels
-        k = min(int(c * fraction), c - pruner._floor(c))  # noqa: SLF001 - Pruner.plan's floor
-        if pruner.round_to and k > 0:
-            kept = max(pruner.round_to, ((c - k) // pruner.round_to) * pruner.round_to)
-            k = c - kept if c > kept else 0
-        if k > 0:
-            plan[g.id] = scores[g.id].argsort()[:k].tolist()
-    return plan
+    return pruner.plan(fraction, scope="layer") if fraction > 0 else {}
 
 
-def uniform_plan_for_flops(pruner: Any, target_flops: float, iterations: int = 10) -> dict[str, list[int]]:
+def uniform_plan_for_flops(pruner: Any, target_flops: float, iterations: int = 10) -> Any:
     """:func:`uniform_plan` with the smallest fraction whose FLOPs are at most ``target_flops`` (bisection)."""
     lo, hi = 0.0, 0.95
     best = uniform_plan(pruner, hi)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         plan = uniform_plan(pruner, mid)
-        if plan and flops_of_plan(pruner, plan) <= target_flops:
+        if len(plan) and flops_of_plan(pruner, plan) <= target_flops:
             hi, best = mid, plan
         else:
             lo = mid

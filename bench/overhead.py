@@ -123,18 +123,12 @@ class Setup:
 def time_configs(warmup: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median step time per configuration, steps interleaved round-robin."""
     setups = {c: Setup(c) for c in CONFIGS}
-    for _ in range(warmup):
-        for s in setups.values():
-            s.step()
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for _ in range(repeats):
-        for c, s in setups.items():
-            times[c].append(common.timed(s.step)[0])
+    medians = common.interleaved_medians([s.step for s in setups.values()], warmup, repeats)
     out = {}
-    for c, s in setups.items():
+    for (c, s), step in zip(setups.items(), medians):
         finish, _ = common.timed(s.finish)
         s.context.close()
-        out[c] = {"step": sorted(times[c])[len(times[c]) // 2], "finish": finish}
+        out[c] = {"step": step, "finish": finish}
     return out
 
 

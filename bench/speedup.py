@@ -4,10 +4,11 @@ Each model (torchvision, random weights, seed 0; latency does not depend on
 the weight values) is pruned to 50 % and 25 % of its FLOPs (counted at
 1×3×224×224), with and without ``round_to=8``:
 
-- **ours**: ``Pruner(model, x, criterion=WeightNorm(), round_to=...)``; the
-  same fraction of every group's channels (lowest L1 norm first; with
-  ``round_to`` the kept counts are rounded down to multiples of 8), the
-  fraction found by bisection on FLOPs of meta copies, then ``pruner.prune``.
+- **ours**: ``Pruner(model, x, criterion=WeightNorm(), round_to=...)``;
+  ``pruner.plan(fraction, scope="layer")`` (the same fraction of every
+  group's channels, lowest L1 norm first; with ``round_to`` the kept counts
+  are multiples of 8), the fraction found by bisection on FLOPs of meta
+  copies, then ``pruner.prune``.
 - **TP**: Torch-Pruning ``BasePruner`` + ``MagnitudeImportance(p=1)`` with its
   default per-layer ratio (and its ``round_to``); the ratio that reaches the
   target is searched on copies (a few trials), so its FLOPs land near, not

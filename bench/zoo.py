@@ -43,8 +43,12 @@ CLASSES = 10
 ZOO_DOC = REPO / "docs" / "zoo.md"
 
 
-class Timeout(Exception):
-    """A library ran past ``LIMIT`` seconds on one model."""
+class Timeout(BaseException):
+    """A library ran past ``LIMIT`` seconds on one model.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that a library's own
+    ``except Exception`` (prunable's trial prunes, for one) cannot swallow it.
+    """
 
 
 @contextmanager

@@ -109,7 +109,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="target FLOPs as a fraction of the model's (default: 0.1, i.e. 10x fewer)")
     parser.add_argument("--criterion", choices=_CRITERIA, default="taylor", help="importance criterion")
     parser.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
-    parser.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--threads", type=_positive, default=2,
+                        help="torch CPU threads (default: 2; on a busy machine use 1 or OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -16,7 +16,6 @@ Example
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import enum
 import math
 import warnings
@@ -412,10 +411,11 @@ class _MemberGuard:
             position = {int(c): i for i, c in enumerate(g.classes.tolist())}
             for m in g.members:
                 key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
-                values = m.classes.tolist()
-                self.left.setdefault(key, math.inf if any(v < 0 for v in values) else len(values))
+                fixed = bool((m.classes < 0).any())
+                self.left.setdefault(key, math.inf if fixed else len(m.classes))
                 self.labels[key] = m.target.label()
-                for c, k in Counter(v for v in values if v in position).items():
+                values, counts = torch.unique(m.classes[torch.isin(m.classes, g.classes)], return_counts=True)
+                for c, k in zip(values.tolist(), counts.tolist()):
                     self.hits.setdefault((g.id, position[c]), []).append((key, k))
 
     def emptied_by(self, gid: str, i: int) -> str | None:
