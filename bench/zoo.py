@@ -35,6 +35,7 @@ import common
 from common import REPO, fmt_seconds, markdown_table, short_error, timed
 
 sys.path.insert(0, str(REPO / "tests"))
+from helpers import fraction_plan  # noqa: E402
 from zoo_models import REPRESENTATIVE, all_models, build  # noqa: E402
 
 FRACTION = 0.3
@@ -88,12 +89,7 @@ def run_ours(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
     pruner = Pruner(model, x, criterion=WeightNorm())
     info = {"groups": f"{len(pruner.groups)}/{len(pruner.graph.groups)}"}
-    scores = pruner.scores()
-    plan = {}
-    for g in pruner.groups:
-        k = min(int(g.channels * FRACTION), g.channels - 1)
-        if k > 0:
-            plan[g.id] = scores[g.id].argsort()[:k].tolist()
+    plan = fraction_plan(pruner, FRACTION)
     if not plan:
         raise RuntimeError(f"no prunable group ({info['groups']} groups)")
     pruner.prune(plan)

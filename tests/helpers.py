@@ -1,4 +1,4 @@
-"""Shared test helpers: reference 'zeroed copy' of a plan."""
+"""Shared test helpers: the reference 'zeroed copy' of a plan, BN randomisation, fraction plans."""
 
 import torch
 from torch import nn
@@ -47,3 +47,25 @@ class Opaque(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.conv2d(x, self.weight)
+
+
+def randomize_bn(model: nn.Module) -> None:
+    """BatchNorm far from the identity, so a wrongly sliced BN changes the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def fraction_plan(pruner, fraction: float = 0.3) -> dict[str, list[int]]:
+    """The lowest-scoring ``fraction`` of every prunable group (each keeps one channel)."""
+    scores = pruner.scores()
+    plan = {}
+    for g in pruner.groups:
+        k = min(int(g.channels * fraction), g.channels - 1)
+        if k > 0:
+            plan[g.id] = scores[g.id].argsort()[:k].tolist()
+    return plan

@@ -20,30 +20,9 @@ import torchvision
 from torch import nn
 
 from prunable import Pruner, count_params
-from helpers import zero_plan
+from helpers import fraction_plan, randomize_bn, zero_plan
 
 ATOL = RTOL = 1e-4
-
-
-def randomize_bn(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-
-
-def fraction_plan(pruner: Pruner, fraction: float = 0.3) -> dict[str, list[int]]:
-    """The lowest-scoring ``fraction`` of every prunable group."""
-    scores = pruner.scores()
-    plan = {}
-    for g in pruner.groups:
-        k = min(int(g.channels * fraction), g.channels - 1)
-        if k > 0:
-            plan[g.id] = scores[g.id].argsort()[:k].tolist()
-    return plan
 
 
 def prune_fraction(model: nn.Module, x: torch.Tensor, fraction: float = 0.3) -> tuple[Pruner, dict]:

@@ -26,7 +26,7 @@ from torch import nn
 
 import prunable
 from prunable import PruningValueError, Pruner, WeightNorm
-from helpers import zero_plan
+from helpers import randomize_bn, zero_plan
 
 FAST_EXAMPLES = int(os.environ.get("PRUNABLE_FUZZ_EXAMPLES", 25))
 SLOW_EXAMPLES = max(200, int(os.environ.get("PRUNABLE_FUZZ_SLOW_EXAMPLES", 200)))
@@ -206,20 +206,9 @@ def build(program: dict) -> tuple[nn.Module, torch.Tensor]:
     """The model (eval mode, random weights and non-trivial BN statistics) and an input of batch 2."""
     torch.manual_seed(program["seed"])
     model = ProgramNet(program)
-    randomize(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, program["size"], program["size"])
     return model.eval(), x
-
-
-def randomize(model: nn.Module) -> None:
-    """BatchNorm far from the identity, so a wrongly sliced BN changes the output."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
 
 
 def make_pruner(model: nn.Module, x: torch.Tensor, criterion=None) -> Pruner:
@@ -352,7 +341,7 @@ def fixed_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 @pytest.mark.parametrize("name", ["residual", "sequential"])
 def test_prune_fixed_model_to_minimum(name):
     model, x = fixed_models()[name]
-    randomize(model)
+    randomize_bn(model)
     prune_to_minimum(model, x)
 
 

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from prunable import DependencyGraph, ModuleHandler, Pruner, WeightNorm, register_handler
-from helpers import Opaque, zero_plan
+from helpers import Opaque, randomize_bn, zero_plan
 
 
 def _plan(pruner, fraction=0.3, seed=0):
@@ -18,7 +18,7 @@ def _plan(pruner, fraction=0.3, seed=0):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x1_0", "regnet_x_400mf"])
 def test_pruned_equals_zeroed_copy(name):
     model = torchvision.models.get_model(name, num_classes=10).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 64, 64)
     pruner = Pruner(model, x, criterion=WeightNorm())
     removals = _plan(pruner)
@@ -27,16 +27,6 @@ def test_pruned_equals_zeroed_copy(name):
     expected = zeroed(x)
     pruner.prune(removals)
     torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
-
-
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
 
 
 def test_resnet_stage_is_one_group_and_prints_readably():

@@ -6,21 +6,10 @@ import pytest
 import torch
 
 from prunable import Pruner, WeightNorm, count_flops, count_params
+from helpers import fraction_plan
 from zoo_models import REPRESENTATIVE, all_models, build
 
 MODELS = all_models()
-
-
-def prune_fraction(pruner: Pruner, fraction: float = 0.3) -> dict:
-    """Remove the lowest-scoring ``fraction`` of every prunable group."""
-    scores = pruner.scores()
-    plan = {}
-    for g in pruner.groups:
-        k = min(int(g.channels * fraction), g.channels - 1)
-        if k > 0:
-            plan[g.id] = scores[g.id].argsort()[:k].tolist()
-    pruner.prune(plan)
-    return plan
 
 
 @pytest.mark.parametrize(
@@ -35,8 +24,9 @@ def test_zoo_model_prunes(name):
         warnings.simplefilter("ignore")
         pruner = Pruner(model, x, criterion=WeightNorm())
     assert pruner.groups, f"{name}: no prunable group"
-    plan = prune_fraction(pruner)
+    plan = fraction_plan(pruner)
     assert plan
+    pruner.prune(plan)
     with torch.no_grad():
         out = model(x)
     assert out.shape == expected_shape
