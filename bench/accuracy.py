@@ -58,10 +58,10 @@ class Task:
 
 
 TASKS = (
-    Task("digits (load_digits, 32×32)", lambda quick: common.digits(32), (16, 32, 64), 10, 12, 10, 40),
+    Task("digits (load_digits, 32×32)", lambda quick: common.digits(32), (16, 32, 64), 10, 10, 10, 40),
     Task("Japanese kana (92 classes, 32×32)",
          lambda quick: common.japanese(32, train_per_class=10 if quick else 15, test_per_class=10),
-         (16, 32, 64), 92, 15, 15, 60),
+         (16, 32, 64), 92, 12, 12, 40),
 )
 
 

@@ -114,7 +114,7 @@ def run_seed(seed: int, quick: bool) -> tuple[dict[str, dict[str, float]], float
     train, test = common.digits(32)
     common.seed_all(seed)
     model = common.small_cnn(CHANNELS, 10)
-    common.train_epochs(model, train, 6 if quick else 12, 64, seed)
+    common.train_epochs(model, train, 6 if quick else 10, 64, seed)
     acc = common.accuracy(model, test)
     held_out = list(common.batches(test, HELD_OUT_BATCH))
     model.eval()

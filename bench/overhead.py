@@ -146,7 +146,7 @@ def worker(config: str, steps: int) -> dict[str, float]:
 
 def main(quick: bool = False) -> str:
     common.setup(0)
-    warmup, repeats, mem_steps = (2, 5, 3) if quick else (3, 15, 6)
+    warmup, repeats, mem_steps = (2, 5, 3) if quick else (2, 11, 4)
     timing = time_configs(warmup, repeats)
     memory = {c: common.run_worker(__file__, ["--worker", c, "--steps", str(mem_steps)]) for c in CONFIGS}
     base_t, base_m = timing["plain"]["step"], memory["plain"]
