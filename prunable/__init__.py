@@ -8,6 +8,7 @@ Example
 torch.Size([2, 10])
 """
 
+from .attention import AttentionHandler
 from .errors import EstimationError, PrunableError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, measure_latency, module_flops
 from .graph import ChannelGroup, DependencyGraph
@@ -26,7 +27,7 @@ from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_stat
 __version__ = "0.1.0"
 
 __all__ = [
-    "APoZ", "Aggregation", "BNScale", "ChannelGroup", "CharNet", "Criterion", "DependencyGraph",
+    "APoZ", "Aggregation", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Criterion", "DependencyGraph",
     "EstimationError", "MeanActivation", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
     "PLinear", "Plan", "PrunableError", "Pruner", "PruningValueError", "Random", "Role", "Scope",
     "SeedNet", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm",

@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PruningValueError
-from .surgery import Cut, Role
+from .attention import AttentionHandler
+from .surgery import Cut, Role, handler_for
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member"]
@@ -75,7 +76,9 @@ class ChannelGroup:
     classes: torch.Tensor
     members: list[Member]
     skip_reason: str | None = None
-    measure: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    measure: list[tuple[str, int | None, torch.Tensor]] = field(default_factory=list)
+    #: attention heads: ``(H, d)`` group indices; each row must lose as many channels as the others
+    heads: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -143,15 +146,9 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     tracer = ChannelTracer(names, owners)
     hooks = []
 
-    def enter(module: nn.Module, inputs: Any) -> None:
-        tracer.stack.append(module)
-
-    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
-        tracer.stack.pop()
-
     for module in model.modules():
-        hooks.append(module.register_forward_pre_hook(enter))
-        hooks.append(module.register_forward_hook(leave))
+        hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
+        hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad(), tracer:
@@ -237,7 +234,28 @@ class DependencyGraph:
         for t, labels in trace.consumers.values():
             members.append(Member(self._retarget(t, mapping), cls(labels), False))
         members += self._param_members(trace, root, mapping, blocked)
+        for module, name, attr, labels in trace.sizes:
+            target = Target(module, name, None, attr, 0, id(module))
+            members.append(Member(self._retarget(target, mapping), cls(labels), False))
         self.groups = self._group(members, blocked, trace, root, mapping)
+        self._attach_heads(trace, root)
+
+    def _attach_heads(self, trace: Trace, root: torch.Tensor) -> None:
+        """Record each attention layer's head partition on the group holding its channels."""
+        owner = {int(c): g for g in self.groups for c in g.classes.tolist()}
+        for slots in trace.heads:
+            classes = root[slots]
+            group = owner.get(int(classes[0, 0]))
+            if group is None:
+                continue
+            position = {int(c): i for i, c in enumerate(group.classes.tolist())}
+            rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
+            if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
+                group.skip_reason = group.skip_reason or "attention heads share channels with each other"
+            elif group.heads is None:
+                group.heads = rows
+            elif not torch.equal(group.heads, rows):
+                group.skip_reason = group.skip_reason or "attention layers with different head layouts share channels"
 
     def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
@@ -285,11 +303,14 @@ class DependencyGraph:
         return groups
 
     def _measure(self, group: ChannelGroup, measure: dict) -> list[tuple[str, int, torch.Tensor]]:
-        """(module name, channel dim, group index per channel) where activations are measured."""
+        """(module name, channel dim, group index per channel) where activations are measured;
+        dim is None for a producer with no observable output (attention's inner q/k/v)."""
         position = {int(c): i for i, c in enumerate(group.classes.tolist())}
         out = []
         for m in group.producers:
             name, dim = measure.get(m.target.name, (m.target.name, 1))
+            if isinstance(handler_for(m.target.module), AttentionHandler) and m.target.name not in measure:
+                dim = None
             out.append((name, dim, torch.tensor([position.get(int(c), -1) for c in m.classes.tolist()])))
         return out
 

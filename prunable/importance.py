@@ -168,6 +168,8 @@ class Criterion:
             return []
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if isinstance(output, (tuple, list)) and output:  # attention: (output, weights)
+                output = output[0]
             if not isinstance(output, torch.Tensor):
                 return
             if self.needs_grad:

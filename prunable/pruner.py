@@ -127,6 +127,8 @@ class Pruner:
         self._points = {}
         for g in self.groups:
             for (name, dim, _), member in zip(g.measure, g.producers):
+                if dim is None:
+                    continue
                 self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
 
     @property
@@ -164,12 +166,17 @@ class Pruner:
         or removing one breaks the forward pass (checked on a meta copy)."""
         guard, probe, stuck = _MemberGuard(self.groups), {}, []
         for g in self.groups:
-            i = next((i for i in reversed(range(g.channels)) if guard.emptied_by(g.id, i) is None), None)
-            if i is None:
+            if g.heads is not None:  # one dimension of every head
+                idx = guard.take_per_head(g.id, g.heads, list(reversed(range(g.channels))), 1)
+            else:
+                i = next((i for i in reversed(range(g.channels)) if guard.emptied_by(g.id, i) is None), None)
+                idx = [] if i is None else [i]
+                if idx:
+                    guard.remove(g.id, idx[0])
+            if not idx:
                 stuck.append((g.id, "every channel left is the last one of some layer"))
                 continue
-            guard.remove(g.id, i)
-            probe[g.id] = [i]
+            probe[g.id] = idx
         return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe)]
 
     # -- scores ----------------------------------------------------------------
@@ -195,7 +202,9 @@ class Pruner:
         out = {}
         for g in self.groups:
             parts = []
-            for name, _, index in g.measure:
+            for name, dim, index in g.measure:
+                if dim is None:
+                    continue
                 s = self.criterion.scores(self._points[name]).detach().float().cpu()
                 if not bool(torch.isfinite(s).all()):
                     raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
@@ -242,6 +251,12 @@ class Pruner:
                 if target != len(idx):
                     guard.release(gid, idx)
                     chosen[gid] = guard.take(gid, order[gid], target)
+        for g in self.groups:  # attention: every head loses the same number of dimensions
+            idx = chosen.get(g.id, [])
+            if g.heads is not None and idx:
+                guard.release(g.id, idx)
+                per_head = min(int(round(len(idx) / len(g.heads))), caps[g.id] // len(g.heads))
+                chosen[g.id] = guard.take_per_head(g.id, g.heads, order[g.id], per_head)
         return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
 
     def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> Callable[[int], int]:
@@ -318,6 +333,13 @@ class Pruner:
                 raise PruningValueError(
                     f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
                     f"min_channels={self.min_channels}")
+            heads = by_id[gid].heads
+            if heads is not None:
+                counts = torch.isin(heads, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
+                if len(set(counts)) > 1 or counts[0] >= heads.shape[1]:
+                    raise PruningValueError(
+                        f"group {gid}: attention heads must each lose the same number of their "
+                        f"{heads.shape[1]} dimensions, and keep at least one; the plan removes {counts}")
         guard = _MemberGuard(self.graph.groups)
         for gid, idx in plan.removals.items():
             for i in idx:
@@ -433,6 +455,21 @@ class _MemberGuard:
     def take(self, gid: str, order: list[int], k: int) -> list[int]:
         """The first ``k`` channels of ``order`` that can go."""
         return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
+
+    def take_per_head(self, gid: str, heads: torch.Tensor, order: list[int], k: int) -> list[int]:
+        """``k`` channels of every row of ``heads``, first in ``order``; fewer if some row
+        cannot give ``k`` (the same number from each row), none if ``k`` is 0."""
+        rank = {c: r for r, c in enumerate(order)}
+        rows = [sorted(row, key=lambda c: rank.get(c, len(rank))) for row in heads.tolist()]
+        k = min(k, heads.shape[1] - 1)
+        while k > 0:
+            taken = [self.take(gid, row, k) for row in rows]
+            if all(len(t) == k for t in taken):
+                return sorted(i for t in taken for i in t)
+            for t in taken:
+                self.release(gid, t)
+            k -= 1
+        return []
 
     def take_global(self, order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
         """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""

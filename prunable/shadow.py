@@ -47,6 +47,10 @@ class Trace:
     consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     params: dict[int, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     measure: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+    #: inner slots of attention layers, one row per head: equal counts leave every head
+    heads: list[torch.Tensor] = field(default_factory=list)
+    #: (module, module name, int attribute, labels): a size attribute used as a literal shape
+    sizes: list[tuple[nn.Module, str, str, torch.Tensor]] = field(default_factory=list)
 
     def new_slots(self, n: int) -> torch.Tensor:
         slots = torch.arange(self.n_slots, self.n_slots + n)

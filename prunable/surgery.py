@@ -74,14 +74,16 @@ class ModuleHandler:
         return keep
 
 
-_HANDLERS: dict[type, ModuleHandler] = {}
+_HANDLERS: dict[type | str, ModuleHandler] = {}
 
 
-def register_handler(module_type: type, *, replace: bool = False) -> Callable[[type], type]:
+def register_handler(module_type: type | str, *, replace: bool = False) -> Callable[[type], type]:
     """Class decorator registering a :class:`ModuleHandler` for ``module_type``.
 
-    Lookup follows the module's MRO, so a handler for a base class covers its
-    subclasses. Registering a type twice raises unless ``replace=True``.
+    ``module_type`` is a class, or its qualified name (``"package.module.Class"``)
+    to cover a class without importing its package. Lookup follows the module's
+    MRO, so a handler for a base class covers its subclasses. Registering a type
+    twice raises unless ``replace=True``.
 
     Example
     -------
@@ -97,8 +99,9 @@ def register_handler(module_type: type, *, replace: bool = False) -> Callable[[t
 
     def decorate(cls: type) -> type:
         if module_type in _HANDLERS and not replace:
+            name = module_type if isinstance(module_type, str) else module_type.__name__
             raise PruningValueError(
-                f"a handler for {module_type.__name__} is already registered "
+                f"a handler for {name} is already registered "
                 f"({type(_HANDLERS[module_type]).__name__}); pass replace=True"
             )
         _HANDLERS[module_type] = cls()
@@ -112,6 +115,9 @@ def handler_for(module: nn.Module) -> ModuleHandler | None:
     for klass in type(module).__mro__:
         if klass in _HANDLERS:
             return _HANDLERS[klass]
+        qualified = f"{klass.__module__}.{klass.__qualname__}"
+        if qualified in _HANDLERS:
+            return _HANDLERS[qualified]
     return None
 
 
@@ -294,13 +300,17 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
             resizes.append((handler, cut.module, cut.role, len(cut.keep)))
         else:
             handler, names = ModuleHandler(), {cut.param: cut.axis}
-        for attr, axis in names.items():
-            keep = handler.local_keep(cut.module, cut.role, attr, cut.keep)
-            tensor = getattr(cut.module, attr)
+        for name, axis in names.items():
+            keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
+            owner, attr = _resolve(cut.module, name)
+            tensor = getattr(owner, attr, None)
+            if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
+                resizes.append((_AttributeSize(attr), owner, cut.role, len(keep)))  # a size attribute
+                continue
             if tensor is None:
                 continue
-            key = (id(cut.module), attr)
-            entry = pending.setdefault(key, _Pending(cut.module, attr, tensor, {}))
+            key = (id(owner), attr)
+            entry = pending.setdefault(key, _Pending(owner, attr, tensor, {}))
             axis = axis % tensor.dim()
             if axis in entry.axes and not torch.equal(entry.axes[axis], keep):
                 raise SurgeryError(f"{cut.label()}: axis {axis} of {attr!r} cut twice differently")
@@ -311,6 +321,22 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
                 )
             entry.axes[axis] = keep
     return pending, resizes
+
+
+def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(owner, attribute)`` of a possibly dotted name (``"qkv.weight"``)."""
+    path, _, attr = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
+class _AttributeSize(ModuleHandler):
+    """Keeps an ``int`` attribute equal to the number of channels left (``hidden_dim``)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def resize(self, module: nn.Module, role: Role | None, n: int) -> None:
+        setattr(module, self.attr, n)
 
 
 def _slice(tensor: torch.Tensor, axes: dict[int, torch.Tensor]) -> torch.Tensor:

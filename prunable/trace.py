@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .attention import AttentionHandler
 from .shadow import FIXED, FREE, Target, Trace, _core, canonical, labels_along, varying_dims
 from .surgery import Role, handler_for, is_depthwise
 
@@ -48,6 +49,8 @@ _BLOCK = {
     "scaled_dot_product_attention", "multi_head_attention_forward", "bilinear", "__setitem__",
     "index_put_", "index_put", "scatter", "scatter_", "gather", "masked_scatter", "split",
 }
+#: tensor factories called as methods: the result holds no channels of the tensor
+_CREATE = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 _CONV = {"conv1d", "conv2d", "conv3d"}
 _CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
@@ -96,6 +99,7 @@ class ChannelTracer(TorchFunctionMode):
         self.names = names
         self.owners = owners
         self.stack: list[nn.Module] = []
+        self._opaque: nn.Module | None = None  # an attention module being run as one operation
         self._shadows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._made_by: dict[int, tuple] = {}
 
@@ -126,10 +130,62 @@ class ChannelTracer(TorchFunctionMode):
             self.trace.params[id(p)] = (Target(module, mname, None, attr, 0, id(module)), slots)
         return self.trace.params[id(p)][1]
 
+    # -- modules -------------------------------------------------------------
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: track the module stack; attention modules run as one operation."""
+        self.stack.append(module)
+        if self._opaque is None and isinstance(handler_for(module), AttentionHandler):
+            self._opaque = module
+
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook: pop the stack; label the output of an attention module."""
+        self.stack.pop()
+        if module is self._opaque:
+            try:  # still opaque: the bookkeeping below must not be traced itself
+                self._attention(module, handler_for(module), args, kwargs, output)
+            finally:
+                self._opaque = None
+
+    def _attention(self, module: nn.Module, handler: AttentionHandler, args: tuple, kwargs: dict, output: Any) -> None:
+        """Input channel i, inner q/k/v dim i and output-projection input i are one channel;
+        the heads' partition of the inner dims is recorded for equal-per-head pruning."""
+        name = self.names.get(id(module), "")
+        streams, out = handler.streams(module, args, kwargs), handler.output(output)
+        labels = [self._in_labels(x, x.dim() - 1, name) for x in streams]
+        reason = handler.unsupported(module, args, kwargs)
+        if reason is None and (not streams or any(lab is None for lab in labels)):
+            reason = "inputs whose channels are mixed with other dimensions"
+        width, heads = handler.width(module), handler.num_heads(module)
+        if reason is None and (any(len(lab) != width for lab in labels) or width % heads):
+            reason = f"inner width {width} differs from the input width or is not a multiple of {heads} heads"
+        proj = handler.out_proj(module)
+        if reason is not None:
+            for x in streams:
+                self.trace.block(self.shadow(x), f"{name}: attention with {reason}")
+            return self.mark_input(out)
+        for other in labels[1:]:
+            self.trace.union(labels[0], other)
+        target = Target(module, name, Role.IN, uid=id(module))
+        self._consume(target, labels[0])
+        inner = self._produce(Target(module, name, Role.OUT, uid=id(module)), 3 * width)
+        for part in inner.view(3, width):
+            self.trace.union(part, labels[0])
+        pname = self.names.get(id(proj), "")
+        self._consume(Target(proj, pname, Role.IN, uid=id(proj)), inner[:width])
+        slots = self._produce(Target(proj, pname, Role.OUT, uid=id(proj)), out.shape[-1])
+        if handler.tied_output:
+            self.trace.union(slots, labels[0])
+        self.trace.heads.append(inner[:width].view(heads, width // heads))
+        self.trace.measure[(id(proj), Role.OUT)] = (name, -1)
+        self._made_by[id(out)] = (weakref.ref(out), (id(proj), Role.OUT), out.dim() - 1)
+        self._out_shadow(out, slots, out.dim() - 1)
+
     # -- dispatch ------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = _call(func, args, kwargs)
+        if self._opaque is not None:
+            return out
         name = _func_name(func)
         if name in ("size", "dim", "numel", "__len__", "property:shape", "property:dtype", "property:device"):
             return out
@@ -154,6 +210,8 @@ class ChannelTracer(TorchFunctionMode):
             rule = self._conv
         if rule is not None:
             rule(name, args, kwargs, out)
+        elif name in _CREATE:
+            return
         elif name in _IDENTITY or name == "property:data":
             self.set_shadow(outs[0], self.shadow(args[0]))
         elif name in _INDEX or name.startswith("property:"):
@@ -310,6 +368,7 @@ class ChannelTracer(TorchFunctionMode):
         target, why = self._owner_target(_arg(args, kwargs, 1, "weight"), Role.OUT)
         if target is None:
             return self.mark_input(out)
+        self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
         self._out_shadow(out, self._produce(target, out.shape[-1]), out.dim() - 1)
 
     # -- shape and elementwise operations ------------------------------------
@@ -344,6 +403,8 @@ class ChannelTracer(TorchFunctionMode):
         if name in ("cat", "concat", "concatenate"):
             sout = self._token_concat(sargs, skwargs, sout)
         real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
+        if name in ("view", "reshape") and isinstance(sout, torch.Tensor):
+            self._size_attribute(args, sargs[0], sout)
         for t, s in zip(real, shadow):
             if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.shape == s.shape:
                 if name in _SPLITS:
@@ -351,6 +412,29 @@ class ChannelTracer(TorchFunctionMode):
                 self.set_shadow(t, s)
             elif isinstance(t, torch.Tensor):
                 self._block_all(name, args, kwargs, [t])
+
+    def _size_attribute(self, args: tuple, before: torch.Tensor, after: torch.Tensor) -> None:
+        """``x.reshape(n, self.hidden_dim, -1)``: a channel count passed as a literal size.
+
+        If the reshape keeps one channel dim whole and the size given for it equals
+        exactly one ``int`` attribute of the module running it, that attribute is
+        recorded so pruning keeps it equal to the channel count.
+        """
+        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        dims, old = varying_dims(after), varying_dims(before)
+        if len(dims) != 1 or len(old) != 1 or len(sizes) != after.dim() or not self.stack:
+            return
+        d = dims[0]
+        value = sizes[d]
+        if type(value) is not int or value != after.shape[d] or before.shape[old[0]] != value:
+            return
+        labels = labels_along(after, d)
+        if labels is None or not bool((labels >= 0).all()):
+            return
+        module = self.stack[-1]
+        attrs = [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_")]
+        if len(attrs) == 1:
+            self.trace.sizes.append((module, self.names.get(id(module), ""), attrs[0], labels))
 
     def _token_concat(self, sargs: tuple, skwargs: dict, sout: torch.Tensor) -> torch.Tensor:
         """Concatenating along a dim that holds no channels (a class token joining

@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from prunable import Pruner, WeightNorm, count_flops, count_params
+from prunable import AttentionHandler, Pruner, WeightNorm, count_flops, count_params
+from prunable.surgery import handler_for
 from helpers import fraction_plan
 from zoo_models import REPRESENTATIVE, all_models, build
 
@@ -26,7 +27,11 @@ def test_zoo_model_prunes(name):
     assert pruner.groups, f"{name}: no prunable group"
     plan = fraction_plan(pruner)
     assert plan
+    attention = [(m, h) for m in model.modules() if isinstance(h := handler_for(m), AttentionHandler)]
+    widths = [(h.width(m), h.num_heads(m)) for m, h in attention]
     pruner.prune(plan)
+    for (m, h), (width, heads) in zip(attention, widths):  # head dims pruned, heads kept
+        assert h.width(m) < width and h.num_heads(m) == heads and h.width(m) % heads == 0
     with torch.no_grad():
         out = model(x)
     assert out.shape == expected_shape

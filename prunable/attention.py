@@ -1,0 +1,176 @@
+"""Self-attention: pruning head dimensions while keeping ``num_heads`` and ``head_dim`` consistent.
+
+An attention layer of width ``E`` with ``H`` heads projects its input to
+queries, keys and values (``3E`` rows of one weight, heads contiguous inside
+each of q, k, v) and projects the heads' outputs back with an output Linear.
+``nn.MultiheadAttention`` and torchvision's Swin attention compute the head
+width from the input width (``head_dim = E // H``), so the inner width must
+stay equal to the input width: prunable removes inner dimension ``i`` of q, k
+and v together with input channel ``i``, and requires **every head to lose
+the same number of dimensions**, so ``num_heads`` is unchanged and
+``head_dim`` shrinks. The queries are rescaled by ``sqrt(head_dim' /
+head_dim)`` so the softmax temperature ``1/sqrt(head_dim)`` of the remaining
+dimensions is unchanged: the pruned layer computes exactly what the original
+computes with those dimensions zeroed.
+
+The tracer (:mod:`prunable.trace`) treats a module whose handler is an
+:class:`AttentionHandler` as one operation; subclass it and register it with
+:func:`prunable.register_handler` for a custom attention module with the
+same layout.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> from prunable import Pruner
+>>> class Tiny(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.embed = nn.Linear(4, 16)
+...         self.attn = nn.MultiheadAttention(16, num_heads=4, batch_first=True)
+...         self.head = nn.Linear(16, 3)
+...     def forward(self, x):
+...         h = self.embed(x)
+...         return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+>>> model = Tiny()
+>>> pruner = Pruner(model, torch.randn(2, 5, 4), criterion="l1")
+>>> group = next(g for g in pruner.groups if g.heads is not None)
+>>> group.heads.tolist()[1]                       # group channels of head 1
+[4, 5, 6, 7]
+>>> pruner.prune({group.id: group.heads[:, 0].tolist()})   # one dimension of every head
+>>> model.attn.embed_dim, model.attn.num_heads, model.attn.head_dim
+(12, 4, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .surgery import ModuleHandler, Role, register_handler
+
+__all__ = ["AttentionHandler"]
+
+
+class AttentionHandler(ModuleHandler):
+    """How to cut a self-attention module: its input channels (``Role.IN``) and its
+    ``3E`` inner q/k/v rows (``Role.OUT``); the output projection is a separate
+    Linear (:meth:`out_proj`) cut by its own handler.
+
+    Subclasses name the q/k/v weight (``qkv_weight``, shape ``(3E, E)``, rows ``[q; k; v]``
+    with heads contiguous), the optional ``qkv_bias``, and say whether queries are
+    scaled by ``1/sqrt(head_dim)`` (:attr:`scaled`).
+    """
+
+    qkv_weight = "in_proj_weight"
+    qkv_bias = "in_proj_bias"
+    #: attention logits are scaled by 1/sqrt(head_dim) (False for cosine attention)
+    scaled = True
+    #: the output projection's width must equal the input width (its output is reshaped with it)
+    tied_output = False
+
+    def out_proj(self, module: nn.Module) -> nn.Linear:
+        """The Linear applied to the concatenated heads."""
+        return module.out_proj
+
+    def num_heads(self, module: nn.Module) -> int:
+        return int(module.num_heads)
+
+    def streams(self, module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The inputs whose last dim is the layer's input width (query, key, value)."""
+        return [args[0]]
+
+    def output(self, output: Any) -> torch.Tensor:
+        """The attention output tensor (last dim = channels) inside ``output``."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def unsupported(self, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+        """Why this call cannot be pruned, or None."""
+        return None
+
+    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
+        if role is Role.IN:
+            return {self.qkv_weight: 1}
+        names = {self.qkv_weight: 0}
+        if _get(module, self.qkv_bias) is not None:
+            names[self.qkv_bias] = 0
+        return names
+
+    def resize(self, module: nn.Module, role: Role, n: int) -> None:
+        if role is Role.IN:
+            self.set_width(module, Role.IN, n)
+            return
+        heads, old = self.num_heads(module), self.width(module)
+        self.set_width(module, Role.OUT, n // 3)
+        if self.scaled and old and n // 3 != old:
+            # keep the softmax temperature of the remaining dimensions: q·k / sqrt(d) unchanged
+            factor = math.sqrt((n // 3 // heads) / (old // heads))
+            with torch.no_grad():
+                for name in (self.qkv_weight, self.qkv_bias):
+                    t = _get(module, name)
+                    if t is not None:
+                        t[: n // 3].mul_(factor)
+
+    def width(self, module: nn.Module) -> int:
+        """The inner width ``E`` (before a resize)."""
+        return int(module.embed_dim)
+
+    def set_width(self, module: nn.Module, role: Role, n: int) -> None:
+        """Update the module's size attributes after a cut."""
+        if role is Role.OUT:
+            module.embed_dim = module.kdim = module.vdim = n
+            module.head_dim = n // self.num_heads(module)
+
+
+def _get(module: nn.Module, dotted: str) -> Any:
+    owner, _, attr = dotted.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr, None)
+
+
+@register_handler(nn.MultiheadAttention)
+class MultiheadAttentionHandler(AttentionHandler):
+    """``nn.MultiheadAttention`` with one packed in-projection (``kdim == vdim == embed_dim``)."""
+
+    def streams(self, module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        names = ("query", "key", "value")
+        found = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
+        return [t for t in found if isinstance(t, torch.Tensor)]
+
+    def unsupported(self, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+        if not module._qkv_same_embed_dim:
+            return "separate key/value widths (kdim/vdim)"
+        if module.bias_k is not None or module.bias_v is not None:
+            return "add_bias_kv=True"
+        return None
+
+
+class _SwinHandler(AttentionHandler):
+    """torchvision's ``ShiftedWindowAttention``: ``qkv`` and ``proj`` Linears, input ``(B, H, W, C)``."""
+
+    qkv_weight, qkv_bias = "qkv.weight", "qkv.bias"
+    tied_output = True
+
+    def out_proj(self, module: nn.Module) -> nn.Linear:
+        return module.proj
+
+    def width(self, module: nn.Module) -> int:
+        return int(module.qkv.out_features) // 3
+
+    def set_width(self, module: nn.Module, role: Role, n: int) -> None:
+        if role is Role.IN:
+            module.qkv.in_features = n
+        else:
+            module.qkv.out_features = 3 * n
+
+
+class _SwinV2Handler(_SwinHandler):
+    """Swin V2 uses cosine attention with a learnt per-head logit scale: no 1/sqrt(d)."""
+
+    scaled = False
+
+
+register_handler("torchvision.models.swin_transformer.ShiftedWindowAttention")(_SwinHandler)
+register_handler("torchvision.models.swin_transformer.ShiftedWindowAttentionV2")(_SwinV2Handler)
