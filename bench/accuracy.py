@@ -22,9 +22,6 @@ Torch-Pruning: ``BasePruner(global_pruning=True)`` (its counterpart of a global
 ranking; its scores are mean-normalised per group) with the channel ratio
 searched to land within 1 % of the same target. A fresh SGD optimizer follows
 every prune for every method (Torch-Pruning does not slice optimizer state).
-After each of our prunes the parameters are re-created
-(``common.refresh_parameters``), working around a prunable bug that silences
-``TaylorBN``'s gradient hooks after the first prune.
 
 Run: ``python bench/accuracy.py [--quick]``
 """
@@ -75,7 +72,6 @@ def _ours(criterion: Callable[[], Any]) -> Callable:
                 with pruner.estimate():
                     common.gradient_passes(model, stream, EST)
                 pruner.prune(common.ours_plan_for_flops(pruner, goal))
-                common.refresh_parameters(model)  # see common.refresh_parameters: prunable hook bug
                 yield
     return prune
 

@@ -338,20 +338,6 @@ def gradient_passes(model: nn.Module, stream: Iterator[Data], steps: int, zero_f
         F.cross_entropy(model(x), y).backward()
 
 
-def refresh_parameters(model: nn.Module) -> None:
-    """Give every parameter a fresh ``nn.Parameter`` object (same values).
-
-    Workaround for a prunable bug: after ``Pruner.prune`` (``surgery._swap_parameter``
-    uses ``torch.utils.swap_tensors``) a hook registered on a parameter that
-    ever had a hook never fires, so ``TaylorBN`` / ``TaylorWeight`` collect
-    nothing in the second pruning step. Only safe where no optimizer or other
-    object holds the old parameters (here a new optimizer follows every prune).
-    """
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Data, batch_size: int = 512) -> float:
     model.eval()

@@ -34,10 +34,10 @@ Example
 ...         return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
 >>> model = Tiny()
 >>> pruner = Pruner(model, torch.randn(2, 5, 4), criterion="l1")
->>> group = next(g for g in pruner.groups if g.heads is not None)
->>> group.heads.tolist()[1]                       # group channels of head 1
+>>> group = next(g for g in pruner.groups if g.blocks is not None)
+>>> group.blocks.tolist()[1]                       # group channels of head 1
 [4, 5, 6, 7]
->>> pruner.prune({group.id: group.heads[:, 0].tolist()})   # one dimension of every head
+>>> pruner.prune({group.id: group.blocks[:, 0].tolist()})   # one dimension of every head
 >>> model.attn.embed_dim, model.attn.num_heads, model.attn.head_dim
 (12, 4, 3)
 """

@@ -77,8 +77,10 @@ class ChannelGroup:
     members: list[Member]
     skip_reason: str | None = None
     measure: list[tuple[str, int | None, torch.Tensor]] = field(default_factory=list)
-    #: attention heads: ``(H, d)`` group indices; each row must lose as many channels as the others
-    heads: torch.Tensor | None = None
+    #: ``(rows, k)`` group indices; each row must lose as many channels as every other row
+    #: (attention heads, GroupNorm groups); :attr:`blocks_of` says what the rows are
+    blocks: torch.Tensor | None = None
+    blocks_of: str = ""
 
     @property
     def channels(self) -> int:
@@ -238,12 +240,12 @@ class DependencyGraph:
             target = Target(module, name, None, attr, 0, id(module))
             members.append(Member(self._retarget(target, mapping), cls(labels), False))
         self.groups = self._group(members, blocked, trace, root, mapping)
-        self._attach_heads(trace, root)
+        self._attach_blocks(trace, root)
 
-    def _attach_heads(self, trace: Trace, root: torch.Tensor) -> None:
-        """Record each attention layer's head partition on the group holding its channels."""
+    def _attach_blocks(self, trace: Trace, root: torch.Tensor) -> None:
+        """Record each equal-size partition (attention heads, GroupNorm groups) on its group."""
         owner = {int(c): g for g in self.groups for c in g.classes.tolist()}
-        for slots in trace.heads:
+        for slots, what in trace.blocks:
             classes = root[slots]
             group = owner.get(int(classes[0, 0]))
             if group is None:
@@ -251,11 +253,11 @@ class DependencyGraph:
             position = {int(c): i for i, c in enumerate(group.classes.tolist())}
             rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
-                group.skip_reason = group.skip_reason or "attention heads share channels with each other"
-            elif group.heads is None:
-                group.heads = rows
-            elif not torch.equal(group.heads, rows):
-                group.skip_reason = group.skip_reason or "attention layers with different head layouts share channels"
+                group.skip_reason = group.skip_reason or f"{what} share channels with each other"
+            elif group.blocks is None:
+                group.blocks, group.blocks_of = rows, what
+            elif not torch.equal(group.blocks, rows):
+                group.skip_reason = group.skip_reason or f"{group.blocks_of} and {what} split the channels differently"
 
     def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""

@@ -166,8 +166,8 @@ class Pruner:
         or removing one breaks the forward pass (checked on a meta copy)."""
         guard, probe, stuck = _MemberGuard(self.groups), {}, []
         for g in self.groups:
-            if g.heads is not None:  # one dimension of every head
-                idx = guard.take_per_head(g.id, g.heads, list(reversed(range(g.channels))), 1)
+            if g.blocks is not None:  # one channel of every head / GroupNorm group
+                idx = guard.take_per_block(g.id, g.blocks, list(reversed(range(g.channels))), 1)
             else:
                 i = next((i for i in reversed(range(g.channels)) if guard.emptied_by(g.id, i) is None), None)
                 idx = [] if i is None else [i]
@@ -251,12 +251,12 @@ class Pruner:
                 if target != len(idx):
                     guard.release(gid, idx)
                     chosen[gid] = guard.take(gid, order[gid], target)
-        for g in self.groups:  # attention: every head loses the same number of dimensions
+        for g in self.groups:  # attention heads, GroupNorm groups: the same number from each
             idx = chosen.get(g.id, [])
-            if g.heads is not None and idx:
+            if g.blocks is not None and idx:
                 guard.release(g.id, idx)
-                per_head = min(int(round(len(idx) / len(g.heads))), caps[g.id] // len(g.heads))
-                chosen[g.id] = guard.take_per_head(g.id, g.heads, order[g.id], per_head)
+                per_block = min(int(round(len(idx) / len(g.blocks))), caps[g.id] // len(g.blocks))
+                chosen[g.id] = guard.take_per_block(g.id, g.blocks, order[g.id], per_block)
         return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
 
     def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> Callable[[int], int]:
@@ -333,13 +333,13 @@ class Pruner:
                 raise PruningValueError(
                     f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
                     f"min_channels={self.min_channels}")
-            heads = by_id[gid].heads
-            if heads is not None:
-                counts = torch.isin(heads, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
-                if len(set(counts)) > 1 or counts[0] >= heads.shape[1]:
+            blocks = by_id[gid].blocks
+            if blocks is not None:
+                counts = torch.isin(blocks, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
+                if len(set(counts)) > 1 or counts[0] >= blocks.shape[1]:
                     raise PruningValueError(
-                        f"group {gid}: attention heads must each lose the same number of their "
-                        f"{heads.shape[1]} dimensions, and keep at least one; the plan removes {counts}")
+                        f"group {gid}: {by_id[gid].blocks_of} must each lose the same number of their "
+                        f"{blocks.shape[1]} channels, and keep at least one; the plan removes {counts}")
         guard = _MemberGuard(self.graph.groups)
         for gid, idx in plan.removals.items():
             for i in idx:
@@ -456,12 +456,12 @@ class _MemberGuard:
         """The first ``k`` channels of ``order`` that can go."""
         return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
 
-    def take_per_head(self, gid: str, heads: torch.Tensor, order: list[int], k: int) -> list[int]:
-        """``k`` channels of every row of ``heads``, first in ``order``; fewer if some row
+    def take_per_block(self, gid: str, blocks: torch.Tensor, order: list[int], k: int) -> list[int]:
+        """``k`` channels of every row of ``blocks``, first in ``order``; fewer if some row
         cannot give ``k`` (the same number from each row), none if ``k`` is 0."""
         rank = {c: r for r, c in enumerate(order)}
-        rows = [sorted(row, key=lambda c: rank.get(c, len(rank))) for row in heads.tolist()]
-        k = min(k, heads.shape[1] - 1)
+        rows = [sorted(row, key=lambda c: rank.get(c, len(rank))) for row in blocks.tolist()]
+        k = min(k, blocks.shape[1] - 1)
         while k > 0:
             taken = [self.take(gid, row, k) for row in rows]
             if all(len(t) == k for t in taken):

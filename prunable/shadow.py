@@ -47,8 +47,9 @@ class Trace:
     consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     params: dict[int, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     measure: dict[tuple, tuple[str, int]] = field(default_factory=dict)
-    #: inner slots of attention layers, one row per head: equal counts leave every head
-    heads: list[torch.Tensor] = field(default_factory=list)
+    #: (slots as rows, what the rows are): every row must lose as many channels as the others
+    #: (the heads of an attention layer, the groups of a GroupNorm)
+    blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     #: (module, module name, int attribute, labels): a size attribute used as a literal shape
     sizes: list[tuple[nn.Module, str, str, torch.Tensor]] = field(default_factory=list)
 

@@ -403,6 +403,15 @@ def _swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
         torch.utils.swap_tensors(param, replacement)
     except RuntimeError:
         param.data = new
+        return
+    # the hook dicts still point at the old tensor's autograd hooks: hand them to the new one,
+    # or every hook registered from now on (Taylor criteria's gradient hooks) would never fire
+    for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+        hooks = getattr(param, attr, None)
+        if hooks is not None:
+            setattr(param, attr, None)
+            if hooks:
+                setattr(param, attr, type(hooks)(hooks))
 
 
 def slice_optimizer_state(

@@ -175,7 +175,7 @@ class ChannelTracer(TorchFunctionMode):
         slots = self._produce(Target(proj, pname, Role.OUT, uid=id(proj)), out.shape[-1])
         if handler.tied_output:
             self.trace.union(slots, labels[0])
-        self.trace.heads.append(inner[:width].view(heads, width // heads))
+        self.trace.blocks.append((inner[:width].view(heads, width // heads), f"the {heads} heads of {name}"))
         self.trace.measure[(id(proj), Role.OUT)] = (name, -1)
         self._made_by[id(out)] = (weakref.ref(out), (id(proj), Role.OUT), out.dim() - 1)
         self._out_shadow(out, slots, out.dim() - 1)
@@ -353,10 +353,11 @@ class ChannelTracer(TorchFunctionMode):
 
     def _group_norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x, groups = args[0], int(_arg(args, kwargs, 1, "num_groups"))
-        if groups not in (1, x.shape[1]):
-            self.set_shadow(out, self.shadow(x))
-            return self.trace.block(self.shadow(x), f"group_norm with {groups} groups")
         self._channelwise(name, x, _arg(args, kwargs, 2, "weight"), out, 1)
+        labels = labels_along(self.shadow(x), 1)
+        if 1 < groups < x.shape[1] and labels is not None:  # every group keeps the same size
+            who = self.names.get(id(self.stack[-1]), "") if self.stack else ""
+            self.trace.blocks.append((labels.view(groups, -1), f"the {groups} groups of GroupNorm {who}"))
 
     def _prelu(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         x, weight = args[0], args[1]

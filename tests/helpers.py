@@ -66,9 +66,9 @@ def fraction_plan(pruner, fraction: float = 0.3) -> dict[str, list[int]]:
     plan = {}
     for g in pruner.groups:
         k = min(int(g.channels * fraction), g.channels - 1)
-        if g.heads is not None:  # attention: the same number from every head
-            per_head = min(k // len(g.heads), g.heads.shape[1] - 1)
-            rows = [row[scores[g.id][row].argsort()[:per_head]] for row in g.heads]
+        if g.blocks is not None:  # attention heads, GroupNorm groups: the same number from each
+            per_head = min(k // len(g.blocks), g.blocks.shape[1] - 1)
+            rows = [row[scores[g.id][row].argsort()[:per_head]] for row in g.blocks]
             k, plan[g.id] = per_head, sorted(torch.cat(rows).tolist())
         elif k > 0:
             plan[g.id] = scores[g.id].argsort()[:k].tolist()

@@ -74,9 +74,9 @@ def test_pruning_head_dims_equals_zeroing_them(name):
     model, x = _models()[name]
     model.eval()
     pruner = Pruner(model, x, criterion="l1")
-    group = next(g for g in pruner.groups if g.heads is not None)
-    assert tuple(group.heads.shape) == (4, 4)
-    idx = group.heads[:, [0, 2]].flatten().tolist()  # two dims of every head
+    group = next(g for g in pruner.groups if g.blocks is not None)
+    assert tuple(group.blocks.shape) == (4, 4)
+    idx = group.blocks[:, [0, 2]].flatten().tolist()  # two dims of every head
     reference = copy.deepcopy(model)
     _zero_removed(reference, pruner, group.id, idx)
     before = count_flops(model, x)
@@ -96,12 +96,12 @@ def test_pruning_head_dims_equals_zeroing_them(name):
 def test_unbalanced_plan_is_refused_and_model_unchanged():
     model, x = _models()["mha-batch-first"]
     pruner = Pruner(model, x, criterion="l1")
-    group = next(g for g in pruner.groups if g.heads is not None)
+    group = next(g for g in pruner.groups if g.blocks is not None)
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(PruningValueError, match="same number"):
-        pruner.prune({group.id: group.heads[0, :2].tolist()})  # two dims of head 0 only
+        pruner.prune({group.id: group.blocks[0, :2].tolist()})  # two dims of head 0 only
     with pytest.raises(PruningValueError, match="keep at least one"):
-        pruner.prune({group.id: group.heads[:, :].flatten().tolist()[: 16 - 1]})
+        pruner.prune({group.id: group.blocks[:, :].flatten().tolist()[: 16 - 1]})
     assert model.attn.embed_dim == 16
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
@@ -110,15 +110,15 @@ def test_unbalanced_plan_is_refused_and_model_unchanged():
 def test_selection_takes_the_same_number_from_every_head(scope):
     model, x = _models()["swin"]
     pruner = Pruner(model, x, criterion="l1")
-    group = next(g for g in pruner.groups if g.heads is not None)
+    group = next(g for g in pruner.groups if g.blocks is not None)
     for _ in range(2):
         plan = pruner.plan(0.4, scope)
-        counts = torch.isin(group.heads, torch.tensor(plan.removals.get(group.id, ()))).sum(1)
+        counts = torch.isin(group.blocks, torch.tensor(plan.removals.get(group.id, ()))).sum(1)
         assert len(set(counts.tolist())) == 1 and counts[0] > 0
         pruner.prune(plan)
-        group = next(g for g in pruner.graph.groups if g.heads is not None)
+        group = next(g for g in pruner.graph.groups if g.blocks is not None)
     assert model(x).shape == (2, 3)
-    assert group.heads.shape == (4, 1)  # 16 → 8 → 4: one dimension left per head
+    assert group.blocks.shape == (4, 1)  # 16 → 8 → 4: one dimension left per head
     assert "last one" in pruner.skipped[group.id]
 
 
@@ -130,7 +130,7 @@ def test_taylor_estimate_measures_attention_outputs():
         for _ in range(2):
             nn.functional.cross_entropy(model(x), target).backward()
     scores = pruner.scores()
-    group = next(g for g in pruner.groups if g.heads is not None)
+    group = next(g for g in pruner.groups if g.blocks is not None)
     assert torch.isfinite(scores[group.id]).all() and scores[group.id].abs().sum() > 0
     assert [m for m in pruner.groups if "attn.out_proj" in m.id]  # the attention output's own group
     pruner.step(8)
@@ -143,9 +143,9 @@ def test_vision_transformer_stream_and_hidden_dim_attribute():
     x = torch.randn(2, 3, 32, 32)
     pruner = Pruner(model, x, criterion="l1")
     assert set(pruner.skipped) == {"heads.head"}  # only the classifier's outputs are kept
-    stream = next(g for g in pruner.groups if g.heads is not None)
+    stream = next(g for g in pruner.groups if g.blocks is not None)
     assert "hidden_dim" in str(stream) and "class_token" in str(stream)
-    pruner.prune({stream.id: stream.heads[:, -3:].flatten().tolist()})
+    pruner.prune({stream.id: stream.blocks[:, -3:].flatten().tolist()})
     attn = model.encoder.layers[0].self_attention
     assert (model.hidden_dim, attn.embed_dim, attn.num_heads, attn.head_dim) == (36, 36, 4, 9)
     assert model(x).shape == (2, 5)

@@ -192,8 +192,8 @@ def test_pruned_transformer_keeps_heads_consistent_and_exports():
     plan = fraction_plan(pruner)
     hidden = {f"encoder.layers.{i}.linear1" for i in range(2)}
     assert hidden <= set(plan), f"the feed-forward hidden dims should be prunable: {pruner.skipped}"
-    stream = next(g for g in pruner.groups if g.heads is not None)  # LayerNorm'd: not a zeroing
-    assert stream.id in plan and len(stream.heads) == 4
+    stream = next(g for g in pruner.groups if g.blocks is not None)  # LayerNorm'd: not a zeroing
+    assert stream.id in plan and len(stream.blocks) == 4
     hidden_plan = {gid: idx for gid, idx in plan.items() if gid in hidden}
     zeroed = copy.deepcopy(model)
     zero_plan(zeroed, pruner.graph, hidden_plan)
@@ -201,8 +201,8 @@ def test_pruned_transformer_keeps_heads_consistent_and_exports():
     assert all(model.encoder.layers[i].linear1.out_features < 64 for i in range(2))
     with torch.no_grad():
         torch.testing.assert_close(model(x), zeroed(x), atol=ATOL, rtol=RTOL)
-    stream = next(g for g in pruner.groups if g.heads is not None)
-    pruner.prune({stream.id: stream.heads[:, :2].flatten().tolist()})  # two dims of every head
+    stream = next(g for g in pruner.groups if g.blocks is not None)
+    pruner.prune({stream.id: stream.blocks[:, :2].flatten().tolist()})  # two dims of every head
     assert_attention_consistent(model)
     assert [m.head_dim for m in model.modules() if isinstance(m, nn.MultiheadAttention)] == [6, 6]
     with torch.no_grad():

@@ -159,3 +159,16 @@ def test_flops_regularization_subtracts_lambda_times_mflops():
     torch.testing.assert_close(plain["2"] - reg["2"], torch.full((4,), 1e-3 * (conv2_io + conv4_in) / 1e6 / n))
     on = Pruner(model, X, criterion=WeightNorm(), flops_regularization=True)
     assert on.flops_regularization == 1e-3
+
+
+@pytest.mark.parametrize("criterion", [TaylorBN, TaylorWeight])
+def test_parameter_criteria_keep_estimating_after_each_prune(criterion):
+    """Regression: gradient hooks on pruned parameters used to stay silent after the first prune."""
+    torch.manual_seed(0)
+    model = net()
+    pruner = Pruner(model, X, criterion=criterion())
+    for _ in range(3):
+        _run(pruner, model)
+        scores = pruner.scores()
+        assert all(s.abs().sum() > 0 for s in scores.values())
+        pruner.step(1)

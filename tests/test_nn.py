@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from prunable import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, PruningValueError, convert
+from prunable.surgery import Cut, Role, apply_cuts, keep_indices
 from conftest import assert_state_equal, state_copy
 
 
@@ -215,3 +216,18 @@ def test_old_autograd_graph_alive_during_prune_does_not_break_next_backward():
     loss.backward()
     opt.step()
     assert fc.weight.grad.shape == (2, 4) and fc.bias.grad.shape == (2,)
+
+
+def test_gradient_hooks_fire_on_a_parameter_pruned_after_it_had_hooks():
+    """Regression: after swap_tensors the old hook dict silenced every later hook
+    (TaylorBN / TaylorWeight collected nothing after the first prune)."""
+    conv = nn.Conv2d(3, 6, 3)
+    fired = []
+    old = conv.weight.register_hook(lambda g: fired.append("before"))
+    kept = conv.bias.register_hook(lambda g: fired.append("user hook"))
+    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    old.remove()
+    apply_cuts([Cut(conv, Role.OUT, keep_indices(6, [1, 4]))])
+    conv.weight.register_hook(lambda g: fired.append("after"))
+    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    assert sorted(fired) == ["after", "before", "user hook", "user hook"]

@@ -183,3 +183,21 @@ def test_prune_to_rejects_bad_targets():
         pruner.prune_to(flops=1.5)
     with pytest.raises(PruningValueError, match="needs data"):
         Pruner(small_cnn(), X).prune_to(flops=0.5)
+
+
+def test_group_norm_groups_each_lose_the_same_number_of_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(4, 12), nn.ReLU(), nn.Conv2d(12, 5, 3))
+    x = torch.randn(2, 3, 10, 10)
+    pruner = Pruner(model, x, criterion="l1")
+    group = pruner.groups[0]
+    assert group.blocks.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert "GroupNorm 1" in group.blocks_of
+    with pytest.raises(PruningValueError, match="same number"):
+        pruner.prune({group.id: [0, 1]})
+    assert model[1].num_channels == 12 and model[0].out_channels == 12
+    plan = pruner.plan(0.4, Scope.LAYER)  # round(0.4 * 12) = 5 → 1 per group of 3, rounded
+    assert sorted(len(set(plan.removals[group.id]) & set(row)) for row in group.blocks.tolist()) == [1, 1, 1, 1]
+    pruner.prune(plan)
+    assert (model[1].num_groups, model[1].num_channels, model[0].out_channels) == (4, 8, 8)
+    assert model(x).shape == (2, 5, 6, 6)
