@@ -244,29 +244,18 @@ def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_by
 
 def _prune(model: nn.Module, data: _Data, s: DemoSettings, criterion: Criterion, target: float,
            generator: torch.Generator, progress: bool) -> tuple[Pruner, list[dict[str, float]]]:
-    """Prune to ``target`` × the FLOPs, training between steps. Drives ``estimate()``/``step()``
-    like ``Pruner.prune_to`` so validation accuracy is measured after each step, outside the hooks."""
+    """Prune to ``target`` × the FLOPs with ``Pruner.prune_to``: ``prune_every`` training
+    batches inside ``estimate()`` before each step, validation accuracy after it."""
     opt = torch.optim.SGD(model.parameters(), lr=s.prune_lr, momentum=0.9, weight_decay=5e-4)
     example = data.train[0][:2]  # batch 2: BatchNorm1d needs more than one sample in train mode
     pruner = Pruner(model, example, criterion=criterion, optimizer=opt, flops_regularization=s.flops_regularization)
-    start = _eval_flops(model, s.size)
     steps = [{"step": 0, "flops": 1.0, "val_accuracy": accuracy(model, data.val)}]
     batches = _batches(data.train, min(s.batch_size, len(data.train[0])), generator)
-    bar = _bar(100, "pruning", progress, unit="%")  # progress: share of the FLOPs to remove that is gone
-    while steps[-1]["flops"] > target:
-        with pruner.estimate():
-            for _ in range(s.prune_every):
-                _train_step(model, opt, *next(batches))
-        try:
-            pruner.step(s.prune_step)
-        except PruningValueError:  # every group at its minimum
-            warnings.warn(f"prunable demo: stopped at {steps[-1]['flops']:.3f} of the FLOPs", stacklevel=2)
-            break
-        steps.append({"step": len(steps), "flops": _eval_flops(model, s.size) / start,
-                      "val_accuracy": accuracy(model, data.val)})
-        bar.update(min(100, round(100 * (1 - steps[-1]["flops"]) / (1 - target))) - bar.n)
-        bar.set_postfix(flops=f"{steps[-1]['flops']:.3f}", val_acc=f"{steps[-1]['val_accuracy']:.3f}")
-    bar.close()
+    log = pruner.prune_to(
+        flops=target, fine_tune=lambda: {"loss": _train_step(model, opt, *next(batches))},
+        prune_every=s.prune_every, channels_per_step=s.prune_step, progress=progress,
+        on_step=lambda record: {"val_accuracy": accuracy(model, data.val)})
+    steps += [{"step": r["step"], "flops": r["flops"], "val_accuracy": r["val_accuracy"]} for r in log]
     return pruner, steps
 
 

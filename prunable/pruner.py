@@ -32,7 +32,8 @@ from .flops import count_flops, count_params, module_flops
 from .graph import ChannelGroup, DependencyGraph, meta_clone
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
-from .surgery import Cut, apply_cuts
+from .attention import AttentionHandler
+from .surgery import Cut, apply_cuts, handler_for
 from .trace import MetaShortcuts
 
 __all__ = ["Pruner", "Scope"]
@@ -104,7 +105,10 @@ class Pruner:
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
         self.log: list[dict[str, float]] = []
+        self._start: dict[str, int] | None = None  # FLOPs/params before the first prune, once measured
         self._rebuild(warn=True)
+        self._initial_widths = self._widths()
+        self._initial_params = count_params(model)
 
     # -- graph -----------------------------------------------------------------
     def _rebuild(self, warn: bool = False) -> None:
@@ -351,15 +355,28 @@ class Pruner:
     def prune_to(
         self, flops: float | None = None, params: float | None = None,
         fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int = 8,
-        progress: bool = True,
+        progress: bool = True, on_step: Callable[[dict[str, float]], Any] | None = None,
     ) -> list[dict[str, float]]:
         """Prune step by step until FLOPs and/or params are at most the given fractions.
 
         Before each step, ``fine_tune()`` is called ``prune_every`` times inside
         :meth:`estimate` (a few training batches: forward, backward, optimizer
-        step). Returns (and appends to ``self.log``) one record per step: step,
-        channels removed, FLOPs and params as fractions of the start, and what
-        ``fine_tune`` returned last (a number as ``metric``, or a dict merged in).
+        step). After each step, ``on_step(record)`` is called outside the hooks
+        (validate, checkpoint, log …). Returns (and appends to ``self.log``) one
+        record per step: step, channels removed, FLOPs and params as fractions of
+        the start, and what ``fine_tune`` and ``on_step`` returned last (a number
+        as ``metric``, a dict merged in).
+
+        Example
+        -------
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+        >>> log = pruner.prune_to(flops=0.6, channels_per_step=2, progress=False,
+        ...                       on_step=lambda record: {"width": model[0].out_channels})
+        >>> log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
+        (True, True)
         """
         targets = {"flops": flops, "params": params}
         for key, value in targets.items():
@@ -371,8 +388,11 @@ class Pruner:
             if fine_tune is None:
                 raise PruningValueError(f"{type(self.criterion).__name__} needs data: pass fine_tune=")
         start = self._measure()
+        if self._start is None:
+            self._start = start
+        ratios = {"flops": 1.0, "params": 1.0}
         bar = _progress(progress)
-        while not self._reached(start, targets):
+        while not all(ratios[k] <= v for k, v in targets.items() if v is not None):
             result = None
             if fine_tune is not None:
                 with self.estimate():
@@ -386,12 +406,56 @@ class Pruner:
             except PruningValueError:
                 warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=2)
                 break
-            record = {"step": len(self.log) + 1, "removed": len(plan), **self._ratios(start)}
-            record.update(result if isinstance(result, dict) else {} if result is None else {"metric": float(result)})
+            ratios = self._ratios(start)
+            record = {"step": len(self.log) + 1, "removed": len(plan), **ratios}
+            for value in (result, on_step(dict(record)) if on_step is not None else None):
+                record.update(value if isinstance(value, dict) else {} if value is None else {"metric": float(value)})
             self.log.append(record)
             bar(record)
         bar(None)
         return self.log
+
+    def report(self) -> str:
+        """A markdown summary: FLOPs and params now and at the start, output channels of
+        every pruned layer (start → now) and the steps taken.
+
+        The starting FLOPs are known when :meth:`prune_to` ran, or when ``report()`` was
+        first called before any prune (counting them costs a forward pass, so a bare
+        :meth:`step` does not).
+
+        Example
+        -------
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+        >>> plan = pruner.step(3)
+        >>> print(pruner.report().splitlines()[-1])
+        | 0 | 8 | 5 |
+        """
+        now = self._measure()
+        if self._start is None and not self.history:
+            self._start = now
+        start = self._start or {"params": self._initial_params}
+        lines = ["| | start | now | now / start |", "|---|---:|---:|---:|"]
+        for key in ("flops", "params"):
+            if key in start:
+                lines.append(f"| {key} | {start[key]:,} | {now[key]:,} | {now[key] / max(start[key], 1):.3f} |")
+            else:  # FLOPs are counted by a forward pass: only prune_to / report() before pruning do
+                lines.append(f"| {key} | not measured | {now[key]:,} | — |")
+        lines += ["", f"{len(self.history)} plan(s) applied, "
+                  f"{sum(len(p) for p in self.history)} channels removed.", "",
+                  "| layer | output channels at start | now |", "|---|---:|---:|"]
+        widths = self._widths()
+        for name, first in self._initial_widths.items():
+            if widths.get(name, first) != first:
+                lines.append(f"| {name} | {first} | {widths[name]} |")
+        return "\n".join(lines)
+
+    def _widths(self) -> dict[str, int]:
+        """Output channels of every producing layer of the current graph."""
+        return {m.target.name: len(m.classes) for g in self.graph.groups for m in g.producers
+                if not isinstance(handler_for(m.target.module), AttentionHandler)}
 
     def _measure(self) -> dict[str, int]:
         return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
@@ -399,10 +463,6 @@ class Pruner:
     def _ratios(self, start: dict[str, int]) -> dict[str, float]:
         now = self._measure()
         return {k: now[k] / max(start[k], 1) for k in now}
-
-    def _reached(self, start: dict[str, int], targets: dict[str, float | None]) -> bool:
-        ratios = self._ratios(start)
-        return all(ratios[k] <= v for k, v in targets.items() if v is not None)
 
 
 def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Aggregation) -> torch.Tensor:
@@ -499,7 +559,8 @@ def _progress(enabled: bool) -> Callable[[dict | None], None]:
             bar.close()
             return
         bar.update(1)
-        bar.set_postfix(flops=f"{record['flops']:.3f}", params=f"{record['params']:.3f}")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k not in ("step", "removed")
+                         and isinstance(v, float)})
 
     return update
 

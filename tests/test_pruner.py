@@ -177,6 +177,49 @@ def test_prune_to_reaches_flops_target_with_taylor():
     assert all(a["flops"] >= b["flops"] for a, b in zip(log, log[1:]))
 
 
+def test_prune_to_calls_on_step_outside_the_hooks_and_merges_its_result():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=TaylorActivation())
+    seen = []
+
+    def fine_tune():
+        nn.functional.cross_entropy(model(X), Y).backward()
+        return 0.5
+
+    def on_step(record):
+        seen.append(record["step"])
+        with torch.no_grad():  # a validation pass: must not feed the estimates
+            model(X)
+        return {"val": float(record["step"]) * 10}
+
+    log = pruner.prune_to(flops=0.6, fine_tune=fine_tune, channels_per_step=4, progress=False, on_step=on_step)
+    assert seen == [r["step"] for r in log] and seen
+    assert all(r["val"] == r["step"] * 10 and r["metric"] == 0.5 for r in log)
+
+
+def test_report_lists_start_and_now_and_every_pruned_layer():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    before = pruner.report()  # measures the start
+    assert "| flops |" in before and "0 plan(s)" in before
+    flops, params = count_flops(model, X), count_params(model)
+    pruner.step(5)
+    pruner.step(3)
+    text = pruner.report()
+    assert f"| flops | {flops:,} | {count_flops(model, X):,} |" in text
+    assert f"| params | {params:,} | {count_params(model):,} |" in text
+    assert "2 plan(s) applied, 8 channels removed" in text
+    widths = {line.split(" | ")[0][2:]: line for line in text.splitlines()[7:]}
+    changed = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < 16]
+    assert changed and all(name in widths for name in changed)
+
+
+def test_report_without_a_measured_start_says_so():
+    pruner = Pruner(small_cnn(), X, criterion=WeightNorm())
+    pruner.step(2)
+    assert "| flops | not measured |" in pruner.report()
+
+
 def test_prune_to_rejects_bad_targets():
     pruner = Pruner(small_cnn(), X, criterion=WeightNorm())
     with pytest.raises(PruningValueError, match="1.5"):
