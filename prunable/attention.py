@@ -61,8 +61,33 @@ class AttentionHandler(ModuleHandler):
     Linear (:meth:`out_proj`) cut by its own handler.
 
     Subclasses name the q/k/v weight (``qkv_weight``, shape ``(3E, E)``, rows ``[q; k; v]``
-    with heads contiguous), the optional ``qkv_bias``, and say whether queries are
-    scaled by ``1/sqrt(head_dim)`` (:attr:`scaled`).
+    with heads contiguous; dotted names reach into submodules), the optional
+    ``qkv_bias``, the output projection (:meth:`out_proj`), how to read and set the
+    width (:meth:`width`, :meth:`set_width`: update every size attribute the forward
+    reads, e.g. a stored ``head_dim``), and whether the forward computes the scale
+    ``1/sqrt(head_dim)`` from the current width (:attr:`scaled`; set it False when
+    the scale is a stored number or the attention is cosine).
+
+    Example
+    -------
+    A timm-style module (``qkv`` and ``proj`` Linears, ``self.head_dim`` used in a reshape,
+    ``F.scaled_dot_product_attention``)::
+
+        @prunable.register_handler(MyAttention)
+        class MyAttentionHandler(prunable.AttentionHandler):
+            qkv_weight, qkv_bias = "qkv.weight", "qkv.bias"
+
+            def out_proj(self, module):
+                return module.proj
+
+            def width(self, module):
+                return module.qkv.out_features // 3
+
+            def set_width(self, module, role, n):
+                if role is prunable.Role.IN:
+                    module.qkv.in_features = n
+                else:
+                    module.qkv.out_features, module.head_dim = 3 * n, n // module.num_heads
     """
 
     qkv_weight = "in_proj_weight"

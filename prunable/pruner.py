@@ -416,7 +416,7 @@ class Pruner:
         return self.log
 
     def report(self) -> str:
-        """A markdown summary: FLOPs and params now and at the start, output channels of
+        """A markdown summary: FLOPs (of the example inputs) and params now and at the start, output channels of
         every pruned layer (start → now) and the steps taken.
 
         The starting FLOPs are known when :meth:`prune_to` ran, or when ``report()`` was

@@ -183,3 +183,58 @@ def test_unsupported_attention_is_skipped_with_a_reason():
     with pytest.warns(UserWarning, match="kdim"):
         pruner = Pruner(Cross(), torch.randn(2, 3, 5), criterion="l1")
     assert any("kdim" in reason for reason in pruner.skipped.values())
+
+
+class TimmStyleAttention(nn.Module):
+    """A custom attention module: packed qkv Linear, F.scaled_dot_product_attention, proj."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_custom_attention_module_becomes_prunable_with_a_registered_handler():
+    torch.manual_seed(0)
+    model, x = TokenNet(TimmStyleAttention(16, 4), 16).eval(), torch.randn(2, 6, 5)
+    with pytest.warns(UserWarning):  # sdpa is opaque: the inner dims are skipped, with a reason
+        unaware = Pruner(copy.deepcopy(model), x, criterion="l1")
+    assert all(g.blocks is None for g in unaware.groups)
+
+    from prunable import register_handler
+
+    @register_handler(TimmStyleAttention)
+    class Handler(AttentionHandler):
+        qkv_weight, qkv_bias = "qkv.weight", "qkv.bias"
+
+        def out_proj(self, module):
+            return module.proj
+
+        def width(self, module):
+            return module.qkv.out_features // 3
+
+        def set_width(self, module, role, n):
+            if role is Role.IN:
+                module.qkv.in_features = n
+            else:
+                module.qkv.out_features, module.head_dim = 3 * n, n // module.num_heads
+
+    try:
+        pruner = Pruner(model, x, criterion="l1")
+        group = next(g for g in pruner.groups if g.blocks is not None)
+        idx = group.blocks[:, 1].tolist()
+        reference = copy.deepcopy(model)
+        _zero_removed(reference, pruner, group.id, idx)
+        pruner.prune({group.id: idx})
+        assert (model.attn.head_dim, model.attn.qkv.weight.shape) == (3, (36, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+    finally:
+        from prunable.surgery import _HANDLERS
+        _HANDLERS.pop(TimmStyleAttention)
