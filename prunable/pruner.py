@@ -416,8 +416,8 @@ class Pruner:
         return self.log
 
     def report(self) -> str:
-        """A markdown summary: FLOPs (of the example inputs) and params now and at the start, output channels of
-        every pruned layer (start → now) and the steps taken.
+        """A markdown summary: FLOPs (of the example inputs) and params now and at the
+        start, output channels of every pruned layer (start → now) and the steps taken.
 
         The starting FLOPs are known when :meth:`prune_to` ran, or when ``report()`` was
         first called before any prune (counting them costs a forward pass, so a bare
