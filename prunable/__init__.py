@@ -27,10 +27,11 @@ from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_stat
 __version__ = "0.1.0"
 
 __all__ = [
-    "APoZ", "Aggregation", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Criterion", "DependencyGraph",
-    "EstimationError", "MeanActivation", "ModuleHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d",
-    "PLinear", "Plan", "PrunableError", "Pruner", "PruningValueError", "Random", "Role", "Scope",
-    "SeedNet", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm",
-    "convert", "count_flops", "count_params", "measure_latency", "module_flops", "ModelFileError", "load", "save", "oracle_importance", "register_handler",
-    "slice_optimizer_state", "vgg",
+    "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "convert",
+    "count_flops", "count_params", "Criterion", "DependencyGraph", "EstimationError", "load",
+    "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
+    "oracle_importance", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
+    "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
+    "Scope", "SeedNet", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
+    "TaylorWeight", "vgg", "WeightNorm",
 ]

@@ -573,7 +573,8 @@ def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[
     for item in ignored:
         name = item if isinstance(item, str) else by_id.get(id(item))
         if name is None or name not in names:
-            raise PruningValueError(f"ignored_layers entry {item if isinstance(item, str) else type(item).__name__!r} is not a module of the model")
+            shown = item if isinstance(item, str) else type(item).__name__
+            raise PruningValueError(f"ignored_layers entry {shown!r} is not a module of the model")
         out.add(name)
     return out
 
