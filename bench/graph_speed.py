@@ -5,8 +5,8 @@ mode) and the same 1×3×224×224 example input. "Build" is the constructor
 (prunable: ``Pruner(model, x, criterion=WeightNorm())``, which traces the graph
 and validates every group on a meta copy; Torch-Pruning: ``BasePruner`` with
 ``MagnitudeImportance(p=1)``, which builds its ``DependencyGraph``). "Step"
-removes the 50 % lowest-L1 channels of every group (prunable: ``scores()`` +
-``prune(plan)``, which also re-traces the graph of the pruned model and
+removes the 50 % lowest-L1 channels of every group (prunable:
+``plan(0.5, scope="layer")`` + ``prune(plan)``, which also re-traces the graph of the pruned model and
 validates the plan on a meta copy first; Torch-Pruning: ``pruner.step()`` with
 ``pruning_ratio=0.5``).
 The classifier's outputs are kept by both. One timed run per cell after an
@@ -44,10 +44,9 @@ def _model(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, num_classes=NUM_CLASSES).eval()
 
 
-def _half_plan(pruner: Any) -> dict[str, list[int]]:
-    scores = pruner.scores()
-    plan = {g.id: scores[g.id].argsort()[: g.channels // 2].tolist() for g in pruner.groups}
-    return {gid: idx for gid, idx in plan.items() if idx}
+def _half_plan(pruner: Any) -> Any:
+    """Half of every group's channels, lowest L1 first (attention heads: half of each head)."""
+    return pruner.plan(0.5, scope="layer")
 
 
 def run_ours(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
