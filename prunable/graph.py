@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PruningValueError
-from .surgery import Cut, Role
+from .surgery import Cut, Role, apply_cuts
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member"]
@@ -168,16 +168,36 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     return tracer, out
 
 
-def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int, nn.Module]]:
-    """Trace on a meta copy (falling back to a real copy for data-dependent code).
+@dataclass
+class Traced:
+    """One traced forward pass of a model.
 
-    Returns the trace and a map from the copy's module ids to the real modules.
+    ``mapping`` maps the module ids of the traced copy to the real modules;
+    ``clone`` is that copy when it lives on ``meta`` (``None`` when tracing
+    needed a real copy). The copy is left as the model was: it can serve one
+    trial run (:meth:`prunable.Pruner._trial`) instead of a fresh copy.
     """
+
+    trace: Trace
+    mapping: dict[int, nn.Module]
+    clone: nn.Module | None = None
+
+
+def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
+    """``id`` of each module of ``clone`` → the module of ``model`` with the same name."""
     real = dict(model.named_modules(remove_duplicate=False))
-    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
+
+
+def _to_meta(inputs: Any) -> Any:
+    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
+    """Trace on a meta copy (falling back to a real copy for data-dependent code)."""
     try:
         clone = meta_clone(model)
-        tracer, _ = run_traced(clone, tree_map(to_meta, example_inputs))
+        tracer, _ = run_traced(clone, _to_meta(example_inputs))
     except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
         clone = copy.deepcopy(model)
         try:
@@ -185,18 +205,32 @@ def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int,
         except Exception as exc:
             if clone.training:  # e.g. BatchNorm1d refuses a batch of one in train mode
                 try:
-                    inner, to_clone = trace_model(clone.eval(), example_inputs)
+                    inner = trace_model(clone.eval(), example_inputs)
                 except PruningValueError:
                     pass
                 else:
                     names = {id(m): n for n, m in clone.named_modules(remove_duplicate=False)}
-                    return inner, {k: real[names[id(v)]] for k, v in to_clone.items()}
+                    real = dict(model.named_modules(remove_duplicate=False))
+                    return Traced(inner.trace, {k: real[names[id(v)]] for k, v in inner.mapping.items()})
             shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
             raise PruningValueError(
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
             ) from exc
-    mapping = {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
-    return tracer.trace, mapping
+        return Traced(tracer.trace, _module_map(clone, model))
+    return Traced(tracer.trace, _module_map(clone, model), clone)
+
+
+def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut]) -> Traced:
+    """Trace ``model`` as it will be after ``cuts``, on a meta copy; ``model`` is not touched.
+
+    Raises whatever applying the cuts or the forward pass of the cut copy raises.
+    The result is the trace of the model once the same cuts are applied to it.
+    """
+    clone = meta_clone(model)
+    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
+    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
+    tracer, _ = run_traced(clone, _to_meta(example_inputs))
+    return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
 class DependencyGraph:
@@ -208,6 +242,9 @@ class DependencyGraph:
         Any ``nn.Module``; it is not modified (tracing runs on a meta copy).
     example_inputs
         A tensor or tuple of positional inputs for ``model``.
+    traced
+        A trace of ``model`` already made (:func:`trace_model`, :func:`trace_cut`);
+        ``example_inputs`` is then not run again.
 
     Attributes
     ----------
@@ -215,10 +252,10 @@ class DependencyGraph:
         Every group, prunable or not (``skip_reason``).
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, traced: Traced | None = None) -> None:
         self.model = model
-        trace, mapping = trace_model(model, example_inputs)
-        self._build(trace, mapping)
+        traced = trace_model(model, example_inputs) if traced is None else traced
+        self._build(traced.trace, traced.mapping)
 
     def _retarget(self, t: Target, mapping: dict[int, nn.Module]) -> Target:
         module = mapping[t.uid]
@@ -297,8 +334,8 @@ class DependencyGraph:
     def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
         """Cuts removing channel indices ``removals[group_id]`` of the named groups."""
         by_id = {g.id: g for g in self.groups}
-        removed = torch.cat([by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)]
-                             for gid, idx in removals.items()]) if removals else torch.empty(0, dtype=torch.long)
+        removed = [by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)] for gid, idx in removals.items()]
+        gone = _mask(torch.cat(removed) if removed else torch.empty(0, dtype=torch.long))
         seen: dict[tuple, Cut] = {}
         for gid in removals:
             for m in by_id[gid].members:
@@ -306,11 +343,22 @@ class DependencyGraph:
                 key = (t.uid, t.role, t.param, t.axis)
                 if key in seen:
                     continue
-                drop = torch.isin(m.classes, removed)
+                drop = gone[(m.classes + 1).clamp(0, len(gone) - 1)]
                 if bool(drop.any()):
                     keep = torch.nonzero(~drop).flatten()
                     seen[key] = Cut(t.module, t.role, keep, t.param, t.axis, t.label())
         return list(seen.values())
+
+
+def _mask(classes: torch.Tensor) -> torch.Tensor:
+    """Boolean lookup table: entry ``c + 1`` is True for every class ``c`` in ``classes``.
+
+    Entry 0 stands for every label below zero and every class beyond the last
+    one, so ``mask[(labels + 1).clamp(0, len(mask) - 1)]`` tests any labels.
+    """
+    mask = torch.zeros(int(classes.max()) + 3 if classes.numel() else 1, dtype=torch.bool)
+    mask[classes[classes >= 0] + 1] = True
+    return mask
 
 
 def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
