@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,8 +124,38 @@ def meta_clone(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+    for module in model.modules():
+        for value in vars(module).values():
+            if type(value) in _FLAT and id(value) not in memo:
+                copied = _flat_copy(value, memo)
+                if copied is not None:
+                    memo[id(value)] = copied
     return copy.deepcopy(model, memo)
+
+
+_FLAT = (OrderedDict, dict, set)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without its slow path for plain tensors."""
+    if type(t) is nn.Parameter:
+        return True
+    if type(t) is torch.Tensor and not t.__dict__:
+        return False
+    return isinstance(t, nn.Parameter)
+
+
+def _flat_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """What ``copy.deepcopy(value, memo)`` returns, made directly, for a module's
+    tensor and hook tables and name sets (``deepcopy`` is slow on ``OrderedDict``
+    and ``set``); None for anything else."""
+    if type(value) in (OrderedDict, dict):
+        if all(type(k) is str and (v is None or id(v) in memo) for k, v in value.items()):
+            return type(value)((k, None if v is None else memo[id(v)]) for k, v in value.items())
+    elif type(value) is set and all(type(v) is str for v in value):
+        return set(value)
+    return None
 
 
 def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:

@@ -22,6 +22,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -66,14 +67,60 @@ def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -
 
 
 _SAME_SHAPE = {"batch_norm", "instance_norm", "layer_norm", "group_norm"}
+#: functionals whose meta kernels are slow Python decompositions → position of their ``inplace`` argument
+_ACTIVATIONS = {"relu": 1, "relu6": 1, "hardtanh": 3, "hardswish": 1, "hardsigmoid": 1, "gelu": None,
+                "elu": 2, "leaky_relu": 2, "mish": 1}
 
 
 def _call(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
-    normalisations on ``meta`` tensors, whose output shape is the input's."""
-    if getattr(func, "__name__", "") in _SAME_SHAPE and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-        return torch.empty_like(args[0])
+    normalisations, activations and ``linear`` on ``meta`` tensors, whose output
+    shapes follow from the input shapes."""
+    name = getattr(func, "__name__", "")
+    fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or name == "linear") and func is getattr(F, name, None))
+    if fast and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
+        if name in _SAME_SHAPE:
+            return torch.empty_like(args[0])
+        if name == "linear":
+            return _meta_linear(args, kwargs, func)
+        return _meta_activation(name, args, kwargs, func)
     return func(*args, **kwargs)
+
+
+def _meta_activation(name: str, args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    if not args[0].is_floating_point():
+        return func(*args, **kwargs)
+    at = _ACTIVATIONS[name]
+    inplace = at is not None and bool(_arg(args, kwargs, at, "inplace", False))
+    return args[0] if inplace else torch.empty_like(args[0])
+
+
+def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``linear`` on meta tensors without its arithmetic; anything unusual (and every
+    shape mismatch, so errors read the same) goes to the real kernel."""
+    x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    plain = (isinstance(weight, torch.Tensor) and weight.dim() == 2 and x.dim() >= 1 and x.dtype == weight.dtype
+             and x.shape[-1] == weight.shape[1] and x.is_floating_point())
+    if plain and bias is not None:
+        plain = isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1] and bias.dtype == x.dtype
+    if not plain:
+        return func(*args, **kwargs)
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device="meta")
+
+
+def _same_rank(parts: Any) -> bool:
+    return isinstance(parts, (list, tuple)) and len(parts) > 0 and len({p.dim() for p in parts}) == 1
+
+
+def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)`` of shadows, concatenating their cores: dims along
+    which every part is constant are never materialised."""
+    dim %= parts[0].dim()
+    cores = [_core(p) for p in parts]
+    small = [1 if all(c.shape[d] == 1 for c in cores) else parts[0].shape[d] for d in range(parts[0].dim())]
+    pieces = [c.expand([p.shape[d] if d == dim else small[d] for d in range(p.dim())]) for c, p in zip(cores, parts)]
+    out = torch.cat(pieces, dim)
+    return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
 
 
 class MetaShortcuts(TorchFunctionMode):
@@ -333,6 +380,8 @@ class ChannelTracer(TorchFunctionMode):
             func = getattr(torch.Tensor, name.split(":")[-1], None)
             if name.startswith("property:"):
                 sout = getattr(sargs[0], name.split(":")[1])
+            elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
+                sout = _cat_cores(sargs[0], _arg(sargs, skwargs, 1, "dim", 0))
             elif isinstance(args[0], torch.Tensor) and func is not None:
                 # shadows may be non-contiguous where the real tensor is not: reshape, never view
                 method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
