@@ -327,25 +327,26 @@ class DependencyGraph:
 
     def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
         producers = [m for m in members if m.producer]
-        index = {r: i for i, r in enumerate(sorted({int(c) for m in producers for c in m.classes.tolist()}))}
+        remap = torch.unique(torch.cat([m.classes for m in producers])) if producers else torch.empty(0, dtype=torch.long)
         edges = [torch.stack([m.classes[:1].expand(len(m.classes)), m.classes], 1) for m in producers]
-        remap = torch.tensor(sorted(index), dtype=torch.long)
         lookup = torch.full((int(remap.max()) + 1 if len(remap) else 1,), -1, dtype=torch.long)
         lookup[remap] = torch.arange(len(remap))
         comp = _components(len(remap), [lookup[e] for e in edges]) if len(remap) else remap
         by_group: dict[int, list[Member]] = {}
         for m in members:
             known = m.classes[(m.classes >= 0) & (m.classes < len(lookup))]
-            known = known[lookup[known] >= 0]
-            for g in comp[lookup[known]].unique().tolist():
+            known = lookup[known]
+            for g in torch.unique(comp[known[known >= 0]]).tolist():
                 by_group.setdefault(g, []).append(m)
         measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
+        blocked_ids = torch.tensor(list(blocked), dtype=torch.long)
         groups = []
         for g, ms in by_group.items():
             classes = _ordered_unique(torch.cat([m.classes for m in ms if m.producer]))
             classes = classes[comp[lookup[classes]] == g]
             ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
-            reason = next((blocked[int(c)] for c in classes.tolist() if int(c) in blocked), None)
+            hit = torch.nonzero(torch.isin(classes, blocked_ids)).flatten()
+            reason = blocked[int(classes[hit[0]])] if len(hit) else None
             group = ChannelGroup(ms[0].target.name, classes, ms, reason)
             group.measure = self._measure(group, measure)
             groups.append(group)
@@ -354,11 +355,10 @@ class DependencyGraph:
 
     def _measure(self, group: ChannelGroup, measure: dict) -> list[tuple[str, int, torch.Tensor]]:
         """(module name, channel dim, group index per channel) where activations are measured."""
-        position = {int(c): i for i, c in enumerate(group.classes.tolist())}
         out = []
         for m in group.producers:
             name, dim = measure.get(m.target.name, (m.target.name, 1))
-            out.append((name, dim, torch.tensor([position.get(int(c), -1) for c in m.classes.tolist()])))
+            out.append((name, dim, _positions(group.classes, m.classes)))
         return out
 
     # -- pruning -----------------------------------------------------------
@@ -398,9 +398,21 @@ def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
 
 
 def _ordered_unique(x: torch.Tensor) -> torch.Tensor:
-    """Unique values of ``x`` in order of first appearance."""
-    seen: dict[int, None] = {}
-    for v in x.tolist():
-        if v >= 0:
-            seen.setdefault(v, None)
-    return torch.tensor(list(seen), dtype=torch.long)
+    """Unique non-negative values of ``x`` in order of first appearance."""
+    x = x[x >= 0]
+    if not len(x):
+        return torch.empty(0, dtype=torch.long)
+    values, inverse = torch.unique(x, return_inverse=True)
+    first = torch.full((len(values),), len(x), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(x)), reduce="amin")
+    return values[torch.argsort(first)]
+
+
+def _positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Index in ``classes`` (distinct values) of each entry of ``labels``; -1 where absent."""
+    if not len(classes):
+        return torch.full(labels.shape, -1, dtype=torch.long)
+    order = torch.argsort(classes)
+    ordered = classes[order]
+    at = torch.searchsorted(ordered, labels).clamp(max=len(ordered) - 1)
+    return torch.where(ordered[at] == labels, order[at], -1)

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
-from .graph import ChannelGroup, DependencyGraph, Traced, meta_clone, trace_cut, trace_model
+from .graph import ChannelGroup, DependencyGraph, Traced, _positions, meta_clone, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
 from .surgery import Cut, apply_cuts
@@ -449,14 +449,10 @@ class _MemberGuard:
         hits = self.hits.get(gid)
         if hits is None:
             g = self.groups[gid]
-            order = torch.argsort(g.classes)
-            ordered = g.classes[order]
             hits = []
             for slot, m in zip(self.slots[gid], g.members):
-                at = torch.searchsorted(ordered, m.classes.reshape(-1)).clamp(max=max(len(ordered) - 1, 0))
-                found = ordered[at] == m.classes.reshape(-1) if len(ordered) else torch.zeros(0, dtype=torch.bool)
-                counts = torch.bincount(order[at[found]], minlength=g.channels)
-                hits.append((slot, counts.tolist()))
+                at = _positions(g.classes, m.classes.reshape(-1))
+                hits.append((slot, torch.bincount(at[at >= 0], minlength=g.channels).tolist()))
             self.hits[gid] = hits
         return hits
 
