@@ -162,7 +162,7 @@ def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
-        for attr, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+        for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
             if t is not None:
                 owners.setdefault(id(t), (module, mname, attr))
     return names, owners

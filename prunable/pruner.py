@@ -337,6 +337,8 @@ class Pruner:
                     f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
                     f"min_channels={self.min_channels}")
         guard = _MemberGuard(self.graph.groups)
+        if guard.fits(plan.removals):
+            return
         for gid, idx in plan.removals.items():
             for i in idx:
                 emptied = guard.emptied_by(gid, i)
@@ -431,6 +433,7 @@ class _MemberGuard:
         self.groups = {g.id: g for g in groups}
         self.slots: dict[str, list[int]] = {}
         self.hits: dict[str, list[tuple[int, list[int]]]] = {}
+        self.counts: dict[str, torch.Tensor] = {}
         index: dict[tuple, int] = {}
         for g in groups:
             slots = []
@@ -449,11 +452,13 @@ class _MemberGuard:
         hits = self.hits.get(gid)
         if hits is None:
             g = self.groups[gid]
-            hits = []
-            for slot, m in zip(self.slots[gid], g.members):
-                at = _positions(g.classes, m.classes.reshape(-1))
-                hits.append((slot, torch.bincount(at[at >= 0], minlength=g.channels).tolist()))
-            self.hits[gid] = hits
+            labels = [m.classes.reshape(-1) for m in g.members]
+            member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
+            at = _positions(g.classes, torch.cat(labels))
+            ok = at >= 0
+            counts = torch.bincount(member[ok] * g.channels + at[ok], minlength=len(labels) * g.channels)
+            self.counts[gid] = counts.view(len(labels), g.channels)
+            hits = self.hits[gid] = list(zip(self.slots[gid], self.counts[gid].tolist()))
         return hits
 
     def emptied_by(self, gid: str, i: int) -> str | None:
@@ -465,6 +470,17 @@ class _MemberGuard:
     def remove(self, gid: str, i: int, sign: int = 1) -> None:
         for slot, counts in self._hits(gid):
             self.left[slot] -= sign * counts[i]
+
+    def fits(self, removals: Mapping[str, Iterable[int]]) -> bool:
+        """True if removing every channel of ``removals`` at once leaves each member
+        at least one index (then no single removal on the way empties one either)."""
+        left = list(self.left)
+        for gid, idx in removals.items():
+            self._hits(gid)
+            taken = self.counts[gid][:, torch.as_tensor(list(idx), dtype=torch.long)].sum(1)
+            for slot, k in zip(self.slots[gid], taken.tolist()):
+                left[slot] -= k
+        return all(v >= 1 for v in left)
 
     def release(self, gid: str, idx: list[int]) -> None:
         for i in idx:
