@@ -27,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .shadow import FIXED, FREE, Target, Trace, _core, canonical, labels_along, varying_dims
+from .shadow import FIXED, FREE, Target, Trace, _core, canonical, core_of, expand_shadow, labels_along, varying_dims
 from .surgery import Role, handler_for, is_depthwise
 
 _IDENTITY = {
@@ -116,7 +116,7 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(parts, dim)`` of shadows, concatenating their cores: dims along
     which every part is constant are never materialised."""
     dim %= parts[0].dim()
-    cores = [_core(p) for p in parts]
+    cores = [core_of(p) for p in parts]
     small = [1 if all(c.shape[d] == 1 for c in cores) else parts[0].shape[d] for d in range(parts[0].dim())]
     pieces = [c.expand([p.shape[d] if d == dim else small[d] for d in range(p.dim())]) for c, p in zip(cores, parts)]
     out = torch.cat(pieces, dim)
@@ -461,7 +461,7 @@ class ChannelTracer(TorchFunctionMode):
 
     def _elementwise(self, ins: list, outs: list, shape: torch.Size) -> None:
         ops = [self.shadow(t) for t in ins]
-        full = [s.expand(shape) if s.dim() else s.expand(shape) for s in ops]
+        full = [expand_shadow(s, shape) for s in ops]
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
         order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((_core(ops[i]) >= 0).any())))
