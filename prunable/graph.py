@@ -327,39 +327,60 @@ class DependencyGraph:
 
     def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
         producers = [m for m in members if m.producer]
-        remap = torch.unique(torch.cat([m.classes for m in producers])) if producers else torch.empty(0, dtype=torch.long)
-        edges = [torch.stack([m.classes[:1].expand(len(m.classes)), m.classes], 1) for m in producers]
-        lookup = torch.full((int(remap.max()) + 1 if len(remap) else 1,), -1, dtype=torch.long)
-        lookup[remap] = torch.arange(len(remap))
-        comp = _components(len(remap), [lookup[e] for e in edges]) if len(remap) else remap
-        by_group: dict[int, list[Member]] = {}
-        for m in members:
-            known = m.classes[(m.classes >= 0) & (m.classes < len(lookup))]
-            known = lookup[known]
-            for g in torch.unique(comp[known[known >= 0]]).tolist():
-                by_group.setdefault(g, []).append(m)
+        if not producers:
+            return []
+        produced = torch.cat([m.classes for m in producers])
+        values, inverse = torch.unique(produced, return_inverse=True)
+        lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
+        lookup[values] = torch.arange(len(values))
+        edges = [torch.stack([lookup[m.classes[:1]].expand(len(m.classes)), lookup[m.classes]], 1) for m in producers]
+        comp = _components(len(values), edges)
+        by_group = self._members_by_group(members, lookup, comp)
+        # a group's channels: its classes in order of first appearance among the producers
+        first = torch.full((len(values),), len(produced), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(len(produced)), reduce="amin")
+        order = torch.argsort(comp * (len(produced) + 1) + first)
+        ordered, owner = values[order], comp[order]
+        sizes = torch.bincount(owner, minlength=len(values))
+        start = torch.cumsum(sizes, 0) - sizes
+        position = torch.full_like(lookup, -1)
+        position[ordered] = torch.arange(len(ordered)) - start[owner]
+        chunks = dict(zip(torch.unique_consecutive(owner).tolist(), torch.split(ordered, sizes[sizes > 0].tolist())))
         measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
-        blocked_ids = torch.tensor(list(blocked), dtype=torch.long)
+        reasons = self._first_blocked(ordered, owner, blocked)
+        lowest = torch.full((len(values),), len(values), dtype=torch.long)
+        lowest = lowest.scatter_reduce_(0, comp, torch.arange(len(values)), reduce="amin").tolist()  # values are sorted
         groups = []
         for g, ms in by_group.items():
-            classes = _ordered_unique(torch.cat([m.classes for m in ms if m.producer]))
-            classes = classes[comp[lookup[classes]] == g]
             ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
-            hit = torch.nonzero(torch.isin(classes, blocked_ids)).flatten()
-            reason = blocked[int(classes[hit[0]])] if len(hit) else None
-            group = ChannelGroup(ms[0].target.name, classes, ms, reason)
-            group.measure = self._measure(group, measure)
-            groups.append(group)
-        groups.sort(key=lambda grp: min(int(m.classes.min()) for m in grp.producers))
-        return groups
+            group = ChannelGroup(ms[0].target.name, chunks[g], ms, reasons.get(g))
+            group.measure = [(*measure.get(m.target.name, (m.target.name, 1)), position[m.classes])
+                             for m in group.producers]
+            groups.append((lowest[g], group))
+        return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
-    def _measure(self, group: ChannelGroup, measure: dict) -> list[tuple[str, int, torch.Tensor]]:
-        """(module name, channel dim, group index per channel) where activations are measured."""
-        out = []
-        for m in group.producers:
-            name, dim = measure.get(m.target.name, (m.target.name, 1))
-            out.append((name, dim, _positions(group.classes, m.classes)))
-        return out
+    @staticmethod
+    def _members_by_group(members: list[Member], lookup: torch.Tensor, comp: torch.Tensor) -> dict[int, list[Member]]:
+        """Group (component) → the members holding one of its classes, in member order."""
+        flat = torch.cat([m.classes.reshape(-1) for m in members])
+        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
+        inside = (flat >= 0) & (flat < len(lookup))
+        index = lookup[flat[inside]]
+        known = index >= 0
+        pairs = torch.unique(owner[inside][known] * len(comp) + comp[index[known]]).tolist()
+        by_group: dict[int, list[Member]] = {}
+        for pair in pairs:
+            by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])
+        return by_group
+
+    @staticmethod
+    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: dict[int, str]) -> dict[int, str]:
+        """Group → the reason of its first blocked channel, for groups with one."""
+        hit = torch.nonzero(torch.isin(ordered, torch.tensor(list(blocked), dtype=torch.long))).flatten()
+        reasons: dict[int, str] = {}
+        for g, c in zip(owner[hit].tolist(), ordered[hit].tolist()):
+            reasons.setdefault(g, blocked[c])
+        return reasons
 
     # -- pruning -----------------------------------------------------------
     def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
@@ -395,17 +416,6 @@ def _mask(classes: torch.Tensor) -> torch.Tensor:
 def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
     moved = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)
     return bool((moved == moved[:, :1]).all())
-
-
-def _ordered_unique(x: torch.Tensor) -> torch.Tensor:
-    """Unique non-negative values of ``x`` in order of first appearance."""
-    x = x[x >= 0]
-    if not len(x):
-        return torch.empty(0, dtype=torch.long)
-    values, inverse = torch.unique(x, return_inverse=True)
-    first = torch.full((len(values),), len(x), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(x)), reduce="amin")
-    return values[torch.argsort(first)]
 
 
 def _positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
