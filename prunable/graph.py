@@ -388,18 +388,22 @@ class DependencyGraph:
         by_id = {g.id: g for g in self.groups}
         removed = [by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)] for gid, idx in removals.items()]
         gone = _mask(torch.cat(removed) if removed else torch.empty(0, dtype=torch.long))
-        seen: dict[tuple, Cut] = {}
+        members: dict[tuple, Member] = {}
         for gid in removals:
             for m in by_id[gid].members:
-                t = m.target
-                key = (t.uid, t.role, t.param, t.axis)
-                if key in seen:
-                    continue
-                drop = gone[(m.classes + 1).clamp(0, len(gone) - 1)]
-                if bool(drop.any()):
-                    keep = torch.nonzero(~drop).flatten()
-                    seen[key] = Cut(t.module, t.role, keep, t.param, t.axis, t.label())
-        return list(seen.values())
+                members.setdefault((m.target.uid, m.target.role, m.target.param, m.target.axis), m)
+        if not members:
+            return []
+        labels = [m.classes.reshape(-1) for m in members.values()]
+        sizes = torch.tensor([len(x) for x in labels])
+        owner = torch.repeat_interleave(torch.arange(len(labels)), sizes)
+        flat = torch.cat(labels)
+        drop = gone[(flat + 1).clamp(0, len(gone) - 1)]
+        dropped = torch.bincount(owner[drop], minlength=len(labels))
+        kept = torch.nonzero(~drop).flatten()
+        keeps = torch.split(kept - (torch.cumsum(sizes, 0) - sizes)[owner[kept]], (sizes - dropped).tolist())
+        return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label())
+                for m, n, keep in zip(members.values(), dropped.tolist(), keeps) if n]
 
 
 def _mask(classes: torch.Tensor) -> torch.Tensor:
