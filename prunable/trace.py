@@ -53,6 +53,15 @@ _CONV = {"conv1d", "conv2d", "conv3d"}
 _CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 
+#: what ``tree_flatten`` looks into (pytree containers) among the arguments of an operation
+_CONTAINERS = (list, tuple, dict)
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a pytree, in ``tree_flatten`` order."""
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
 def _func_name(func: Any) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":
@@ -222,9 +231,9 @@ class ChannelTracer(TorchFunctionMode):
         name = _func_name(func)
         if name in ("size", "dim", "numel", "__len__", "property:shape", "property:dtype", "property:device"):
             return out
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outs = [out] if isinstance(out, torch.Tensor) else _tensors(out)
         if not outs:
-            ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            ins = self._tensors_in(args, kwargs)
             if name in _BLOCK:
                 for t in ins:
                     if self.has_labels(t):
@@ -255,7 +264,9 @@ class ChannelTracer(TorchFunctionMode):
             self._generic(name, args, kwargs, out, outs)
 
     def _tensors_in(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        return [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if any(isinstance(a, _CONTAINERS) for a in args) or any(isinstance(a, _CONTAINERS) for a in kwargs.values()):
+            return _tensors((args, kwargs))
+        return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
     def _block_all(self, name: str, args: tuple, kwargs: dict, outs: list) -> None:
         for t in self._tensors_in(args, kwargs):
@@ -501,9 +512,13 @@ class ChannelTracer(TorchFunctionMode):
     def _elementwise(self, ins: list, outs: list, shape: torch.Size) -> None:
         ops = [self.shadow(t) for t in ins]
         full = [expand_shadow(s, shape) for s in ops]
+        if len(full) == 1:  # unary: the output has the input's labels
+            for t in outs:
+                self.set_shadow(t, full[0])
+            return
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((_core(ops[i]) >= 0).any())))
+        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((core_of(ops[i]) >= 0).any())))
         p = order[0]
         vary_p = set(varying_dims(full[p]))
         for i in order[1:]:
