@@ -196,6 +196,7 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     finally:
         for h in hooks:
             h.remove()
+        tracer.forget_shadows()
     return tracer, out
 
 

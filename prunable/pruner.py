@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -104,7 +105,8 @@ class Pruner:
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
         self.log: list[dict[str, float]] = []
-        self._rebuild(warn=True)
+        with _gc_paused():
+            self._rebuild(warn=True)
 
     # -- graph -----------------------------------------------------------------
     def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
@@ -295,7 +297,12 @@ class Pruner:
         if torch.is_inference_mode_enabled():
             raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
                                     "parameters could never be trained again; call it outside")
-        plan = Plan.coerce(plan)
+        with _gc_paused():
+            self._prune(Plan.coerce(plan))
+
+    def _prune(self, plan: Plan) -> None:
+        """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
+        so the graph of the pruned model needs no second trace."""
         self._check(plan)
         removals = {k: list(v) for k, v in plan.removals.items()}
         cuts = self.graph.cuts(removals)
@@ -501,6 +508,23 @@ class _MemberGuard:
                 chosen[gid].append(i)
                 n -= 1
         return chosen
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while the block runs.
+
+    Tracing and validating allocate many short-lived objects, all freed by
+    reference counting; in a large process, one full collection triggered by
+    them can cost more than the work itself. The previous state is restored.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _progress(enabled: bool) -> Callable[[dict | None], None]:

@@ -214,6 +214,12 @@ class ChannelTracer(TorchFunctionMode):
         key = id(t)
         self._shadows[key] = (weakref.ref(t, lambda _r, k=key, d=self._shadows: d.pop(k, None)), canonical(s))
 
+    def forget_shadows(self) -> None:
+        """Drop every shadow (the trace stays); breaks the table's reference cycle
+        through its weak-reference callbacks, so it is freed without the garbage collector."""
+        self._shadows.clear()
+        self._made_by.clear()
+
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
 
