@@ -78,7 +78,8 @@ def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -
 _SAME_SHAPE = {"batch_norm", "instance_norm", "layer_norm", "group_norm"}
 #: functionals whose meta kernels are slow Python decompositions → position of their ``inplace`` argument
 _ACTIVATIONS = {"relu": 1, "relu6": 1, "hardtanh": 3, "hardswish": 1, "hardsigmoid": 1, "gelu": None,
-                "elu": 2, "leaky_relu": 2, "mish": 1}
+                "elu": 2, "leaky_relu": 2, "mish": 1, "silu": 1}
+_UNARY = {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh}
 
 
 _ARITH = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
@@ -115,7 +116,56 @@ def _call(func: Any, args: tuple, kwargs: dict) -> Any:
         return _meta_activation(name, args, kwargs, func)
     if func in _ARITH_FUNCS and len(args) == 2 and set(kwargs) <= {"alpha"}:
         return _meta_arith(name, args, kwargs, func)
+    if func in _UNARY and len(args) == 1 and not kwargs and _plain_meta(args[0]):
+        return _meta_like(args[0])
+    if func is F.adaptive_avg_pool2d and len(args) + len(kwargs) == 2 and _plain_meta(args[0]):
+        return _meta_adaptive_pool(args, kwargs, func)
+    if func is torch.conv2d and args and _plain_meta(args[0]):
+        return _meta_conv2d(args, kwargs, func)
     return func(*args, **kwargs)
+
+
+def _pair(value: Any) -> tuple | None:
+    """An int or a pair of ints as a pair, else None."""
+    pair = (value, value) if type(value) is int else tuple(value) if isinstance(value, (tuple, list)) else ()
+    return pair if len(pair) == 2 and all(type(v) is int for v in pair) else None
+
+
+def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``conv2d`` of contiguous 4-D meta tensors without its slow meta kernel; every
+    unusual or invalid call (so every error message) goes to the real one."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return func(*args, **kwargs)
+    x, w, bias, stride, padding, dilation, groups = (_arg(args, kwargs, i, n, d) for i, (n, d) in
+                                                     enumerate(zip(names, defaults)))
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    ok = (isinstance(w, torch.Tensor) and _plain_meta(w) and w.dim() == 4 and x.dim() == 4 and w.dtype == x.dtype
+          and type(groups) is int and groups >= 1 and None not in (stride, padding, dilation) and x.shape[0] > 0
+          and min(stride) > 0 and min(dilation) > 0 and min(padding) >= 0 and w.shape[0] > 0
+          and w.shape[0] % groups == 0 and x.shape[1] == w.shape[1] * groups)
+    if ok and bias is not None:
+        ok = isinstance(bias, torch.Tensor) and bias.is_meta and bias.dtype == x.dtype and bias.shape == w.shape[:1]
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)] if ok else []
+    if not ok or min(size) < 1:
+        return func(*args, **kwargs)
+    return torch.empty(x.shape[0], w.shape[0], *size, dtype=x.dtype, device="meta")
+
+
+def _plain_meta(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point() and x.is_contiguous()
+
+
+def _meta_adaptive_pool(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``adaptive_avg_pool2d`` of a contiguous meta tensor, without its slow meta kernel."""
+    x, size = args[0], _arg(args, kwargs, 1, "output_size")
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    out = tuple(x.shape[i - 2] if n is None else n for i, n in enumerate(size))
+    if x.dim() not in (3, 4) or 0 in x.shape[1:] or len(out) != 2 or not all(type(n) is int and n > 0 for n in out):
+        return func(*args, **kwargs)
+    return torch.empty(x.shape[:-2] + out, dtype=x.dtype, device="meta")
 
 
 def _meta_arith(name: str, args: tuple, kwargs: dict, func: Any) -> Any:
