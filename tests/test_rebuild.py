@@ -90,3 +90,22 @@ def test_meta_clone_is_independent_of_the_model():
     assert all(p.is_meta for p in clone.parameters())
     assert not any(p.is_meta for p in model.parameters())
     assert [n for n, _ in clone.named_modules()] == [n for n, _ in model.named_modules()]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_garbage_collector_state_is_restored(enabled):
+    import gc
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion=WeightNorm())
+        assert gc.isenabled() == enabled
+        pruner.prune({"0": [0]})
+        assert gc.isenabled() == enabled
+        with pytest.raises(Exception):
+            pruner.prune({"0": [99]})
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
