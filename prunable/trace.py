@@ -85,7 +85,8 @@ _UNARY = {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh}
 _ARITH = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
           "__truediv__", "__rtruediv__"}
 _ARITH_INPLACE = {"add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
-_ARITH_FUNCS = {f for n in _ARITH | _ARITH_INPLACE for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f}
+_ARITH_FUNCS = {f for n in _ARITH | _ARITH_INPLACE
+                for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f}
 
 
 def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
