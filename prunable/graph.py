@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PruningValueError
 from .attention import AttentionHandler
-from .surgery import Cut, Role, handler_for
+from .surgery import Cut, Role, apply_cuts, handler_for
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member"]
@@ -128,15 +129,45 @@ def meta_clone(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+    for module in model.modules():
+        for value in vars(module).values():
+            if type(value) in _FLAT and id(value) not in memo:
+                copied = _flat_copy(value, memo)
+                if copied is not None:
+                    memo[id(value)] = copied
     return copy.deepcopy(model, memo)
+
+
+_FLAT = (OrderedDict, dict, set)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without its slow path for plain tensors."""
+    if type(t) is nn.Parameter:
+        return True
+    if type(t) is torch.Tensor and not t.__dict__:
+        return False
+    return isinstance(t, nn.Parameter)
+
+
+def _flat_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """What ``copy.deepcopy(value, memo)`` returns, made directly, for a module's
+    tensor and hook tables and name sets (``deepcopy`` is slow on ``OrderedDict``
+    and ``set``); None for anything else."""
+    if type(value) in (OrderedDict, dict):
+        if all(type(k) is str and (v is None or id(v) in memo) for k, v in value.items()):
+            return type(value)((k, None if v is None else memo[id(v)]) for k, v in value.items())
+    elif type(value) is set and all(type(v) is str for v in value):
+        return set(value)
+    return None
 
 
 def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
-        for attr, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+        for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
             if t is not None:
                 owners.setdefault(id(t), (module, mname, attr))
     return names, owners
@@ -164,19 +195,40 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     finally:
         for h in hooks:
             h.remove()
+        tracer.forget_shadows()
     return tracer, out
 
 
-def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int, nn.Module]]:
-    """Trace on a meta copy (falling back to a real copy for data-dependent code).
+@dataclass
+class Traced:
+    """One traced forward pass of a model.
 
-    Returns the trace and a map from the copy's module ids to the real modules.
+    ``mapping`` maps the module ids of the traced copy to the real modules;
+    ``clone`` is that copy when it lives on ``meta`` (``None`` when tracing
+    needed a real copy). The copy is left as the model was: it can serve one
+    trial run (:meth:`prunable.Pruner._trial`) instead of a fresh copy.
     """
+
+    trace: Trace
+    mapping: dict[int, nn.Module]
+    clone: nn.Module | None = None
+
+
+def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
+    """``id`` of each module of ``clone`` → the module of ``model`` with the same name."""
     real = dict(model.named_modules(remove_duplicate=False))
-    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
+
+
+def _to_meta(inputs: Any) -> Any:
+    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
+    """Trace on a meta copy (falling back to a real copy for data-dependent code)."""
     try:
         clone = meta_clone(model)
-        tracer, _ = run_traced(clone, tree_map(to_meta, example_inputs))
+        tracer, _ = run_traced(clone, _to_meta(example_inputs))
     except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
         clone = copy.deepcopy(model)
         try:
@@ -184,18 +236,32 @@ def trace_model(model: nn.Module, example_inputs: Any) -> tuple[Trace, dict[int,
         except Exception as exc:
             if clone.training:  # e.g. BatchNorm1d refuses a batch of one in train mode
                 try:
-                    inner, to_clone = trace_model(clone.eval(), example_inputs)
+                    inner = trace_model(clone.eval(), example_inputs)
                 except PruningValueError:
                     pass
                 else:
                     names = {id(m): n for n, m in clone.named_modules(remove_duplicate=False)}
-                    return inner, {k: real[names[id(v)]] for k, v in to_clone.items()}
+                    real = dict(model.named_modules(remove_duplicate=False))
+                    return Traced(inner.trace, {k: real[names[id(v)]] for k, v in inner.mapping.items()})
             shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
             raise PruningValueError(
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
             ) from exc
-    mapping = {id(m): real[n] for n, m in clone.named_modules(remove_duplicate=False)}
-    return tracer.trace, mapping
+        return Traced(tracer.trace, _module_map(clone, model))
+    return Traced(tracer.trace, _module_map(clone, model), clone)
+
+
+def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut]) -> Traced:
+    """Trace ``model`` as it will be after ``cuts``, on a meta copy; ``model`` is not touched.
+
+    Raises whatever applying the cuts or the forward pass of the cut copy raises.
+    The result is the trace of the model once the same cuts are applied to it.
+    """
+    clone = meta_clone(model)
+    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
+    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
+    tracer, _ = run_traced(clone, _to_meta(example_inputs))
+    return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
 class DependencyGraph:
@@ -207,6 +273,9 @@ class DependencyGraph:
         Any ``nn.Module``; it is not modified (tracing runs on a meta copy).
     example_inputs
         A tensor or tuple of positional inputs for ``model``.
+    traced
+        A trace of ``model`` already made (:func:`trace_model`, :func:`trace_cut`);
+        ``example_inputs`` is then not run again.
 
     Attributes
     ----------
@@ -214,10 +283,10 @@ class DependencyGraph:
         Every group, prunable or not (``skip_reason``).
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, traced: Traced | None = None) -> None:
         self.model = model
-        trace, mapping = trace_model(model, example_inputs)
-        self._build(trace, mapping)
+        traced = trace_model(model, example_inputs) if traced is None else traced
+        self._build(traced.trace, traced.mapping)
 
     def _retarget(self, t: Target, mapping: dict[int, nn.Module]) -> Target:
         module = mapping[t.uid]
@@ -279,61 +348,102 @@ class DependencyGraph:
 
     def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
         producers = [m for m in members if m.producer]
-        index = {r: i for i, r in enumerate(sorted({int(c) for m in producers for c in m.classes.tolist()}))}
-        edges = [torch.stack([m.classes[:1].expand(len(m.classes)), m.classes], 1) for m in producers]
-        remap = torch.tensor(sorted(index), dtype=torch.long)
-        lookup = torch.full((int(remap.max()) + 1 if len(remap) else 1,), -1, dtype=torch.long)
-        lookup[remap] = torch.arange(len(remap))
-        comp = _components(len(remap), [lookup[e] for e in edges]) if len(remap) else remap
-        by_group: dict[int, list[Member]] = {}
-        for m in members:
-            known = m.classes[(m.classes >= 0) & (m.classes < len(lookup))]
-            known = known[lookup[known] >= 0]
-            for g in comp[lookup[known]].unique().tolist():
-                by_group.setdefault(g, []).append(m)
+        if not producers:
+            return []
+        produced = torch.cat([m.classes for m in producers])
+        values, inverse = torch.unique(produced, return_inverse=True)
+        lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
+        lookup[values] = torch.arange(len(values))
+        edges = [torch.stack([lookup[m.classes[:1]].expand(len(m.classes)), lookup[m.classes]], 1) for m in producers]
+        comp = _components(len(values), edges)
+        by_group = self._members_by_group(members, lookup, comp)
+        # a group's channels: its classes in order of first appearance among the producers
+        first = torch.full((len(values),), len(produced), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(len(produced)), reduce="amin")
+        order = torch.argsort(comp * (len(produced) + 1) + first)
+        ordered, owner = values[order], comp[order]
+        sizes = torch.bincount(owner, minlength=len(values))
+        start = torch.cumsum(sizes, 0) - sizes
+        position = torch.full_like(lookup, -1)
+        position[ordered] = torch.arange(len(ordered)) - start[owner]
+        chunks = dict(zip(torch.unique_consecutive(owner).tolist(), torch.split(ordered, sizes[sizes > 0].tolist())))
         measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
+        reasons = self._first_blocked(ordered, owner, blocked)
+        lowest = torch.full((len(values),), len(values), dtype=torch.long)
+        lowest = lowest.scatter_reduce_(0, comp, torch.arange(len(values)), reduce="amin").tolist()  # values are sorted
         groups = []
         for g, ms in by_group.items():
-            classes = _ordered_unique(torch.cat([m.classes for m in ms if m.producer]))
-            classes = classes[comp[lookup[classes]] == g]
             ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
-            reason = next((blocked[int(c)] for c in classes.tolist() if int(c) in blocked), None)
-            group = ChannelGroup(ms[0].target.name, classes, ms, reason)
-            group.measure = self._measure(group, measure)
-            groups.append(group)
-        groups.sort(key=lambda grp: min(int(m.classes.min()) for m in grp.producers))
-        return groups
+            group = ChannelGroup(ms[0].target.name, chunks[g], ms, reasons.get(g))
+            group.measure = [(*_measure_point(m, measure), position[m.classes]) for m in group.producers]
+            groups.append((lowest[g], group))
+        return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
-    def _measure(self, group: ChannelGroup, measure: dict) -> list[tuple[str, int, torch.Tensor]]:
-        """(module name, channel dim, group index per channel) where activations are measured;
-        dim is None for a producer with no observable output (attention's inner q/k/v)."""
-        position = {int(c): i for i, c in enumerate(group.classes.tolist())}
-        out = []
-        for m in group.producers:
-            name, dim = measure.get(m.target.name, (m.target.name, 1))
-            if isinstance(handler_for(m.target.module), AttentionHandler) and m.target.name not in measure:
-                dim = None
-            out.append((name, dim, torch.tensor([position.get(int(c), -1) for c in m.classes.tolist()])))
-        return out
+    @staticmethod
+    def _members_by_group(members: list[Member], lookup: torch.Tensor, comp: torch.Tensor) -> dict[int, list[Member]]:
+        """Group (component) → the members holding one of its classes, in member order."""
+        flat = torch.cat([m.classes.reshape(-1) for m in members])
+        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
+        inside = (flat >= 0) & (flat < len(lookup))
+        index = lookup[flat[inside]]
+        known = index >= 0
+        pairs = torch.unique(owner[inside][known] * len(comp) + comp[index[known]]).tolist()
+        by_group: dict[int, list[Member]] = {}
+        for pair in pairs:
+            by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])
+        return by_group
+
+    @staticmethod
+    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: dict[int, str]) -> dict[int, str]:
+        """Group → the reason of its first blocked channel, for groups with one."""
+        hit = torch.nonzero(torch.isin(ordered, torch.tensor(list(blocked), dtype=torch.long))).flatten()
+        reasons: dict[int, str] = {}
+        for g, c in zip(owner[hit].tolist(), ordered[hit].tolist()):
+            reasons.setdefault(g, blocked[c])
+        return reasons
 
     # -- pruning -----------------------------------------------------------
     def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
         """Cuts removing channel indices ``removals[group_id]`` of the named groups."""
         by_id = {g.id: g for g in self.groups}
-        removed = torch.cat([by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)]
-                             for gid, idx in removals.items()]) if removals else torch.empty(0, dtype=torch.long)
-        seen: dict[tuple, Cut] = {}
+        removed = [by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)] for gid, idx in removals.items()]
+        gone = _mask(torch.cat(removed) if removed else torch.empty(0, dtype=torch.long))
+        members: dict[tuple, Member] = {}
         for gid in removals:
             for m in by_id[gid].members:
-                t = m.target
-                key = (t.uid, t.role, t.param, t.axis)
-                if key in seen:
-                    continue
-                drop = torch.isin(m.classes, removed)
-                if bool(drop.any()):
-                    keep = torch.nonzero(~drop).flatten()
-                    seen[key] = Cut(t.module, t.role, keep, t.param, t.axis, t.label())
-        return list(seen.values())
+                members.setdefault((m.target.uid, m.target.role, m.target.param, m.target.axis), m)
+        if not members:
+            return []
+        labels = [m.classes.reshape(-1) for m in members.values()]
+        sizes = torch.tensor([len(x) for x in labels])
+        owner = torch.repeat_interleave(torch.arange(len(labels)), sizes)
+        flat = torch.cat(labels)
+        drop = gone[(flat + 1).clamp(0, len(gone) - 1)]
+        dropped = torch.bincount(owner[drop], minlength=len(labels))
+        kept = torch.nonzero(~drop).flatten()
+        keeps = torch.split(kept - (torch.cumsum(sizes, 0) - sizes)[owner[kept]], (sizes - dropped).tolist())
+        return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label())
+                for m, n, keep in zip(members.values(), dropped.tolist(), keeps) if n]
+
+
+def _mask(classes: torch.Tensor) -> torch.Tensor:
+    """Boolean lookup table: entry ``c + 1`` is True for every class ``c`` in ``classes``.
+
+    Entry 0 stands for every label below zero and every class beyond the last
+    one, so ``mask[(labels + 1).clamp(0, len(mask) - 1)]`` tests any labels.
+    """
+    mask = torch.zeros(int(classes.max()) + 3 if classes.numel() else 1, dtype=torch.bool)
+    mask[classes[classes >= 0] + 1] = True
+    return mask
+
+
+def _measure_point(member: Member, measure: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """(module name, channel dim) where a producer's activations are observed; dim is None
+    for a producer with no observable output (an attention layer's inner q/k/v)."""
+    name = member.target.name
+    if name not in measure and isinstance(handler_for(member.target.module), AttentionHandler):
+        return name, None
+    return measure.get(name, (name, 1))
 
 
 def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
@@ -341,10 +451,11 @@ def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
     return bool((moved == moved[:, :1]).all())
 
 
-def _ordered_unique(x: torch.Tensor) -> torch.Tensor:
-    """Unique values of ``x`` in order of first appearance."""
-    seen: dict[int, None] = {}
-    for v in x.tolist():
-        if v >= 0:
-            seen.setdefault(v, None)
-    return torch.tensor(list(seen), dtype=torch.long)
+def _positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Index in ``classes`` (distinct values) of each entry of ``labels``; -1 where absent."""
+    if not len(classes):
+        return torch.full(labels.shape, -1, dtype=torch.long)
+    order = torch.argsort(classes)
+    ordered = classes[order]
+    at = torch.searchsorted(ordered, labels).clamp(max=len(ordered) - 1)
+    return torch.where(ordered[at] == labels, order[at], -1)

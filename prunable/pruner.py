@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,7 +30,7 @@ from torch.utils._pytree import tree_map
 from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
-from .graph import ChannelGroup, DependencyGraph, meta_clone
+from .graph import ChannelGroup, DependencyGraph, Traced, _positions, meta_clone, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
 from .attention import AttentionHandler
@@ -106,13 +107,16 @@ class Pruner:
         self.history: list[Plan] = []
         self.log: list[dict[str, float]] = []
         self._start: dict[str, int] | None = None  # FLOPs/params before the first prune, once measured
-        self._rebuild(warn=True)
+        with _gc_paused():
+            self._rebuild(warn=True)
         self._initial_widths = self._widths()
         self._initial_params = count_params(model)
 
     # -- graph -----------------------------------------------------------------
-    def _rebuild(self, warn: bool = False) -> None:
-        self.graph = DependencyGraph(self.model, self.example_inputs)
+    def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
+        """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
+        traced = trace_model(self.model, self.example_inputs) if traced is None else traced
+        self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self.skipped: dict[str, str] = {}
         for g in self.graph.groups:
             reason = g.skip_reason or next(
@@ -122,7 +126,7 @@ class Pruner:
             if reason:
                 self.skipped[g.id] = reason
         if self.validate:
-            self.skipped.update(self._invalid_groups())
+            self.skipped.update(self._invalid_groups(traced.clone))
         if warn:
             for gid, reason in self.skipped.items():
                 if reason != "model output" and not reason.startswith(("ignored layer", "1 channel", "every channel")):
@@ -140,9 +144,9 @@ class Pruner:
         """Groups that can be pruned."""
         return [g for g in self.graph.groups if g.id not in self.skipped]
 
-    def _trial(self, cuts: list[Cut]) -> str | None:
-        """Apply ``cuts`` to a meta copy and run it; the error text, or None."""
-        clone = meta_clone(self.model)
+    def _trial(self, cuts: list[Cut], clone: nn.Module | None = None) -> str | None:
+        """Apply ``cuts`` to a meta copy (``clone``, or a fresh one) and run it; the error text, or None."""
+        clone = meta_clone(self.model) if clone is None else clone
         twin = dict(zip((id(m) for m in self.model.modules()), clone.modules()))
         moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
         inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, self.example_inputs)
@@ -154,9 +158,12 @@ class Pruner:
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return None
 
-    def _failing(self, removals: dict[str, list[int]]) -> list[tuple[str, str]]:
-        """Group ids whose removal breaks the forward pass (bisection)."""
-        error = self._trial(self.graph.cuts(removals)) if removals else None
+    def _failing(self, removals: dict[str, list[int]], clone: nn.Module | None = None) -> list[tuple[str, str]]:
+        """Group ids whose removal breaks the forward pass (bisection).
+
+        ``clone``, a meta copy of the model, serves the first trial (it is cut there).
+        """
+        error = self._trial(self.graph.cuts(removals), clone) if removals else None
         if error is None:
             return []
         if len(removals) == 1:
@@ -165,9 +172,9 @@ class Pruner:
         half = len(items) // 2
         return self._failing(dict(items[:half])) + self._failing(dict(items[half:]))
 
-    def _invalid_groups(self) -> list[tuple[str, str]]:
+    def _invalid_groups(self, clone: nn.Module | None = None) -> list[tuple[str, str]]:
         """Groups that cannot lose a channel: every channel is the last of some layer,
-        or removing one breaks the forward pass (checked on a meta copy)."""
+        or removing one breaks the forward pass (checked on a meta copy: ``clone`` if given)."""
         guard, probe, stuck = _MemberGuard(self.groups), {}, []
         for g in self.groups:
             if g.blocks is not None:  # one channel of every head / GroupNorm group
@@ -181,7 +188,7 @@ class Pruner:
                 stuck.append((g.id, "every channel left is the last one of some layer"))
                 continue
             probe[g.id] = idx
-        return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe)]
+        return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe, clone)]
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -309,18 +316,36 @@ class Pruner:
         if torch.is_inference_mode_enabled():
             raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
                                     "parameters could never be trained again; call it outside")
-        plan = Plan.coerce(plan)
+        with _gc_paused():
+            self._prune(Plan.coerce(plan))
+
+    def _prune(self, plan: Plan) -> None:
+        """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
+        so the graph of the pruned model needs no second trace."""
         self._check(plan)
         removals = {k: list(v) for k, v in plan.removals.items()}
-        if self.validate:
+        cuts = self.graph.cuts(removals)
+        traced = self._traced_trial(cuts) if self.validate else None
+        if self.validate and traced is None:
             failing = self._failing(removals)
             if failing:
                 gid, error = failing[0]
                 raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
-        apply_cuts(self.graph.cuts(removals), self.optimizer)
+        apply_cuts(cuts, self.optimizer)
         self.history.append(plan)
         self.criterion.reset()
-        self._rebuild()
+        self._rebuild(traced=traced)
+
+    def _traced_trial(self, cuts: list[Cut]) -> Traced | None:
+        """Trace the model as ``cuts`` will leave it, on a meta copy; None if that fails.
+
+        A success is the trial run of the plan and the trace of the pruned model
+        at once. A failure is settled by :meth:`_failing`, which names the group.
+        """
+        try:
+            return trace_cut(self.model, self.example_inputs, cuts)
+        except Exception:  # noqa: BLE001 - _failing reports it
+            return None
 
     def _check(self, plan: Plan) -> None:
         by_id = {g.id: g for g in self.graph.groups}
@@ -345,6 +370,8 @@ class Pruner:
                         f"group {gid}: {by_id[gid].blocks_of} must each lose the same number of their "
                         f"{blocks.shape[1]} channels, and keep at least one; the plan removes {counts}")
         guard = _MemberGuard(self.graph.groups)
+        if guard.fits(plan.removals):
+            return
         for gid, idx in plan.removals.items():
             for i in idx:
                 emptied = guard.emptied_by(gid, i)
@@ -483,30 +510,66 @@ def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: A
 
 class _MemberGuard:
     """Tracks channels left in every module side and parameter while a plan is chosen,
-    so no layer inside a group (one branch of a concat tied to others) is emptied."""
+    so no layer inside a group (one branch of a concat tied to others) is emptied.
+
+    How many indices of each member every group channel holds is counted lazily,
+    the first time a group is asked about.
+    """
 
     def __init__(self, groups: list[ChannelGroup]) -> None:
-        self.left: dict[tuple, float] = {}
-        self.labels: dict[tuple, str] = {}
-        self.hits: dict[tuple[str, int], list[tuple[tuple, int]]] = {}
+        self.left: list[float] = []
+        self.labels: list[str] = []
+        self.groups = {g.id: g for g in groups}
+        self.slots: dict[str, list[int]] = {}
+        self.hits: dict[str, list[tuple[int, list[int]]]] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        index: dict[tuple, int] = {}
         for g in groups:
-            position = {int(c): i for i, c in enumerate(g.classes.tolist())}
+            slots = []
             for m in g.members:
                 key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
-                fixed = bool((m.classes < 0).any())
-                self.left.setdefault(key, math.inf if fixed else len(m.classes))
-                self.labels[key] = m.target.label()
-                values, counts = torch.unique(m.classes[torch.isin(m.classes, g.classes)], return_counts=True)
-                for c, k in zip(values.tolist(), counts.tolist()):
-                    self.hits.setdefault((g.id, position[c]), []).append((key, k))
+                if key not in index:
+                    index[key] = len(self.left)
+                    self.left.append(math.inf if bool((m.classes < 0).any()) else len(m.classes))
+                    self.labels.append("")
+                self.labels[index[key]] = m.target.label()
+                slots.append(index[key])
+            self.slots[g.id] = slots
+
+    def _hits(self, gid: str) -> list[tuple[int, list[int]]]:
+        """(member slot, indices of the member held by each channel of ``gid``) per member."""
+        hits = self.hits.get(gid)
+        if hits is None:
+            g = self.groups[gid]
+            labels = [m.classes.reshape(-1) for m in g.members]
+            member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
+            at = _positions(g.classes, torch.cat(labels))
+            ok = at >= 0
+            counts = torch.bincount(member[ok] * g.channels + at[ok], minlength=len(labels) * g.channels)
+            self.counts[gid] = counts.view(len(labels), g.channels)
+            hits = self.hits[gid] = list(zip(self.slots[gid], self.counts[gid].tolist()))
+        return hits
 
     def emptied_by(self, gid: str, i: int) -> str | None:
         """Label of a member that removing channel ``i`` of ``gid`` would empty."""
-        return next((self.labels[key] for key, k in self.hits.get((gid, i), []) if self.left[key] - k < 1), None)
+        left = self.left
+        return next((self.labels[slot] for slot, counts in self._hits(gid)
+                     if counts[i] and left[slot] - counts[i] < 1), None)
 
     def remove(self, gid: str, i: int, sign: int = 1) -> None:
-        for key, k in self.hits.get((gid, i), []):
-            self.left[key] -= sign * k
+        for slot, counts in self._hits(gid):
+            self.left[slot] -= sign * counts[i]
+
+    def fits(self, removals: Mapping[str, Iterable[int]]) -> bool:
+        """True if removing every channel of ``removals`` at once leaves each member
+        at least one index (then no single removal on the way empties one either)."""
+        left = list(self.left)
+        for gid, idx in removals.items():
+            self._hits(gid)
+            taken = self.counts[gid][:, torch.as_tensor(list(idx), dtype=torch.long)].sum(1)
+            for slot, k in zip(self.slots[gid], taken.tolist()):
+                left[slot] -= k
+        return all(v >= 1 for v in left)
 
     def release(self, gid: str, idx: list[int]) -> None:
         for i in idx:
@@ -542,6 +605,23 @@ class _MemberGuard:
                 chosen[gid].append(i)
                 n -= 1
         return chosen
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while the block runs.
+
+    Tracing and validating allocate many short-lived objects, all freed by
+    reference counting; in a large process, one full collection triggered by
+    them can cost more than the work itself. The previous state is restored.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _progress(enabled: bool) -> Callable[[dict | None], None]:

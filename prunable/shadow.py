@@ -61,32 +61,38 @@ class Trace:
     def union(self, a: torch.Tensor, b: torch.Tensor, reason: str = "fixed-size operand") -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
         a, b = _compress(a, b)
-        both = (a >= 0) & (b >= 0)
-        if both.any():
-            x, y = a[both], b[both]
+        labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
+        both = None if labelled else (a >= 0) & (b >= 0)
+        if labelled or both.any():
+            x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
             if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
                 base = int(y.max()) + 1
                 key = torch.unique(x * base + y)
                 x, y = key // base, key % base
             self.edges.append(torch.stack([x, y], 1))
-        for x, y in ((a, b), (b, a)):
+        for x, y in ((a, b), (b, a)) if not labelled else ():
             hit = (x >= 0) & (y == FIXED)
             if hit.any():
                 self.block(x[hit], reason)
 
     def block(self, labels: torch.Tensor, reason: str) -> None:
-        labels = _core(canonical(labels)) if labels.dim() else labels
+        labels = core_of(labels) if labels.dim() else labels
         labels = labels[labels >= 0]
         if labels.numel():
             self.blocked.append((torch.unique(labels), reason))
 
 
+#: attribute of a canonical shadow holding its core (shadows are never modified in place)
+_CORE = "_prunable_core"
+
+
 def _core(shadow: torch.Tensor) -> torch.Tensor:
     """``shadow`` with every broadcast (stride-0) dim narrowed to size one: a cheap view."""
-    for d in range(shadow.dim()):
-        if shadow.stride(d) == 0 and shadow.shape[d] > 1:
-            shadow = shadow.narrow(d, 0, 1)
-    return shadow
+    stride, shape = shadow.stride(), shadow.shape
+    if all(st or n <= 1 for st, n in zip(stride, shape)):
+        return shadow
+    size = [1 if st == 0 and n > 1 else n for st, n in zip(stride, shape)]
+    return shadow.as_strided(size, stride, shadow.storage_offset())
 
 
 def canonical(shadow: torch.Tensor) -> torch.Tensor:
@@ -94,31 +100,51 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
 
     Shadows are mostly constant along batch and spatial dims; storing them as
     ``expand``-ed views keeps every later check proportional to the number of
-    channels, not to the activation size.
+    channels, not to the activation size. The result remembers its core, so
+    canonicalising it again is free.
     """
+    if _CORE in shadow.__dict__:
+        return shadow
     core = _core(shadow)
     for d in sorted(range(core.dim()), key=lambda i: -core.shape[i]):
-        if core.shape[d] > 1 and bool((core == core.narrow(d, 0, 1)).all()):
+        if core.shape[d] > 1 and torch.equal(core, core.narrow(d, 0, 1).expand(core.shape)):
             core = core.narrow(d, 0, 1)
-    return core.expand(shadow.shape)
+    out = core.expand(shadow.shape)
+    out.__dict__[_CORE] = core
+    return out
+
+
+def core_of(shadow: torch.Tensor) -> torch.Tensor:
+    """``_core(canonical(shadow))``: the smallest tensor holding the labels, broadcastable to them."""
+    core = shadow.__dict__.get(_CORE)
+    return core if core is not None else canonical(shadow).__dict__[_CORE]
+
+
+def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``shadow.expand(shape)``, canonical (and known to be) when ``shadow`` is."""
+    out = shadow.expand(shape)
+    core = shadow.__dict__.get(_CORE)
+    if core is not None:
+        out.__dict__[_CORE] = core.reshape((1,) * (len(shape) - core.dim()) + tuple(core.shape))
+    return out
 
 
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
-    cores = [_core(canonical(s)) for s in shadows]
+    cores = [core_of(s) for s in shadows]
     shape = [max(c.shape[d] for c in cores) for d in range(cores[0].dim())]
     return tuple(c.expand(shape) for c in cores)
 
 
 def varying_dims(shadow: torch.Tensor) -> list[int]:
     """Dims along which the labels of ``shadow`` change."""
-    core = _core(canonical(shadow))
+    core = core_of(shadow)
     return [d for d in range(core.dim()) if core.shape[d] > 1]
 
 
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     """Label of each index of ``dim`` if labels are constant along other dims, else None."""
-    core = _core(canonical(shadow))
+    core = core_of(shadow)
     if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()):
         return None
     return core.reshape(-1).expand(shadow.shape[dim]).clone()

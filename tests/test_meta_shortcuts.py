@@ -1,0 +1,74 @@
+"""The shape-only meta shortcuts of ``prunable.trace._call`` give what the real meta kernels give:
+same shape, strides and dtype, the same tensor for in-place calls, the same error otherwise."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunable.trace import _call
+
+
+def _same(func, *args, **kwargs):
+    try:
+        expected, error = func(*args, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - compared below
+        expected, error = None, str(exc)
+    if error is not None:
+        with pytest.raises(Exception) as info:
+            _call(func, args, kwargs)
+        assert str(info.value) == error
+        return
+    got = _call(func, args, kwargs)
+    assert (got.shape, got.stride(), got.dtype) == (expected.shape, expected.stride(), expected.dtype)
+    assert (got is args[0]) == (expected is args[0])
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+def test_conv2d():
+    for h, k, s, p, d, g, cin, cout, bias in itertools.product(
+            [1, 8], [1, 3], [1, 2], [0, 1], [1, 2], [1, 4], [4, 8], [4, 6], [False, True]):
+        x, w = _meta(2, cin, h, h + 1), _meta(cout, max(cin // g, 1), k, k)
+        _same(torch.conv2d, x, w, _meta(cout) if bias else None, s, p, d, g)
+
+
+def test_conv2d_keywords_and_string_padding():
+    x, w = _meta(1, 8, 9, 9), _meta(8, 1, 3, 3)
+    _same(torch.conv2d, x, w, padding=1, groups=8)
+    _same(torch.conv2d, x, w, None, 1, "same", 1, 8)
+    _same(torch.conv2d, x, _meta(8, 4, 3, 3))  # channel mismatch: the real error
+
+
+@pytest.mark.parametrize("size", [1, (1, 1), (None, 3), (2, None), [4, 4], (0, 1)])
+def test_adaptive_avg_pool2d(size):
+    _same(F.adaptive_avg_pool2d, _meta(2, 8, 7, 5), size)
+    _same(F.adaptive_avg_pool2d, _meta(8, 7, 5), size)
+
+
+def test_linear():
+    _same(F.linear, _meta(2, 3, 8), _meta(5, 8), _meta(5))
+    _same(F.linear, _meta(8), _meta(5, 8))
+    _same(F.linear, _meta(2, 7), _meta(5, 8))
+    _same(F.linear, _meta(2, 8), _meta(5, 8), _meta(4))
+
+
+@pytest.mark.parametrize("func,args,kwargs", [
+    (F.relu, (), {}), (F.relu, (), {"inplace": True}), (F.relu6, (True,), {}), (F.hardtanh, (0.0, 6.0, True), {}),
+    (F.hardtanh, (0.0, 6.0), {}), (F.gelu, (), {}), (F.silu, (), {"inplace": True}), (F.hardswish, (), {}),
+    (torch.sigmoid, (), {}), (torch.Tensor.tanh, (), {}),
+])
+def test_activations(func, args, kwargs):
+    _same(func, _meta(2, 4, 5, 5), *args, **kwargs)
+    _same(func, _meta(2, 4, 5, 5).permute(0, 2, 3, 1), *args, **kwargs)
+
+
+@pytest.mark.parametrize("func", [torch.add, torch.Tensor.__add__, torch.Tensor.__rsub__, torch.Tensor.__mul__,
+                                  torch.Tensor.__iadd__, torch.Tensor.mul_, torch.Tensor.__truediv__])
+def test_arithmetic(func):
+    for other in [(1, 4, 1, 1), (4, 5, 5), (1, 3, 1, 1), 2.0, 3]:
+        _same(func, _meta(2, 4, 5, 5), _meta(*other) if isinstance(other, tuple) else other)
+    _same(func, _meta(1, 4, 1, 1), _meta(2, 4, 5, 5))  # in place: the real error

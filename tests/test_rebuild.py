@@ -1,0 +1,111 @@
+"""After ``prune``, the pruner's graph (traced on the cut meta copy that served as the
+plan's trial) must equal the graph a fresh ``Pruner`` builds on the pruned model."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunable import DependencyGraph, Pruner, WeightNorm
+from prunable.errors import SurgeryError
+from prunable.graph import meta_clone
+
+
+def _plan(pruner, fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {grp.id: torch.randperm(grp.channels, generator=g)[: int(grp.channels * fraction)].tolist()
+            for grp in pruner.groups if int(grp.channels * fraction) > 0}
+
+
+def _assert_same_graph(graph: DependencyGraph, fresh: DependencyGraph, model: nn.Module) -> None:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    assert [g.id for g in graph.groups] == [g.id for g in fresh.groups]
+    for g, f in zip(graph.groups, fresh.groups):
+        assert (g.channels, g.skip_reason) == (f.channels, f.skip_reason), g.id
+        assert torch.equal(g.classes, f.classes), g.id
+        assert [(m.target, m.producer) for m in g.members] == [(m.target, m.producer) for m in f.members], g.id
+        for m, n in zip(g.members, f.members):
+            assert torch.equal(m.classes, n.classes), (g.id, m.target.label())
+            assert m.target.module is modules[m.target.name]
+        assert [(name, dim) for name, dim, _ in g.measure] == [(name, dim) for name, dim, _ in f.measure]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(g.measure, f.measure)), g.id
+
+
+def _tiny_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "shufflenet_v2_x1_0": lambda: torchvision.models.shufflenet_v2_x1_0(num_classes=10),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+    "vit": _tiny_vit,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_graph_after_prune_equals_fresh_graph(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(1, 3, 32 if name == "vit" else 64, 32 if name == "vit" else 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, x, criterion=WeightNorm())
+        for step, fraction in enumerate((0.5, 0.3)):
+            pruner.prune(_plan(pruner, fraction, step))
+            fresh = Pruner(model, x, criterion=WeightNorm())
+            _assert_same_graph(pruner.graph, fresh.graph, model)
+            assert pruner.skipped == fresh.skipped
+            assert [g.id for g in pruner.groups] == [g.id for g in fresh.groups]
+            assert pruner._points.keys() == fresh._points.keys()
+    assert model(x).shape == (1, 10)
+
+
+def test_failing_plan_leaves_model_and_graph_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(1, 3, 8, 8)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    graph = pruner.graph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model[2].forward = broken  # the meta copy inherits it: every trial fails
+    with pytest.raises(SurgeryError, match="boom"):
+        pruner.prune({"0": [0, 1]})
+    assert pruner.graph is graph
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_meta_clone_is_independent_of_the_model():
+    model = torchvision.models.resnet18()
+    clone = meta_clone(model)
+    assert all(p.is_meta for p in clone.parameters())
+    assert not any(p.is_meta for p in model.parameters())
+    assert [n for n, _ in clone.named_modules()] == [n for n, _ in model.named_modules()]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_garbage_collector_state_is_restored(enabled):
+    import gc
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion=WeightNorm())
+        assert gc.isenabled() == enabled
+        pruner.prune({"0": [0]})
+        assert gc.isenabled() == enabled
+        with pytest.raises(Exception):
+            pruner.prune({"0": [99]})
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
