@@ -15,8 +15,16 @@ from prunable.graph import meta_clone
 
 def _plan(pruner, fraction, seed):
     g = torch.Generator().manual_seed(seed)
-    return {grp.id: torch.randperm(grp.channels, generator=g)[: int(grp.channels * fraction)].tolist()
-            for grp in pruner.groups if int(grp.channels * fraction) > 0}
+    plan = {}
+    for grp in pruner.groups:
+        if grp.blocks is not None:  # attention heads: the same number from each
+            k = int(grp.blocks.shape[1] * fraction)
+            idx = [i for row in grp.blocks for i in row[torch.randperm(len(row), generator=g)[:k]].tolist()]
+        else:
+            idx = torch.randperm(grp.channels, generator=g)[: int(grp.channels * fraction)].tolist()
+        if idx:
+            plan[grp.id] = idx
+    return plan
 
 
 def _assert_same_graph(graph: DependencyGraph, fresh: DependencyGraph, model: nn.Module) -> None:
@@ -31,11 +39,13 @@ def _assert_same_graph(graph: DependencyGraph, fresh: DependencyGraph, model: nn
             assert m.target.module is modules[m.target.name]
         assert [(name, dim) for name, dim, _ in g.measure] == [(name, dim) for name, dim, _ in f.measure]
         assert all(torch.equal(a[2], b[2]) for a, b in zip(g.measure, f.measure)), g.id
+        assert (g.blocks is None) == (f.blocks is None) and g.blocks_of == f.blocks_of, g.id
+        assert g.blocks is None or torch.equal(g.blocks, f.blocks), g.id
 
 
 def _tiny_vit() -> nn.Module:
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                hidden_dim=32, mlp_dim=64, num_classes=10)
+                                                hidden_dim=48, mlp_dim=64, num_classes=10)
 
 
 MODELS = {
@@ -65,6 +75,8 @@ def test_graph_after_prune_equals_fresh_graph(name):
             assert [g.id for g in pruner.groups] == [g.id for g in fresh.groups]
             assert pruner._points.keys() == fresh._points.keys()
     assert model(x).shape == (1, 10)
+    if name == "vit":  # the stream and the heads' dims went too
+        assert model.hidden_dim < 48 and model.encoder.layers[0].self_attention.head_dim < 24
 
 
 def test_failing_plan_leaves_model_and_graph_unchanged():
