@@ -6,8 +6,9 @@ mode) and the same 1×3×224×224 example input. "Build" is the constructor
 and validates every group on a meta copy; Torch-Pruning: ``BasePruner`` with
 ``MagnitudeImportance(p=1)``, which builds its ``DependencyGraph``). "Step"
 removes the 50 % lowest-L1 channels of every group (prunable:
-``plan(0.5, scope="layer")`` + ``prune(plan)``, which also re-traces the graph of the pruned model and
-validates the plan on a meta copy first; Torch-Pruning: ``pruner.step()`` with
+``plan(0.5, scope="layer")`` + ``prune(plan)``, which first runs the plan on a
+meta copy — that trial run is also the trace of the pruned model's new graph —
+then cuts the real tensors; Torch-Pruning: ``pruner.step()`` with
 ``pruning_ratio=0.5``).
 The classifier's outputs are kept by both. One timed run per cell after an
 untimed warm-up of both libraries on a small ResNet-18.
