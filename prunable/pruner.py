@@ -571,6 +571,26 @@ class _MemberGuard:
                 left[slot] -= k
         return all(v >= 1 for v in left)
 
+    @staticmethod
+    def _first(order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
+        """The first ``n`` entries of ``order``, at most ``caps[g]`` per group."""
+        chosen: dict[str, list[int]] = {}
+        for gid, i in order:
+            if n <= 0:
+                break
+            taken = chosen.setdefault(gid, [])
+            if len(taken) < caps[gid]:
+                taken.append(i)
+                n -= 1
+        return {gid: idx for gid, idx in chosen.items() if idx}
+
+    def _remove_all(self, gid: str, idx: list[int]) -> None:
+        """:meth:`remove` for every channel of ``idx`` at once."""
+        self._hits(gid)
+        taken = self.counts[gid][:, torch.as_tensor(idx, dtype=torch.long)].sum(1)
+        for slot, k in zip(self.slots[gid], taken.tolist()):
+            self.left[slot] -= k
+
     def release(self, gid: str, idx: list[int]) -> None:
         for i in idx:
             self.remove(gid, i, -1)
@@ -596,7 +616,12 @@ class _MemberGuard:
 
     def take_global(self, order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
         """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
-        chosen: dict[str, list[int]] = {}
+        chosen = self._first(order, caps, n)
+        if self.fits(chosen):  # the usual case: no member emptied, no channel skipped
+            for gid, idx in chosen.items():
+                self._remove_all(gid, idx)
+            return chosen
+        chosen = {}
         for gid, i in order:
             if n <= 0:
                 break
