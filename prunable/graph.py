@@ -136,7 +136,39 @@ def meta_clone(model: nn.Module) -> nn.Module:
                 copied = _flat_copy(value, memo)
                 if copied is not None:
                     memo[id(value)] = copied
-    return copy.deepcopy(model, memo)
+    return _copy_module(model, memo)
+
+
+#: values ``copy.deepcopy`` returns as they are
+_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                     torch.memory_format, type, range})
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)`` for plain modules, without deepcopy's per-attribute
+    dispatch for the atoms (ints, tuples of ints, strings …) that make up most of a
+    module's state; modules with their own copy protocol go through ``deepcopy``."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
+            state[key] = value
+        elif key == "_modules" and kind in _FLAT:
+            state[key] = kind((k, None if m is None else _copy_module(m, memo)) for k, m in value.items())
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
+
+
+_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
 
 
 _FLAT = (OrderedDict, dict, set)

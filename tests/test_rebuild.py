@@ -121,3 +121,24 @@ def test_garbage_collector_state_is_restored(enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_meta_clone_copies_like_deepcopy():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.sizes, self.table, self.name = [1, 2], {"a": [3]}, "x"
+            self.register_buffer("steps", torch.zeros(2))
+            self.shared = self.conv  # the same module twice stays one module
+
+    model = nn.Sequential(Holder(), nn.MultiheadAttention(8, 2))  # the latter has its own __setstate__
+    clone = meta_clone(model)
+    holder = clone[0]
+    assert holder.sizes == [1, 2] and holder.sizes is not model[0].sizes
+    assert holder.table == {"a": [3]} and holder.table["a"] is not model[0].table["a"]
+    assert holder.shared is holder.conv and holder.conv is not model[0].conv
+    assert holder.steps.is_meta and holder.conv.weight.is_meta and clone[1].in_proj_weight.is_meta
+    assert holder.conv.kernel_size == (3, 3) and clone[1].embed_dim == 8
+    holder.conv.register_forward_hook(lambda *a: None)
+    assert not model[0].conv._forward_hooks  # hook tables are not shared
