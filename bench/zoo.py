@@ -5,7 +5,8 @@ classes, eval mode, small valid inputs, mostly 64×64). For each model:
 
 - **ours**: ``Pruner(model, x, criterion=WeightNorm())``, then
   ``pruner.prune({g.id: scores[g.id].argsort()[:k]})`` with ``k`` = 30 % of
-  each prunable group (at least one channel kept);
+  each prunable group (at least one channel kept; for a group feeding
+  attention heads, 30 % of each head's dimensions, the same in every head);
 - **TP**: Torch-Pruning ``BasePruner`` + ``MagnitudeImportance(p=1)``,
   ``pruning_ratio=0.3``, the 10-way classifier ignored, attention heads
   declared for ``nn.MultiheadAttention``;
