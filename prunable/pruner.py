@@ -35,7 +35,7 @@ from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make
 from .plan import Plan
 from .attention import AttentionHandler
 from .surgery import Cut, apply_cuts, handler_for
-from .trace import MetaShortcuts
+from .meta import MetaShortcuts
 
 __all__ = ["Pruner", "Scope"]
 

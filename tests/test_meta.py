@@ -1,4 +1,4 @@
-"""The shape-only meta shortcuts of ``prunable.trace._call`` give what the real meta kernels give:
+"""The shape-only meta shortcuts of ``prunable.meta._call`` give what the real meta kernels give:
 same shape, strides and dtype, the same tensor for in-place calls, the same error otherwise."""
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunable.trace import _call
+from prunable.meta import _call
 
 
 def _same(func, *args, **kwargs):

@@ -1,0 +1,169 @@
+"""Fast ``meta`` runs: shape-only versions of operations whose meta kernels are slow.
+
+Tracing (:mod:`prunable.trace`) and the trial prunes of :class:`prunable.Pruner`
+run the model on ``meta`` tensors, where only shapes matter. Several meta
+kernels are Python decompositions that cost more than the tracing itself
+(normalisations, activations, ``linear``, ``conv2d``, elementwise arithmetic,
+adaptive pooling). :func:`_call` returns an empty meta tensor of the right
+shape for the plain cases and calls the real kernel for everything unusual —
+and for every invalid call, so error messages are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["MetaShortcuts"]
+
+
+def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
+    """Argument ``index`` (positional) or ``key`` (keyword) of a call, else ``default``."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(key, default)
+
+
+_SAME_SHAPE = {"batch_norm", "instance_norm", "layer_norm", "group_norm"}
+#: functionals whose meta kernels are slow Python decompositions → position of their ``inplace`` argument
+_ACTIVATIONS = {"relu": 1, "relu6": 1, "hardtanh": 3, "hardswish": 1, "hardsigmoid": 1, "gelu": None,
+                "elu": 2, "leaky_relu": 2, "mish": 1, "silu": 1}
+_UNARY = {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh}
+
+
+_ARITH = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+          "__truediv__", "__rtruediv__"}
+_ARITH_INPLACE = {"add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+_ARITH_FUNCS = {f for n in _ARITH | _ARITH_INPLACE
+                for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f}
+
+
+def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
+    """``torch.broadcast_shapes(*shapes)``, or None where they do not broadcast."""
+    if all(s == shapes[0] for s in shapes):
+        return torch.Size(shapes[0])
+    out = [1] * max(len(s) for s in shapes)
+    for s in shapes:
+        for i, n in enumerate(s, len(out) - len(s)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    return None
+                out[i] = n
+    return torch.Size(out)
+
+
+def _call(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
+    normalisations, activations and ``linear`` on ``meta`` tensors, whose output
+    shapes follow from the input shapes."""
+    name = getattr(func, "__name__", "")
+    fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or name == "linear") and func is getattr(F, name, None))
+    if fast and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
+        if name in _SAME_SHAPE:
+            return _meta_like(args[0])
+        if name == "linear":
+            return _meta_linear(args, kwargs, func)
+        return _meta_activation(name, args, kwargs, func)
+    if func in _ARITH_FUNCS and len(args) == 2 and set(kwargs) <= {"alpha"}:
+        return _meta_arith(name, args, kwargs, func)
+    if func in _UNARY and len(args) == 1 and not kwargs and _plain_meta(args[0]):
+        return _meta_like(args[0])
+    if func is F.adaptive_avg_pool2d and len(args) + len(kwargs) == 2 and _plain_meta(args[0]):
+        return _meta_adaptive_pool(args, kwargs, func)
+    if func is torch.conv2d and args and _plain_meta(args[0]):
+        return _meta_conv2d(args, kwargs, func)
+    return func(*args, **kwargs)
+
+
+def _pair(value: Any) -> tuple | None:
+    """An int or a pair of ints as a pair, else None."""
+    pair = (value, value) if type(value) is int else tuple(value) if isinstance(value, (tuple, list)) else ()
+    return pair if len(pair) == 2 and all(type(v) is int for v in pair) else None
+
+
+def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``conv2d`` of contiguous 4-D meta tensors without its slow meta kernel; every
+    unusual or invalid call (so every error message) goes to the real one."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return func(*args, **kwargs)
+    x, w, bias, stride, padding, dilation, groups = (_arg(args, kwargs, i, n, d) for i, (n, d) in
+                                                     enumerate(zip(names, defaults)))
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    ok = (isinstance(w, torch.Tensor) and _plain_meta(w) and w.dim() == 4 and x.dim() == 4 and w.dtype == x.dtype
+          and type(groups) is int and groups >= 1 and None not in (stride, padding, dilation) and x.shape[0] > 0
+          and min(stride) > 0 and min(dilation) > 0 and min(padding) >= 0 and w.shape[0] > 0
+          and w.shape[0] % groups == 0 and x.shape[1] == w.shape[1] * groups)
+    if ok and bias is not None:
+        ok = isinstance(bias, torch.Tensor) and bias.is_meta and bias.dtype == x.dtype and bias.shape == w.shape[:1]
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)] if ok else []
+    if not ok or min(size) < 1:
+        return func(*args, **kwargs)
+    return torch.empty(x.shape[0], w.shape[0], *size, dtype=x.dtype, device="meta")
+
+
+def _plain_meta(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point() and x.is_contiguous()
+
+
+def _meta_adaptive_pool(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``adaptive_avg_pool2d`` of a contiguous meta tensor, without its slow meta kernel."""
+    x, size = args[0], _arg(args, kwargs, 1, "output_size")
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    out = tuple(x.shape[i - 2] if n is None else n for i, n in enumerate(size))
+    if x.dim() not in (3, 4) or 0 in x.shape[1:] or len(out) != 2 or not all(type(n) is int and n > 0 for n in out):
+        return func(*args, **kwargs)
+    return torch.empty(x.shape[:-2] + out, dtype=x.dtype, device="meta")
+
+
+def _meta_arith(name: str, args: tuple, kwargs: dict, func: Any) -> Any:
+    """Binary arithmetic on contiguous meta tensors of one floating dtype (or a Python
+    number) without the slow elementwise meta kernel; anything else runs for real."""
+    a, b = args
+    plain = isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point() and a.is_contiguous()
+    if plain and isinstance(b, torch.Tensor):
+        plain = b.is_meta and b.dtype == a.dtype and b.is_contiguous()
+    elif plain:
+        plain = type(b) in (int, float)
+    shape = _broadcast([a.shape, b.shape] if isinstance(b, torch.Tensor) else [a.shape]) if plain else None
+    if shape is None or (name in _ARITH_INPLACE and shape != a.shape):
+        return func(*args, **kwargs)
+    return a if name in _ARITH_INPLACE else torch.empty(shape, dtype=a.dtype, device="meta")
+
+
+def _meta_activation(name: str, args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    if not args[0].is_floating_point():
+        return func(*args, **kwargs)
+    at = _ACTIVATIONS[name]
+    inplace = at is not None and bool(_arg(args, kwargs, at, "inplace", False))
+    return args[0] if inplace else _meta_like(args[0])
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` for a meta ``x``; much faster for contiguous ones."""
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if x.is_contiguous() else torch.empty_like(x)
+
+
+def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """``linear`` on meta tensors without its arithmetic; anything unusual (and every
+    shape mismatch, so errors read the same) goes to the real kernel."""
+    x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    plain = (isinstance(weight, torch.Tensor) and weight.dim() == 2 and x.dim() >= 1 and x.dtype == weight.dtype
+             and x.shape[-1] == weight.shape[1] and x.is_floating_point())
+    if plain and bias is not None:
+        plain = isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1] and bias.dtype == x.dtype
+    if not plain:
+        return func(*args, **kwargs)
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device="meta")
+
+
+class MetaShortcuts(TorchFunctionMode):
+    """Run a meta model faster: every operation goes through :func:`_call`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return _call(func, args, kwargs or {})
