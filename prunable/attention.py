@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import ModuleHandler, Role, register_handler
+from .surgery import ModuleHandler, Role, _resolve, register_handler
 
 __all__ = ["AttentionHandler"]
 
@@ -151,8 +151,8 @@ class AttentionHandler(ModuleHandler):
 
 
 def _get(module: nn.Module, dotted: str) -> Any:
-    owner, _, attr = dotted.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, attr, None)
+    """The tensor a possibly dotted name (``"qkv.bias"``) names, or None."""
+    return getattr(*_resolve(module, dotted), None)
 
 
 @register_handler(nn.MultiheadAttention)

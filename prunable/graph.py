@@ -345,6 +345,8 @@ class DependencyGraph:
 
     def _attach_blocks(self, trace: Trace, root: torch.Tensor) -> None:
         """Record each equal-size partition (attention heads, GroupNorm groups) on its group."""
+        if not trace.blocks:  # most CNNs: skip the per-channel table below
+            return
         owner = {int(c): g for g in self.groups for c in g.classes.tolist()}
         for slots, what in trace.blocks:
             classes = root[slots]
