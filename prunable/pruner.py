@@ -1,5 +1,11 @@
 """``Pruner``: prune any model, no per-architecture code.
 
+The Pruner orchestrates: the graph (:mod:`prunable.graph`) finds the groups, the
+criterion (:mod:`prunable.importance`) scores them, :mod:`prunable.selection`
+turns scores and constraints into a :class:`~prunable.plan.Plan`,
+:mod:`prunable.validation` tries it on a meta copy and :mod:`prunable.surgery`
+applies it. The step-by-step loop and the report live in :mod:`prunable.schedule`.
+
 Example
 -------
 >>> import torch, torchvision
@@ -16,7 +22,6 @@ Example
 from __future__ import annotations
 
 import contextlib
-import enum
 import gc
 import math
 import warnings
@@ -25,26 +30,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
+from . import schedule
+from .attention import AttentionHandler
 from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
-from .graph import ChannelGroup, DependencyGraph, Traced, _positions, meta_clone, trace_cut, trace_model
+from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
-from .attention import AttentionHandler
-from .surgery import Cut, apply_cuts, handler_for
-from .meta import MetaShortcuts
+from .selection import Scope, Selector, capacity, layouts_of, parse_scope, resolve_max_ratio
+from .surgery import apply_cuts, handler_for
+from .validation import failing_groups, traced_trial, trial
 
 __all__ = ["Pruner", "Scope"]
-
-
-class Scope(enum.Enum):
-    """How ``Pruner.step(n)`` spends ``n``."""
-
-    GLOBAL = "global"  #: the n least important channels over all groups
-    LAYER = "layer"  #: the n least important channels of every group
 
 
 class Pruner:
@@ -65,6 +64,12 @@ class Pruner:
         Every group keeps at least this many channels.
     round_to
         Keep channel counts multiples of this (e.g. 8 for fast kernels).
+    max_ratio
+        The most a group may lose of the channels it had when the Pruner was
+        created: a fraction in [0, 1] for every group, or ``{layer name or
+        module: fraction}`` (other layers: 1.0). A group is capped by the
+        strictest of its layers (producers, norms and consumers); 0.0 means the
+        layer is never pruned. Default 1.0: no cap beyond ``min_channels``.
     optimizer
         An optimizer whose per-parameter state is sliced with the parameters.
     aggregation
@@ -86,109 +91,129 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, example_inputs: Any, criterion: Criterion | str | None = None,
+        self, model: nn.Module, example_inputs: Any, criterion: Criterion | str | None = None, *,
         ignored_layers: Iterable[nn.Module | str] = (), min_channels: int = 1, round_to: int | None = None,
-        optimizer: torch.optim.Optimizer | None = None, aggregation: Aggregation = Aggregation.SUM,
-        flops_regularization: float | bool = 0.0, validate: bool = True,
+        max_ratio: float | Mapping[nn.Module | str, float] = 1.0, optimizer: torch.optim.Optimizer | None = None,
+        aggregation: Aggregation | str = Aggregation.SUM, flops_regularization: float | bool = 0.0,
+        validate: bool = True,
     ) -> None:
-        if not isinstance(min_channels, int) or min_channels < 1:
-            raise PruningValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise PruningValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+        _check_options(min_channels, round_to, flops_regularization, validate)
         self.model = model
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.criterion = make_criterion(criterion)
         self.min_channels, self.round_to, self.optimizer = min_channels, round_to, optimizer
-        self.aggregation = Aggregation(aggregation)
+        self.aggregation = _aggregation(aggregation)
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
+        self.max_ratio = max_ratio
+        self._ratio = resolve_max_ratio(max_ratio, dict(model.named_modules()))
         self.ignored = _ignored_names(model, ignored_layers)
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
-        self.log: list[dict[str, float]] = []
-        self._start: dict[str, int] | None = None  # FLOPs/params before the first prune, once measured
+        self.log: list[dict[str, Any]] = []
+        self._baseline: dict[str, int] | None = None
+        self._original: dict[str, int] | None = None  # channels of every group at creation
+        self._failed: dict[str, str] = {}  # groups whose real cut failed: skipped from then on
         with _gc_paused():
             self._rebuild(warn=True)
-        self._initial_widths = self._widths()
-        self._initial_params = count_params(model)
+        self.initial_widths = self.widths()
 
     # -- graph -----------------------------------------------------------------
     def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
+        self._vetted: tuple[Plan, Traced] | None = None
+        if self._original is None:
+            self._original = {g.id: g.channels for g in self.graph.groups}
+        self._layouts = layouts_of(self.graph.groups)
+        self._caps = {g.id: self._capacity(g) for g in self.graph.groups}
         self.skipped: dict[str, str] = {}
+        quiet = set()
         for g in self.graph.groups:
-            reason = g.skip_reason or next(
-                (f"ignored layer {m.target.name}" for m in g.producers if m.target.name in self.ignored), None)
-            if reason is None and g.channels <= self.min_channels:
-                reason = f"{g.channels} channel(s) left, min_channels={self.min_channels}"
+            reason, constraint = self._skip_reason(g)
             if reason:
                 self.skipped[g.id] = reason
+                if constraint:
+                    quiet.add(g.id)
+        self._select()
         if self.validate:
             self.skipped.update(self._invalid_groups(traced.clone))
-        if warn:
-            for gid, reason in self.skipped.items():
-                if reason != "model output" and not reason.startswith(("ignored layer", "1 channel", "every channel")):
-                    warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
+            self._select()
+        for gid, reason in self.skipped.items() if warn else ():
+            if gid not in quiet and reason != "model output" and not reason.startswith(("1 channel", "every channel")):
+                warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         modules = dict(self.model.named_modules())
         self._points = {}
         for g in self.groups:
             for (name, dim, _), member in zip(g.measure, g.producers):
-                if dim is None:
-                    continue
-                self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
+                if dim is not None:
+                    self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
+
+    def _capacity(self, g: ChannelGroup) -> int:
+        return capacity(g.channels, self._original.get(g.id, g.channels), min_channels=self.min_channels,
+                        round_to=self.round_to, max_ratio=self._group_ratio(g)[0])
+
+    def _group_ratio(self, g: ChannelGroup) -> tuple[float, str | None]:
+        """The strictest ``max_ratio`` of the group's layers, and the layer that sets it."""
+        default, by_name = self._ratio
+        names = [m.target.name for m in g.members if m.target.name in by_name]
+        name = min(names, key=by_name.__getitem__, default=None)
+        return (by_name[name], name) if name is not None and by_name[name] < default else (default, None)
+
+    def _skip_reason(self, g: ChannelGroup) -> tuple[str | None, bool]:
+        """Why ``g`` is not pruned (None if it is), and whether a user constraint says so."""
+        if g.skip_reason:
+            return g.skip_reason, False
+        if g.id in self._failed:
+            return self._failed[g.id], True
+        ignored = next((m.target.name for m in g.producers if m.target.name in self.ignored), None)
+        if ignored is not None:
+            return f"ignored layer {ignored}", True
+        if g.channels <= self.min_channels:
+            return f"{g.channels} channel(s) left, min_channels={self.min_channels}", True
+        if self._caps[g.id] == 0:
+            ratio, layer = self._group_ratio(g)
+            if ratio < 1 and g.channels > self._floor(g.channels):
+                return f"max_ratio={ratio:g}" + (f" of layer {layer}" if layer else "") + " reached", True
+            return f"{g.channels} channel(s) left, round_to={self.round_to}", True
+        return None, False
+
+    def _floor(self, channels: int) -> int:
+        """Channels a group of ``channels`` keeps at least (``min_channels``, ``round_to``)."""
+        return max(self.min_channels, min(channels, self.round_to)) if self.round_to else self.min_channels
+
+    @property
+    def available(self) -> int:
+        """Channels that may still be removed, over all prunable groups."""
+        return self._selector.available()
+
+    def _select(self) -> None:
+        layouts, sizes, labels = self._layouts
+        self._selector = Selector([g for g in layouts if g.id not in self.skipped], sizes, self._caps, labels)
 
     @property
     def groups(self) -> list[ChannelGroup]:
         """Groups that can be pruned."""
         return [g for g in self.graph.groups if g.id not in self.skipped]
 
-    def _trial(self, cuts: list[Cut], clone: nn.Module | None = None) -> str | None:
-        """Apply ``cuts`` to a meta copy (``clone``, or a fresh one) and run it; the error text, or None."""
-        clone = meta_clone(self.model) if clone is None else clone
-        twin = dict(zip((id(m) for m in self.model.modules()), clone.modules()))
-        moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
-        inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, self.example_inputs)
-        try:
-            apply_cuts(moved)
-            with torch.no_grad(), MetaShortcuts():
-                clone(*inputs)
-        except Exception as exc:  # noqa: BLE001 - reported to the caller
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return None
+    def _runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Any]], str | None]:
+        """Removals → the error of their trial run, or None; ``clone`` (a meta copy) serves the first."""
+        spare = [clone] if clone is not None else []
 
-    def _failing(self, removals: dict[str, list[int]], clone: nn.Module | None = None) -> list[tuple[str, str]]:
-        """Group ids whose removal breaks the forward pass (bisection).
+        def run(removals: Mapping[str, Any]) -> str | None:
+            cuts = self.graph.cuts({k: list(v) for k, v in removals.items()})
+            return trial(self.model, self.example_inputs, cuts, spare.pop() if spare else None)
 
-        ``clone``, a meta copy of the model, serves the first trial (it is cut there).
-        """
-        error = self._trial(self.graph.cuts(removals), clone) if removals else None
-        if error is None:
-            return []
-        if len(removals) == 1:
-            return [(next(iter(removals)), error)]
-        items = list(removals.items())
-        half = len(items) // 2
-        return self._failing(dict(items[:half])) + self._failing(dict(items[half:]))
+        return run
 
-    def _invalid_groups(self, clone: nn.Module | None = None) -> list[tuple[str, str]]:
+    def _invalid_groups(self, clone: nn.Module | None = None) -> dict[str, str]:
         """Groups that cannot lose a channel: every channel is the last of some layer,
         or removing one breaks the forward pass (checked on a meta copy: ``clone`` if given)."""
-        guard, probe, stuck = _MemberGuard(self.groups), {}, []
-        for g in self.groups:
-            if g.blocks is not None:  # one channel of every head / GroupNorm group
-                idx = guard.take_per_block(g.id, g.blocks, list(reversed(range(g.channels))), 1)
-            else:
-                i = next((i for i in reversed(range(g.channels)) if guard.emptied_by(g.id, i) is None), None)
-                idx = [] if i is None else [i]
-                if idx:
-                    guard.remove(g.id, idx[0])
-            if not idx:
-                stuck.append((g.id, "every channel left is the last one of some layer"))
-                continue
-            probe[g.id] = idx
-        return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe, clone)]
+        probe, stuck = self._selector.probe()
+        out = {gid: "every channel left is the last one of some layer" for gid in stuck}
+        out.update((gid, f"trial prune failed: {error}") for gid, error in failing_groups(self._runner(clone), probe))
+        return out
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -219,133 +244,130 @@ class Pruner:
                 s = self.criterion.scores(self._points[name]).detach().float().cpu()
                 if not bool(torch.isfinite(s).all()):
                     raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-                s = l2_normalize(s) if self.criterion.normalize else s
-                parts.append((s, index))
+                parts.append((l2_normalize(s) if self.criterion.normalize else s, index))
             score = _aggregate(parts, g.channels, self.aggregation)
-            if g.id in penalty:
-                score = score - self.flops_regularization * penalty[g.id]
-            out[g.id] = score
+            out[g.id] = score - self.flops_regularization * penalty[g.id] if g.id in penalty else score
         return average_across_ranks(out)
 
     def _flops_per_channel(self) -> dict[str, float]:
         flops = module_flops(self.model, self.example_inputs)
-        out = {}
-        for g in self.groups:
-            total = sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
-                        for m in g.members if m.target.param is None)
-            out[g.id] = total / 1e6 / _batch_size(self.example_inputs)
-        return out
+        batch = _batch_size(self.example_inputs)
+        return {g.id: sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
+                          for m in g.members if m.target.param is None) / 1e6 / batch for g in self.groups}
 
     # -- pruning ---------------------------------------------------------------
-    def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
+    def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *, groups: Iterable[str] | None = None) -> Plan:
         """The plan :meth:`step` would apply: the ``n`` least important channels.
 
         ``n`` is a count, or a float in (0, 1): that fraction of the channels
         (of all prunable groups with the global scope, of each group with the
-        layer scope).
+        layer scope). ``groups`` restricts the choice to those group ids.
         """
-        scope = Scope(scope)
-        caps = {g.id: g.channels - self._floor(g.channels) for g in self.groups}
-        per_group = self._count(n, scope, caps)
+        scope = parse_scope(scope)
+        selector = self._selector
+        if groups is not None:
+            wanted = set(groups)
+            layouts, sizes, labels = self._layouts
+            selector = Selector([g for g in layouts if g.id in wanted and g.id not in self.skipped],
+                                sizes, self._caps, labels)
         scores = self.scores()
-        guard = _MemberGuard(self.groups)
-        order = {gid: s.argsort().tolist() for gid, s in scores.items()}
-        if scope is Scope.LAYER:
-            chosen = {g.id: guard.take(g.id, order[g.id], min(per_group(g.channels), caps[g.id]))
-                      for g in self.groups}
-        else:
-            flat = sorted((float(v), gid, i) for gid, s in scores.items() for i, v in enumerate(s.tolist()))
-            chosen = guard.take_global([(gid, i) for _, gid, i in flat], caps, per_group(0))
-        if self.round_to:
-            for gid, idx in list(chosen.items()):
-                target = self._rounded(gid, len(idx), caps[gid]) if idx else 0
-                if target != len(idx):
-                    guard.release(gid, idx)
-                    chosen[gid] = guard.take(gid, order[gid], target)
-        for g in self.groups:  # attention heads, GroupNorm groups: the same number from each
-            idx = chosen.get(g.id, [])
-            if g.blocks is not None and idx:
-                guard.release(g.id, idx)
-                per_block = min(int(round(len(idx) / len(g.blocks))), caps[g.id] // len(g.blocks))
-                chosen[g.id] = guard.take_per_block(g.id, g.blocks, order[g.id], per_block)
-        return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
+        return selector.plan({gid: scores[gid] for gid in selector.layouts}, n, scope, self.round_to)
 
-    def _count(self, n: int | float, scope: Scope, caps: dict[str, int]) -> Callable[[int], int]:
-        """Validate ``n``; returns channels to remove as a function of a group's size."""
-        if isinstance(n, float) and not isinstance(n, bool):
-            if not 0 < n < 1:
-                raise PruningValueError(f"pruning ratio must be in (0, 1), got {n!r}")
-            if scope is Scope.LAYER:
-                return lambda channels: int(round(n * channels))
-            total = max(1, int(round(n * sum(g.channels for g in self.groups))))
-            return lambda channels: min(total, sum(caps.values()))
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise PruningValueError(f"n must be a positive int or a ratio in (0, 1), got {n!r}")
-        available = sum(caps.values())
-        if scope is Scope.GLOBAL and n > available:
-            raise PruningValueError(f"n={n} exceeds the {available} channels that can still be pruned")
-        return lambda channels: n
+    def step(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
+        """Remove the ``n`` least important channels; returns the applied plan.
 
-    def _floor(self, channels: int) -> int:
-        floor = self.min_channels
-        if self.round_to:
-            floor = max(floor, min(channels, self.round_to))
-        return floor
+        A group whose cut breaks the forward pass is skipped from then on (its
+        reason in :attr:`skipped`) and the channels are chosen again without it.
+        """
+        scope = parse_scope(scope)
+        return self.step_with(lambda: self.plan(n, scope))
 
-    def _rounded(self, gid: str, k: int, cap: int) -> int:
-        channels = next(g.channels for g in self.groups if g.id == gid)
-        kept = max(self.round_to, ((channels - k) // self.round_to) * self.round_to)
-        return min(channels - kept, cap) if channels - kept > 0 else 0
+    def step_with(self, choose: Callable[[], Plan]) -> Plan:
+        """Apply the plan ``choose()`` returns, as :meth:`step` does: groups whose cut breaks
+        the model are skipped with their reason and ``choose()`` is asked again."""
+        for _ in range(len(self.graph.groups) + 1):
+            plan = Plan.coerce(choose())
+            if not len(plan):
+                raise PruningValueError("nothing left to prune: every group is at its minimum")
+            if not self.validate or not self.vet(plan):
+                self.prune(plan)
+                return plan
+        raise SurgeryError("no plan passes its trial run; model unchanged")
 
-    def step(self, n: int = 1, scope: Scope | str = Scope.GLOBAL) -> Plan:
-        """Remove the ``n`` least important channels; returns the applied plan."""
-        plan = self.plan(n, scope)
-        if not len(plan):
-            raise PruningValueError("nothing left to prune: every group is at its minimum")
-        self.prune(plan)
-        return plan
+    def vet(self, plan: Plan | Mapping[str, Iterable[int]]) -> list[tuple[str, str]]:
+        """Try ``plan`` on a meta copy; the groups whose cut breaks the forward pass, with the
+        error. Those groups are skipped from then on (:attr:`skipped` says why)."""
+        plan = Plan.coerce(plan)
+        self._check(plan)
+        if self._vetted is not None and self._vetted[0] == plan:
+            return []
+        traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)))
+        if traced is not None:
+            self._vetted = (plan, traced)
+            return []
+        failing = failing_groups(self._runner(), _lists(plan))
+        for gid, error in failing:
+            self._failed[gid] = self.skipped[gid] = f"trial prune failed: {error}"
+            warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
+        self._select()
+        return failing
+
+    def measure(self, plan: Plan | Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
+        """FLOPs (of the example inputs) and parameters of the model now, or once ``plan`` is
+        applied (counted on a meta copy; the model is not touched).
+
+        Raises :class:`SurgeryError` (and skips the culprit groups) if ``plan`` breaks the model.
+        """
+        if plan is None:
+            return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
+        plan = Plan.coerce(plan)
+        failing = self.vet(plan)
+        if failing or self._vetted is None or self._vetted[1].clone is None:
+            raise SurgeryError(f"the plan breaks the forward pass: {failing or 'trial run failed'}")
+        clone = self._vetted[1].clone
+        return {"flops": count_flops(clone, self.example_inputs), "params": count_params(clone)}
+
+    @property
+    def baseline(self) -> dict[str, int]:
+        """FLOPs and params of the model when the Pruner was created (counted before the first prune)."""
+        if self._baseline is None:
+            self._baseline = self.measure()
+        return self._baseline
 
     def prune(self, plan: Plan | Mapping[str, Iterable[int]]) -> None:
         """Apply ``plan`` (group id → channel indices) atomically.
 
         Raises :class:`PruningValueError` for an unknown or skipped group, an
-        index out of range or a group left below ``min_channels``, and
-        :class:`SurgeryError` if the pruned model would not run; in both cases
-        the model and optimizer are unchanged.
+        index out of range or a group left below ``min_channels`` (or beyond its
+        ``max_ratio``), and :class:`SurgeryError` if the pruned model would not
+        run; in both cases the model and optimizer are unchanged.
         """
         if torch.is_inference_mode_enabled():
             raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
                                     "parameters could never be trained again; call it outside")
+        plan = Plan.coerce(plan)
+        self._check(plan)
         with _gc_paused():
-            self._prune(Plan.coerce(plan))
+            self._prune(plan)
 
     def _prune(self, plan: Plan) -> None:
         """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
         so the graph of the pruned model needs no second trace."""
-        self._check(plan)
-        removals = {k: list(v) for k, v in plan.removals.items()}
-        cuts = self.graph.cuts(removals)
-        traced = self._traced_trial(cuts) if self.validate else None
-        if self.validate and traced is None:
-            failing = self._failing(removals)
+        cuts = self.graph.cuts(_lists(plan))
+        traced = None
+        if self.validate:
+            vetted = self._vetted
+            traced = vetted[1] if vetted is not None and vetted[0] == plan else traced_trial(
+                self.model, self.example_inputs, cuts)
+            failing = failing_groups(self._runner(), _lists(plan)) if traced is None else []
             if failing:
                 gid, error = failing[0]
                 raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
+        self.baseline  # noqa: B018 - counted before the first cut
         apply_cuts(cuts, self.optimizer)
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
-
-    def _traced_trial(self, cuts: list[Cut]) -> Traced | None:
-        """Trace the model as ``cuts`` will leave it, on a meta copy; None if that fails.
-
-        A success is the trial run of the plan and the trace of the pruned model
-        at once. A failure is settled by :meth:`_failing`, which names the group.
-        """
-        try:
-            return trace_cut(self.model, self.example_inputs, cuts)
-        except Exception:  # noqa: BLE001 - _failing reports it
-            return None
 
     def _check(self, plan: Plan) -> None:
         by_id = {g.id: g for g in self.graph.groups}
@@ -359,9 +381,8 @@ class Pruner:
             if bad:
                 raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {size})")
             if size - len(idx) < self.min_channels:
-                raise PruningValueError(
-                    f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
-                    f"min_channels={self.min_channels}")
+                raise PruningValueError(f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
+                                        f"min_channels={self.min_channels}")
             blocks = by_id[gid].blocks
             if blocks is not None:
                 counts = torch.isin(blocks, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
@@ -369,30 +390,17 @@ class Pruner:
                     raise PruningValueError(
                         f"group {gid}: {by_id[gid].blocks_of} must each lose the same number of their "
                         f"{blocks.shape[1]} channels, and keep at least one; the plan removes {counts}")
-        guard = _MemberGuard(self.graph.groups)
-        if guard.fits(plan.removals):
-            return
-        for gid, idx in plan.removals.items():
-            for i in idx:
-                emptied = guard.emptied_by(gid, i)
-                if emptied:
-                    raise PruningValueError(f"group {gid}: removing channel {i} leaves {emptied} with no channels")
-                guard.remove(gid, i)
+        layouts, sizes, labels = self._layouts
+        Selector(layouts, sizes, self._caps, labels).check(plan.removals)
 
+    # -- schedule and report ------------------------------------------------------
     def prune_to(
-        self, flops: float | None = None, params: float | None = None,
-        fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int = 8,
-        progress: bool = True, on_step: Callable[[dict[str, float]], Any] | None = None,
-    ) -> list[dict[str, float]]:
-        """Prune step by step until FLOPs and/or params are at most the given fractions.
-
-        Before each step, ``fine_tune()`` is called ``prune_every`` times inside
-        :meth:`estimate` (a few training batches: forward, backward, optimizer
-        step). After each step, ``on_step(record)`` is called outside the hooks
-        (validate, checkpoint, log …). Returns (and appends to ``self.log``) one
-        record per step: step, channels removed, FLOPs and params as fractions of
-        the start, and what ``fine_tune`` and ``on_step`` returned last (a number
-        as ``metric``, a dict merged in).
+        self, flops: float | None = None, params: float | None = None, *,
+        fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int | float = 8,
+        progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Prune step by step until FLOPs and/or params are at most the given fractions of
+        the model's when the Pruner was created; see :func:`prunable.schedule.prune_to`.
 
         Example
         -------
@@ -402,94 +410,24 @@ class Pruner:
         >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
         >>> log = pruner.prune_to(flops=0.6, channels_per_step=2, progress=False,
         ...                       on_step=lambda record: {"width": model[0].out_channels})
-        >>> log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
+        >>> 0.59 <= log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
         (True, True)
         """
-        targets = {"flops": flops, "params": params}
-        for key, value in targets.items():
-            if value is not None and not 0 < value <= 1:
-                raise PruningValueError(f"{key} target must be a fraction in (0, 1], got {value!r}")
-        if flops is None and params is None:
-            raise PruningValueError("give a flops= or params= target")
-        if self.criterion.needs_activations or self.criterion.needs_grad:
-            if fine_tune is None:
-                raise PruningValueError(f"{type(self.criterion).__name__} needs data: pass fine_tune=")
-        start = self._measure()
-        if self._start is None:
-            self._start = start
-        ratios = {"flops": 1.0, "params": 1.0}
-        bar = _progress(progress)
-        while not all(ratios[k] <= v for k, v in targets.items() if v is not None):
-            result = None
-            if fine_tune is not None:
-                with self.estimate():
-                    for _ in range(prune_every):
-                        result = fine_tune()
-            if not self.groups:
-                warnings.warn("prunable: no prunable group left before reaching the target", stacklevel=2)
-                break
-            try:
-                plan = self.step(channels_per_step)
-            except PruningValueError:
-                warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=2)
-                break
-            ratios = self._ratios(start)
-            record = {"step": len(self.log) + 1, "removed": len(plan), **ratios}
-            for value in (result, on_step(dict(record)) if on_step is not None else None):
-                record.update(value if isinstance(value, dict) else {} if value is None else {"metric": float(value)})
-            self.log.append(record)
-            bar(record)
-        bar(None)
-        return self.log
+        return schedule.prune_to(self, flops=flops, params=params, fine_tune=fine_tune, prune_every=prune_every,
+                                 channels_per_step=channels_per_step, progress=progress, on_step=on_step)
 
     def report(self) -> str:
-        """A markdown summary: FLOPs (of the example inputs) and params now and at the
-        start, output channels of every pruned layer (start → now) and the steps taken.
+        """A markdown summary, measured now; see :func:`prunable.schedule.report`."""
+        return schedule.report(self)
 
-        The starting FLOPs are known when :meth:`prune_to` ran, or when ``report()`` was
-        first called before any prune (counting them costs a forward pass, so a bare
-        :meth:`step` does not).
-
-        Example
-        -------
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-        >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
-        >>> plan = pruner.step(3)
-        >>> print(pruner.report().splitlines()[-1])
-        | 0 | 8 | 5 |
-        """
-        now = self._measure()
-        if self._start is None and not self.history:
-            self._start = now
-        start = self._start or {"params": self._initial_params}
-        lines = ["| | start | now | now / start |", "|---|---:|---:|---:|"]
-        for key in ("flops", "params"):
-            if key in start:
-                lines.append(f"| {key} | {start[key]:,} | {now[key]:,} | {now[key] / max(start[key], 1):.3f} |")
-            else:  # FLOPs are counted by a forward pass: only prune_to / report() before pruning do
-                lines.append(f"| {key} | not measured | {now[key]:,} | — |")
-        lines += ["", f"{len(self.history)} plan(s) applied, "
-                  f"{sum(len(p) for p in self.history)} channels removed.", "",
-                  "| layer | output channels at start | now |", "|---|---:|---:|"]
-        widths = self._widths()
-        for name, first in self._initial_widths.items():
-            if widths.get(name, first) != first:
-                lines.append(f"| {name} | {first} | {widths[name]} |")
-        return "\n".join(lines)
-
-    def _widths(self) -> dict[str, int]:
+    def widths(self) -> dict[str, int]:
         """Output channels of every producing layer of the current graph."""
         return {m.target.name: len(m.classes) for g in self.graph.groups for m in g.producers
                 if not isinstance(handler_for(m.target.module), AttentionHandler)}
 
-    def _measure(self) -> dict[str, int]:
-        return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
 
-    def _ratios(self, start: dict[str, int]) -> dict[str, float]:
-        now = self._measure()
-        return {k: now[k] / max(start[k], 1) for k in now}
+def _lists(plan: Plan) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in plan.removals.items()}
 
 
 def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Aggregation) -> torch.Tensor:
@@ -506,130 +444,6 @@ def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: A
         out.index_add_(0, index[ok], s[ok])
         count.index_add_(0, index[ok], torch.ones(int(ok.sum())))
     return out / count.clamp(min=1) if how is Aggregation.MEAN else out
-
-
-class _MemberGuard:
-    """Tracks channels left in every module side and parameter while a plan is chosen,
-    so no layer inside a group (one branch of a concat tied to others) is emptied.
-
-    How many indices of each member every group channel holds is counted lazily,
-    the first time a group is asked about.
-    """
-
-    def __init__(self, groups: list[ChannelGroup]) -> None:
-        self.left: list[float] = []
-        self.labels: list[str] = []
-        self.groups = {g.id: g for g in groups}
-        self.slots: dict[str, list[int]] = {}
-        self.hits: dict[str, list[tuple[int, list[int]]]] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-        index: dict[tuple, int] = {}
-        for g in groups:
-            slots = []
-            for m in g.members:
-                key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
-                if key not in index:
-                    index[key] = len(self.left)
-                    self.left.append(math.inf if bool((m.classes < 0).any()) else len(m.classes))
-                    self.labels.append("")
-                self.labels[index[key]] = m.target.label()
-                slots.append(index[key])
-            self.slots[g.id] = slots
-
-    def _hits(self, gid: str) -> list[tuple[int, list[int]]]:
-        """(member slot, indices of the member held by each channel of ``gid``) per member."""
-        hits = self.hits.get(gid)
-        if hits is None:
-            g = self.groups[gid]
-            labels = [m.classes.reshape(-1) for m in g.members]
-            member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-            at = _positions(g.classes, torch.cat(labels))
-            ok = at >= 0
-            counts = torch.bincount(member[ok] * g.channels + at[ok], minlength=len(labels) * g.channels)
-            self.counts[gid] = counts.view(len(labels), g.channels)
-            hits = self.hits[gid] = list(zip(self.slots[gid], self.counts[gid].tolist()))
-        return hits
-
-    def emptied_by(self, gid: str, i: int) -> str | None:
-        """Label of a member that removing channel ``i`` of ``gid`` would empty."""
-        left = self.left
-        return next((self.labels[slot] for slot, counts in self._hits(gid)
-                     if counts[i] and left[slot] - counts[i] < 1), None)
-
-    def remove(self, gid: str, i: int, sign: int = 1) -> None:
-        for slot, counts in self._hits(gid):
-            self.left[slot] -= sign * counts[i]
-
-    def fits(self, removals: Mapping[str, Iterable[int]]) -> bool:
-        """True if removing every channel of ``removals`` at once leaves each member
-        at least one index (then no single removal on the way empties one either)."""
-        left = list(self.left)
-        for gid, idx in removals.items():
-            self._hits(gid)
-            taken = self.counts[gid][:, torch.as_tensor(list(idx), dtype=torch.long)].sum(1)
-            for slot, k in zip(self.slots[gid], taken.tolist()):
-                left[slot] -= k
-        return all(v >= 1 for v in left)
-
-    @staticmethod
-    def _first(order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
-        """The first ``n`` entries of ``order``, at most ``caps[g]`` per group."""
-        chosen: dict[str, list[int]] = {}
-        for gid, i in order:
-            if n <= 0:
-                break
-            taken = chosen.setdefault(gid, [])
-            if len(taken) < caps[gid]:
-                taken.append(i)
-                n -= 1
-        return {gid: idx for gid, idx in chosen.items() if idx}
-
-    def _remove_all(self, gid: str, idx: list[int]) -> None:
-        """:meth:`remove` for every channel of ``idx`` at once."""
-        self._hits(gid)
-        taken = self.counts[gid][:, torch.as_tensor(idx, dtype=torch.long)].sum(1)
-        for slot, k in zip(self.slots[gid], taken.tolist()):
-            self.left[slot] -= k
-
-    def release(self, gid: str, idx: list[int]) -> None:
-        for i in idx:
-            self.remove(gid, i, -1)
-
-    def take(self, gid: str, order: list[int], k: int) -> list[int]:
-        """The first ``k`` channels of ``order`` that can go."""
-        return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
-
-    def take_per_block(self, gid: str, blocks: torch.Tensor, order: list[int], k: int) -> list[int]:
-        """``k`` channels of every row of ``blocks``, first in ``order``; fewer if some row
-        cannot give ``k`` (the same number from each row), none if ``k`` is 0."""
-        rank = {c: r for r, c in enumerate(order)}
-        rows = [sorted(row, key=lambda c: rank.get(c, len(rank))) for row in blocks.tolist()]
-        k = min(k, blocks.shape[1] - 1)
-        while k > 0:
-            taken = [self.take(gid, row, k) for row in rows]
-            if all(len(t) == k for t in taken):
-                return sorted(i for t in taken for i in t)
-            for t in taken:
-                self.release(gid, t)
-            k -= 1
-        return []
-
-    def take_global(self, order: list[tuple[str, int]], caps: dict[str, int], n: int) -> dict[str, list[int]]:
-        """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
-        chosen = self._first(order, caps, n)
-        if self.fits(chosen):  # the usual case: no member emptied, no channel skipped
-            for gid, idx in chosen.items():
-                self._remove_all(gid, idx)
-            return chosen
-        chosen = {}
-        for gid, i in order:
-            if n <= 0:
-                break
-            if len(chosen.setdefault(gid, [])) < caps[gid] and self.emptied_by(gid, i) is None:
-                self.remove(gid, i)
-                chosen[gid].append(i)
-                n -= 1
-        return chosen
 
 
 @contextlib.contextmanager
@@ -649,25 +463,26 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _progress(enabled: bool) -> Callable[[dict | None], None]:
-    """A tqdm progress callback when tqdm is installed and ``enabled``."""
+def _check_options(min_channels: Any, round_to: Any, flops_regularization: Any, validate: Any) -> None:
+    """Refuse bad options before anything is built."""
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise PruningValueError(f"min_channels={min_channels!r}: an int >= 1 is allowed")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PruningValueError(f"round_to={round_to!r}: None or an int >= 1 is allowed")
+    if not isinstance(flops_regularization, (bool, int, float)) or (
+            not isinstance(flops_regularization, bool) and not 0 <= flops_regularization < math.inf):
+        raise PruningValueError(f"flops_regularization={flops_regularization!r}: a number >= 0 or True/False "
+                                "is allowed")
+    if not isinstance(validate, bool):
+        raise PruningValueError(f"validate={validate!r}: True or False is allowed")
+
+
+def _aggregation(value: Any) -> Aggregation:
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return lambda record: None
-    bar = tqdm(desc="pruning", unit="step")
-
-    def update(record: dict | None) -> None:
-        if record is None:
-            bar.close()
-            return
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k not in ("step", "removed")
-                         and isinstance(v, float)})
-
-    return update
+        return Aggregation(value)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in Aggregation)
+        raise PruningValueError(f"aggregation={value!r}: choose one of {choices}") from None
 
 
 def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[str]:

@@ -214,10 +214,14 @@ def test_report_lists_start_and_now_and_every_pruned_layer():
     assert changed and all(name in widths for name in changed)
 
 
-def test_report_without_a_measured_start_says_so():
-    pruner = Pruner(small_cnn(), X, criterion=WeightNorm())
+def test_report_after_a_bare_step_measures_the_start():
+    model = small_cnn()
+    flops, params = count_flops(model, X), count_params(model)
+    pruner = Pruner(model, X, criterion=WeightNorm())
     pruner.step(2)
-    assert "| flops | not measured |" in pruner.report()
+    text = pruner.report()
+    assert f"| flops | {flops:,} | {count_flops(model, X):,} |" in text
+    assert f"| params | {params:,} | {count_params(model):,} |" in text
 
 
 def test_prune_to_rejects_bad_targets():

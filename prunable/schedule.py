@@ -1,0 +1,278 @@
+"""Schedule: prune step by step to a FLOPs or parameter target, and report.
+
+:func:`prune_to` alternates estimation (a few training batches) and pruning
+steps until the model is at most the target fraction of the FLOPs and/or
+parameters it had when its :class:`~prunable.Pruner` was created. The last steps
+are sized on meta copies (nothing is cut until the size is known) so the run
+ends at or under the target, within :data:`TOLERANCE` of it when one channel
+allows. Progress is a tqdm bar when stderr is a terminal, otherwise one
+``logging`` line per step on the ``"prunable"`` logger.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> from prunable import Pruner
+>>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+>>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+>>> log = prune_to(pruner, flops=0.5, progress=False)
+>>> 0.49 <= log[-1]["flops"] <= 0.5
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import PruningValueError, SurgeryError
+from .plan import Plan
+
+__all__ = ["TOLERANCE", "prune_to", "report"]
+
+#: How far under a target :func:`prune_to` may end (absolute fraction) when one channel allows it.
+TOLERANCE = 0.01
+#: Groups tried, cheapest first, for a last step that a whole channel of the first group overshoots.
+_CANDIDATES = 32
+
+logger = logging.getLogger("prunable")
+
+
+def prune_to(
+    pruner: Any, *, flops: float | None = None, params: float | None = None,
+    fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int | float = 8,
+    progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Prune ``pruner.model`` step by step until FLOPs and/or params are at most the given
+    fractions of the model's when the Pruner was created.
+
+    Before each step, ``fine_tune()`` is called ``prune_every`` times inside
+    :meth:`~prunable.Pruner.estimate` (a few training batches: forward, backward,
+    optimizer step). Each step removes ``channels_per_step`` channels (a count,
+    or a fraction in (0, 1) of those left), except the last ones: they are sized
+    by bisection on meta copies so the run ends at or under the target, within
+    :data:`TOLERANCE` when a single channel allows it (else as close under as
+    one channel of some group gets). After each step, ``on_step(record)`` is
+    called outside the hooks (validate, checkpoint, log …).
+
+    Returns (and appends to ``pruner.log``) one record per step: ``step``,
+    ``removed`` channels, ``flops`` and ``params`` as exact fractions of the
+    start, and what ``fine_tune`` and ``on_step`` returned last: a dict merged
+    in, anything else as ``metric`` (a number or one-element tensor as a float,
+    other values as they are).
+
+    Raises
+    ------
+    PruningValueError
+        For a bad argument, before anything is run or changed.
+    """
+    targets = _check(pruner, flops, params, fine_tune, prune_every, channels_per_step, progress, on_step)
+    start = pruner.baseline
+    ratios = _ratios(pruner.measure(), start)
+    bar = Progress(progress)
+    try:
+        while not _met(ratios, targets):
+            result = None
+            if fine_tune is not None:
+                with pruner.estimate():
+                    for _ in range(prune_every):
+                        result = fine_tune()
+            try:
+                plan = pruner.step_with(lambda: _next_plan(pruner, channels_per_step, targets, start))
+            except PruningValueError:
+                warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=3)
+                break
+            ratios = _ratios(pruner.measure(), start)
+            record: dict[str, Any] = {"step": len(pruner.log) + 1, "removed": len(plan), **ratios}
+            for value in (result, on_step(dict(record)) if on_step is not None else None):
+                record.update(_as_record(value))
+            pruner.log.append(record)
+            bar.update(record)
+    finally:
+        bar.close()
+    return pruner.log
+
+
+def _next_plan(pruner: Any, step: int | float, targets: dict[str, float], start: dict[str, int]) -> Plan:
+    """``step`` channels, or fewer if that crosses a target (sized on meta copies)."""
+    for _ in range(len(pruner.graph.groups) + 1):
+        try:
+            return _sized(pruner, step, targets, start)
+        except SurgeryError:  # the culprit groups are skipped now: choose again
+            continue
+    return Plan({})
+
+
+def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dict[str, int]) -> Plan:
+    available = pruner.available
+    if not available:
+        return Plan({})
+    base = pruner.plan(step if isinstance(step, float) else min(step, available))
+    if not len(base) or not _met(_ratios(pruner.measure(base), start), targets):
+        return base
+    lo, hi, best = 0, len(base), base
+    while hi - lo > 1:  # the fewest channels that still reach the targets
+        mid = (lo + hi) // 2
+        plan = pruner.plan(mid)
+        if _met(_ratios(pruner.measure(plan), start), targets):
+            hi, best = mid, plan
+        else:
+            lo = mid
+    if _gap(_ratios(pruner.measure(best), start), targets) <= TOLERANCE:
+        return best
+    if lo > 0:  # get as close as possible first; the next step sizes the rest
+        return pruner.plan(lo)
+    return _finest(pruner, targets, start, best)
+
+
+def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallback: Plan) -> Plan:
+    """The smallest cut of each group, least important group first: the first that lands
+    within :data:`TOLERANCE` under the targets; else the first that stays above them;
+    else the one closest under them."""
+    scores = pruner.scores()
+    blocks = {g.id: g.blocks for g in pruner.groups}
+    order = sorted(scores, key=lambda gid: float(scores[gid].min()))[:_CANDIDATES]
+    above, below = None, (fallback, _gap(_ratios(pruner.measure(fallback), start), targets))
+    for gid in order:
+        plan = pruner.plan(1 if blocks[gid] is None else len(blocks[gid]), groups=[gid])
+        if not len(plan):
+            continue
+        try:
+            ratios = _ratios(pruner.measure(plan), start)
+        except SurgeryError:
+            continue
+        if not _met(ratios, targets):
+            above = above or plan
+            continue
+        gap = _gap(ratios, targets)
+        if gap <= TOLERANCE:
+            return plan
+        if gap < below[1]:
+            below = (plan, gap)
+    return above if above is not None else below[0]
+
+
+def _ratios(now: dict[str, int], start: dict[str, int]) -> dict[str, float]:
+    return {k: now[k] / max(start[k], 1) for k in ("flops", "params")}
+
+
+def _met(ratios: dict[str, float], targets: dict[str, float]) -> bool:
+    return all(ratios[k] <= v for k, v in targets.items())
+
+
+def _gap(ratios: dict[str, float], targets: dict[str, float]) -> float:
+    """How far under its target the closest target is."""
+    return min(v - ratios[k] for k, v in targets.items())
+
+
+def _as_record(value: Any) -> dict[str, Any]:
+    """What a callback returned, as record entries."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return {"metric": _plain(value)}
+
+
+def _plain(value: Any) -> Any:
+    """A number as a float (a one-element tensor too); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check(pruner: Any, flops: Any, params: Any, fine_tune: Any, prune_every: Any, step: Any, progress: Any,
+           on_step: Any) -> dict[str, float]:
+    """Every argument of :func:`prune_to`, checked before anything runs; the targets."""
+    targets = {}
+    for key, value in (("flops", flops), ("params", params)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+            raise PruningValueError(f"{key}={value!r}: a target is a fraction in (0, 1] of the model's {key}")
+        targets[key] = float(value)
+    if not targets:
+        raise PruningValueError("give a flops= or params= target (a fraction in (0, 1])")
+    for key, value in (("fine_tune", fine_tune), ("on_step", on_step)):
+        if value is not None and not callable(value):
+            raise PruningValueError(f"{key}={value!r}: a callable or None is allowed")
+    if isinstance(prune_every, bool) or not isinstance(prune_every, int) or prune_every < 1:
+        raise PruningValueError(f"prune_every={prune_every!r}: an int >= 1 (fine_tune calls per step) is allowed")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or (
+            isinstance(step, int) and step < 1) or (isinstance(step, float) and not 0 < step < 1):
+        raise PruningValueError(f"channels_per_step={step!r}: an int >= 1 or a fraction in (0, 1) is allowed")
+    if not isinstance(progress, bool):
+        raise PruningValueError(f"progress={progress!r}: True or False is allowed")
+    criterion = pruner.criterion
+    if (criterion.needs_activations or criterion.needs_grad) and fine_tune is None:
+        raise PruningValueError(f"{type(criterion).__name__} needs data: pass fine_tune= "
+                                "(or choose a data-free criterion such as 'l1')")
+    return targets
+
+
+class Progress:
+    """A tqdm bar when ``enabled``, tqdm is installed and stderr is a terminal;
+    otherwise one INFO line per step on the ``"prunable"`` logger."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.bar = None
+        stream = sys.stderr
+        if enabled and stream is not None and hasattr(stream, "isatty") and stream.isatty():
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(desc="pruning", unit="step", file=stream)
+
+    def update(self, record: dict[str, Any]) -> None:
+        numbers_ = {k: v for k, v in record.items() if k not in ("step", "removed") and isinstance(v, float)}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in numbers_.items()})
+            return
+        logger.info("pruning step %d: %d channels removed; %s", record["step"], record["removed"],
+                    ", ".join(f"{k} {v:.4f}" for k, v in numbers_.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def report(pruner: Any) -> str:
+    """A markdown summary, measured when called: FLOPs (of the example inputs) and params
+    at the start (when the Pruner was created) and now, the plans applied, and the output
+    channels of every pruned layer (start → now).
+
+    Example
+    -------
+    >>> import torch
+    >>> from torch import nn
+    >>> from prunable import Pruner
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+    >>> plan = pruner.step(3)
+    >>> print(report(pruner).splitlines()[2])
+    | flops | 12,416 | 7,760 | 0.625 |
+    >>> print(report(pruner).splitlines()[-1])
+    | 0 | 8 | 5 |
+    """
+    start, now = pruner.baseline, pruner.measure()
+    lines = ["| | start | now | now / start |", "|---|---:|---:|---:|"]
+    for key in ("flops", "params"):
+        lines.append(f"| {key} | {start[key]:,} | {now[key]:,} | {now[key] / max(start[key], 1):.3f} |")
+    lines += ["", f"{len(pruner.history)} plan(s) applied, "
+              f"{sum(len(p) for p in pruner.history)} channels removed.", "",
+              "| layer | output channels at start | now |", "|---|---:|---:|"]
+    widths = pruner.widths()
+    for name, first in pruner.initial_widths.items():
+        if widths.get(name, first) != first:
+            lines.append(f"| {name} | {first} | {widths[name]} |")
+    return "\n".join(lines)

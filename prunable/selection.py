@@ -1,0 +1,413 @@
+"""Selection: importance scores and constraints → a :class:`~prunable.plan.Plan`.
+
+Pure: a :class:`Selector` sees groups only as :class:`GroupLayout` records (how
+many indices of each member every channel of a group holds, and the equal-size
+blocks a group must lose channels from evenly) plus one score per channel, so it
+is tested without a model. It keeps every member (a layer side or a parameter
+axis, possibly shared by several groups) at one index at least, every group
+within its cap (``min_channels``, ``round_to``, ``max_ratio``) and every block of
+a group losing the same number of channels.
+
+Example
+-------
+>>> import torch
+>>> a = GroupLayout("a", members=(0,), counts=torch.ones(1, 4, dtype=torch.long))
+>>> b = GroupLayout("b", members=(1,), counts=torch.ones(1, 3, dtype=torch.long))
+>>> selector = Selector([a, b], sizes=[4, 3], caps={"a": 3, "b": 1})
+>>> scores = {"a": torch.tensor([4.0, 1.0, 3.0, 2.0]), "b": torch.tensor([0.0, 0.5, 9.0])}
+>>> print(selector.plan(scores, 3))
+Plan: 3 channels from 2 groups
+  a: remove 1
+  b: remove 0
+  a: ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import PruningValueError
+from .plan import Plan
+
+__all__ = [
+    "GroupLayout", "Scope", "Selector", "capacity", "channel_positions", "layouts_of", "parse_scope",
+    "removal_count", "resolve_max_ratio",
+]
+
+
+class Scope(enum.Enum):
+    """How ``Pruner.step(n)`` spends ``n``."""
+
+    GLOBAL = "global"  #: the n least important channels over all groups
+    LAYER = "layer"  #: the n least important channels of every group
+
+
+def parse_scope(scope: Any) -> Scope:
+    """``scope`` as a :class:`Scope`; a :class:`PruningValueError` listing the choices otherwise.
+
+    Example
+    -------
+    >>> parse_scope("layer")
+    <Scope.LAYER: 'layer'>
+    """
+    try:
+        return Scope(scope)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in Scope)
+        raise PruningValueError(f"scope={scope!r} is not a scope; choose one of {choices}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class GroupLayout:
+    """What selection needs to know of one channel group.
+
+    ``counts[r, k]`` is how many indices of member ``members[r]`` (a slot of the
+    selector's member table) channel ``k`` of the group holds; a callable is
+    evaluated the first time the group is asked about. ``blocks``: ``(rows, k)``
+    channel indices; every row must lose as many channels as every other row.
+    """
+
+    id: str
+    members: tuple[int, ...]
+    counts: torch.Tensor | Callable[[], torch.Tensor]
+    channels: int | None = None
+    blocks: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of channels of the group."""
+        if self.channels is not None:
+            return self.channels
+        return int(self.counts.shape[1]) if isinstance(self.counts, torch.Tensor) else 0
+
+
+def channel_positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Index in ``classes`` (distinct values) of each entry of ``labels``; -1 where absent.
+
+    Example
+    -------
+    >>> channel_positions(torch.tensor([5, 2, 9]), torch.tensor([9, 2, 7]))
+    tensor([ 2,  1, -1])
+    """
+    if not len(classes):
+        return torch.full(labels.shape, -1, dtype=torch.long)
+    order = torch.argsort(classes)
+    ordered = classes[order]
+    at = torch.searchsorted(ordered, labels).clamp(max=len(ordered) - 1)
+    return torch.where(ordered[at] == labels, order[at], -1)
+
+
+def _counts_of(group: Any) -> Callable[[], torch.Tensor]:
+    def count() -> torch.Tensor:
+        labels = [m.classes.reshape(-1) for m in group.members]
+        member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
+        at = channel_positions(group.classes, torch.cat(labels))
+        ok = at >= 0
+        n = group.channels
+        return torch.bincount(member[ok] * n + at[ok], minlength=len(labels) * n).view(len(labels), n)
+
+    return count
+
+
+def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], list[str]]:
+    """Layouts of :class:`~prunable.graph.ChannelGroup` s, with the member table:
+    the number of indices of every member (``inf`` when some are not channels) and its label."""
+    sizes: list[float] = []
+    labels: list[str] = []
+    index: dict[tuple, int] = {}
+    layouts = []
+    for g in groups:
+        slots = []
+        for m in g.members:
+            key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
+            if key not in index:
+                index[key] = len(sizes)
+                sizes.append(math.inf if bool((m.classes < 0).any()) else len(m.classes))
+                labels.append("")
+            labels[index[key]] = m.target.label()
+            slots.append(index[key])
+        layouts.append(GroupLayout(g.id, tuple(slots), _counts_of(g), g.channels, g.blocks))
+    return layouts, sizes, labels
+
+
+def capacity(channels: int, original: int, *, min_channels: int = 1, round_to: int | None = None,
+             max_ratio: float = 1.0) -> int:
+    """Channels a group of ``channels`` (``original`` at the start) may still lose.
+
+    It keeps ``min_channels`` (and ``round_to`` when it has that many) and loses
+    at most ``max_ratio`` of its original channels in all.
+
+    Example
+    -------
+    >>> capacity(10, 16, max_ratio=0.5), capacity(10, 16, min_channels=4), capacity(4, 4, max_ratio=0.0)
+    (2, 6, 0)
+    """
+    floor = max(min_channels, min(channels, round_to)) if round_to else min_channels
+    budget = math.floor(max_ratio * original + 1e-9) - (original - channels)
+    return max(0, min(channels - floor, budget))
+
+
+def removal_count(n: Any, scope: Scope, sizes: Sequence[int], available: int) -> Callable[[int], int]:
+    """Validate ``n`` (a count, or a fraction in (0, 1)); channels to remove as a function
+    of a group's size (with the global scope, the total whatever the size).
+
+    Example
+    -------
+    >>> removal_count(0.25, Scope.LAYER, [8, 4], 10)(8)
+    2
+    """
+    if isinstance(n, float):
+        if not 0 < n < 1:
+            raise PruningValueError(f"n={n!r}: a pruning ratio must be in (0, 1) (or give a count >= 1)")
+        if scope is Scope.LAYER:
+            return lambda channels: int(round(n * channels))
+        total = max(1, int(round(n * sum(sizes))))
+        return lambda channels: min(total, available)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PruningValueError(f"n={n!r}: give a positive int (a channel count) or a ratio in (0, 1)")
+    if scope is Scope.GLOBAL and n > available:
+        raise PruningValueError(f"n={n} exceeds the {available} channels that can still be pruned")
+    return lambda channels: n
+
+
+def resolve_max_ratio(max_ratio: Any, modules: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+    """``max_ratio`` (a float, or ``{layer name or module: float}``) as (default, per name).
+
+    Layers not in the mapping get 1.0 (no cap beyond ``min_channels``). Raises
+    :class:`PruningValueError` for a value outside [0, 1] or a key that is no
+    module of ``modules`` (name → module), listing close names.
+
+    Example
+    -------
+    >>> resolve_max_ratio({"conv": 0.5}, {"": None, "conv": None})
+    (1.0, {'conv': 0.5})
+    """
+    if isinstance(max_ratio, Mapping):
+        by_id = {id(m): name for name, m in modules.items()}
+        out = {}
+        for key, value in max_ratio.items():
+            name = key if isinstance(key, str) else by_id.get(id(key))
+            if name is None or name not in modules:
+                shown = key if isinstance(key, str) else type(key).__name__
+                close = difflib.get_close_matches(str(shown), [n for n in modules if n], n=5, cutoff=0.5)
+                hint = f"; close names: {', '.join(close)}" if close else "; layers are named as in model.named_modules()"
+                raise PruningValueError(f"max_ratio key {shown!r} is not a module of the model{hint}")
+            out[name] = _ratio(value, f"max_ratio[{name!r}]")
+        return 1.0, out
+    return _ratio(max_ratio, "max_ratio"), {}
+
+
+def _ratio(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise PruningValueError(f"{what}={value!r}: a fraction in [0, 1] is allowed "
+                                "(0 = never pruned, 1 = no cap beyond min_channels)")
+    return float(value)
+
+
+class Selector:
+    """Chooses channels to remove, keeping every member of every group non-empty.
+
+    Parameters
+    ----------
+    layouts
+        The groups that may lose channels.
+    sizes
+        Indices of every member (slot of :attr:`GroupLayout.members`); ``inf`` for none to guard.
+    caps
+        Group id → channels the group may still lose (see :func:`capacity`); all by default.
+    labels
+        Member labels, for error messages.
+    """
+
+    def __init__(self, layouts: Iterable[GroupLayout], sizes: Sequence[float],
+                 caps: Mapping[str, int] | None = None, labels: Sequence[str] | None = None) -> None:
+        self.layouts = {g.id: g for g in layouts}
+        self.sizes = list(sizes)
+        self.labels = list(labels) if labels is not None else [f"member {i}" for i in range(len(self.sizes))]
+        self.caps = {gid: g.size if caps is None else caps.get(gid, 0) for gid, g in self.layouts.items()}
+        self._counts: dict[str, torch.Tensor] = {}
+
+    def counts(self, gid: str) -> torch.Tensor:
+        """``(members, channels)`` index counts of group ``gid`` (evaluated once)."""
+        if gid not in self._counts:
+            c = self.layouts[gid].counts
+            self._counts[gid] = c if isinstance(c, torch.Tensor) else c()
+        return self._counts[gid]
+
+    def guard(self) -> "MemberGuard":
+        """A fresh :class:`MemberGuard` with every member full."""
+        return MemberGuard(self)
+
+    def available(self) -> int:
+        """Channels that may still leave, over all groups."""
+        return sum(self.caps.values())
+
+    def plan(self, scores: Mapping[str, torch.Tensor], n: int | float = 1, scope: Scope = Scope.GLOBAL,
+             round_to: int | None = None) -> Plan:
+        """The ``n`` lowest-scoring channels (see :func:`removal_count`) that may go."""
+        scope = parse_scope(scope)
+        per_group = removal_count(n, scope, [g.size for g in self.layouts.values()], self.available())
+        guard = self.guard()
+        order = {gid: s.argsort().tolist() for gid, s in scores.items() if gid in self.layouts}
+        if scope is Scope.LAYER:
+            chosen = {gid: guard.take(gid, order[gid], min(per_group(self.layouts[gid].size), self.caps[gid]))
+                      for gid in order}
+        else:
+            flat = sorted((float(v), gid, i) for gid, s in scores.items() if gid in order
+                          for i, v in enumerate(s.tolist()))
+            chosen = guard.take_global([(gid, i) for _, gid, i in flat], self.caps, per_group(0))
+        if round_to:
+            for gid, idx in list(chosen.items()):
+                target = self._rounded(gid, len(idx), round_to) if idx else 0
+                if target != len(idx):
+                    guard.release(gid, idx)
+                    chosen[gid] = guard.take(gid, order[gid], target)
+        for gid, idx in list(chosen.items()):  # attention heads, GroupNorm groups: the same number from each
+            blocks = self.layouts[gid].blocks
+            if blocks is not None and idx:
+                guard.release(gid, idx)
+                per_block = min(int(round(len(idx) / len(blocks))), self.caps[gid] // len(blocks))
+                chosen[gid] = guard.take_per_block(gid, blocks, order[gid], per_block)
+        return Plan({gid: tuple(idx) for gid, idx in chosen.items() if idx})
+
+    def _rounded(self, gid: str, k: int, round_to: int) -> int:
+        """Channels to remove instead of ``k`` so that a multiple of ``round_to`` is kept."""
+        channels, cap = self.layouts[gid].size, self.caps[gid]
+        remove = channels - max(round_to, ((channels - k) // round_to) * round_to)
+        if remove > cap:
+            remove -= math.ceil((remove - cap) / round_to) * round_to
+        return max(remove, 0)
+
+    def probe(self) -> tuple[dict[str, list[int]], list[str]]:
+        """One channel of every group (one per block for blocked groups), the last that can
+        go, to try removing; and the groups where every channel is the last of some member."""
+        guard, probe, stuck = self.guard(), {}, []
+        for gid, g in self.layouts.items():
+            backwards = list(reversed(range(g.size)))
+            if g.blocks is not None:
+                idx = guard.take_per_block(gid, g.blocks, backwards, 1)
+            else:
+                idx = guard.take(gid, backwards, 1)
+            if idx:
+                probe[gid] = idx
+            else:
+                stuck.append(gid)
+        return probe, stuck
+
+    def check(self, removals: Mapping[str, Iterable[int]]) -> None:
+        """Raise :class:`PruningValueError` if ``removals`` empties a member or exceeds a cap."""
+        for gid, idx in removals.items():
+            if len(list(idx)) > self.caps.get(gid, 0):
+                raise PruningValueError(
+                    f"group {gid}: removing {len(list(idx))} channels exceeds the {self.caps.get(gid, 0)} it may "
+                    "still lose (min_channels, round_to, max_ratio)")
+        guard = self.guard()
+        if guard.fits(removals):
+            return
+        for gid, idx in removals.items():
+            for i in idx:
+                emptied = guard.emptied_by(gid, i)
+                if emptied:
+                    raise PruningValueError(f"group {gid}: removing channel {i} leaves {emptied} with no channels")
+                guard.remove(gid, i)
+
+
+class MemberGuard:
+    """Channels left in every member while a plan is chosen, so no layer inside a group
+    (one branch of a concat tied to others) is emptied."""
+
+    def __init__(self, selector: Selector) -> None:
+        self.selector = selector
+        self.left = list(selector.sizes)
+        self._hits: dict[str, list[tuple[int, list[int]]]] = {}
+
+    def hits(self, gid: str) -> list[tuple[int, list[int]]]:
+        """(member slot, indices of the member held by each channel of ``gid``) per member."""
+        if gid not in self._hits:
+            counts = self.selector.counts(gid).tolist()
+            self._hits[gid] = list(zip(self.selector.layouts[gid].members, counts))
+        return self._hits[gid]
+
+    def emptied_by(self, gid: str, i: int) -> str | None:
+        """Label of a member that removing channel ``i`` of ``gid`` would empty."""
+        left = self.left
+        return next((self.selector.labels[slot] for slot, counts in self.hits(gid)
+                     if counts[i] and left[slot] - counts[i] < 1), None)
+
+    def remove(self, gid: str, i: int, sign: int = 1) -> None:
+        for slot, counts in self.hits(gid):
+            self.left[slot] -= sign * counts[i]
+
+    def release(self, gid: str, idx: Iterable[int]) -> None:
+        for i in idx:
+            self.remove(gid, i, -1)
+
+    def _taken(self, gid: str, idx: Iterable[int]) -> list[tuple[int, int]]:
+        taken = self.selector.counts(gid)[:, torch.as_tensor(list(idx), dtype=torch.long)].sum(1)
+        return list(zip(self.selector.layouts[gid].members, taken.tolist()))
+
+    def fits(self, removals: Mapping[str, Iterable[int]]) -> bool:
+        """True if removing every channel of ``removals`` at once leaves each member
+        at least one index (then no single removal on the way empties one either)."""
+        left = list(self.left)
+        for gid, idx in removals.items():
+            for slot, k in self._taken(gid, idx):
+                left[slot] -= k
+        return all(v >= 1 for v in left)
+
+    def take(self, gid: str, order: list[int], k: int) -> list[int]:
+        """The first ``k`` channels of ``order`` that can go."""
+        return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
+
+    def take_per_block(self, gid: str, blocks: torch.Tensor, order: list[int], k: int) -> list[int]:
+        """``k`` channels of every row of ``blocks``, first in ``order``; fewer if some row
+        cannot give ``k`` (the same number from each row), none if ``k`` is 0."""
+        rank = {c: r for r, c in enumerate(order)}
+        rows = [sorted(row, key=lambda c: rank.get(c, len(rank))) for row in blocks.tolist()]
+        k = min(k, blocks.shape[1] - 1)
+        while k > 0:
+            taken = [self.take(gid, row, k) for row in rows]
+            if all(len(t) == k for t in taken):
+                return sorted(i for t in taken for i in t)
+            for t in taken:
+                self.release(gid, t)
+            k -= 1
+        return []
+
+    def take_global(self, order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dict[str, list[int]]:
+        """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
+        chosen = _first(order, caps, n)
+        if self.fits(chosen):  # the usual case: no member emptied, no channel skipped
+            for gid, idx in chosen.items():
+                for slot, k in self._taken(gid, idx):
+                    self.left[slot] -= k
+            return chosen
+        chosen = {}
+        for gid, i in order:
+            if n <= 0:
+                break
+            if len(chosen.setdefault(gid, [])) < caps.get(gid, 0) and self.emptied_by(gid, i) is None:
+                self.remove(gid, i)
+                chosen[gid].append(i)
+                n -= 1
+        return {gid: idx for gid, idx in chosen.items() if idx}
+
+
+def _first(order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dict[str, list[int]]:
+    """The first ``n`` entries of ``order``, at most ``caps[g]`` per group."""
+    chosen: dict[str, list[int]] = {}
+    for gid, i in order:
+        if n <= 0:
+            break
+        taken = chosen.setdefault(gid, [])
+        if len(taken) < caps.get(gid, 0):
+            taken.append(i)
+            n -= 1
+    return {gid: idx for gid, idx in chosen.items() if idx}

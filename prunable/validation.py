@@ -1,0 +1,100 @@
+"""Validation: try a cut on a ``meta`` copy of the model before touching the model.
+
+A trial applies the cuts of a plan to a parameter-free copy and runs one forward
+pass there (no arithmetic). When a plan fails, :func:`failing_groups` bisects it
+to the groups whose cuts break the forward pass, so they can be skipped with
+their reason while the others are pruned.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> from prunable.graph import DependencyGraph
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+>>> x = torch.randn(1, 3, 8, 8)
+>>> graph = DependencyGraph(net, x)
+>>> trial(net, (x,), graph.cuts({"0": [1, 2]})) is None
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .graph import Traced, meta_clone, trace_cut
+from .meta import MetaShortcuts
+from .surgery import Cut, apply_cuts
+
+__all__ = ["failing_groups", "trial", "traced_trial"]
+
+
+def _to_meta(inputs: Any) -> Any:
+    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut], clone: nn.Module | None = None) -> str | None:
+    """Apply ``cuts`` to a meta copy of ``model`` (``clone``, or a fresh one) and run it.
+
+    Returns the error as one line of text, or None when the cut model runs.
+    ``model`` is never touched.
+    """
+    clone = meta_clone(model) if clone is None else clone
+    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
+    moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
+    try:
+        apply_cuts(moved)
+        with torch.no_grad(), MetaShortcuts():
+            clone(*_to_meta(example_inputs))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def traced_trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut]) -> Traced | None:
+    """Trace ``model`` as ``cuts`` will leave it, on a meta copy; None if that fails.
+
+    A success is the trial run of the cuts and the trace of the pruned model at once.
+    """
+    try:
+        return trace_cut(model, example_inputs, cuts)
+    except Exception:  # noqa: BLE001 - failing_groups names the culprit
+        return None
+
+
+def failing_groups(
+    run: Callable[[Mapping[str, Sequence[int]]], str | None], removals: Mapping[str, Sequence[int]],
+    base: Mapping[str, Sequence[int]] | None = None,
+) -> list[tuple[str, str]]:
+    """Groups of ``removals`` whose cuts break the model, with the error (bisection).
+
+    ``run(removals)`` tries removals and returns the error or None. A group is
+    blamed when its removal fails on top of ``base`` and of the groups already
+    found to pass; what remains after removing the blamed groups passes as a
+    whole. About ``2·k·log2(n)`` trials for ``k`` culprits among ``n`` groups.
+
+    Example
+    -------
+    >>> run = lambda removals: "boom" if "bad" in removals else None
+    >>> failing_groups(run, {"a": [0], "bad": [1], "c": [2]})
+    [('bad', 'boom')]
+    """
+    base = dict(base or {})
+    error = run({**base, **removals}) if removals else None
+    if error is None:
+        return []
+    if len(removals) == 1:
+        return [(next(iter(removals)), error)]
+    items = list(removals.items())
+    half = len(items) // 2
+    first = failing_groups(run, dict(items[:half]), base)
+    blamed = {gid for gid, _ in first}
+    base.update((gid, idx) for gid, idx in items[:half] if gid not in blamed)
+    second = failing_groups(run, dict(items[half:]), base)
+    if not first and not second:  # each half passes alone, not together: blame the second half's first
+        return [(items[half][0], error)]
+    return first + second
