@@ -22,8 +22,6 @@ from .errors import PrunableError
 
 __all__ = ["main", "build_parser", "format_info"]
 
-_CRITERIA = ("taylor", "taylor-bn", "taylor-weight", "l1", "l2", "bn-scale", "mean-activation", "apoz", "random")
-
 
 class _UsageError(Exception):
     """Raised instead of argparse's print-usage-and-exit."""
@@ -105,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from .importance import CRITERIA  # the one registry of criteria
+
     parser.add_argument("--flops", type=_fraction, default=0.1,
                         help="target FLOPs as a fraction of the model's (default: 0.1, i.e. 10x fewer)")
-    parser.add_argument("--criterion", choices=_CRITERIA, default="taylor", help="importance criterion")
+    parser.add_argument("--criterion", choices=tuple(CRITERIA), default="taylor", help="importance criterion")
     parser.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
     parser.add_argument("--threads", type=_positive, default=2,
                         help="torch CPU threads (default: 2; on a busy machine use 1 or OMP_WAIT_POLICY=PASSIVE)")

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io as _io
 import json
 import os
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,36 +44,13 @@ from torch import nn
 from . import io
 from .errors import PruningValueError
 from .flops import count_flops, count_params, measure_latency
-from .importance import (
-    APoZ, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN, TaylorWeight, WeightNorm,
-)
+from .importance import CRITERIA, Criterion, make_criterion  # the one registry of criteria, re-exported
 from .pruner import Pruner
 
 __all__ = [
     "CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo", "prune_file",
     "accuracy", "format_table",
 ]
-
-#: ``--criterion`` names → criterion classes (``Random`` also takes the seed).
-CRITERIA: types.MappingProxyType[str, Callable[..., Criterion]] = types.MappingProxyType({
-    "taylor": TaylorActivation, "taylor-bn": TaylorBN, "taylor-weight": TaylorWeight,
-    "l1": functools.partial(WeightNorm, 1.0), "l2": functools.partial(WeightNorm, 2.0), "bn-scale": BNScale,
-    "mean-activation": MeanActivation, "apoz": APoZ, "random": Random,
-})
-
-
-def make_criterion(name: str, seed: int = 0) -> Criterion:
-    """The criterion called ``name`` (a key of :data:`CRITERIA`).
-
-    Example
-    -------
-    >>> type(make_criterion("taylor")).__name__
-    'TaylorActivation'
-    """
-    if name not in CRITERIA:
-        raise PruningValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
-    return CRITERIA[name](seed) if CRITERIA[name] is Random else CRITERIA[name]()
-
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:

@@ -336,7 +336,7 @@ class TaylorBN(_ParamTaylor):
         return [(t, False) for t in (norm.weight, norm.bias) if t is not None]
 
 
-#: criteria by command-line name
+#: The one registry of criteria by name (the CLI's ``--criterion``, the demo, ``Pruner(criterion=...)``).
 CRITERIA: dict[str, Callable[[], Criterion]] = {
     "taylor": TaylorActivation,
     "taylor-bn": TaylorBN,
@@ -350,20 +350,25 @@ CRITERIA: dict[str, Callable[[], Criterion]] = {
 }
 
 
-def make_criterion(criterion: "Criterion | str | None") -> Criterion:
+def make_criterion(criterion: "Criterion | str | None", seed: int | None = None) -> Criterion:
     """A criterion from an instance, a name in :data:`CRITERIA`, or None (Taylor).
+
+    ``seed`` seeds the ``"random"`` criterion (ignored by the others).
 
     Example
     -------
     >>> type(make_criterion("l1")).__name__
     'WeightNorm'
+    >>> type(make_criterion("random", seed=3)).__name__
+    'Random'
     """
     if criterion is None:
         return TaylorActivation()
     if isinstance(criterion, Criterion):
         return criterion
     if isinstance(criterion, str) and criterion in CRITERIA:
-        return CRITERIA[criterion]()
+        factory = CRITERIA[criterion]
+        return factory(seed) if factory is Random and seed is not None else factory()
     from .errors import PruningValueError
 
-    raise PruningValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)} or a Criterion")
+    raise PruningValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)} or a Criterion")

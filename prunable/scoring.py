@@ -1,0 +1,80 @@
+"""Scoring: one importance score per channel of every group, from a criterion.
+
+A group's channel is held by several producers (residual partners, concat
+branches); each producer's scores are read from the criterion at its measure
+point, checked, optionally L2-normalised per layer, and combined
+(:class:`~prunable.importance.Aggregation`). Optionally the FLOPs a channel costs
+are subtracted (Molchanov et al.'s Eq. 9).
+
+Example
+-------
+>>> import torch
+>>> parts = [(torch.tensor([1.0, 2.0]), torch.tensor([0, 1])), (torch.tensor([3.0]), torch.tensor([1]))]
+>>> aggregate(parts, 2, Aggregation.SUM), aggregate(parts, 2, Aggregation.MAX)
+(tensor([1., 5.]), tensor([1., 3.]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import average_across_ranks
+from .errors import EstimationError
+from .flops import module_flops
+from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize
+
+__all__ = ["aggregate", "flops_per_channel", "group_scores"]
+
+
+def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[str, MeasurePoint],
+                 aggregation: Aggregation, penalty: Mapping[str, float] | None = None,
+                 strength: float = 0.0) -> dict[str, torch.Tensor]:
+    """Score of every channel of every group (lower = pruned first), averaged over ranks.
+
+    ``penalty[g]`` (MFLOPs per channel of group ``g``) times ``strength`` is subtracted.
+    Raises :class:`EstimationError` for a non-finite score, naming group and layer.
+    """
+    penalty = penalty or {}
+    out = {}
+    for g in groups:
+        parts = []
+        for name, dim, index in g.measure:
+            if dim is None:
+                continue
+            s = criterion.scores(points[name]).detach().float().cpu()
+            if not bool(torch.isfinite(s).all()):
+                raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+            parts.append((l2_normalize(s) if criterion.normalize else s, index))
+        score = aggregate(parts, g.channels, aggregation)
+        out[g.id] = score - strength * penalty[g.id] if g.id in penalty else score
+    return average_across_ranks(out)
+
+
+def flops_per_channel(model: nn.Module, example_inputs: tuple, groups: Iterable[Any]) -> dict[str, float]:
+    """MFLOPs one channel of each group costs per example (its layers' FLOPs / their widths)."""
+    flops = module_flops(model, example_inputs)
+    first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    batch = int(first.shape[0]) if first is not None else 1
+    return {g.id: sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
+                      for m in g.members if m.target.param is None) / 1e6 / batch for g in groups}
+
+
+def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Aggregation) -> torch.Tensor:
+    """Combine per-producer scores (scores, group channel of each) into one score per group channel."""
+    if how is Aggregation.MAX:
+        out = torch.full((size,), -math.inf)
+        for s, index in parts:
+            ok = index >= 0
+            out.scatter_reduce_(0, index[ok], s[ok], reduce="amax")
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    out, count = torch.zeros(size), torch.zeros(size)
+    for s, index in parts:
+        ok = index >= 0
+        out.index_add_(0, index[ok], s[ok])
+        count.index_add_(0, index[ok], torch.ones(int(ok.sum())))
+    return out / count.clamp(min=1) if how is Aggregation.MEAN else out
