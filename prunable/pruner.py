@@ -168,6 +168,11 @@ class Pruner:
         return self.constraints.floor(channels)
 
     @property
+    def caps(self) -> dict[str, int]:
+        """Group id → channels the group may still lose (``min_channels``, ``round_to``, ``max_ratio``)."""
+        return {g.id: self._caps[g.id] for g in self.groups}
+
+    @property
     def available(self) -> int:
         """Channels that may still be removed, over all prunable groups."""
         return self._selector.available()

@@ -34,7 +34,7 @@ import torch
 from .errors import PruningValueError, SurgeryError
 from .plan import Plan
 
-__all__ = ["TOLERANCE", "prune_to", "report"]
+__all__ = ["TOLERANCE", "combination", "prune_to", "report"]
 
 #: How far under a target :func:`prune_to` may end (absolute fraction) when one channel allows it.
 TOLERANCE = 0.01
@@ -126,36 +126,103 @@ def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dic
             lo = mid
     if _gap(_ratios(pruner.measure(best), start), targets) <= TOLERANCE:
         return best
-    if lo > 0:  # get as close as possible first; the next step sizes the rest
-        return pruner.plan(lo)
-    return _finest(pruner, targets, start, best)
+    return _finest(pruner, targets, start, best, pruner.plan(lo) if lo > 0 else None)
 
 
-def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallback: Plan) -> Plan:
-    """The smallest cut of each group, least important group first: the first that lands
-    within :data:`TOLERANCE` under the targets; else the first that stays above them;
-    else the one closest under them."""
-    scores = pruner.scores()
-    blocks = {g.id: g.blocks for g in pruner.groups}
-    order = sorted(scores, key=lambda gid: float(scores[gid].min()))[:_CANDIDATES]
-    above, below = None, (fallback, _gap(_ratios(pruner.measure(fallback), start), targets))
-    for gid in order:
-        plan = pruner.plan(1 if blocks[gid] is None else len(blocks[gid]), groups=[gid])
-        if not len(plan):
-            continue
+def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallback: Plan,
+            closer: Plan | None) -> Plan:
+    """The last cut, when one channel of the least important group overshoots the window.
+
+    The smallest cut of each group is measured (least important groups first): the
+    first that lands within :data:`TOLERANCE` under the targets is taken; else a
+    combination of such cuts whose summed effect lands there (:func:`combination`;
+    if the exact count stays above the targets, the next step refines it); else
+    ``closer`` (the most channels in score order that stay above the targets), or
+    the first cut that stays above them and from which a combination can finish;
+    else the cut (or ``fallback``) closest under them.
+    """
+    now = _ratios(pruner.measure(), start)
+    key = max(targets, key=lambda k: now[k] - targets[k])  # the binding target
+    cuts, above, below = [], [], [(fallback, _ratios(pruner.measure(fallback), start))]
+    for gid, plan in _unit_cuts(pruner):
         try:
             ratios = _ratios(pruner.measure(plan), start)
         except SurgeryError:
             continue
-        if not _met(ratios, targets):
-            above = above or plan
-            continue
-        gap = _gap(ratios, targets)
-        if gap <= TOLERANCE:
+        if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
             return plan
-        if gap < below[1]:
-            below = (plan, gap)
-    return above if above is not None else below[0]
+        (below if _met(ratios, targets) else above).append((plan, ratios))
+        cuts.append((gid, len(plan), now[key] - ratios[key]))
+    combined = _combined(pruner, cuts, now[key] - targets[key])
+    if combined is not None:
+        try:
+            ratios = _ratios(pruner.measure(combined), start)
+        except (SurgeryError, PruningValueError):
+            ratios = None
+        if ratios is not None and (not _met(ratios, targets) or _gap(ratios, targets) <= TOLERANCE):
+            return combined
+    if closer is not None:
+        return closer
+    for plan, ratios in above:
+        if _combined(pruner, cuts, ratios[key] - targets[key], build=False) is not None:
+            return plan
+    return min(below, key=lambda item: _gap(item[1], targets))[0]
+
+
+def _unit_cuts(pruner: Any) -> list[tuple[str, Plan]]:
+    """The smallest cut of each group (one channel, one per block), least important groups first."""
+    scores = pruner.scores()
+    blocks = {g.id: g.blocks for g in pruner.groups}
+    out = []
+    for gid in sorted(scores, key=lambda gid: float(scores[gid].min()))[:_CANDIDATES]:
+        plan = pruner.plan(1 if blocks[gid] is None else len(blocks[gid]), groups=[gid])
+        if len(plan):
+            out.append((gid, plan))
+    return out
+
+
+def _combined(pruner: Any, cuts: list[tuple[str, int, float]], excess: float, build: bool = True) -> Any:
+    """A plan of several cuts per group whose summed effects remove ``excess`` plus up to
+    :data:`TOLERANCE` (lowest-ranked groups preferred); None if no combination does
+    (with ``build=False``, the counts per cut instead of the plan)."""
+    caps = pruner.caps
+    counts = combination([c for _, _, c in cuts], [min(caps.get(g, 0) // u, 8) for g, u, _ in cuts],
+                         excess + 0.1 * TOLERANCE, excess + 0.9 * TOLERANCE)
+    if counts is None or not build:
+        return counts
+    removals = {}
+    for (gid, unit, _), k in zip(cuts, counts):
+        if k:
+            removals.update(pruner.plan(unit * k, groups=[gid]).removals)
+    return Plan(removals)
+
+
+def combination(costs: list[float], limits: list[int], low: float, high: float,
+                unit: float = 1e-4) -> list[int] | None:
+    """Counts ``k[i] <= limits[i]`` with ``low <= sum(k[i] * costs[i]) <= high``, preferring
+    the earliest items (the cost of a copy of item ``i`` is ``i + 1``); None if none.
+
+    Example
+    -------
+    >>> combination([0.06, 0.021], [4, 4], 0.100, 0.108)
+    [1, 2]
+    """
+    best: dict[int, tuple[int, tuple[int, ...]]] = {0: (0, ())}
+    top = int(high / unit)
+    for i, (cost, limit) in enumerate(zip(costs, limits)):
+        step = int(round(cost / unit))
+        grown: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for total, (penalty, ks) in best.items():
+            for k in range(limit + 1 if step > 0 else 1):
+                t = total + k * step
+                if t > top:
+                    break
+                entry = (penalty + k * (i + 1), ks + (k,))
+                if t not in grown or entry < grown[t]:
+                    grown[t] = entry
+        best = grown
+    fits = [v for t, v in best.items() if low / unit <= t <= top]
+    return list(min(fits)[1]) if fits else None
 
 
 def _ratios(now: dict[str, int], start: dict[str, int]) -> dict[str, float]:
