@@ -237,7 +237,14 @@ class Pruner:
         reason in :attr:`skipped`) and the channels are chosen again without it.
         """
         scope = parse_scope(scope)
-        return self.step_with(lambda: self.plan(n, scope))
+        tries = iter(range(len(self.graph.groups) + 2))
+
+        def choose() -> Plan:  # after a group is skipped, fewer channels may be left than asked
+            again = next(tries) > 0 and isinstance(n, int) and not isinstance(n, bool)
+            count = min(n, self.available) if again else n
+            return self.plan(count, scope) if count else Plan({})
+
+        return self.step_with(choose)
 
     def step_with(self, choose: Callable[[], Plan]) -> Plan:
         """Apply the plan ``choose()`` returns, as :meth:`step` does: groups whose cut breaks
