@@ -14,24 +14,25 @@ from .flops import count_flops, count_params, measure_latency, module_flops
 from .graph import ChannelGroup, DependencyGraph
 from .io import ModelFileError, load, save
 from .importance import (
-    APoZ, Aggregation, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN,
-    TaylorWeight, WeightNorm,
+    APoZ, CRITERIA, Aggregation, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN,
+    TaylorWeight, WeightNorm, make_criterion,
 )
 from .models import CharNet, SeedNet, vgg
 from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
 from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
+from .selection import Constraints, Selector
 from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "convert",
-    "count_flops", "count_params", "Criterion", "DependencyGraph", "EstimationError", "load",
-    "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
+    "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Constraints", "convert",
+    "count_flops", "count_params", "CRITERIA", "Criterion", "DependencyGraph", "EstimationError", "load",
+    "make_criterion", "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
     "oracle_importance", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
     "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
+    "Scope", "SeedNet", "Selector", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
     "TaylorWeight", "vgg", "WeightNorm",
 ]

@@ -106,7 +106,8 @@ class Pruner:
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
         self.max_ratio = max_ratio
-        self.constraints = Constraints(min_channels, round_to, *resolve_max_ratio(max_ratio, dict(model.named_modules())))
+        ratios = resolve_max_ratio(max_ratio, dict(model.named_modules()))
+        self.constraints = Constraints(min_channels, round_to, *ratios)
         self.ignored = _ignored_names(model, ignored_layers)
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
@@ -132,7 +133,8 @@ class Pruner:
         self.skipped: dict[str, str] = {}
         quiet = set()
         for g in self.graph.groups:
-            reason, constraint = self._skip_reason(g)
+            reason, constraint = _skip_reason(g, self._failed, self.ignored, self.constraints,
+                                              self._original.get(g.id, g.channels))
             if reason:
                 self.skipped[g.id] = reason
                 if constraint:
@@ -144,25 +146,7 @@ class Pruner:
         for gid, reason in self.skipped.items() if warn else ():
             if gid not in quiet and reason != "model output" and not reason.startswith(("1 channel", "every channel")):
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
-        modules = dict(self.model.named_modules())
-        self._points = {}
-        for g in self.groups:
-            for (name, dim, _), member in zip(g.measure, g.producers):
-                if dim is not None:
-                    self._points[name] = MeasurePoint(name, modules[name], dim, member.target.module)
-
-    def _skip_reason(self, g: ChannelGroup) -> tuple[str | None, bool]:
-        """Why ``g`` is not pruned (None if it is), and whether a user constraint says so."""
-        if g.skip_reason:
-            return g.skip_reason, False
-        if g.id in self._failed:
-            return self._failed[g.id], True
-        ignored = next((m.target.name for m in g.producers if m.target.name in self.ignored), None)
-        if ignored is not None:
-            return f"ignored layer {ignored}", True
-        reason = self.constraints.reason(g.channels, self._original.get(g.id, g.channels),
-                                         [m.target.name for m in g.members])
-        return reason, reason is not None
+        self._points = _measure_points(self.model, self.groups)
 
     def _floor(self, channels: int) -> int:
         return self.constraints.floor(channels)
@@ -213,7 +197,8 @@ class Pruner:
                             self.flops_regularization)
 
     # -- pruning ---------------------------------------------------------------
-    def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *, groups: Iterable[str] | None = None) -> Plan:
+    def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *,
+             groups: Iterable[str] | None = None) -> Plan:
         """The plan :meth:`step` would apply: the ``n`` least important channels.
 
         ``n`` is a count, or a float in (0, 1): that fraction of the channels
@@ -240,9 +225,9 @@ class Pruner:
         tries = iter(range(len(self.graph.groups) + 2))
 
         def choose() -> Plan:  # after a group is skipped, fewer channels may be left than asked
-            again = next(tries) > 0 and isinstance(n, int) and not isinstance(n, bool)
-            count = min(n, self.available) if again else n
-            return self.plan(count, scope) if count else Plan({})
+            if next(tries) and isinstance(n, int) and not isinstance(n, bool):
+                return self.plan(min(n, self.available), scope) if self.available else Plan({})
+            return self.plan(n, scope)
 
         return self.step_with(choose)
 
@@ -263,18 +248,21 @@ class Pruner:
         error. Those groups are skipped from then on (:attr:`skipped` says why)."""
         plan = Plan.coerce(plan)
         self._check(plan)
-        if self._vetted is not None and self._vetted[0] == plan:
-            return []
-        traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)))
-        if traced is not None:
-            self._vetted = (plan, traced)
-            return []
-        failing = failing_groups(self._runner(), _lists(plan))
+        failing = self._trial(plan)
         for gid, error in failing:
             self._failed[gid] = self.skipped[gid] = f"trial prune failed: {error}"
             warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
         self._select()
         return failing
+
+    def _trial(self, plan: Plan) -> list[tuple[str, str]]:
+        """The trial run of ``plan`` (its traced meta copy kept in ``_vetted``), bisected on failure."""
+        if self._vetted is None or self._vetted[0] != plan:
+            traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)))
+            if traced is None:
+                return failing_groups(self._runner(), _lists(plan))
+            self._vetted = (plan, traced)
+        return []
 
     def measure(self, plan: Plan | Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
         """FLOPs (of the example inputs) and parameters of the model now, or once ``plan`` is
@@ -317,18 +305,14 @@ class Pruner:
     def _prune(self, plan: Plan) -> None:
         """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
         so the graph of the pruned model needs no second trace."""
-        cuts = self.graph.cuts(_lists(plan))
-        traced = None
-        if self.validate:
-            vetted = self._vetted
-            traced = vetted[1] if vetted is not None and vetted[0] == plan else traced_trial(
-                self.model, self.example_inputs, cuts)
-            failing = failing_groups(self._runner(), _lists(plan)) if traced is None else []
-            if failing:
-                gid, error = failing[0]
-                raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
+        failing = self._trial(plan) if self.validate else []
+        if failing:
+            gid, error = failing[0]
+            raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
+        vetted = self._vetted
+        traced = vetted[1] if self.validate and vetted is not None and vetted[0] == plan else None
         self.baseline  # noqa: B018 - counted before the first cut
-        apply_cuts(cuts, self.optimizer)
+        apply_cuts(self.graph.cuts(_lists(plan)), self.optimizer)
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
@@ -344,19 +328,8 @@ class Pruner:
         progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Prune step by step until FLOPs and/or params are at most the given fractions of
-        the model's when the Pruner was created; see :func:`prunable.schedule.prune_to`.
-
-        Example
-        -------
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
-        >>> pruner = Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
-        >>> log = pruner.prune_to(flops=0.6, channels_per_step=2, progress=False,
-        ...                       on_step=lambda record: {"width": model[0].out_channels})
-        >>> log[-1]["flops"] <= 0.6, log[-1]["width"] == model[0].out_channels
-        (True, True)
-        """
+        the model's when the Pruner was created, ending within 1 point under the target when
+        a channel allows; see :func:`prunable.schedule.prune_to` (and its example)."""
         return schedule.prune_to(self, flops=flops, params=params, fine_tune=fine_tune, prune_every=prune_every,
                                  channels_per_step=channels_per_step, progress=progress, on_step=on_step)
 
@@ -368,6 +341,27 @@ class Pruner:
         """Output channels of every producing layer of the current graph."""
         return {m.target.name: len(m.classes) for g in self.graph.groups for m in g.producers
                 if not isinstance(handler_for(m.target.module), AttentionHandler)}
+
+
+def _skip_reason(g: ChannelGroup, failed: Mapping[str, str], ignored: set[str], constraints: Constraints,
+                 original: int) -> tuple[str | None, bool]:
+    """Why ``g`` is not pruned (None if it is), and whether the user's settings say so."""
+    if g.skip_reason:
+        return g.skip_reason, False
+    if g.id in failed:
+        return failed[g.id], True
+    layer = next((m.target.name for m in g.producers if m.target.name in ignored), None)
+    if layer is not None:
+        return f"ignored layer {layer}", True
+    reason = constraints.reason(g.channels, original, [m.target.name for m in g.members])
+    return reason, reason is not None
+
+
+def _measure_points(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, MeasurePoint]:
+    """Where the criterion observes each producer of ``groups``, by module name."""
+    modules = dict(model.named_modules())
+    return {name: MeasurePoint(name, modules[name], dim, member.target.module)
+            for g in groups for (name, dim, _), member in zip(g.measure, g.producers) if dim is not None}
 
 
 def _lists(plan: Plan) -> dict[str, list[int]]:

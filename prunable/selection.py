@@ -252,7 +252,8 @@ def resolve_max_ratio(max_ratio: Any, modules: Mapping[str, Any]) -> tuple[float
             if name is None or name not in modules:
                 shown = key if isinstance(key, str) else type(key).__name__
                 close = difflib.get_close_matches(str(shown), [n for n in modules if n], n=5, cutoff=0.5)
-                hint = f"; close names: {', '.join(close)}" if close else "; layers are named as in model.named_modules()"
+                hint = (f"; close names: {', '.join(close)}" if close
+                        else "; layers are named as in model.named_modules()")
                 raise PruningValueError(f"max_ratio key {shown!r} is not a module of the model{hint}")
             out[name] = _ratio(value, f"max_ratio[{name!r}]")
         return 1.0, out

@@ -42,6 +42,20 @@ def test_prune_to_ends_within_one_point_under_the_target(dims, key, target):
     assert all(r["removed"] <= 8 for r in log) and log[0]["removed"] == 8
 
 
+def test_prune_to_combines_cuts_when_one_channel_is_two_points():
+    """A 3-D CNN where each conv channel is 2 to 6 points of the FLOPs: no count of the
+    least important channels lands within 1 point; a combination of cuts does."""
+    model = nn.Sequential(
+        nn.Conv3d(2, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+        nn.Conv3d(16, 32, 3, padding=1, stride=2), nn.BatchNorm3d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 5),
+    ).eval()
+    x = torch.randn(2, 2, 6, 6, 6)
+    start = count_flops(model, x)
+    log = Pruner(model, x, criterion="l1").prune_to(flops=0.5, channels_per_step=8, progress=False)
+    assert 0.49 <= count_flops(model, x) / start <= 0.5 and len(log) < 25
+
+
 def test_combination_finds_counts_in_the_window():
     assert combination([0.06, 0.021], [4, 4], 0.100, 0.108) == [1, 2]
     assert combination([0.06, 0.021], [4, 1], 0.100, 0.108) is None
@@ -123,7 +137,8 @@ def test_bad_arguments_are_refused_before_anything_changes(case):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"min_channels": 0}, "min_channels=0"), ({"round_to": 0}, "round_to=0"),
-    ({"aggregation": "median"}, "aggregation='median'.*'sum'"), ({"flops_regularization": -1.0}, "flops_regularization"),
+    ({"aggregation": "median"}, "aggregation='median'.*'sum'"),
+    ({"flops_regularization": -1.0}, "flops_regularization"),
     ({"criterion": "l3"}, "unknown criterion 'l3'.*l1"),
 ])
 def test_bad_pruner_options_name_the_option(kwargs, message):
