@@ -145,7 +145,10 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 def _bar(total: int, desc: str, progress: bool, unit: str = "batch") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not progress)
+    from .schedule import stderr_is_terminal
+
+    on = progress and stderr_is_terminal()  # no carriage returns in log files
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not on)
 
 
 def _train(model: nn.Module, data: _Data, epochs: int, lr: float, s: DemoSettings,

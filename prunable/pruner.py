@@ -208,7 +208,11 @@ class Pruner:
         scope = parse_scope(scope)
         selector = self._selector
         if groups is not None:
-            wanted = set(groups)
+            wanted = {groups} if isinstance(groups, str) else set(groups)
+            unknown = sorted(wanted - {g.id for g in self.graph.groups})
+            if unknown:
+                known = [g.id for g in self.groups][:8]
+                raise PruningValueError(f"groups={unknown}: no such group; groups are {known}")
             layouts, sizes, labels = self._layouts
             selector = Selector([g for g in layouts if g.id in wanted and g.id not in self.skipped],
                                 sizes, self._caps, labels)

@@ -34,7 +34,7 @@ import torch
 from .errors import PruningValueError, SurgeryError
 from .plan import Plan
 
-__all__ = ["TOLERANCE", "combination", "prune_to", "report"]
+__all__ = ["TOLERANCE", "Progress", "combination", "prune_to", "report", "stderr_is_terminal"]
 
 #: How far under a target :func:`prune_to` may end (absolute fraction) when one channel allows it.
 TOLERANCE = 0.01
@@ -285,19 +285,24 @@ def _check(pruner: Any, flops: Any, params: Any, fine_tune: Any, prune_every: An
     return targets
 
 
+def stderr_is_terminal() -> bool:
+    """True when ``sys.stderr`` is an interactive terminal (progress bars belong there only)."""
+    stream = sys.stderr
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+
 class Progress:
     """A tqdm bar when ``enabled``, tqdm is installed and stderr is a terminal;
     otherwise one INFO line per step on the ``"prunable"`` logger."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.bar = None
-        stream = sys.stderr
-        if enabled and stream is not None and hasattr(stream, "isatty") and stream.isatty():
+        if enabled and stderr_is_terminal():
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(desc="pruning", unit="step", file=stream)
+            self.bar = tqdm(desc="pruning", unit="step", file=sys.stderr)
 
     def update(self, record: dict[str, Any]) -> None:
         numbers_ = {k: v for k, v in record.items() if k not in ("step", "removed") and isinstance(v, float)}

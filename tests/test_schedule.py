@@ -120,6 +120,7 @@ BAD_CALLS = {
     "step(0)": (lambda p: p.step(0), "n=0"),
     "step(-1)": (lambda p: p.step(-1), "n=-1"),
     "plan(1.0)": (lambda p: p.plan(1.0), r"n=1.0.*\(0, 1\)"),
+    "plan(groups=['99'])": (lambda p: p.plan(1, groups=["99"]), r"groups=\['99'\]: no such group; groups are \['0'"),
 }
 
 
