@@ -248,3 +248,15 @@ def test_group_norm_groups_each_lose_the_same_number_of_channels():
     pruner.prune(plan)
     assert (model[1].num_groups, model[1].num_channels, model[0].out_channels) == (4, 8, 8)
     assert model(x).shape == (2, 5, 6, 6)
+
+
+def test_measure_of_a_plan_equals_the_pruned_model_and_touches_nothing():
+    model = small_cnn()
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    before = state_copy(model)
+    plan = pruner.plan(7)
+    predicted = pruner.measure(plan)
+    assert_state_equal(model, before)
+    assert predicted["flops"] < count_flops(model, X)
+    pruner.prune(plan)
+    assert predicted == {"flops": count_flops(model, X), "params": count_params(model)} == pruner.measure()
