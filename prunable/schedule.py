@@ -88,6 +88,9 @@ def prune_to(
             except PruningValueError:
                 warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=3)
                 break
+            except SurgeryError as exc:  # no plan passes its trial run: the model is as the last step left it
+                warnings.warn(f"prunable: {exc}; target not reached", stacklevel=3)
+                break
             ratios = _ratios(pruner.measure(), start)
             record: dict[str, Any] = {"step": len(pruner.log) + 1, "removed": len(plan), **ratios}
             for value in (result, on_step(dict(record)) if on_step is not None else None):
