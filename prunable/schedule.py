@@ -26,6 +26,7 @@ import logging
 import numbers
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,8 @@ TOLERANCE = 0.01
 _CANDIDATES = 32
 
 logger = logging.getLogger("prunable")
+#: FLOPs/params counted during one prune_to run, by (plans applied, plan or None for the model)
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prune_to(
@@ -83,6 +86,7 @@ def prune_to(
                 with pruner.estimate():
                     for _ in range(prune_every):
                         result = fine_tune()
+            before = len(pruner.history)
             try:
                 plan = pruner.step_with(lambda: _next_plan(pruner, channels_per_step, targets, start))
             except PruningValueError:
@@ -91,7 +95,8 @@ def prune_to(
             except SurgeryError as exc:  # no plan passes its trial run: the model is as the last step left it
                 warnings.warn(f"prunable: {exc}; target not reached", stacklevel=3)
                 break
-            ratios = _ratios(pruner.measure(), start)
+            _forget(pruner, before, plan)
+            ratios = _ratios(_measured(pruner), start)
             record: dict[str, Any] = {"step": len(pruner.log) + 1, "removed": len(plan), **ratios}
             for value in (result, on_step(dict(record)) if on_step is not None else None):
                 record.update(_as_record(value))
@@ -99,6 +104,7 @@ def prune_to(
             bar.update(record)
     finally:
         bar.close()
+        _MEMO.pop(pruner, None)
     return pruner.log
 
 
@@ -117,17 +123,22 @@ def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dic
     if not available:
         return Plan({})
     base = pruner.plan(step if isinstance(step, float) else min(step, available))
-    if not len(base) or not _met(_ratios(pruner.measure(base), start), targets):
+    if not len(base) or not _met(_ratios(_measured(pruner, base), start), targets):
         return base
-    lo, hi, best = 0, len(base), base
-    while hi - lo > 1:  # the fewest channels that still reach the targets
-        mid = (lo + hi) // 2
+    now, ratios = _ratios(_measured(pruner), start), _ratios(_measured(pruner, base), start)
+    key = max(targets, key=lambda k: now[k] - targets[k])  # the binding target
+    (lo, r_lo), (hi, r_hi), best = (0, now[key]), (len(base), ratios[key]), base
+    bisect = False
+    while hi - lo > 1 and _gap(ratios, targets) > TOLERANCE:  # interpolation, every other try a halving
+        guess = lo + round((r_lo - targets[key]) / max(r_lo - r_hi, 1e-12) * (hi - lo))
+        mid = (lo + hi) // 2 if bisect else min(max(guess, lo + 1), hi - 1)
+        bisect = not bisect
         plan = pruner.plan(mid)
-        if _met(_ratios(pruner.measure(plan), start), targets):
-            hi, best = mid, plan
+        if _met(measured := _ratios(_measured(pruner, plan), start), targets):
+            (hi, r_hi), best, ratios = (mid, measured[key]), plan, measured
         else:
-            lo = mid
-    if _gap(_ratios(pruner.measure(best), start), targets) <= TOLERANCE:
+            lo, r_lo = mid, measured[key]
+    if _gap(ratios, targets) <= TOLERANCE:
         return best
     return _finest(pruner, targets, start, best, pruner.plan(lo) if lo > 0 else None)
 
@@ -144,12 +155,12 @@ def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallb
     the first cut that stays above them and from which a combination can finish;
     else the cut (or ``fallback``) closest under them.
     """
-    now = _ratios(pruner.measure(), start)
+    now = _ratios(_measured(pruner), start)
     key = max(targets, key=lambda k: now[k] - targets[k])  # the binding target
-    cuts, above, below = [], [], [(fallback, _ratios(pruner.measure(fallback), start))]
+    cuts, above, below = [], [], [(fallback, _ratios(_measured(pruner, fallback), start))]
     for gid, plan in _unit_cuts(pruner):
         try:
-            ratios = _ratios(pruner.measure(plan), start)
+            ratios = _ratios(_measured(pruner, plan), start)
         except SurgeryError:
             continue
         if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
@@ -159,7 +170,7 @@ def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallb
     combined = _combined(pruner, cuts, now[key] - targets[key])
     if combined is not None:
         try:
-            ratios = _ratios(pruner.measure(combined), start)
+            ratios = _ratios(_measured(pruner, combined), start)
         except (SurgeryError, PruningValueError):
             ratios = None
         if ratios is not None and (not _met(ratios, targets) or _gap(ratios, targets) <= TOLERANCE):
@@ -226,6 +237,24 @@ def combination(costs: list[float], limits: list[int], low: float, high: float,
         best = grown
     fits = [v for t, v in best.items() if low / unit <= t <= top]
     return list(min(fits)[1]) if fits else None
+
+
+def _measured(pruner: Any, plan: Plan | None = None) -> dict[str, int]:
+    """``pruner.measure(plan)``, counted once per plan while the model is unchanged."""
+    memo = _MEMO.setdefault(pruner, {})
+    key = (len(pruner.history), plan)
+    if key not in memo:
+        memo[key] = pruner.measure(plan)
+    return memo[key]
+
+
+def _forget(pruner: Any, before: int, applied: Plan) -> None:
+    """After ``applied`` was pruned: what was counted for it is the model now; the rest is stale."""
+    memo = _MEMO.get(pruner, {})
+    known = memo.get((before, applied))
+    memo.clear()
+    if known is not None and len(pruner.history) == before + 1:
+        memo[(before + 1, None)] = known
 
 
 def _ratios(now: dict[str, int], start: dict[str, int]) -> dict[str, float]:
