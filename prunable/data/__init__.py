@@ -6,11 +6,15 @@ prunable[demo]``), so it needs no download.
 
 Example
 -------
+>>> import tempfile
 >>> from prunable.data import JapaneseCharacters, loaders
->>> ds = JapaneseCharacters("val", samples_per_class=2, size=32)  # doctest: +SKIP
->>> ds.num_classes, ds[0][0].shape                                # doctest: +SKIP
+>>> cache = tempfile.mkdtemp()  # generated sets are cached there
+>>> ds = JapaneseCharacters("val", samples_per_class=2, size=32, root=cache)
+>>> ds.num_classes, ds[0][0].shape
 (92, torch.Size([1, 32, 32]))
->>> train, val, test = loaders(batch_size=64)                     # doctest: +SKIP
+>>> train, val, test = loaders(batch_size=64, size=16, root=cache)
+>>> len(train.dataset), len(val.dataset)
+(5520, 920)
 """
 
 from .japanese import JapaneseCharacters, loaders

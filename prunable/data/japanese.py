@@ -15,10 +15,11 @@ you want zero mean and unit variance.
 
 Example
 -------
+>>> import tempfile
 >>> from prunable.data import JapaneseCharacters
->>> ds = JapaneseCharacters("test", samples_per_class=1)  # doctest: +SKIP
->>> image, label = ds[0]                                 # doctest: +SKIP
->>> ds.classes[label], image.shape                       # doctest: +SKIP
+>>> ds = JapaneseCharacters("test", samples_per_class=1, root=tempfile.mkdtemp())
+>>> image, label = ds[0]
+>>> ds.classes[label], image.shape
 ('あ', torch.Size([1, 48, 48]))
 """
 
@@ -139,7 +140,7 @@ def render_glyphs(chars: Sequence[str], size: int = 48) -> torch.Tensor:
 
     Example
     -------
-    >>> render_glyphs("あア", size=32).shape  # doctest: +SKIP
+    >>> render_glyphs("あア", size=32).shape
     torch.Size([2, 1, 32, 32])
     """
     return _draw(list(chars), int(size))
@@ -315,10 +316,11 @@ class JapaneseCharacters(Dataset):
 
     Example
     -------
-    >>> ds = JapaneseCharacters("train", size=32, samples_per_class=3)  # doctest: +SKIP
-    >>> len(ds), ds.num_classes                                         # doctest: +SKIP
+    >>> import tempfile
+    >>> ds = JapaneseCharacters("train", size=32, samples_per_class=3, root=tempfile.mkdtemp())
+    >>> len(ds), ds.num_classes
     (276, 92)
-    >>> image, label = ds[1]; image.dtype, label                        # doctest: +SKIP
+    >>> image, label = ds[1]; image.dtype, label
     (torch.float32, 1)
     """
 
@@ -398,8 +400,9 @@ def loaders(
 
     Example
     -------
-    >>> train, val, test = loaders(batch_size=32, size=32)  # doctest: +SKIP
-    >>> images, labels = next(iter(train)); images.shape    # doctest: +SKIP
+    >>> import tempfile
+    >>> train, val, test = loaders(batch_size=32, size=32, root=tempfile.mkdtemp())
+    >>> images, labels = next(iter(train)); images.shape
     torch.Size([32, 1, 32, 32])
     """
     _check_int("batch_size", batch_size, 1)
