@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -122,11 +123,53 @@ def short_error(exc: BaseException) -> str:
 
 
 # -- timing ----------------------------------------------------------------------
+#: timed runs behind every time shown in a table (each cell: their median and range)
+REPEATS = 3
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Wall time of one call and its result."""
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Wall times (seconds) of repeated runs of one measurement; a cell shows the median and the range."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    def __add__(self, other: "Runs") -> "Runs":
+        """Run-by-run sum (build + step of the same repetition)."""
+        return Runs(tuple(a + b for a, b in zip(self.times, other.times)))
+
+
+def fmt_runs(runs: Runs | None) -> str:
+    """``median (min–max)`` of the runs, or ``x (1 run)``: e.g. ``12.3 ms (11.9–13.0)``."""
+    if runs is None or not runs.times:
+        return "—"
+    if len(runs.times) == 1:
+        return f"{fmt_seconds(runs.times[0])} (1 run)"
+    low, high = min(runs.times), max(runs.times)
+    unit = (lambda v: f"{v * 1e3:.1f}") if runs.median < 1 else (lambda v: f"{v:.2f}")  # noqa: E731
+    return f"{fmt_seconds(runs.median)} ({unit(low)}–{unit(high)})"
+
+
+def fmt_ratio_runs(num: Runs | None, den: Runs | None) -> str:
+    """Median and range of the run-by-run ratios ``num[i] / den[i]`` (runs interleaved), e.g. ``0.53× (0.50–0.57)``."""
+    if num is None or den is None or not num.times or not den.times:
+        return "—"
+    ratios = [a / b for a, b in zip(num.times, den.times) if b > 0]
+    if not ratios:
+        return "—"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}× (1 run)"
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
