@@ -172,28 +172,39 @@ def fmt_ratio_runs(num: Runs | None, den: Runs | None) -> str:
     return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
-def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
-    """Median wall time of each function, their calls interleaved (A, B, A, B, …) after warm-up.
+def interleaved_runs(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[Runs]:
+    """Wall times of each function, their calls interleaved (A, B, A, B, …) after warm-up.
 
     Interleaving exposes every function to the same background load, so the
-    ratios between them stay meaningful on a shared machine.
+    ratios between them (run by run, :func:`fmt_ratio_runs`) stay meaningful on a shared machine.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(max(repeats, REPEATS)):
         for i, fn in enumerate(fns):
             times[i].append(timed(fn)[0])
-    return [statistics.median(t) for t in times]
+    return [Runs(tuple(t)) for t in times]
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
+    """The medians of :func:`interleaved_runs`."""
+    return [r.median for r in interleaved_runs(fns, warmup, repeats)]
 
 
 @torch.no_grad()
-def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> list[float]:
-    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved."""
+def paired_latency_runs(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2,
+                        repeats: int = 7) -> list[Runs]:
+    """Eval-mode forward times of each model on ``x``, the models' runs interleaved."""
     for m in models:
         m.eval()
-    return interleaved_medians([lambda m=m: m(x) for m in models], warmup, repeats)
+    return interleaved_runs([lambda m=m: m(x) for m in models], warmup, repeats)
+
+
+def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> list[float]:
+    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved."""
+    return [r.median for r in paired_latency_runs(models, x, warmup, repeats)]
 
 
 # -- memory: a fresh subprocess per configuration ----------------------------------

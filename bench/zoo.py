@@ -254,7 +254,8 @@ def _timing(both: list[dict[str, Any]]) -> str:
     ratios = sorted(r["ours"]["runs"].median / r["theirs"]["runs"].median for r in both)
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
     runs = sorted({len(r[w]["runs"].times) for r in both for w in ("ours", "theirs")})
-    return (f"Graph + prune time (median of {'/'.join(map(str, runs))} runs per model and library) summed over "
+    how = "one run" if runs == [1] else f"median of {'/'.join(map(str, runs))} runs"
+    return (f"Graph + prune time ({how} per model and library) summed over "
             f"the {len(both)} models both libraries prune: ours {ours_s:.0f} s, Torch-Pruning {theirs_s:.0f} s "
             f"(ours/TP {fmt_ratio(ours_s, theirs_s)}); per model, ours/TP is {quartiles[1]:.2f}× at the median "
             f"(middle half {quartiles[0]:.2f}–{quartiles[2]:.2f}×, range {ratios[0]:.2f}–{ratios[-1]:.2f}×).")
