@@ -92,7 +92,8 @@ def _compile_or_skip(model: nn.Module, x: torch.Tensor, backend: str) -> torch.T
             return compiled(x)
     except Exception as exc:  # noqa: BLE001 - an environment without a working toolchain
         text = f"{type(exc).__name__}: {exc}"
-        if any(s in text for s in ("InvalidCxxCompiler", "CppCompileError", "compiler", "Python.h")):
+        toolchain = ("InvalidCxxCompiler", "CppCompileError", "compiler", "Python.h")
+        if backend == "inductor" and any(s in text for s in toolchain):  # aot_eager needs no toolchain
             pytest.skip(f"torch.compile cannot build kernels here: {text.splitlines()[0][:200]}")
         raise
     finally:
