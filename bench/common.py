@@ -161,7 +161,10 @@ def fmt_runs(runs: Runs | None) -> str:
 
 
 def fmt_ratio_runs(num: Runs | None, den: Runs | None) -> str:
-    """Median and range of the run-by-run ratios ``num[i] / den[i]`` (runs interleaved), e.g. ``0.53× (0.50–0.57)``."""
+    """Median and range of the run-by-run ratios ``num[i] / den[i]`` (runs interleaved).
+
+    E.g. ``0.53× (0.50–0.57)``; ``(1 run)`` when there is a single pair.
+    """
     if num is None or den is None or not num.times or not den.times:
         return "—"
     ratios = [a / b for a, b in zip(num.times, den.times) if b > 0]

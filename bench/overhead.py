@@ -17,8 +17,9 @@ backward → optimizer.step``. Configurations:
 Time: every configuration has its own copy of the model (same initial
 weights); steps are interleaved round-robin after warm-up; the median step
 time is reported with the range of the runs, and "time vs plain" is the median
-(range) of the step-by-step ratios to the plain step of the same round. Memory: each configuration runs again in a fresh Python process; the
-kernel's peak-RSS mark (``VmHWM``) is reset just before the training steps
+(range) of the step-by-step ratios to the plain step of the same round.
+Memory: each configuration runs again in a fresh Python process; the kernel's
+peak-RSS mark (``VmHWM``) is reset just before the training steps
 (``/proc/self/clear_refs``) and read after them, so "peak" excludes imports and
 graph building; "added" is peak minus the resident size before the steps.
 

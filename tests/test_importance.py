@@ -249,6 +249,14 @@ def _positive_fraction(batches):
     return torch.cat([(a > 0).float().mean((2, 3)) for a, _ in batches]).mean(0)
 
 
+def _l1_rows(conv):
+    return conv.weight.detach().abs().sum((1, 2, 3))
+
+
+def _l2_rows(conv):
+    return conv.weight.detach().pow(2).sum((1, 2, 3)).sqrt()
+
+
 HAND = {
     "taylor": (TaylorActivation, lambda m, p, g: {k: _taylor_2017(p[k]) for k in p}),
     "taylor-seed": (lambda: TaylorActivation(abs_after_batch_mean=True),
@@ -258,12 +266,9 @@ HAND = {
         "3": _param_taylor(g, ["3.weight", "3.bias"])}),
     "taylor-bn": (TaylorBN, lambda m, p, g: {
         "0": _param_taylor(g, ["1.weight", "1.bias"]), "3": _param_taylor(g, ["3.weight", "3.bias"])}),
-    "l1": (lambda: WeightNorm(1), lambda m, p, g: {
-        "0": m[0].weight.detach().abs().sum((1, 2, 3)), "3": m[3].weight.detach().abs().sum((1, 2, 3))}),
-    "l2": (lambda: WeightNorm(2), lambda m, p, g: {
-        "0": m[0].weight.detach().pow(2).sum((1, 2, 3)).sqrt(), "3": m[3].weight.detach().pow(2).sum((1, 2, 3)).sqrt()}),
-    "bn-scale": (BNScale, lambda m, p, g: {
-        "0": torch.tensor([1.0, 0.5, 0.7, 1.2, 0.3, 2.0]), "3": m[3].weight.detach().abs().sum((1, 2, 3))}),
+    "l1": (lambda: WeightNorm(1), lambda m, p, g: {"0": _l1_rows(m[0]), "3": _l1_rows(m[3])}),
+    "l2": (lambda: WeightNorm(2), lambda m, p, g: {"0": _l2_rows(m[0]), "3": _l2_rows(m[3])}),
+    "bn-scale": (BNScale, lambda m, p, g: {"0": torch.tensor([1.0, 0.5, 0.7, 1.2, 0.3, 2.0]), "3": _l1_rows(m[3])}),
     "mean-activation": (MeanActivation, lambda m, p, g: {k: _mean_relu(p[k]) for k in p}),
     "apoz": (APoZ, lambda m, p, g: {k: _positive_fraction(p[k]) for k in p}),
 }
