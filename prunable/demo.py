@@ -359,8 +359,7 @@ def run_demo(
               f"target {flops:g} of the FLOPs", flush=True)
         result = _run(Path(out_dir), settings or (QUICK if quick else DEFAULT), float(flops), criterion, seed,
                       data_root, progress)
-        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result.rows]
-        result.record = {"rows": rows, "criterion": criterion, "flops_target": flops, "seed": seed,
+        result.record = {"rows": result.rows, "criterion": criterion, "flops_target": flops, "seed": seed,
                          "threads": torch.get_num_threads(), "wall_time_s": round(result.wall_time, 1),
                          "mode": "custom" if settings else "quick" if quick else "default"}
     if readme is not None:
