@@ -68,7 +68,7 @@ def test_load_accepts_a_fresh_model_or_a_builder(saved):
 def test_file_is_plain_data(saved):
     _, pruner, path = saved
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == "prunable/1"
+    assert payload["format"] == io.FORMAT
     assert payload["architecture"] == ARCH
     assert payload["plans"] == [p.to_dict() for p in pruner.history]
     assert payload["input_shape"] == list(SHAPE)
