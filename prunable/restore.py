@@ -166,7 +166,7 @@ def _shape_cuts(model: nn.Module, named: Mapping[str, nn.Module], state_dict: Ma
         old, new = tuple(tensor.shape), tuple(saved.shape)
         if len(old) != len(new) or any(n > o for n, o in zip(new, old)):
             raise PruningValueError(
-                f"module {path or type(model).__name__!r}: {attr} has shape {list(new)} in {source} but "
+                f"{f'module {path!r}' if path else 'the top module'}: {attr} has shape {list(new)} in {source} but "
                 f"{list(old)} in the model; load into a fresh, unpruned instance of the saved architecture")
         cuts += [Cut(named[path], None, torch.arange(n), param=attr, axis=axis, name=path)
                  for axis, (n, o) in enumerate(zip(new, old)) if n != o]
