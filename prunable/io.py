@@ -110,9 +110,24 @@ def _torchvision(arch: Mapping[str, Any]) -> nn.Module:
         raise ModelFileError(f"unknown torchvision model {arch['model']!r}: {exc}") from exc
 
 
+def _timm(arch: Mapping[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelFileError("this file holds a timm model: pip install timm") from exc
+    extra = set(arch) - {"model", "num_classes"}
+    if "model" not in arch or extra:
+        raise ModelFileError(
+            f"a timm architecture is {{'name': 'timm', 'model': NAME, 'num_classes': N}}, got keys {sorted(arch)}")
+    try:
+        return timm.create_model(arch["model"], pretrained=False, num_classes=arch.get("num_classes", 1000))
+    except RuntimeError as exc:
+        raise ModelFileError(f"unknown timm model {arch['model']!r}: {exc}") from exc
+
+
 #: Known architectures: ``architecture["name"]`` → builder taking the other keys.
 BUILDERS: Mapping[str, Callable[[Mapping[str, Any]], nn.Module]] = types.MappingProxyType(
-    {"CharNet": _charnet, "SeedNet": _seednet, "torchvision": _torchvision})
+    {"CharNet": _charnet, "SeedNet": _seednet, "torchvision": _torchvision, "timm": _timm})
 
 
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:
@@ -254,7 +269,7 @@ def read(path: PathOrFile, mmap: bool = False) -> dict[str, Any]:
     except OSError as exc:
         raise ModelFileError(f"cannot read {_name(path)}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     except Exception as exc:  # noqa: BLE001 - a text file, an empty or truncated file: torch raises anything
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc).strip() else "")
         raise ModelFileError(f"{_name(path)} is not a prunable model file ({detail})") from exc
     return _validate(payload, path)
 
