@@ -167,7 +167,7 @@ def test_bad_model_names_exit_2(capsys, argv, needles):
     _one_line_error(capsys, *needles)
 
 
-@pytest.mark.parametrize("content", [b"", b"my notes\n", "random.pt"])
+@pytest.mark.parametrize("content", [b"", b"my notes\n", b"hello notes\n", b"(lp0\n", "random.pt"])
 @pytest.mark.parametrize("command", ["info", "prune"])
 def test_files_that_are_not_model_files_exit_2(capsys, tmp_path, content, command):
     path = tmp_path / "notes.txt"
