@@ -41,7 +41,7 @@ from .errors import PruningValueError
 from .flops import count_flops
 from .importance import Criterion
 from .pruner import Pruner
-from .restore import model_device
+from .restore import model_device, module_kinds, shrink_to, size_attributes
 
 try:
     import lightning.pytorch as _pl
@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     except ImportError as exc:
         raise ImportError("prunable.lightning needs Lightning: pip install 'prunable[lightning]'") from exc
 
-__all__ = ["PruningCallback"]
+__all__ = ["PruningCallback", "shrink_to_checkpoint"]
 
 
 class PruningCallback(_pl.Callback):
@@ -136,7 +136,7 @@ class PruningCallback(_pl.Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.pruner = Pruner(target, self.example_inputs, criterion=self.criterion, optimizer=optimizer,
                              **self.options)
-        self._start_flops = self._flops()
+        self._start_flops = self._start_flops or self._flops()  # kept from a checkpoint when resuming
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         if self.pruner is not None and not self.done and self._needs_data():
@@ -161,6 +161,20 @@ class PruningCallback(_pl.Callback):
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         self._stop_estimating()
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Record the module's sizes, so that :func:`shrink_to_checkpoint` can shrink a fresh module."""
+        state = pl_module.state_dict()
+        checkpoint["prunable"] = {
+            "sizes": size_attributes(pl_module), "modules": module_kinds(pl_module),
+            "buffers": {k: v.detach().cpu() for k, v in pl_module.named_buffers() if k not in state}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "done": self.done, "start_flops": self._start_flops}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.done, self._start_flops = bool(state_dict["done"]), int(state_dict["start_flops"])
 
     # -- pruning ---------------------------------------------------------------
     def _needs_data(self) -> bool:
@@ -197,6 +211,29 @@ class PruningCallback(_pl.Callback):
         if getattr(trainer, "logger", None) is not None:
             trainer.logger.log_metrics({"prunable/flops": ratio, "prunable/removed": len(plan)},
                                        step=trainer.global_step)
+
+
+def shrink_to_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Shrink a fresh, unpruned LightningModule to the pruned shapes of a checkpoint.
+
+    Call it from the module's ``on_load_checkpoint`` hook: Lightning calls that hook
+    before it loads the weights, both in ``Module.load_from_checkpoint(path)`` and
+    when ``trainer.fit(..., ckpt_path=path)`` resumes. A checkpoint written without
+    :class:`PruningCallback` is left alone.
+
+    Example
+    -------
+    ::
+
+        class Classifier(lightning.LightningModule):
+            def on_load_checkpoint(self, checkpoint):
+                prunable.lightning.shrink_to_checkpoint(self, checkpoint)
+    """
+    saved = checkpoint.get("prunable")
+    if saved is None:
+        return
+    shrink_to(module, checkpoint["state_dict"], saved["sizes"], modules=saved["modules"], buffers=saved["buffers"],
+              source="the checkpoint")
 
 
 def _to(inputs: Any, device: torch.device) -> Any:

@@ -99,3 +99,30 @@ def test_prunable_imports_without_lightning():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "refused: prunable.lightning needs Lightning: pip install 'prunable[lightning]'" in run.stdout
+
+
+class ResumableModule(TinyModule):
+    def on_load_checkpoint(self, checkpoint):
+        from prunable.lightning import shrink_to_checkpoint
+
+        shrink_to_checkpoint(self, checkpoint)
+
+
+def test_checkpoints_of_a_pruned_module_load_and_resume(tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    module = ResumableModule()
+    callback = PruningCallback(flops=0.5, example_inputs=x, criterion="l1", every_n_steps=2, amount=3)
+    trainer = _fit(module, callback, epochs=1)
+    assert callback.history and not callback.done
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = ResumableModule.load_from_checkpoint(tmp_path / "last.ckpt")  # a fresh module, shrunk, then filled
+    assert torch.equal(loaded.eval()(x), module.eval()(x))
+    again = PruningCallback(flops=0.5, example_inputs=x, criterion="l1", every_n_steps=2, amount=3)
+    resumed = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[again])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|log_every_n).*")
+        resumed.fit(ResumableModule(), _loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert again.history[: len(callback.history)] == callback.history and again.done
+    ratios = [r["flops"] for r in again.history]  # measured against the FLOPs before the first run pruned
+    assert len(ratios) > len(callback.history) and ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.5
