@@ -136,7 +136,9 @@ def _check_modules(named: Mapping[str, nn.Module], modules: Mapping[str, str] | 
     for name, kind in modules.items():
         if name not in named:
             raise PruningValueError(f"the model has no module {name!r} ({kind} in {source}): another architecture")
-        if qualname(named[name]) != kind:
+        # the class, not where it was defined (a script's __main__.Net is an imported mypkg.Net); the top
+        # module may be a subclass (a LightningModule with a loading hook): its children and shapes decide
+        if name and not kind.endswith(f".{type(named[name]).__qualname__}"):
             raise PruningValueError(f"module {name!r} is a {kind} in {source} but a {qualname(named[name])} "
                                     "in the model: another architecture")
     extra = [n for n in named if n not in modules]

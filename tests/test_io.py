@@ -357,3 +357,14 @@ def test_files_that_are_not_model_files(tmp_path, content):
     torch.save(torch.randn(3), tmp_path / "tensor.pt")
     with pytest.raises(io.ModelFileError, match="not a prunable model file"):
         io.info(tmp_path / "tensor.pt")
+
+
+def test_classes_are_matched_by_name_not_by_the_file_that_defined_them(tmp_path):
+    """A model defined in a script (``__main__.Net``) loads where the class is imported (``mypkg.Net``)."""
+    x = torch.randn(2, 3, 8, 8)
+    pruned = _pruned(UserNet, x, 0.5)
+    prunable.save(pruned, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["modules"] = {k: "__main__." + v.rpartition(".")[2] for k, v in payload["modules"].items()}
+    torch.save(payload, tmp_path / "script.pt")
+    assert torch.equal(prunable.load(tmp_path / "script.pt", UserNet())(x), pruned.eval()(x))
