@@ -284,7 +284,12 @@ def test_timm_models_round_trip(tmp_path, name, kwargs):
     timm = pytest.importorskip("timm")
     x = torch.randn(2, 3, 32, 32)
     build = lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)  # noqa: E731
-    _round_trip(_pruned(build, x), build, (x,), tmp_path)
+    if name.startswith("vit"):  # timm's attention is left alone, with its reason; the MLPs are pruned
+        with pytest.warns(UserWarning, match="attn.qkv"):
+            pruned = _pruned(build, x)
+    else:
+        pruned = _pruned(build, x)
+    _round_trip(pruned, build, (x,), tmp_path)
 
 
 def test_hugging_face_bert_round_trips(tmp_path):
@@ -320,6 +325,7 @@ def test_a_model_that_does_not_fit_is_refused_and_left_unchanged(tmp_path):
         prunable.load(tmp_path / "m.pt")
 
 
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # meta stands in for a GPU
 def test_load_into_a_model_on_another_device_keeps_it_there(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     prunable.save(_pruned(UserNet, x, 0.5), tmp_path / "m.pt")
