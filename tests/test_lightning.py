@@ -11,6 +11,9 @@ import prunable
 pl = pytest.importorskip("lightning.pytorch")
 from prunable.lightning import PruningCallback  # noqa: E402
 
+# Lightning's own deprecation chatter about torch's pytree API (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)")
+
 
 class TinyModule(pl.LightningModule):
     """A conv net trained with Adam and a StepLR scheduler."""
