@@ -224,7 +224,7 @@ def save(
         "architecture": None if architecture is None else dict(architecture),
         "plans": [Plan.coerce(p).to_dict() for p in plans],
         "input_shape": shape,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
+        "state_dict": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
         "sizes": size_attributes(model),
         "modules": module_kinds(model),
         "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers() if k not in state},
@@ -338,13 +338,7 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
     """
     payload = read(path)
     arch = payload["architecture"]
-    if isinstance(build, nn.Module):
-        model = build
-    elif arch is None and build is None:
-        raise ModelFileError(f"{_name(path)} was saved without an architecture: "
-                             "pass a fresh instance of the model, load(path, model)")
-    else:
-        model = build(dict(arch or {})) if build is not None else build_model(arch)
+    model = _fresh_model(arch, build, path)
     if "sizes" in payload:
         try:
             shrink_to(model, payload["state_dict"], payload["sizes"], modules=payload.get("modules"),
@@ -360,6 +354,16 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
             f"the weights in {_name(path)} do not fit architecture {(arch or {}).get('name')!r} after "
             f"{len(payload['plans'])} plans: {str(exc).splitlines()[-1].strip()}") from exc
     return model.eval()
+
+
+def _fresh_model(arch: dict | None, build: Callable[[dict], nn.Module] | nn.Module | None,
+                 path: PathOrFile) -> nn.Module:
+    if isinstance(build, nn.Module):
+        return build
+    if arch is None and build is None:
+        raise ModelFileError(f"{_name(path)} was saved without an architecture: "
+                             "pass a fresh instance of the model, load(path, model)")
+    return build(dict(arch or {})) if build is not None else build_model(arch)
 
 
 def _replay(model: nn.Module, plans: list, input_shape: list | None, path: PathOrFile) -> None:
