@@ -374,3 +374,24 @@ def test_classes_are_matched_by_name_not_by_the_file_that_defined_them(tmp_path)
     payload["modules"] = {k: "__main__." + v.rpartition(".")[2] for k, v in payload["modules"].items()}
     torch.save(payload, tmp_path / "script.pt")
     assert torch.equal(prunable.load(tmp_path / "script.pt", UserNet())(x), pruned.eval()(x))
+
+
+def test_buffers_outside_the_state_dict_are_restored(tmp_path):
+    """Non-persistent buffers (caches a forward filled, rotary tables …) come back as saved."""
+
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.register_buffer("table", torch.zeros(4), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) + self.table[: x.shape[-1]].sum()
+
+    model = Cached()
+    model.table = torch.arange(7.0)  # grown after construction
+    prunable.save(model, tmp_path / "c.pt")
+    loaded = prunable.load(tmp_path / "c.pt", Cached())
+    assert torch.equal(loaded.table, torch.arange(7.0)) and "table" not in loaded.state_dict()
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded(x), model.eval()(x))
