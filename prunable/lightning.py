@@ -126,14 +126,13 @@ class PruningCallback(_pl.Callback):
             raise PruningValueError(
                 f"PruningCallback runs on one device; this Trainer has {trainer.world_size} processes "
                 "(prune between runs instead: docs/howto/ddp.md)")
-        if self.pruner is not None:
-            return  # a second fit() on the same module: keep going
         if len(trainer.optimizers) > 1:
             raise PruningValueError(f"PruningCallback handles one optimizer; the module has {len(trainer.optimizers)}")
         target = pl_module.get_submodule(self.module_name) if self.module_name else pl_module
         device = model_device(target)
         self.example_inputs = _to(self.example_inputs, device)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        # built at every fit(): a second fit on the same module has a new optimizer
         self.pruner = Pruner(target, self.example_inputs, criterion=self.criterion, optimizer=optimizer,
                              **self.options)
         self._start_flops = self._start_flops or self._flops()  # kept from a checkpoint when resuming
