@@ -395,3 +395,26 @@ def test_buffers_outside_the_state_dict_are_restored(tmp_path):
     assert torch.equal(loaded.table, torch.arange(7.0)) and "table" not in loaded.state_dict()
     x = torch.randn(2, 3)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_hugging_face_llama_pruned_by_hand_round_trips(tmp_path):
+    """A tiny Llama (rotary tables as non-persistent buffers), its MLPs cut with prunable.surgery by hand."""
+    transformers = pytest.importorskip("transformers")
+    from prunable.surgery import Cut, Role, apply_cuts, keep_indices
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for i, layer in enumerate(model.model.layers):
+        keep = keep_indices(64, range(i, 64, 3))  # a different third of the hidden units in each layer
+        mlp = layer.mlp
+        apply_cuts([Cut(mlp.gate_proj, Role.OUT, keep), Cut(mlp.up_proj, Role.OUT, keep),
+                    Cut(mlp.down_proj, Role.IN, keep)])
+    ids = torch.randint(0, 50, (2, 8))
+    prunable.save(model, tmp_path / "llama.pt")
+    fresh = transformers.LlamaForCausalLM(config)
+    loaded = prunable.load(tmp_path / "llama.pt", fresh)
+    assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == [42, 43]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
