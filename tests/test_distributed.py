@@ -1,6 +1,7 @@
-"""Two CPU processes (gloo): both ranks must remove the same channels."""
+"""Two CPU processes (gloo): both ranks must remove the same channels, and fail together."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from prunable import Pruner
+from prunable import EstimationError, Pruner
+from prunable.distributed import unwrap
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 
 def _model():
@@ -35,7 +39,6 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_ranks_prune_identically(tmp_path):
     init = f"file://{tmp_path}/store"
     mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
@@ -48,3 +51,78 @@ def test_two_ranks_prune_identically(tmp_path):
     for k in pa:
         assert pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]), k
     assert pa["0.weight"].shape[0] + pa["3.weight"].shape[0] == 20 - 5
+
+
+def _nan_worker(rank: int, world: int, init: str, out: str, poison: str) -> None:
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        model = _model()
+        x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+        pruner = Pruner(model, x[:1], criterion="l1" if poison == "weights" else None)
+        with pruner.estimate():
+            nn.functional.cross_entropy(model(x), y).backward()
+        if rank == 1 and poison == "weights":  # a NaN weight: its L1 score is NaN on this rank only
+            with torch.no_grad():
+                model[0].weight[0, 0, 0, 0] = float("nan")
+        if rank == 1 and poison == "missing":  # this rank never ran a backward
+            pruner.criterion.reset()
+        before = [p.shape for p in model.parameters()]
+        try:
+            pruner.step(2)
+            result = "pruned"
+        except EstimationError as exc:
+            result = f"EstimationError: {exc}"
+        unchanged = before == [p.shape for p in model.parameters()]
+        with open(f"{out}/rank{rank}.txt", "w") as f:
+            f.write(f"{unchanged}\n{result}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("poison", ["weights", "missing"])
+def test_one_rank_fails_every_rank_raises(tmp_path, poison):
+    init = f"file://{tmp_path}/store"
+    ctx = mp.start_processes(_nan_worker, args=(2, init, str(tmp_path), poison), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = 120.0
+    import time
+    start = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - start > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung in the collective")
+    texts = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    for unchanged, result in texts:
+        assert unchanged == "True"
+        assert result.startswith("EstimationError: rank(s) [1] of 2 could not score"), result
+    assert "non-finite" in texts[1][1] or "no estimates" in texts[1][1]
+
+
+def test_unwrap_nested_wrappers():
+    net = _model()
+    assert unwrap(net) is net
+    assert unwrap(nn.DataParallel(nn.DataParallel(net))) is net
+    compiled = torch.compile(nn.DataParallel(net))
+    assert unwrap(compiled) is net
+
+
+def test_pruner_on_ddp_prunes_the_module_inside(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        net = _model()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        x = torch.randn(2, 3, 6, 6)
+        pruner = Pruner(ddp, x, criterion="l1")
+        assert pruner.model is net
+        pruner.step(3)
+        assert net[0].out_channels + net[3].out_channels == 20 - 3
+        del ddp  # the old wrapper holds the parameters' gradient accumulators with the old shapes
+        ddp = nn.parallel.DistributedDataParallel(net)  # rebuilt around the pruned module
+        ddp(x).sum().backward()
+    finally:
+        dist.destroy_process_group()
