@@ -73,6 +73,12 @@ class ModuleHandler:
         """Indices to keep along tensor ``name`` given the channels kept on the ``role`` side."""
         return keep
 
+    def meta_type(self, module: nn.Module) -> type | None:
+        """The class a ``meta`` copy of ``module`` takes for tracing and trial runs, or None
+        for its own: the local equivalent of a module that only runs inside a process group
+        on a GPU (SyncBatchNorm → a BatchNorm). It must hold the same tensors and attributes."""
+        return None
+
 
 _HANDLERS: dict[type | str, ModuleHandler] = {}
 
@@ -183,6 +189,27 @@ class _NormHandler(_ChannelwiseHandler):
 
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         module.num_features = n
+
+
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm for inputs of any rank ≥ 2: what a meta copy of a SyncBatchNorm runs.
+
+    SyncBatchNorm refuses to run outside CUDA while a process group is
+    initialised, and meta copies are not on CUDA; over one process it computes
+    exactly this. ``dropped_state`` is not copied (a process group cannot be).
+    """
+
+    dropped_state = ("process_group",)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@register_handler(nn.SyncBatchNorm)
+class _SyncBatchNormHandler(_NormHandler):
+    def meta_type(self, module: nn.Module) -> type | None:
+        return LocalBatchNorm
 
 
 @register_handler(nn.LayerNorm)

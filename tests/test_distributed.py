@@ -1,6 +1,6 @@
 """Two CPU processes (gloo): both ranks must remove the same channels, and fail together."""
 
-import os
+import copy
 import warnings
 
 import pytest
@@ -11,6 +11,7 @@ from torch import nn
 
 from prunable import EstimationError, Pruner
 from prunable.distributed import unwrap
+from prunable.graph import trace_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -109,20 +110,49 @@ def test_unwrap_nested_wrappers():
     assert unwrap(compiled) is net
 
 
-def test_pruner_on_ddp_prunes_the_module_inside(tmp_path):
+@pytest.fixture
+def single_process_group(tmp_path):
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        net = _model()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        x = torch.randn(2, 3, 6, 6)
-        pruner = Pruner(ddp, x, criterion="l1")
-        assert pruner.model is net
-        pruner.step(3)
-        assert net[0].out_channels + net[3].out_channels == 20 - 3
-        del ddp  # the old wrapper holds the parameters' gradient accumulators with the old shapes
-        ddp = nn.parallel.DistributedDataParallel(net)  # rebuilt around the pruned module
-        ddp(x).sum().backward()
+        yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("own_group", [False, True])
+def test_sync_batchnorm_traced_and_pruned_like_batchnorm(single_process_group, own_group):
+    """Under an initialised group SyncBatchNorm cannot run on meta (nor on CPU in train mode):
+    meta copies use its local equivalent, so the groups are those of the BatchNorm model."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10)
+    group = dist.new_group([0]) if own_group else None
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain), process_group=group)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    x = torch.randn(2, 3, 32, 32)
+    assert trace_model(synced, x).clone is not None  # meta copy, no fall back to a deep copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = Pruner(plain, x, criterion="l1"), Pruner(synced, x, criterion="l1")
+    assert [str(g) for g in a.groups] == [str(g) for g in b.groups] and len(b.groups) >= 12
+    plan = a.step(40)
+    b.prune(plan)
+    assert synced.bn1.num_features == synced.bn1.running_mean.numel() == plain.bn1.num_features
+    assert isinstance(synced.bn1, nn.SyncBatchNorm) and synced.bn1.process_group is group
+    plain.eval(), synced.eval()  # SyncBatchNorm runs on CPU in eval mode only
+    torch.testing.assert_close(plain(x), synced(x))
+
+
+def test_pruner_on_ddp_prunes_the_module_inside(single_process_group):
+    net = _model()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    x = torch.randn(2, 3, 6, 6)
+    pruner = Pruner(ddp, x, criterion="l1")
+    assert pruner.model is net
+    pruner.step(3)
+    assert net[0].out_channels + net[3].out_channels == 20 - 3
+    del ddp  # the old wrapper holds the parameters' gradient accumulators with the old shapes
+    ddp = nn.parallel.DistributedDataParallel(net)  # rebuilt around the pruned module
+    ddp(x).sum().backward()
