@@ -162,7 +162,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     dropped = getattr(local, "dropped_state", ())
     for key, value in module.__dict__.items():
         kind = type(value)
-        if key in dropped:
+        if key in dropped or key == "_compiled_call_impl":  # copies run eagerly (``module.compile()``)
             state[key] = None
             continue
         if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):

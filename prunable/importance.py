@@ -181,6 +181,19 @@ class MeasurePoint:
         return 1 if getattr(self.producer, "transposed", False) else 0
 
 
+class _EagerStance:
+    """Runs ``torch.compile``d code eagerly until :meth:`remove` (a hook handle's interface)."""
+
+    def __init__(self) -> None:
+        set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)  # torch >= 2.6
+        self._stance = set_stance("force_eager") if set_stance is not None else None
+
+    def remove(self) -> None:
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+
+
 class Criterion:
     """Base class of channel importance criteria.
 
@@ -199,11 +212,20 @@ class Criterion:
         self._warned_skips = False
 
     def attach(self, points: list[MeasurePoint]) -> list[Any]:
-        """Install hooks on ``points``; returns removable handles."""
-        handles = []
+        """Install hooks on ``points``; returns removable handles.
+
+        While hooks are attached, ``torch.compile``d code runs eagerly
+        (``torch.compiler.set_stance("force_eager")``, restored by removing the
+        handles): a graph compiled before the hooks were added would not call
+        them, and one compiled while they are attached would keep calling them
+        after. A compiled model compiles again after the block, for its new shapes.
+        """
+        handles: list[Any] = []
         for point in points:
             acc = self.accumulators.setdefault(point.name, ScoreAccumulator())
             handles += self._hooks(point, acc)
+        if handles:
+            handles.append(_EagerStance())
         return handles
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
