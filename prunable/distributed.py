@@ -27,13 +27,17 @@ tensor([1., 1., 1.])
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .errors import EstimationError
 
-__all__ = ["is_distributed", "average_across_ranks", "reduce_scores", "unwrap"]
+__all__ = [
+    "is_distributed", "average_across_ranks", "reduce_scores", "unwrap", "gather_unsharded", "reshard",
+]
 
 
 def is_distributed() -> bool:
@@ -123,3 +127,53 @@ def reduce_scores(
         out[k] = flat[start:start + n].view_as(scores[k])
         start += n
     return out
+
+
+def gather_unsharded(
+    sharded: nn.Module, build: Callable[[], nn.Module], optimizer: torch.optim.Optimizer | None = None,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """A plain copy of a ``fully_shard`` (FSDP2) model on every rank, to prune between steps.
+
+    ``build()`` makes the unsharded architecture; the full state dict (and the
+    optimizer's, when ``optimizer`` and ``make_optimizer`` are given) is
+    gathered from the shards into it on every rank, so every rank prunes the
+    same model. Prune the copy with :class:`~prunable.Pruner` (``optimizer=`` the
+    returned optimizer to slice its moments), then :func:`reshard` it. Every rank
+    must call it (it runs collectives). See ``docs/howto/fsdp.md``.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    plain = build()
+    plain.load_state_dict(get_model_state_dict(sharded, options=full))
+    plain_optimizer = None
+    if optimizer is not None and make_optimizer is not None:
+        state = get_optimizer_state_dict(sharded, optimizer, options=full)
+        plain_optimizer = make_optimizer(plain.parameters())
+        set_optimizer_state_dict(plain, plain_optimizer, optim_state_dict=state)
+    return plain, plain_optimizer
+
+
+def reshard(
+    plain: nn.Module, shard: Callable[[nn.Module], nn.Module], plain_optimizer: torch.optim.Optimizer | None = None,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """Shard a pruned plain model again with ``shard(plain)`` (the user's ``fully_shard`` calls),
+    and move ``plain_optimizer``'s (pruned) state into a new optimizer on the shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    state = None
+    if plain_optimizer is not None and make_optimizer is not None:
+        state = get_optimizer_state_dict(plain, plain_optimizer)
+    model = shard(plain)
+    optimizer = None
+    if state is not None:
+        optimizer = make_optimizer(model.parameters())
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    return model, optimizer

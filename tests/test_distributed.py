@@ -156,3 +156,71 @@ def test_pruner_on_ddp_prunes_the_module_inside(single_process_group):
     del ddp  # the old wrapper holds the parameters' gradient accumulators with the old shapes
     ddp = nn.parallel.DistributedDataParallel(net)  # rebuilt around the pruned module
     ddp(x).sum().backward()
+
+
+def _shard(net):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net[3], mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2)
+
+
+def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
+    from prunable.distributed import gather_unsharded, reshard
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        warnings.simplefilter("ignore")
+        model = _shard(_model())
+        opt = _adamw(model.parameters())
+        torch.manual_seed(rank)  # every rank its own data
+        x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+        for _ in range(2):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        plain, plain_opt = gather_unsharded(model, _model, opt, _adamw)
+        reference = copy.deepcopy(plain)  # the full model before pruning, for the zeroed-copy check
+        pruner = Pruner(plain, x[:1], optimizer=plain_opt)
+        with pruner.estimate():  # a few batches on the gathered copy
+            nn.functional.cross_entropy(plain(x), y).backward()
+        plain.zero_grad()
+        plan = pruner.step(5)
+        expected = plain.eval()(x).detach()
+        plain.train()
+        moments = {n: plain_opt.state[p]["exp_avg"].clone() for n, p in plain.named_parameters()}
+        del model, opt
+        model, opt = reshard(plain, _shard, plain_opt, _adamw)
+        model.eval()
+        got = model(x).detach()
+        model.train()
+        nn.functional.cross_entropy(model(x), y).backward()  # and it trains on
+        opt.step()
+        shapes = {n: tuple(p.full_tensor().shape) for n, p in model.named_parameters()}
+        torch.save({"plan": plan.to_json(), "shapes": shapes, "expected": expected, "got": got,
+                    "moments": {n: tuple(m.shape) for n, m in moments.items()},
+                    "reference": {n: tuple(p.shape) for n, p in reference.named_parameters()}},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_gather_prune_reshard(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp").fully_shard
+    mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a["plan"] == b["plan"] and a["shapes"] == b["shapes"]
+    assert a["shapes"] == a["moments"]  # the Adam moments were pruned with the parameters
+    assert sum(a["shapes"][k][0] for k in ("0.weight", "3.weight")) == 20 - 5
+    assert a["reference"]["0.weight"][0] + a["reference"]["3.weight"][0] == 20
+    for r in (a, b):
+        torch.testing.assert_close(r["got"], r["expected"])  # the re-sharded model computes the pruned one
