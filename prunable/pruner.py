@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import schedule
+from .distributed import unwrap
 from .attention import AttentionHandler
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params
@@ -52,7 +53,9 @@ class Pruner:
     Parameters
     ----------
     model
-        The model; pruned in place.
+        The model; pruned in place. A ``torch.compile``, ``DataParallel`` or
+        ``DistributedDataParallel`` wrapper is unwrapped: the module inside is
+        pruned (and is :attr:`model`); the wrapper runs it afterwards.
     example_inputs
         A tensor or tuple of positional inputs for one forward pass.
     criterion
@@ -97,6 +100,7 @@ class Pruner:
         aggregation: Aggregation | str = Aggregation.SUM, flops_regularization: float | bool = 0.0,
         validate: bool = True,
     ) -> None:
+        model = unwrap(model)  # torch.compile / (Distributed)DataParallel: prune the module inside
         _check_options(min_channels, round_to, flops_regularization, validate)
         self.model = model
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -194,7 +198,7 @@ class Pruner:
         """Importance of every channel of every prunable group (lower = pruned first)."""
         penalty = flops_per_channel(self.model, self.example_inputs, self.groups) if self.flops_regularization else {}
         return group_scores(self.groups, self.criterion, self._points, self.aggregation, penalty,
-                            self.flops_regularization)
+                            self.flops_regularization, device=next(self.model.parameters(), torch.empty(0)).device)
 
     # -- pruning ---------------------------------------------------------------
     def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import average_across_ranks
+from .distributed import reduce_scores
 from .errors import EstimationError
 from .flops import module_flops
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize
@@ -33,26 +33,35 @@ __all__ = ["aggregate", "flops_per_channel", "group_scores"]
 
 def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[str, MeasurePoint],
                  aggregation: Aggregation, penalty: Mapping[str, float] | None = None,
-                 strength: float = 0.0) -> dict[str, torch.Tensor]:
+                 strength: float = 0.0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Score of every channel of every group (lower = pruned first), averaged over ranks.
 
     ``penalty[g]`` (MFLOPs per channel of group ``g``) times ``strength`` is subtracted.
-    Raises :class:`EstimationError` for a non-finite score, naming group and layer.
+    Raises :class:`EstimationError` for a non-finite score, naming group and layer (under
+    ``torch.distributed``, on every rank: see :func:`~prunable.distributed.reduce_scores`).
     """
-    penalty = penalty or {}
-    out = {}
+    out, error = {}, None
     for g in groups:
-        parts = []
-        for name, dim, index in g.measure:
-            if dim is None:
-                continue
-            s = criterion.scores(points[name]).detach().float().cpu()
-            if not bool(torch.isfinite(s).all()):
-                raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-            parts.append((l2_normalize(s) if criterion.normalize else s, index))
-        score = aggregate(parts, g.channels, aggregation)
-        out[g.id] = score - strength * penalty[g.id] if g.id in penalty else score
-    return average_across_ranks(out)
+        try:
+            out[g.id] = _group_score(g, criterion, points, aggregation, (penalty or {}).get(g.id, 0.0) * strength)
+        except EstimationError as exc:  # under torch.distributed: raised on every rank below
+            error = error or str(exc)
+            out[g.id] = torch.full((g.channels,), math.nan)
+    return reduce_scores(out, device=device, error=error)
+
+
+def _group_score(g: Any, criterion: Criterion, points: Mapping[str, MeasurePoint], aggregation: Aggregation,
+                 penalty: float) -> torch.Tensor:
+    parts = []
+    for name, dim, index in g.measure:
+        if dim is None:
+            continue
+        s = criterion.scores(points[name]).detach().float().cpu()
+        if not bool(torch.isfinite(s).all()):
+            raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+        parts.append((l2_normalize(s) if criterion.normalize else s, index))
+    score = aggregate(parts, g.channels, aggregation)
+    return score - penalty if penalty else score
 
 
 def flops_per_channel(model: nn.Module, example_inputs: tuple, groups: Iterable[Any]) -> dict[str, float]:
