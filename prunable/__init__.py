@@ -22,6 +22,7 @@ from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
 from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
+from .recurrent import RecurrentHandler
 from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
@@ -31,7 +32,7 @@ __all__ = [
     "count_flops", "count_params", "Criterion", "DependencyGraph", "EstimationError", "load",
     "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
     "oracle_importance", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
-    "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
-    "TaylorWeight", "vgg", "WeightNorm",
+    "PrunableError", "Pruner", "PruningValueError", "Random", "RecurrentHandler", "register_handler",
+    "Role", "save", "Scope", "SeedNet", "slice_optimizer_state", "SurgeryError", "TaylorActivation",
+    "TaylorBN", "TaylorWeight", "vgg", "WeightNorm",
 ]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
+from .surgery import ModuleHandler, Role, handler_for
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -134,9 +135,34 @@ class MeasurePoint:
         """The normalisation layer measured, if any."""
         return self.module if self.module is not self.producer else None
 
-    def out_axis(self) -> int:
-        """Output-channel axis of the producer's weight."""
-        return 1 if getattr(self.producer, "transposed", False) else 0
+    def activation(self, output: Any) -> torch.Tensor | None:
+        """The tensor of ``module``'s forward output holding the channels (along ``dim``),
+        as the module's handler says (an RNN's ``(output, h_n)``: its sequence output)."""
+        return (handler_for(self.module) or ModuleHandler()).activation(self.module, output)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An activation (or its gradient) with one entry per producer channel along ``dim``."""
+        return (handler_for(self.module) or ModuleHandler()).channel_view(self.module, tensor, self.dim)
+
+    def out_names(self, weights_only: bool = False) -> list[str]:
+        """Names of the producer's tensors cut with its output channels (only those of two
+        or more dims with ``weights_only``), as its handler declares them."""
+        producer = self.producer
+        names = [n for n in handler_for(producer).params(producer, Role.OUT) if _get(producer, n) is not None]
+        return [n for n in names if _get(producer, n).dim() > 1] if weights_only else names
+
+    def out_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The producer's tensor ``name`` (or ``tensor``, e.g. its gradient, laid out like it)
+        as ``(out_channels, -1)``, through the producer's handler (conv, transposed conv,
+        gate blocks of an RNN …)."""
+        tensor = _get(self.producer, name) if tensor is None else tensor
+        return handler_for(self.producer).out_view(self.producer, name, tensor)
+
+
+def _get(module: nn.Module, dotted: str) -> Any:
+    """The tensor a possibly dotted name (``"qkv.bias"``) of ``module`` names, or None."""
+    path, _, attr = dotted.rpartition(".")
+    return getattr(module.get_submodule(path) if path else module, attr, None)
 
 
 class Criterion:
@@ -168,16 +194,15 @@ class Criterion:
             return []
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if isinstance(output, (tuple, list)) and output:  # attention: (output, weights)
-                output = output[0]
-            if not isinstance(output, torch.Tensor):
+            output = point.activation(output)
+            if output is None:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    a = output.detach()
-                    output.register_hook(lambda g: acc.add(self.per_example(a, g, point.dim)))
+                    a = point.view(output.detach())
+                    output.register_hook(lambda g: acc.add(self.per_example(a, point.view(g), point.dim)))
             else:
-                acc.add(self.per_example(output.detach(), None, point.dim))
+                acc.add(self.per_example(point.view(output.detach()), None, point.dim))
 
         return [point.module.register_forward_hook(forward_hook)]
 
@@ -242,21 +267,16 @@ class APoZ(Criterion):
         return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim)
 
 
-def _out_view(point: MeasurePoint, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a producer parameter) as ``(out_channels, -1)``."""
-    axis = point.out_axis() if t.dim() > 1 else 0
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
-
-
 class WeightNorm(Criterion):
-    """``||W_k||_p`` of each output filter of the producer (L1 by default)."""
+    """``||W_k||_p`` of each output filter of the producer (L1 by default): every weight
+    entry producing channel ``k`` (all gates of all layers and directions of an RNN)."""
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__()
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = _out_view(point, point.producer.weight.detach().float())
+        w = torch.cat([point.out_view(n).detach().float() for n in point.out_names(weights_only=True)], 1)
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
@@ -280,7 +300,7 @@ class Random(Criterion):
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        n = point.producer.weight.shape[point.out_axis()]
+        n = point.out_view(point.out_names()[0]).shape[0]
         return torch.rand(n, generator=self.generator)
 
 
@@ -289,15 +309,16 @@ class _ParamTaylor(Criterion):
 
     needs_grad = True
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        """``(parameter, its name in the producer or None for a channelwise one)`` pairs."""
         raise NotImplementedError
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
         handles = []
-        for i, (param, producer_param) in enumerate(self.params(point)):
-            def on_grad(g: torch.Tensor, p=param, prod=producer_param, first=i == 0) -> None:
+        for i, (param, producer_name) in enumerate(self.params(point)):
+            def on_grad(g: torch.Tensor, p=param, name=producer_name, first=i == 0) -> None:
                 wg = (p.detach() * g).float()
-                per_channel = _out_view(point, wg) if prod else wg.view(len(p), -1)
+                per_channel = point.out_view(name, wg) if name else wg.view(len(p), -1)
                 acc.add_total(per_channel.sum(1).pow(2), int(first))
             handles.append(param.register_hook(on_grad))
         return handles
@@ -315,25 +336,23 @@ class _ParamTaylor(Criterion):
 class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
-        out = [(point.producer.weight, True)]
-        if getattr(point.producer, "bias", None) is not None:
-            out.append((point.producer.bias, True))
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        out = [(_get(point.producer, n), n) for n in point.out_names()]
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:
-                out.append((getattr(norm, name), False))
+                out.append((getattr(norm, name), None))
         return out
 
 
 class TaylorBN(_ParamTaylor):
     """Molchanov et al. 2019 on BN only: ``(γ·dL/dγ + β·dL/dβ)²``; the filter without a BN."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
         norm = point.norm
         if norm is None or getattr(norm, "weight", None) is None:
             return TaylorWeight.params(self, point)
-        return [(t, False) for t in (norm.weight, norm.bias) if t is not None]
+        return [(t, None) for t in (norm.weight, norm.bias) if t is not None]
 
 
 #: criteria by command-line name

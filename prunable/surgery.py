@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +73,30 @@ class ModuleHandler:
     def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
         """Indices to keep along tensor ``name`` given the channels kept on the ``role`` side."""
         return keep
+
+    #: ``trace_module(tracer, module, args, kwargs, output)``: set it (define the method) for a
+    #: module the tracer must run as ONE operation (attention, recurrent layers): the operations
+    #: inside its forward are not traced, and the hook labels its output from its inputs through
+    #: the tracer's public methods (``input_labels``, ``consume``, ``produce``, ``label_output`` …).
+    trace_module: Callable[..., None] | None = None
+
+    def activation(self, module: nn.Module, output: Any) -> torch.Tensor | None:
+        """The tensor in ``module``'s forward ``output`` on which activation criteria observe its
+        output channels (the channels along the dim the tracer recorded); None if there is none."""
+        if isinstance(output, (tuple, list)) and output:  # (output, attention weights)
+            output = output[0]
+        return output if isinstance(output, torch.Tensor) else None
+
+    def channel_view(self, module: nn.Module, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """``tensor`` (from :meth:`activation`, or its gradient) viewed so that ``dim`` holds one
+        entry per output channel (an RNN's ``(…, D·H)`` as ``(…, D, H)``); other dims are averaged."""
+        return tensor
+
+    def out_view(self, module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the output-side tensor ``name``, or its gradient) as ``(out_channels, -1)``:
+        row ``k`` holds every entry that produces output channel ``k``. Weight criteria read this."""
+        axis = self.params(module, Role.OUT)[name] % max(tensor.dim(), 1)
+        return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
 
 
 _HANDLERS: dict[type | str, ModuleHandler] = {}

@@ -1,0 +1,183 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): pruning hidden units.
+
+A recurrent layer of ``L`` layers and ``D`` directions (``D = 2`` when
+bidirectional) has ONE ``hidden_size`` ``H`` shared by every layer and direction,
+so prunable removes hidden unit ``j`` everywhere at once: **unit ``j`` of every
+layer and direction is one channel** (a coarser coupling than strictly needed,
+the price of keeping a single ``hidden_size``). Removing unit ``j`` cuts
+
+* row ``j`` of every gate block (``i, f, g, o`` for LSTM, ``r, z, n`` for GRU, one
+  block for RNN): rows ``j, H+j, 2H+j, …`` of every ``weight_ih_l*``,
+  ``weight_hh_l*``, ``bias_ih_l*`` and ``bias_hh_l*``;
+* column ``j`` of every ``weight_hh_l*`` (the recurrence reads the unit back);
+* columns ``j`` (and ``H+j`` for the reverse direction) of ``weight_ih_l{k}``,
+  ``k ≥ 1`` (the next layer reads the previous layer's output);
+* the inputs ``j`` (and ``H+j``) of whatever reads the output ``(…, D·H)`` — a
+  Linear, a LayerNorm — and of whatever reads ``h_n``/``c_n`` ``(D·L, …, H)``.
+
+The input features are pruned as the inputs of any layer: columns of
+``weight_ih_l0`` (both directions) leave with the channels of the layer before.
+Initial states ``h0``/``c0`` given to the forward follow the hidden units when the
+model makes them (a learnt parameter is sliced); a model input is a fixed-size
+tensor, so the hidden units are then not pruned, with that reason. LSTM
+projections (``proj_size > 0``) and packed sequences are refused with a reason.
+
+The tracer (:mod:`prunable.trace`) runs the layer as one operation
+(:meth:`RecurrentHandler.trace_module`); activation criteria observe unit ``j``
+on the sequence output, both directions together (``(…, D, H)``).
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> from prunable import Pruner
+>>> class Tagger(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.embed = nn.Linear(5, 8)
+...         self.rnn = nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+...         self.head = nn.Linear(12, 3)
+...     def forward(self, x):
+...         return self.head(self.rnn(self.embed(x))[0])
+>>> model = Tagger()
+>>> pruner = Pruner(model, torch.randn(2, 7, 5), criterion="l1")
+>>> group = next(g for g in pruner.groups if g.id == "rnn")
+>>> pruner.prune({group.id: [0, 4]})
+>>> model.rnn.hidden_size, tuple(model.rnn.weight_ih_l1.shape), model.head.in_features
+(4, (16, 8), 8)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+from .surgery import ModuleHandler, Role, register_handler
+
+__all__ = ["RecurrentHandler"]
+
+
+class RecurrentHandler(ModuleHandler):
+    """How to cut an ``nn.RNNBase`` layer: its input features (``Role.IN``: columns of
+    ``weight_ih_l0``) and its hidden units (``Role.OUT``: gate rows of every layer and
+    direction; the columns that read the units back are separate members of the group,
+    made by :meth:`trace_module`). ``gates`` is the number of gate blocks."""
+
+    gates = 1
+
+    @staticmethod
+    def suffixes(module: nn.Module) -> tuple[str, ...]:
+        """Parameter-name suffixes of the directions (``""``, ``"_reverse"``)."""
+        return ("", "_reverse") if module.bidirectional else ("",)
+
+    def unsupported(self, module: nn.Module, x: Any = None) -> str | None:
+        """Why this layer (called on input ``x``, when given) cannot be pruned, or None."""
+        if getattr(module, "proj_size", 0) > 0:
+            return f"proj_size={module.proj_size} (an LSTM projection) is not supported"
+        if x is not None and not isinstance(x, torch.Tensor):
+            return f"a {type(x).__name__} input (packed sequences) is not supported"
+        return None
+
+    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
+        if role is Role.IN:
+            return {f"weight_ih_l0{sfx}": 1 for sfx in self.suffixes(module)}
+        reason = self.unsupported(module)
+        if reason is not None:
+            raise SurgeryError(f"{type(module).__name__}: hidden units cannot be cut: {reason}")
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
+        return {f"{kind}_l{layer}{sfx}": 0 for layer in range(module.num_layers)
+                for sfx in self.suffixes(module) for kind in kinds}
+
+    def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
+        if role is Role.IN:
+            return keep
+        size = module.hidden_size  # still the old size: resizes come after every slice is computed
+        return torch.cat([keep + g * size for g in range(self.gates)])
+
+    def out_view(self, module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Row ``j``: the rows of unit ``j`` in every gate block of ``tensor``."""
+        return tensor.reshape(self.gates, -1, tensor[0].numel()).transpose(0, 1).flatten(1)
+
+    def channel_view(self, module: nn.Module, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The output ``(…, D·H)`` as ``(…, D, H)``: both directions of unit ``j`` observed together
+        (``dim`` is -1, the last dim before and after)."""
+        return tensor.unflatten(dim, (len(self.suffixes(module)), -1))
+
+    def activation(self, module: nn.Module, output: Any) -> torch.Tensor | None:
+        out = output[0] if isinstance(output, tuple) else output
+        return out if isinstance(out, torch.Tensor) else None
+
+    def resize(self, module: nn.Module, role: Role, n: int) -> None:
+        if role is Role.IN:
+            module.input_size = n
+        else:
+            module.hidden_size = n
+        first = module.weight_hh_l0
+        if module.weight_ih_l0.shape[1] == module.input_size and first.shape[1] == module.hidden_size:
+            module.flatten_parameters()  # cuDNN's packed copy (a no-op off CUDA); Parameters stay the same objects
+
+    def trace_module(self, tracer: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Trace the layer as one operation: inputs → ``Role.IN``; hidden units → ``Role.OUT``,
+        read back by every ``weight_hh`` and the next layers' ``weight_ih``; the output and
+        ``h_n``/``c_n`` carry the units; an initial state must be able to follow them."""
+        name = tracer.name_of(module)
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+        out, final = output
+        finals = list(final) if isinstance(final, (tuple, list)) else [final]
+        hidden = tracer.produce(module, module.hidden_size)
+        reason = self.unsupported(module, x)
+        labels = tracer.input_labels(x, x.dim() - 1, name) if reason is None else None
+        if reason is None and labels is None:
+            reason = "input features mixed with other dimensions"
+        if reason is not None:
+            return self._refuse(tracer, name, hidden, [x, out, *finals], reason)
+        tracer.consume(module, labels)
+        directions = len(self.suffixes(module))
+        for layer in range(module.num_layers):
+            for sfx in self.suffixes(module):
+                tracer.consume(module, hidden, param=f"weight_hh_l{layer}{sfx}", axis=1)
+                if layer:
+                    tracer.consume(module, hidden.repeat(directions), param=f"weight_ih_l{layer}{sfx}", axis=1)
+        for h in states:
+            if isinstance(h, torch.Tensor):
+                tracer.trace.union(tracer.shadow(h), hidden.expand(h.shape),
+                                   f"{name}: the initial state h0/c0 has a fixed size (a model input)")
+        tracer.label_output(out, hidden.repeat(directions), -1, producer=module)  # -1: see channel_view
+        for h in finals:
+            tracer.label_output(h, hidden, -1)
+
+    @staticmethod
+    def _refuse(tracer: Any, name: str, hidden: torch.Tensor, tensors: list, reason: str) -> None:
+        """Block the hidden units and the input features with ``reason``; outputs are fixed-size."""
+        tracer.trace.block(hidden, f"{name}: {reason}")
+        x, *outputs = [t.data if isinstance(t, nn.utils.rnn.PackedSequence) else t for t in tensors]
+        if isinstance(x, torch.Tensor):
+            tracer.trace.block(tracer.shadow(x), f"{name}: {reason}")
+        for t in outputs:
+            tracer.mark_input(t)
+
+
+@register_handler(nn.RNN)
+class RNNHandler(RecurrentHandler):
+    """``nn.RNN`` (tanh or ReLU): one block."""
+
+    gates = 1
+
+
+@register_handler(nn.GRU)
+class GRUHandler(RecurrentHandler):
+    """``nn.GRU``: gate blocks ``r, z, n``."""
+
+    gates = 3
+
+
+@register_handler(nn.LSTM)
+class LSTMHandler(RecurrentHandler):
+    """``nn.LSTM``: gate blocks ``i, f, g, o``."""
+
+    gates = 4
