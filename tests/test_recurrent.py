@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from prunable import Pruner, PruningValueError, SurgeryError
+from prunable.graph import meta_clone
 from prunable.recurrent import RecurrentHandler
 from prunable.surgery import Cut, Role, apply_cuts, handler_for, keep_indices
 
@@ -289,3 +290,15 @@ def test_packed_sequence_is_refused_with_a_reason():
 def test_handler_is_registered_for_every_recurrent_type():
     for cls in KINDS.values():
         assert isinstance(handler_for(cls(3, 4)), RecurrentHandler)
+
+
+def test_meta_copy_runs_the_recurrent_kernel_and_checks_its_shapes():
+    """Trial prunes run on a meta copy: ``_VF.lstm``'s meta kernel runs and, unlike the CPU
+    (mkldnn) kernel, refuses weights of the wrong size, so a bad cut fails the trial."""
+    model = SeqNet("lstm", layers=2, bidirectional=True)
+    clone = meta_clone(model)
+    out = clone(torch.empty(2, 7, 5, device="meta"))
+    assert out.is_meta and out.shape == (2, 7, 3)
+    apply_cuts([Cut(clone.rnn, None, keep_indices(4 * HIDDEN, [0]), param="weight_hh_l0", axis=0)])
+    with pytest.raises(RuntimeError):
+        clone(torch.empty(2, 7, 5, device="meta"))
