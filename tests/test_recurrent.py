@@ -302,3 +302,36 @@ def test_meta_copy_runs_the_recurrent_kernel_and_checks_its_shapes():
     apply_cuts([Cut(clone.rnn, None, keep_indices(4 * HIDDEN, [0]), param="weight_hh_l0", axis=0)])
     with pytest.raises(RuntimeError):
         clone(torch.empty(2, 7, 5, device="meta"))
+
+
+@pytest.mark.parametrize("extra", [{"bias": False}, {"nonlinearity": "relu"}], ids=["no-bias", "relu"])
+def test_variants_prune_like_their_zeroed_copy(extra):
+    model = SeqNet("rnn" if "nonlinearity" in extra else "lstm", layers=2, bidirectional=True, **extra).eval()
+    x = _inputs(model)
+    pruner = Pruner(model, x, criterion="l1")
+    reference = copy.deepcopy(model)
+    _zero_removed(reference, pruner, {"rnn": [2, 3]})
+    pruner.prune({"rnn": [2, 3]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_norm_after_the_output_is_cut_and_taylor_measured(bidirectional):
+    class Normed(SeqNet):
+        def __init__(self):
+            super().__init__("lstm", bidirectional=bidirectional)
+            self.norm = nn.LayerNorm(self.head.in_features)
+
+        def forward(self, x):
+            return self.head(self.norm(self.rnn(self.embed(x))[0]))
+
+    model = Normed()
+    x = _inputs(model)
+    pruner = Pruner(model, x)
+    with pruner.estimate():
+        model(x).square().sum().backward()
+    assert pruner.scores()["rnn"].shape == (HIDDEN,)
+    pruner.prune({"rnn": [0]})
+    assert model.norm.normalized_shape == ((HIDDEN - 1) * (2 if bidirectional else 1),)
+    assert model(x).shape == (2, 7, 3)
