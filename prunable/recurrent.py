@@ -67,6 +67,8 @@ class RecurrentHandler(ModuleHandler):
     made by :meth:`trace_module`). ``gates`` is the number of gate blocks."""
 
     gates = 1
+    describes = ("hidden units: row j of every gate block of every layer and direction, the columns that "
+                 "read unit j back (weight_hh, the next layer's weight_ih), the readers of the output and h_n")
 
     @staticmethod
     def suffixes(module: nn.Module) -> tuple[str, ...]:
@@ -97,9 +99,14 @@ class RecurrentHandler(ModuleHandler):
         size = module.hidden_size  # still the old size: resizes come after every slice is computed
         return torch.cat([keep + g * size for g in range(self.gates)])
 
-    def out_view(self, module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Row ``j``: the rows of unit ``j`` in every gate block of ``tensor``."""
-        return tensor.reshape(self.gates, -1, tensor[0].numel()).transpose(0, 1).flatten(1)
+    def channels(self, module: nn.Module, role: Role) -> int:
+        """Input features (``Role.IN``) or hidden units (``Role.OUT``)."""
+        return int(module.input_size if role is Role.IN else module.hidden_size)
+
+    def out_view(self, module: nn.Module, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ``j``: the rows of unit ``j`` in every gate block of tensor ``name`` (or ``tensor``)."""
+        t = getattr(module, name) if tensor is None else tensor
+        return t.reshape(self.gates, -1, t[0].numel()).transpose(0, 1).flatten(1)
 
     def channel_view(self, module: nn.Module, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The output ``(…, D·H)`` as ``(…, D, H)``: both directions of unit ``j`` observed together
