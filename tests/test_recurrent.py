@@ -335,3 +335,27 @@ def test_layer_norm_after_the_output_is_cut_and_taylor_measured(bidirectional):
     pruner.prune({"rnn": [0]})
     assert model.norm.normalized_shape == ((HIDDEN - 1) * (2 if bidirectional else 1),)
     assert model(x).shape == (2, 7, 3)
+
+
+def test_encoder_state_feeding_a_decoder_couples_their_units():
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.LSTM(5, HIDDEN, batch_first=True)
+            self.dec = nn.LSTM(5, HIDDEN, batch_first=True)
+            self.head = nn.Linear(HIDDEN, 3)
+
+        def forward(self, x):
+            _, state = self.enc(x)
+            return self.head(self.dec(x, state)[0])
+
+    model = Seq2Seq().eval()
+    x = torch.randn(2, 7, 5)
+    pruner = Pruner(model, x, criterion="l1")
+    group = next(g for g in pruner.groups if {"enc", "dec"} <= {m.target.name for m in g.producers})
+    reference = copy.deepcopy(model)
+    _zero_removed(reference, pruner, {group.id: [1, 2]})
+    pruner.prune({group.id: [1, 2]})
+    assert model.enc.hidden_size == model.dec.hidden_size == HIDDEN - 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
