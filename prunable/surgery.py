@@ -48,6 +48,7 @@ __all__ = [
     "is_depthwise",
     "resolve",
     "cut_slices",
+    "channel_parameters",
     "parametrized",
     "parametrization_problem",
     "legacy_reparametrization",
@@ -173,6 +174,23 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
         elif tensor is not None:
             out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
     return out, resizes
+
+
+def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    """The parameters holding channels ``cut.keep`` of ``cut``'s side: ``(parameter, axis,
+    indices)`` per parameter, through the handler (grouped positions, parametrization
+    originals). Buffers (running statistics) are left out. What zeroing a channel
+    touches: the oracle ranking and the "pruned equals zeroed" tests use it.
+
+    Example
+    -------
+    >>> conv = nn.Conv2d(4, 2, 1)
+    >>> [(tuple(p.shape), axis, idx.tolist()) for p, axis, idx in
+    ...  channel_parameters(Cut(conv, Role.IN, torch.tensor([1, 3])))]
+    [((2, 4, 1, 1), 1, [1, 3])]
+    """
+    slices, _ = cut_slices(cut)
+    return [(t, axis, idx) for _, _, t, axis, idx in slices if isinstance(t, nn.Parameter)]
 
 
 def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor) -> TensorSlice:
