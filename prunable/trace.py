@@ -292,8 +292,8 @@ class ChannelTracer(TorchFunctionMode):
             return None, SkipReason(SkipKind.NO_HANDLER, f"{mname} ({type(module).__name__}) has no handler; "
                                     "use prunable.register_handler")
         problem = parametrization_problem(module, attr)
-        if problem is not None:
-            return None, SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
+        if problem is not None:  # the layer is known but cannot be cut: its channels are a skipped group
+            return Target(module, mname, role, uid=id(module)), SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
         if attr not in handler.params(module, Role.IN) and attr not in handler.params(module, Role.OUT) and attr != "weight":
             return None, _unsupported(f"{mname}.{attr} is used outside its module")
         return Target(module, mname, role, uid=id(module)), None
@@ -335,6 +335,8 @@ class ChannelTracer(TorchFunctionMode):
         target, why = self._owner_target(weight, Role.OUT)
         labels = self._in_labels(x, ch, name)
         cout = out.shape[ch]
+        if target is not None and why is not None:
+            return self._unprunable(target, why, x, out, ch)
         if target is None or labels is None:
             self.trace.block(self.shadow(x), why or _mixed(f"{name}: mixed input"))
             return self.mark_input(out)
@@ -361,10 +363,21 @@ class ChannelTracer(TorchFunctionMode):
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
         self._out_shadow(out, slots, ch)
 
+    def _unprunable(self, target: Target, why: SkipReason, x: torch.Tensor | None, out: torch.Tensor, dim: int) -> None:
+        """A known layer that cannot be cut (an unsupported parametrization): its output channels
+        form a group skipped for ``why``, and the channels it reads are kept too."""
+        slots = self._produce(target, out.shape[dim])
+        self.trace.block(slots, why)
+        if x is not None:
+            self.trace.block(self.shadow(x), why)
+        self._out_shadow(out, slots, dim)
+
     def _linear(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         x, weight = args[0], arg(args, kwargs, 1, "weight")
         target, why = self._owner_target(weight, Role.OUT)
         labels = self._in_labels(x, x.dim() - 1, name)
+        if target is not None and why is not None:
+            return self._unprunable(target, why, x, out, out.dim() - 1)
         if target is None or labels is None:
             self.trace.block(self.shadow(x), why or _mixed(f"{name}: mixed input"))
             return self.mark_input(out)
@@ -380,7 +393,7 @@ class ChannelTracer(TorchFunctionMode):
         self.set_shadow(out, s)
         target, why = self._owner_target(weight, Role.IN, fallback=True)
         labels = labels_along(s, dim)
-        if target is None or labels is None:
+        if target is None or labels is None or why is not None:
             return self.trace.block(s, why or _mixed(f"{name}: mixed channels"))
         self._consume(target, labels)
         made = self._made_by.get(id(x))
@@ -421,6 +434,8 @@ class ChannelTracer(TorchFunctionMode):
         target, why = self._owner_target(arg(args, kwargs, 1, "weight"), Role.OUT)
         for t in outs[1:]:  # embedding_bag's offsets and bag sizes
             self.mark_input(t)
+        if target is not None and why is not None:
+            return self._unprunable(target, why, None, outs[0], outs[0].dim() - 1)
         if target is None:
             return self.mark_input(outs[0])
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
