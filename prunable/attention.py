@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import ModuleHandler, Role, _resolve, register_handler
+from .reasons import SkipKind, SkipReason
+from .surgery import ModuleHandler, Role, resolve, register_handler
 
 __all__ = ["AttentionHandler"]
 
@@ -148,8 +149,9 @@ class AttentionHandler(ModuleHandler):
         labels = [tracer.input_labels(x, x.dim() - 1, name) for x in streams]
         reason = self._refusal(module, args, kwargs, labels)
         if reason is not None:
+            why = SkipReason(SkipKind.UNSUPPORTED_OP, f"{name}: attention with {reason}")
             for x in streams:
-                tracer.trace.block(tracer.shadow(x), f"{name}: attention with {reason}")
+                tracer.trace.block(tracer.shadow(x), why)
             return tracer.mark_input(out)
         for other in labels[1:]:
             tracer.trace.union(labels[0], other)
@@ -188,7 +190,7 @@ class AttentionHandler(ModuleHandler):
 
 def _get(module: nn.Module, dotted: str) -> Any:
     """The tensor a possibly dotted name (``"qkv.bias"``) names, or None."""
-    return getattr(*_resolve(module, dotted), None)
+    return getattr(*resolve(module, dotted), None)
 
 
 @register_handler(nn.MultiheadAttention)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
-from .surgery import ModuleHandler, Role, handler_for
+from .handlers import ModuleHandler, Role, handler_for
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -135,6 +135,14 @@ class MeasurePoint:
         """The normalisation layer measured, if any."""
         return self.module if self.module is not self.producer else None
 
+    def out_view(self, tensor: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+        """The producer's tensor ``name`` (or ``tensor`` shaped like it, e.g. ``w·dL/dw``) as
+        ``(output channels, -1)``, laid out by the producer's handler (never guessed)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.out_view(self.producer, name, tensor)
+
     def activation(self, output: Any) -> torch.Tensor | None:
         """The tensor of ``module``'s forward output holding the channels (along ``dim``),
         as the module's handler says (an RNN's ``(output, h_n)``: its sequence output)."""
@@ -144,25 +152,21 @@ class MeasurePoint:
         """An activation (or its gradient) with one entry per producer channel along ``dim``."""
         return (handler_for(self.module) or ModuleHandler()).channel_view(self.module, tensor, self.dim)
 
-    def out_names(self, weights_only: bool = False) -> list[str]:
-        """Names of the producer's tensors cut with its output channels (only those of two
-        or more dims with ``weights_only``), as its handler declares them."""
-        producer = self.producer
-        names = [n for n in handler_for(producer).params(producer, Role.OUT) if _get(producer, n) is not None]
-        return [n for n in names if _get(producer, n).dim() > 1] if weights_only else names
+    def producing(self, biases: bool = False) -> list[str]:
+        """Names of the producer's weights (and biases) that criteria read, as its handler says
+        (every gate weight of every layer and direction of an RNN)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.weights(self.producer) + (handler.biases(self.producer) if biases else [])
 
-    def out_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """The producer's tensor ``name`` (or ``tensor``, e.g. its gradient, laid out like it)
-        as ``(out_channels, -1)``, through the producer's handler (conv, transposed conv,
-        gate blocks of an RNN …)."""
-        tensor = _get(self.producer, name) if tensor is None else tensor
-        return handler_for(self.producer).out_view(self.producer, name, tensor)
-
-
-def _get(module: nn.Module, dotted: str) -> Any:
-    """The tensor a possibly dotted name (``"qkv.bias"``) of ``module`` names, or None."""
-    path, _, attr = dotted.rpartition(".")
-    return getattr(module.get_submodule(path) if path else module, attr, None)
+    def out_channels(self) -> int:
+        """Number of output channels of the producer."""
+        handler = handler_for(self.producer)
+        n = handler.channels(self.producer, Role.OUT) if handler is not None else None
+        if n is None:
+            raise EstimationError(f"{self.name}: the handler of {type(self.producer).__name__} gives no channel count")
+        return n
 
 
 class Criterion:
@@ -276,7 +280,7 @@ class WeightNorm(Criterion):
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = torch.cat([point.out_view(n).detach().float() for n in point.out_names(weights_only=True)], 1)
+        w = torch.cat([point.out_view(name=n).detach().float() for n in point.producing()], 1)
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
@@ -300,7 +304,7 @@ class Random(Criterion):
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        n = point.out_view(point.out_names()[0]).shape[0]
+        n = point.out_channels()
         return torch.rand(n, generator=self.generator)
 
 
@@ -310,15 +314,15 @@ class _ParamTaylor(Criterion):
     needs_grad = True
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
-        """``(parameter, its name in the producer or None for a channelwise one)`` pairs."""
+        """``(tensor, name)`` pairs: a producer tensor with its name, or a norm's per-channel one with None."""
         raise NotImplementedError
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
         handles = []
-        for i, (param, producer_name) in enumerate(self.params(point)):
-            def on_grad(g: torch.Tensor, p=param, name=producer_name, first=i == 0) -> None:
+        for i, (param, name) in enumerate(self.params(point)):
+            def on_grad(g: torch.Tensor, p=param, name=name, first=i == 0) -> None:
                 wg = (p.detach() * g).float()
-                per_channel = point.out_view(name, wg) if name else wg.view(len(p), -1)
+                per_channel = point.out_view(wg, name) if name else wg.view(len(p), -1)
                 acc.add_total(per_channel.sum(1).pow(2), int(first))
             handles.append(param.register_hook(on_grad))
         return handles
@@ -337,7 +341,7 @@ class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
-        out = [(_get(point.producer, n), n) for n in point.out_names()]
+        out = [(getattr(point.producer, n), n) for n in point.producing(biases=True)]
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:

@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .surgery import ModuleHandler, Role, register_handler
+from .handlers import ModuleHandler, Role, register_handler
+from .reasons import SkipKind, SkipReason
 
 __all__ = ["RecurrentHandler"]
 
@@ -99,6 +100,13 @@ class RecurrentHandler(ModuleHandler):
         size = module.hidden_size  # still the old size: resizes come after every slice is computed
         return torch.cat([keep + g * size for g in range(self.gates)])
 
+    def weights(self, module: nn.Module) -> list[str]:
+        """Every ``weight_ih_l*`` and ``weight_hh_l*``: what weight criteria read, per unit."""
+        return [n for n in self.params(module, Role.OUT) if n.startswith("weight")]
+
+    def biases(self, module: nn.Module) -> list[str]:
+        return [n for n in self.params(module, Role.OUT) if n.startswith("bias")]
+
     def channels(self, module: nn.Module, role: Role) -> int:
         """Input features (``Role.IN``) or hidden units (``Role.OUT``)."""
         return int(module.input_size if role is Role.IN else module.hidden_size)
@@ -137,12 +145,13 @@ class RecurrentHandler(ModuleHandler):
         out, final = output
         finals = list(final) if isinstance(final, (tuple, list)) else [final]
         hidden = tracer.produce(module, module.hidden_size)
-        reason = self.unsupported(module, x)
+        why = self.unsupported(module, x)
+        reason = None if why is None else SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{name}: {why}")
         labels = tracer.input_labels(x, x.dim() - 1, name) if reason is None else None
         if reason is None and labels is None:
-            reason = "input features mixed with other dimensions"
+            reason = SkipReason(SkipKind.MIXED, f"{name}: input features mixed with other dimensions")
         if reason is not None:
-            return self._refuse(tracer, name, hidden, [x, out, *finals], reason)
+            return self._refuse(tracer, hidden, [x, out, *finals], reason)
         tracer.consume(module, labels)
         directions = len(self.suffixes(module))
         for layer in range(module.num_layers):
@@ -152,19 +161,19 @@ class RecurrentHandler(ModuleHandler):
                     tracer.consume(module, hidden.repeat(directions), param=f"weight_ih_l{layer}{sfx}", axis=1)
         for h in states:
             if isinstance(h, torch.Tensor):
-                tracer.trace.union(tracer.shadow(h), hidden.expand(h.shape),
-                                   f"{name}: the initial state h0/c0 has a fixed size (a model input)")
+                tracer.trace.union(tracer.shadow(h), hidden.expand(h.shape), SkipReason(
+                    SkipKind.FIXED_INPUT, f"{name}: the initial state h0/c0 has a fixed size (a model input)"))
         tracer.label_output(out, hidden.repeat(directions), -1, producer=module)  # -1: see channel_view
         for h in finals:
             tracer.label_output(h, hidden, -1)
 
     @staticmethod
-    def _refuse(tracer: Any, name: str, hidden: torch.Tensor, tensors: list, reason: str) -> None:
+    def _refuse(tracer: Any, hidden: torch.Tensor, tensors: list, reason: SkipReason) -> None:
         """Block the hidden units and the input features with ``reason``; outputs are fixed-size."""
-        tracer.trace.block(hidden, f"{name}: {reason}")
+        tracer.trace.block(hidden, reason)
         x, *outputs = [t.data if isinstance(t, nn.utils.rnn.PackedSequence) else t for t in tensors]
         if isinstance(x, torch.Tensor):
-            tracer.trace.block(tracer.shadow(x), f"{name}: {reason}")
+            tracer.trace.block(tracer.shadow(x), reason)
         for t in outputs:
             tracer.mark_input(t)
 

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from prunable import DependencyGraph, ModuleHandler, Pruner, WeightNorm, register_handler
+from prunable import DependencyGraph, ModuleHandler, Pruner, SkipKind, WeightNorm, register_handler
 from helpers import Opaque, randomize_bn, zero_plan
 
 
@@ -39,7 +39,7 @@ def test_resnet_stage_is_one_group_and_prints_readably():
     text = str(stage)
     assert text.startswith("conv1.out ⇄ layer1.0.conv2.out") and "(64 channels)" in text
     fc = next(g for g in graph.groups if g.id == "fc")
-    assert fc.skip_reason == "model output"
+    assert fc.skip_reason.kind is SkipKind.MODEL_OUTPUT
 
 
 def test_tracing_changes_neither_mode_nor_parameters():

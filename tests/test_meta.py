@@ -1,4 +1,4 @@
-"""The shape-only meta shortcuts of ``prunable.meta._call`` give what the real meta kernels give:
+"""The shape-only meta shortcuts of ``prunable.meta.call`` give what the real meta kernels give:
 same shape, strides and dtype, the same tensor for in-place calls, the same error otherwise."""
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunable.meta import _call
+from prunable.meta import call
 
 
 def _same(func, *args, **kwargs):
@@ -17,10 +17,10 @@ def _same(func, *args, **kwargs):
         expected, error = None, str(exc)
     if error is not None:
         with pytest.raises(Exception) as info:
-            _call(func, args, kwargs)
+            call(func, args, kwargs)
         assert str(info.value) == error
         return
-    got = _call(func, args, kwargs)
+    got = call(func, args, kwargs)
     assert (got.shape, got.stride(), got.dtype) == (expected.shape, expected.stride(), expected.dtype)
     assert (got is args[0]) == (expected is args[0])
 
