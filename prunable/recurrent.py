@@ -130,9 +130,9 @@ class RecurrentHandler(ModuleHandler):
             module.input_size = n
         else:
             module.hidden_size = n
-        first = module.weight_hh_l0
-        if module.weight_ih_l0.shape[1] == module.input_size and first.shape[1] == module.hidden_size:
-            module.flatten_parameters()  # cuDNN's packed copy (a no-op off CUDA); Parameters stay the same objects
+        sizes = (module.weight_ih_l0.shape[1], module.weight_hh_l0.shape[1])
+        if sizes == (module.input_size, module.hidden_size):  # both sides done: cuDNN's packed copy
+            module.flatten_parameters()  # (a no-op off CUDA); the Parameters stay the same objects
 
     def trace_module(self, tracer: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Trace the layer as one operation: inputs → ``Role.IN``; hidden units → ``Role.OUT``,
