@@ -75,6 +75,8 @@ def call(func: Any, args: tuple, kwargs: dict) -> Any:
         return _meta_adaptive_pool(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
+    if func in _RNN_GATES and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        return _meta_rnn(args, kwargs, func)
     return func(*args, **kwargs)
 
 
@@ -204,3 +206,44 @@ class MetaShortcuts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return call(func, args, kwargs or {})
+
+
+#: recurrent kernels (as ``nn.RNNBase`` calls them) → gate blocks per weight
+_RNN_GATES = {torch.lstm: 4, torch.gru: 3, torch.rnn_tanh: 1, torch.rnn_relu: 1}
+
+
+def _meta_rnn(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` of a padded meta sequence without their meta
+    kernels, which run every time step (seconds for a long sequence). Every weight and state
+    shape is checked first; anything unusual or wrong (packed input, projections, a weight cut
+    to another size) runs the real kernel, so errors are unchanged."""
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)) or type(args[4]) is not int or args[4] < 1:
+        return func(*args, **kwargs)
+    x, hx, params, bias, layers, _, _, bidirectional, batch_first = args
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    dirs, per = (2 if bidirectional else 1), (4 if bias else 2)
+    if x.dim() != 3 or not x.is_floating_point() or len(params) != layers * dirs * per or \
+            len(states) != (2 if func is torch.lstm else 1):
+        return func(*args, **kwargs)
+    hidden, batch = params[1].shape[-1], x.shape[0 if batch_first else 1]
+    if not _rnn_weights_fit(params, per, dirs, _RNN_GATES[func] * hidden, (x.shape[-1], dirs * hidden), x.dtype):
+        return func(*args, **kwargs)
+    fits = [isinstance(h, torch.Tensor) and h.is_meta and h.dtype == x.dtype for h in states]
+    if not all(fits) or any(h.shape != (layers * dirs, batch, hidden) for h in states):
+        return func(*args, **kwargs)
+    out = torch.empty(*x.shape[:2], dirs * hidden, dtype=x.dtype, device="meta")
+    return (out, *(torch.empty(h.shape, dtype=x.dtype, device="meta") for h in states))
+
+
+def _rnn_weights_fit(params: Any, per: int, dirs: int, rows: int, sizes: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Every ``(w_ih, w_hh[, b_ih, b_hh])`` of ``params`` (``per`` tensors, ``dirs`` directions a
+    layer) has ``rows`` rows, ``w_ih`` reads ``sizes[0]`` features in the first layer and
+    ``sizes[1]`` after it, and ``w_hh`` reads the first ``w_hh``'s width; all meta of ``dtype``."""
+    hidden = params[1].shape[-1]
+    for k in range(0, len(params), per):
+        inputs = sizes[0] if k < per * dirs else sizes[1]
+        want = [(rows, inputs), (rows, hidden), (rows,), (rows,)][:per]
+        for t, shape in zip(params[k:k + per], want):
+            if not (isinstance(t, torch.Tensor) and t.is_meta and t.dtype == dtype and tuple(t.shape) == shape):
+                return False
+    return True

@@ -6,9 +6,11 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prunable import Pruner, PruningValueError, SurgeryError
 from prunable.graph import meta_clone
+from prunable.meta import MetaShortcuts
 from prunable.recurrent import RecurrentHandler
 from prunable.surgery import Cut, Role, apply_cuts, handler_for, keep_indices
 
@@ -359,3 +361,42 @@ def test_encoder_state_feeding_a_decoder_couples_their_units():
     assert model.enc.hidden_size == model.dec.hidden_size == HIDDEN - 2
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the aten operations run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", [("lstm", 2, True, True), ("gru", 1, False, False), ("rnn", 2, False, True)],
+                         ids=["lstm-2l-bi-bf", "gru-1l-uni-tf", "rnn-2l-uni-bf"])
+def test_meta_shortcut_gives_the_kernel_shapes_without_running_time_steps(case):
+    kind, layers, bidirectional, batch_first = case
+    rnn = KINDS[kind](5, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, device="meta")
+    x = torch.empty(9, 3, 5, device="meta").transpose(0, 1)  # non-contiguous, like a permuted conv output
+    expected = rnn(x)
+    with _AtenOps() as seen, MetaShortcuts():
+        got = rnn(x)
+    flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else [out[1]])]  # noqa: E731
+    assert [(t.shape, t.dtype) for t in flat(got)] == [(t.shape, t.dtype) for t in flat(expected)]
+    assert not {"aten.mm", "aten.addmm", "aten.linear", "aten.sigmoid", "aten.tanh"} & set(seen.ops)
+    rows = 4 * handler_for(rnn).gates
+    for name, shape in (("weight_ih_l0", (rows, 4)), ("weight_hh_l0", (rows, 3))):  # wrong cuts
+        good = getattr(rnn, name).data
+        getattr(rnn, name).data = torch.empty(shape, device="meta")
+        with pytest.raises(RuntimeError), MetaShortcuts():
+            rnn(x)
+        getattr(rnn, name).data = good
+    d = 2 if bidirectional else 1
+    for name, p in rnn.named_parameters():  # every weight cut to 3 units, hidden_size left at 4
+        cols = 5 if name.startswith("weight_ih_l0") else d * 3 if "ih" in name else 3
+        p.data = torch.empty((rows // 4 * 3, cols) if name.startswith("weight") else (rows // 4 * 3,), device="meta")
+    with pytest.raises(RuntimeError), MetaShortcuts():
+        rnn(x)
