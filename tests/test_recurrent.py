@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from prunable import Pruner, PruningValueError, SurgeryError
+from prunable import Pruner, PruningValueError, SurgeryError, count_flops, module_flops
 from prunable.graph import meta_clone
 from prunable.meta import MetaShortcuts
 from prunable.recurrent import RecurrentHandler
@@ -400,3 +401,16 @@ def test_meta_shortcut_gives_the_kernel_shapes_without_running_time_steps(case):
         p.data = torch.empty((rows // 4 * 3, cols) if name.startswith("weight") else (rows // 4 * 3,), device="meta")
     with pytest.raises(RuntimeError), MetaShortcuts():
         rnn(x)
+
+
+@pytest.mark.parametrize("case", [("lstm", 2, True, True), ("gru", 2, False, False), ("rnn", 1, True, True)],
+                         ids=["lstm-2l-bi-bf", "gru-2l-uni-tf", "rnn-1l-bi-bf"])
+def test_flops_are_counted_from_shapes_exactly_as_the_kernel_counts_them(case):
+    kind, layers, bidirectional, batch_first = case
+    model = SeqNet(kind, layers, bidirectional, batch_first)
+    x = _inputs(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as reference:  # every time step of the meta kernel
+        meta_clone(model)(x.to("meta"))
+    expected = reference.get_flop_counts()
+    assert count_flops(model, x) == reference.get_total_flops()
+    assert module_flops(model, x)["rnn"] == sum(expected["SeqNet.rnn"].values()) > 0
