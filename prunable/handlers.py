@@ -35,7 +35,7 @@ from .errors import PruningValueError
 
 __all__ = [
     "Role", "ModuleHandler", "ParametrizationHandler", "register_handler", "handler_for",
-    "registered_types", "is_depthwise",
+    "registered_types", "unregister_handler", "is_depthwise",
 ]
 
 
@@ -143,6 +143,16 @@ def handler_for(module: nn.Module) -> ModuleHandler | None:
         if qualified in _HANDLERS:
             return _HANDLERS[qualified]
     return None
+
+
+def unregister_handler(module_type: type | str) -> ModuleHandler:
+    """Remove and return the handler registered for exactly ``module_type`` (tests, plugins).
+
+    Raises :class:`PruningValueError` if none is registered for it.
+    """
+    if module_type not in _HANDLERS:
+        raise PruningValueError(f"no handler is registered for {module_type!r}")
+    return _HANDLERS.pop(module_type)
 
 
 def registered_types() -> dict[type | str, ModuleHandler]:

@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from .errors import PruningValueError, SurgeryError
 from .handlers import (
     ModuleHandler, ParametrizationHandler, Role, handler_for, is_depthwise, register_handler, registered_types,
+    unregister_handler,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "register_handler",
     "handler_for",
     "registered_types",
+    "unregister_handler",
     "is_depthwise",
     "resolve",
     "cut_slices",

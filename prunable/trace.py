@@ -230,7 +230,7 @@ class ChannelTracer(TorchFunctionMode):
         if rule == "ignore":
             return out
         if rule == "shape_read":
-            self._shape_read(args)
+            self._shape_read(args, kwargs)
             return out
         outs = [out] if isinstance(out, torch.Tensor) else _tensors(out)
         if not outs:
@@ -245,14 +245,15 @@ class ChannelTracer(TorchFunctionMode):
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
         return out
 
-    def _shape_read(self, args: tuple) -> None:
-        """``x.shape`` / ``x.size()``: remember the sizes of ``x``'s channel dims, which a
-        later reshape may pass as literal sizes (see :meth:`_size_attribute`)."""
+    def _shape_read(self, args: tuple, kwargs: dict) -> None:
+        """``x.shape`` / ``x.size()`` / ``x.size(d)``: remember the sizes of the channel dims
+        read, which a later reshape may pass as literal sizes (see :meth:`_size_attribute`)."""
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is None or not self.has_labels(x):
             return
         s = self.shadow(x)
-        for d in varying_dims(s):
+        asked = arg(args, kwargs, 1, "dim")
+        for d in varying_dims(s) if asked is None else [int(asked) % x.dim()]:
             labels = labels_along(s, d)
             if labels is None or bool((labels >= 0).any()):
                 self._shape_sizes.add(int(x.shape[d]))
