@@ -141,3 +141,14 @@ def test_split_along_channels_with_literal_sizes_is_skipped():
     pruner = _quiet_pruner(Halves(), torch.randn(1, 3, 8, 8), "l1")
     reason = pruner.skipped["conv"]
     assert reason.kind is SkipKind.UNSUPPORTED_OP and "literal sizes" in str(reason)
+
+
+def test_docs_layer_table_is_the_generated_one():
+    """docs/zoo.md ends with the section ``python bench/layer_table.py`` writes from the zoo and the registry."""
+    from pathlib import Path
+
+    from layer_zoo import DOC_MARKER, markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    assert DOC_MARKER in doc, "run python bench/layer_table.py"
+    assert DOC_MARKER + doc.split(DOC_MARKER, 1)[1] == markdown(), "docs/zoo.md is stale: run python bench/layer_table.py"
