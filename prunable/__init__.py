@@ -33,6 +33,7 @@ __all__ = [
     "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
     "oracle_importance", "ParametrizationHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
     "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "SkipKind", "SkipReason", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
+    "Scope", "SeedNet", "SkipKind", "SkipReason", "slice_optimizer_state", "SurgeryError", "TaylorActivation",
+    "TaylorBN",
     "TaylorWeight", "vgg", "WeightNorm",
 ]

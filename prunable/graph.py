@@ -364,7 +364,8 @@ class DependencyGraph:
             position = {int(c): i for i, c in enumerate(group.classes.tolist())}
             rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
-                group.skip_reason = group.skip_reason or SkipReason(SkipKind.BLOCKS, f"{what} share channels with each other")
+                group.skip_reason = group.skip_reason or SkipReason(
+                    SkipKind.BLOCKS, f"{what} share channels with each other")
             elif group.blocks is None:
                 group.blocks, group.blocks_of = rows, what
             elif not torch.equal(group.blocks, rows):

@@ -92,7 +92,9 @@ class ParametrizationHandler(ModuleHandler):
     """A ``torch.nn.utils.parametrize`` parametrization whose originals can be sliced
     like the weight it computes; :meth:`follow` names its own state to slice along."""
 
-    def follow(self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    def follow(
+        self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor
+    ) -> dict[str, tuple[int, torch.Tensor]]:
         """Tensors of the parametrization ``module`` to slice when the computed weight of
         ``shape`` keeps ``keep`` along ``axis``: name → (axis, indices kept)."""
         return {}
@@ -330,7 +332,9 @@ class SpectralNormParametrization(ParametrizationHandler):
 
     describes = "the original weight, and the power-iteration vectors _u/_v with it"
 
-    def follow(self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    def follow(
+        self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor
+    ) -> dict[str, tuple[int, torch.Tensor]]:
         if len(shape) <= 1:
             return {}
         dim = module.dim % len(shape)

@@ -294,8 +294,10 @@ class ChannelTracer(TorchFunctionMode):
                                     "use prunable.register_handler")
         problem = parametrization_problem(module, attr)
         if problem is not None:  # the layer is known but cannot be cut: its channels are a skipped group
-            return Target(module, mname, role, uid=id(module)), SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
-        if attr not in handler.params(module, Role.IN) and attr not in handler.params(module, Role.OUT) and attr != "weight":
+            target = Target(module, mname, role, uid=id(module))
+            return target, SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
+        known = {**handler.params(module, Role.IN), **handler.params(module, Role.OUT), "weight": 0}
+        if attr not in known:
             return None, _unsupported(f"{mname}.{attr} is used outside its module")
         return Target(module, mname, role, uid=id(module)), None
 
@@ -310,7 +312,8 @@ class ChannelTracer(TorchFunctionMode):
         if key in self.trace.consumers:
             old = self.trace.consumers[key][1]
             if old.shape != labels.shape:
-                self.trace.block(torch.cat([old, labels]), _unsupported(f"{target.name} sees inputs of different sizes"))
+                reason = _unsupported(f"{target.name} sees inputs of different sizes")
+                self.trace.block(torch.cat([old, labels]), reason)
                 return
             self.trace.union(old, labels)
         else:
@@ -483,7 +486,7 @@ class ChannelTracer(TorchFunctionMode):
             else:
                 sout = getattr(torch, name)(*sargs, **skwargs)
         except Exception:  # noqa: BLE001 - unknown shape op: be conservative
-            return self._block(name, args, kwargs, out, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+            return self._block(name, args, kwargs, out, _tensors(out))
         if name in ("cat", "concat", "concatenate"):
             sout = self._token_concat(sargs, skwargs, sout)
         real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
