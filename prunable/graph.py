@@ -35,10 +35,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import PruningValueError
 from .attention import AttentionHandler
 from .reasons import SkipKind, SkipReason
-from .surgery import Cut, Role, apply_cuts, handler_for, legacy_reparametrization
+from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
 from .trace import ChannelTracer, Target, Trace
 
-__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions", "check_copyable"]
+__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
 
 
 @dataclass
@@ -251,16 +251,6 @@ def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
 
 def _to_meta(inputs: Any) -> Any:
     return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
-
-
-def check_copyable(model: nn.Module) -> None:
-    """Raise :class:`PruningValueError` naming the layer if ``model`` cannot be copied for
-    tracing (legacy ``nn.utils.weight_norm`` / ``spectral_norm`` hooks)."""
-    legacy = legacy_reparametrization(model)
-    if legacy is not None:
-        raise PruningValueError(
-            f"{legacy} cannot be traced (its weight is a computed attribute); use "
-            "torch.nn.utils.parametrizations.weight_norm / spectral_norm, which prunable supports")
 
 
 def trace_model(model: nn.Module, example_inputs: Any) -> Traced:

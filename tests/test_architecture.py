@@ -20,13 +20,14 @@ LAYERS = {
     "handlers": 1,
     "surgery": 2,
     "attention": 3, "shadow": 3, "importance": 3,
-    "trace": 4, "nn": 4,
-    "graph": 5, "models": 5,
-    "flops": 6, "oracle": 6,
-    "selection": 7, "validation": 7, "schedule": 7,
-    "pruner": 8,
-    "io": 9, "lightning": 9, "data": 9,
-    "demo": 10, "cli": 11, "__main__": 12, "__init__": 12,
+    "rules": 4, "nn": 4,
+    "trace": 5,
+    "graph": 6, "models": 6,
+    "flops": 7, "oracle": 7,
+    "selection": 8, "validation": 8, "schedule": 8,
+    "pruner": 9,
+    "io": 10, "lightning": 10, "data": 10,
+    "demo": 11, "cli": 12, "__main__": 13, "__init__": 13,
 }
 
 #: known exceptions, each with the reason it is still there
