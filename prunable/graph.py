@@ -35,10 +35,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import PruningValueError
 from .attention import AttentionHandler
 from .reasons import SkipKind, SkipReason
-from .surgery import Cut, Role, apply_cuts, handler_for, legacy_reparametrization
+from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
 from .trace import ChannelTracer, Target, Trace
 
-__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions", "check_copyable"]
+__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
 
 
 @dataclass
@@ -253,16 +253,6 @@ def _to_meta(inputs: Any) -> Any:
     return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
 
 
-def check_copyable(model: nn.Module) -> None:
-    """Raise :class:`PruningValueError` naming the layer if ``model`` cannot be copied for
-    tracing (legacy ``nn.utils.weight_norm`` / ``spectral_norm`` hooks)."""
-    legacy = legacy_reparametrization(model)
-    if legacy is not None:
-        raise PruningValueError(
-            f"{legacy} cannot be traced (its weight is a computed attribute); use "
-            "torch.nn.utils.parametrizations.weight_norm / spectral_norm, which prunable supports")
-
-
 def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
     """Trace on a meta copy (falling back to a real copy for data-dependent code)."""
     check_copyable(model)
@@ -364,7 +354,8 @@ class DependencyGraph:
             position = {int(c): i for i, c in enumerate(group.classes.tolist())}
             rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
-                group.skip_reason = group.skip_reason or SkipReason(SkipKind.BLOCKS, f"{what} share channels with each other")
+                group.skip_reason = group.skip_reason or SkipReason(
+                    SkipKind.BLOCKS, f"{what} share channels with each other")
             elif group.blocks is None:
                 group.blocks, group.blocks_of = rows, what
             elif not torch.equal(group.blocks, rows):

@@ -36,7 +36,7 @@ from .errors import PruningValueError
 
 __all__ = [
     "Role", "ModuleHandler", "ParametrizationHandler", "register_handler", "handler_for",
-    "registered_types", "is_depthwise",
+    "registered_types", "unregister_handler", "is_depthwise",
 ]
 
 
@@ -119,7 +119,9 @@ class ParametrizationHandler(ModuleHandler):
     """A ``torch.nn.utils.parametrize`` parametrization whose originals can be sliced
     like the weight it computes; :meth:`follow` names its own state to slice along."""
 
-    def follow(self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    def follow(
+        self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor
+    ) -> dict[str, tuple[int, torch.Tensor]]:
         """Tensors of the parametrization ``module`` to slice when the computed weight of
         ``shape`` keeps ``keep`` along ``axis``: name → (axis, indices kept)."""
         return {}
@@ -170,6 +172,16 @@ def handler_for(module: nn.Module) -> ModuleHandler | None:
         if qualified in _HANDLERS:
             return _HANDLERS[qualified]
     return None
+
+
+def unregister_handler(module_type: type | str) -> ModuleHandler:
+    """Remove and return the handler registered for exactly ``module_type`` (tests, plugins).
+
+    Raises :class:`PruningValueError` if none is registered for it.
+    """
+    if module_type not in _HANDLERS:
+        raise PruningValueError(f"no handler is registered for {module_type!r}")
+    return _HANDLERS.pop(module_type)
 
 
 def registered_types() -> dict[type | str, ModuleHandler]:
@@ -347,7 +359,9 @@ class SpectralNormParametrization(ParametrizationHandler):
 
     describes = "the original weight, and the power-iteration vectors _u/_v with it"
 
-    def follow(self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    def follow(
+        self, module: nn.Module, shape: torch.Size, axis: int, keep: torch.Tensor
+    ) -> dict[str, tuple[int, torch.Tensor]]:
         if len(shape) <= 1:
             return {}
         dim = module.dim % len(shape)

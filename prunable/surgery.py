@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from .errors import PruningValueError, SurgeryError
 from .handlers import (
     ModuleHandler, ParametrizationHandler, Role, handler_for, is_depthwise, register_handler, registered_types,
+    unregister_handler,
 )
 
 __all__ = [
@@ -45,13 +46,14 @@ __all__ = [
     "register_handler",
     "handler_for",
     "registered_types",
+    "unregister_handler",
     "is_depthwise",
     "resolve",
     "cut_slices",
     "channel_parameters",
     "parametrized",
     "parametrization_problem",
-    "legacy_reparametrization",
+    "check_copyable",
     "apply_cuts",
     "keep_indices",
     "check_indices",
@@ -216,10 +218,10 @@ def parametrization_problem(module: nn.Module, name: str) -> str | None:
     return None
 
 
-def legacy_reparametrization(model: nn.Module) -> str | None:
-    """Qualified name and kind of the first module reparametrized by the legacy hooks of
-    ``nn.utils.weight_norm`` / ``nn.utils.spectral_norm`` (their computed weight is a plain
-    attribute that cannot be copied), or None."""
+def check_copyable(model: nn.Module) -> None:
+    """Raise :class:`PruningValueError` naming the layer if a module of ``model`` is
+    reparametrized by the legacy hooks of ``nn.utils.weight_norm`` / ``spectral_norm``:
+    their computed weight is a plain attribute, which cannot be copied for tracing."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -227,8 +229,10 @@ def legacy_reparametrization(model: nn.Module) -> str | None:
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, (WeightNorm, SpectralNorm)):
                 kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
-                return f"{name or type(module).__name__} (legacy nn.utils.{kind} on {hook.name!r})"
-    return None
+                raise PruningValueError(
+                    f"{name or type(module).__name__} (legacy nn.utils.{kind} on {hook.name!r}) cannot be "
+                    "traced (its weight is a computed attribute); use torch.nn.utils.parametrizations."
+                    f"{kind}, which prunable supports")
 
 
 def _parametrized_slices(cut: Cut, owner: nn.Module, attr: str, axis: int, keep: torch.Tensor) -> list[TensorSlice]:

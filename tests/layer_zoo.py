@@ -68,10 +68,6 @@ def _kill_conv_chain(model: nn.Module, dead: list[int]) -> None:
                 _zero((t, dead))
 
 
-def _chain(*layers: nn.Module) -> Callable[[], nn.Module]:
-    return lambda: nn.Sequential(*layers)
-
-
 def _x(*shape: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randn(*shape)
 
@@ -104,7 +100,7 @@ def _kill_grouped(model: nn.Module, dead: list[int]) -> None:
 
 
 def _kill_shuffle(model: nn.Module, dead: list[int]) -> None:
-    """Conv (c·r² outputs) → PixelShuffle(r) → conv: group channel c = conv rows c·r² … c·r² + r² − 1."""
+    """Conv (c·r² outputs) → PixelShuffle(r) → conv: group channel c is conv rows c·r² … c·r²+r²−1."""
     conv, shuffle, reader = model[0], model[1], model[2]
     r2 = shuffle.upscale_factor ** 2
     rows = [c * r2 + k for c in dead for k in range(r2)]
@@ -259,6 +255,7 @@ def _kill_recurrent(model: nn.Module, dead: list[int]) -> None:
 _RNN = ("hidden units: row j of every gate block in every layer and direction, the weight_hh columns "
         "and next layer's weight_ih columns (j, H+j) reading them, the readers of the output")
 
+_S = nn.Sequential
 _CONV = "output channels: weight rows, bias; readers' input columns"
 _NORM = "the producer's channels: affine weight/bias and running statistics (when present)"
 
@@ -270,26 +267,27 @@ ROWS: list[LayerCase] = [
               _kill_conv_chain, "0", (0, 6), _CONV),
     LayerCase("conv3d_bn3d", "Conv3d + BatchNorm3d", (), _normed(nn.BatchNorm3d, nn.Conv3d), _x(2, 3, 5, 5, 5),
               _kill_conv_chain, "0", (2, 3), _CONV),
-    LayerCase("conv2d_grouped", "Conv2d, groups=2", (), _chain(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 1, groups=2),
+    LayerCase("conv2d_grouped", "Conv2d, groups=2", (), lambda: _S(nn.Conv2d(3, 8, 3), nn.ReLU(),
+              nn.Conv2d(8, 6, 1, groups=2),
               nn.ReLU(), nn.Conv2d(6, 4, 1)), _x(2, 3, 8, 8), _kill_grouped, "0", (1,),
               "the same position of every group (input groups stay equal)"),
-    LayerCase("conv2d_depthwise", "Conv2d, depthwise (multiplier 2)", (), _chain(nn.Conv2d(3, 8, 3), nn.ReLU(),
+    LayerCase("conv2d_depthwise", "Conv2d, depthwise (multiplier 2)", (), lambda: _S(nn.Conv2d(3, 8, 3), nn.ReLU(),
               nn.Conv2d(8, 16, 3, groups=8), nn.ReLU(), nn.Conv2d(16, 4, 1)), _x(2, 3, 8, 8), _kill_depthwise, "0",
               (2, 7), "input channel c with its output channels c·m … c·m + m − 1"),
-    LayerCase("convtranspose1d", "ConvTranspose1d", (), _chain(nn.Conv1d(3, 6, 3), nn.ReLU(),
+    LayerCase("convtranspose1d", "ConvTranspose1d", (), lambda: _S(nn.Conv1d(3, 6, 3), nn.ReLU(),
               nn.ConvTranspose1d(6, 8, 3, stride=2, output_padding=1), nn.ReLU(), nn.Conv1d(8, 4, 1)), _x(2, 3, 9),
               _kill_transposed, "2", (0, 5), "output channels: weight axis 1, bias; readers' input columns"),
-    LayerCase("convtranspose2d", "ConvTranspose2d (stride, output_padding, dilation)", (), _chain(
+    LayerCase("convtranspose2d", "ConvTranspose2d (stride, output_padding, dilation)", (), lambda: _S(
               nn.Conv2d(3, 6, 3), nn.ReLU(), nn.ConvTranspose2d(6, 8, 3, stride=2, output_padding=1, dilation=2),
               nn.ReLU(), nn.Conv2d(8, 4, 1)), _x(2, 3, 7, 7), _kill_transposed, "2", (3, 4),
               "output channels: weight axis 1, bias; readers' input columns"),
-    LayerCase("convtranspose3d", "ConvTranspose3d", (), _chain(nn.Conv3d(3, 6, 2), nn.ReLU(),
+    LayerCase("convtranspose3d", "ConvTranspose3d", (), lambda: _S(nn.Conv3d(3, 6, 2), nn.ReLU(),
               nn.ConvTranspose3d(6, 8, 2, stride=2), nn.ReLU(), nn.Conv3d(8, 4, 1)), _x(2, 3, 4, 4, 4),
               _kill_transposed, "2", (1, 2), "output channels: weight axis 1, bias; readers' input columns"),
-    LayerCase("convtranspose2d_grouped", "ConvTranspose2d, groups=2", (), _chain(nn.Conv2d(3, 6, 3), nn.ReLU(),
+    LayerCase("convtranspose2d_grouped", "ConvTranspose2d, groups=2", (), lambda: _S(nn.Conv2d(3, 6, 3), nn.ReLU(),
               nn.ConvTranspose2d(6, 8, 3, groups=2, dilation=2), nn.ReLU(), nn.Conv2d(8, 4, 1)), _x(2, 3, 7, 7),
               _kill_transposed, "2", (1,), "the same position of every output group"),
-    LayerCase("convtranspose2d_depthwise", "ConvTranspose2d, depthwise", (), _chain(nn.Conv2d(3, 6, 3), nn.ReLU(),
+    LayerCase("convtranspose2d_depthwise", "ConvTranspose2d, depthwise", (), lambda: _S(nn.Conv2d(3, 6, 3), nn.ReLU(),
               nn.ConvTranspose2d(6, 12, 3, groups=6), nn.ReLU(), nn.Conv2d(12, 4, 1)), _x(2, 3, 7, 7),
               _kill_depthwise, "0", (0, 4), "input channel c with its output channels c·m … c·m + m − 1"),
     LayerCase("instancenorm2d_affine", "InstanceNorm2d (affine, running stats)", (),
@@ -303,12 +301,13 @@ ROWS: list[LayerCase] = [
     LayerCase("groupnorm", "GroupNorm (2 groups)", (nn.GroupNorm,), _normed(lambda c: nn.GroupNorm(2, c)),
               _x(2, 3, 8, 8), _kill_conv_chain, "0", (1, 6), "the same number of channels from every group",
               exact=False, zeroed=False),
-    LayerCase("layernorm", "LayerNorm", (nn.LayerNorm,), _chain(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(),
+    LayerCase("layernorm", "LayerNorm", (nn.LayerNorm,), lambda: _S(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(),
               nn.Linear(8, 3)), _x(2, 4), _kill_conv_chain, "0", (2, 5), "the normalised (last) dimension",
               exact=False, zeroed=False),
-    LayerCase("prelu", "PReLU (per channel)", (nn.PReLU,), _chain(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 4, 1)),
+    LayerCase("prelu", "PReLU (per channel)", (nn.PReLU,),
+              lambda: _S(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 4, 1)),
               _x(2, 3, 8, 8), _kill_conv_chain, "0", (4, 6), "one slope per channel"),
-    LayerCase("linear", "Linear", (nn.Linear,), _chain(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), _x(2, 4),
+    LayerCase("linear", "Linear", (nn.Linear,), lambda: _S(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), _x(2, 4),
               _kill_conv_chain, "0", (0, 3), "output features: weight rows, bias; readers' input columns"),
     LayerCase("embedding", "Embedding (padding_idx=0)", (nn.Embedding,), Embedded,
               lambda: torch.randint(0, 20, (2, 5)), _kill_embedding, "embed", (1, 6),
@@ -334,10 +333,10 @@ ROWS: list[LayerCase] = [
               ("torchvision.models.swin_transformer.ShiftedWindowAttentionV2",), lambda: Windowed(v2=True),
               _x(2, 4, 4, 4), _kill_window, "attn", (0, 7),
               "input channels with q/k/v dims and the tied output projection", zeroed=False),
-    LayerCase("pixel_shuffle", "PixelShuffle(2) after a conv", (), _chain(nn.Conv2d(3, 16, 3), nn.PixelShuffle(2),
+    LayerCase("pixel_shuffle", "PixelShuffle(2) after a conv", (), lambda: _S(nn.Conv2d(3, 16, 3), nn.PixelShuffle(2),
               nn.Conv2d(4, 4, 1)), _x(2, 3, 6, 6), _kill_shuffle, "0", (1,),
               "blocks of r² conv channels (one shuffled channel each)"),
-    LayerCase("pixel_unshuffle", "PixelUnshuffle(2) after a conv", (), _chain(nn.Conv2d(3, 4, 3),
+    LayerCase("pixel_unshuffle", "PixelUnshuffle(2) after a conv", (), lambda: _S(nn.Conv2d(3, 4, 3),
               nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 1)), _x(2, 3, 6, 6), _kill_unshuffle, "0", (2,),
               "conv channel c with the r² unshuffled channels it becomes"),
     LayerCase("lstm", "LSTM (2 layers, bidirectional)", (nn.LSTM,),
@@ -351,3 +350,51 @@ ROWS: list[LayerCase] = [
     LayerCase("split_chunk", "split / chunk along non-channel dims", (), Split, _x(2, 3, 9, 6), _kill_split,
               "conv", (0, 5), "the channels of every part together"),
 ]
+
+
+#: the first line of the generated section of docs/zoo.md (everything after it is generated)
+DOC_MARKER = "<!-- layer types: generated by `python bench/layer_table.py` from tests/layer_zoo.py; do not edit -->"
+
+
+def _how_tested(row: LayerCase) -> str:
+    dead = f"{len(row.dead)} dead channel(s) are exactly the L1 plan"
+    dead += (", output unchanged (≤ 1e-5)" if row.exact
+             else "; output shape kept (statistics over the channels change)")
+    return dead + ("; random plan = zeroed copy" if row.zeroed else "")
+
+
+def _key_name(key: Any) -> str:
+    return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
+
+
+def markdown() -> str:
+    """The "layer types" section of docs/zoo.md: the zoo's rows and the handler registry."""
+    from prunable.surgery import registered_types
+
+    lines = [DOC_MARKER, "", "## Layer types", "",
+             "One tiny model per layer type in `tests/layer_zoo.py`, run by `tests/test_layers.py` "
+             "(`make test`). Channels made dead by hand (every weight and bias producing or reading "
+             "them zeroed) must be exactly what an L1 criterion removes; \"zeroed copy\": a random plan "
+             "computes what the model with those channels' readers zeroed computes.", "",
+             "| layer | what is pruned | how it is tested |", "|---|---|---|"]
+    lines += [f"| {row.layer} | {row.pruned} | {_how_tested(row)} |" for row in ROWS]
+    lines += ["", "Handlers registered by prunable (`prunable.surgery.registered_types()`), each covered by a row:",
+              "",
+              "| module type | handler | what is pruned |", "|---|---|---|"]
+    ours = sorted(((_key_name(k), h) for k, h in registered_types().items()
+                   if type(h).__module__.startswith("prunable.")), key=lambda item: item[0])
+    lines += [f"| `{name}` | `{type(h).__name__}` | {_described(h)} |" for name, h in ours]
+    lines += ["", "Refused or skipped, always with a named reason (`pruner.skipped[group].kind`):", "",
+              "- legacy `nn.utils.weight_norm` / `nn.utils.spectral_norm` hooks: `Pruner` raises "
+              "`PruningValueError` naming the layer (use `torch.nn.utils.parametrizations`);",
+              "- a weight under a parametrization without a `ParametrizationHandler`: `SkipKind.UNSUPPORTED_LAYER`;",
+              "- `split` along the channels with literal sizes, uneven `chunk` along the channels: "
+              "`SkipKind.UNSUPPORTED_OP`;",
+              "- a reshape size equal to both an attribute and a channel count read through `.shape`: "
+              "`SkipKind.SIZE_ATTRIBUTE` (the attribute is never rewritten by guess)."]
+    return "\n".join(lines) + "\n"
+
+
+def _described(handler: Any) -> str:
+    text = handler.describes or (type(handler).__doc__ or "").strip().splitlines()[0]
+    return text.replace("``", "`")

@@ -100,9 +100,10 @@ def test_parametrizations_keep_working_after_pruning():
         model = row.build()
         pruner = _quiet_pruner(model, row.inputs(), "l1")
         pruner.step(2)
-        first = model[0]
-        assert first.weight.shape[0] == 6 and first.parametrizations.weight.original is not None if name == "spectral_norm" \
-            else first.parametrizations.weight.original0.shape == (6, 1, 1, 1)
+        originals = {n: tuple(t.shape) for n, t in model[0].parametrizations.weight.named_parameters()}
+        assert model[0].weight.shape[0] == 6
+        assert originals == ({"original": (6, 3, 3, 3)} if name == "spectral_norm"
+                             else {"original0": (6, 1, 1, 1), "original1": (6, 3, 3, 3)})
         model.train()
         model(row.inputs()).sum().backward()  # spectral norm's power iteration runs on the sliced _u/_v
         assert all(p.grad is not None for p in model.parameters())
@@ -141,3 +142,37 @@ def test_split_along_channels_with_literal_sizes_is_skipped():
     pruner = _quiet_pruner(Halves(), torch.randn(1, 3, 8, 8), "l1")
     reason = pruner.skipped["conv"]
     assert reason.kind is SkipKind.UNSUPPORTED_OP and "literal sizes" in str(reason)
+
+
+def test_docs_layer_table_is_the_generated_one():
+    """docs/zoo.md ends with the section ``python bench/layer_table.py`` writes from the zoo and the registry."""
+    from pathlib import Path
+
+    from layer_zoo import DOC_MARKER, markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    assert DOC_MARKER in doc, "run python bench/layer_table.py"
+    generated = DOC_MARKER + doc.split(DOC_MARKER, 1)[1]
+    assert generated == markdown(), "docs/zoo.md is stale: run python bench/layer_table.py"
+
+
+BLOCKED_LAYOUTS = ["embedding", "embeddingbag", "convtranspose2d_grouped", "convtranspose2d_depthwise", "pixel_shuffle",
+                   "weight_norm", "spectral_norm", "conv1d_bn1d"]
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "taylor-weight", "taylor-bn", "bn-scale", "taylor",
+                                       "apoz"])
+@pytest.mark.parametrize("name", BLOCKED_LAYOUTS)
+def test_every_criterion_scores_the_channels_the_handler_names(name, criterion):
+    """Regression (issue 11): weight criteria guessed axis 0 (an Embedding's vocabulary) and crashed."""
+    row = next(r for r in ROWS if r.name == name)
+    model, x = row.build(), row.inputs()
+    pruner = _quiet_pruner(model, x, criterion)
+    with pruner.estimate():
+        model(x).float().pow(2).sum().backward()
+    scores = pruner.scores()
+    group = next((g for g in pruner.groups if g.id == row.group), None)
+    assert group is not None, pruner.skipped
+    assert scores[group.id].shape == (group.channels,) and torch.isfinite(scores[group.id]).all()
+    pruner.step(1)
+    assert model(x).shape == model(x).shape
