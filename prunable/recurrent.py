@@ -162,7 +162,7 @@ class RecurrentHandler(ModuleHandler):
     def _refuse(tracer: Any, name: str, hidden: torch.Tensor, tensors: list, reason: str) -> None:
         """Block the hidden units and the input features with ``reason``; outputs are fixed-size."""
         tracer.trace.block(hidden, f"{name}: {reason}")
-        x, *outputs = [t.data if isinstance(t, nn.utils.rnn.PackedSequence) else t for t in tensors]
+        x, *outputs = [t if isinstance(t, torch.Tensor) else t.data for t in tensors]  # a PackedSequence's data
         if isinstance(x, torch.Tensor):
             tracer.trace.block(tracer.shadow(x), f"{name}: {reason}")
         for t in outputs:
