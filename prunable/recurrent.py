@@ -171,7 +171,7 @@ class RecurrentHandler(ModuleHandler):
     def _refuse(tracer: Any, hidden: torch.Tensor, tensors: list, reason: SkipReason) -> None:
         """Block the hidden units and the input features with ``reason``; outputs are fixed-size."""
         tracer.trace.block(hidden, reason)
-        x, *outputs = [t.data if isinstance(t, nn.utils.rnn.PackedSequence) else t for t in tensors]
+        x, *outputs = [t if isinstance(t, torch.Tensor) else t.data for t in tensors]  # a PackedSequence's data
         if isinstance(x, torch.Tensor):
             tracer.trace.block(tracer.shadow(x), reason)
         for t in outputs:
