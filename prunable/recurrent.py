@@ -22,6 +22,10 @@ model makes them (a learnt parameter is sliced); a model input is a fixed-size
 tensor, so the hidden units are then not pruned, with that reason. LSTM
 projections (``proj_size > 0``) and packed sequences are refused with a reason.
 
+The cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``, :class:`RecurrentCellHandler`)
+lose hidden units the same way, one time step at a time: the state a model's loop feeds
+back carries the units.
+
 The tracer (:mod:`prunable.trace`) runs the layer as one operation
 (:meth:`RecurrentHandler.trace_module`); activation criteria observe unit ``j``
 on the sequence output, both directions together (``(…, D, H)``).
@@ -58,7 +62,7 @@ from .errors import SurgeryError
 from .handlers import ModuleHandler, Role, register_handler
 from .reasons import SkipKind, SkipReason
 
-__all__ = ["RecurrentHandler"]
+__all__ = ["RecurrentHandler", "RecurrentCellHandler"]
 
 
 class RecurrentHandler(ModuleHandler):
@@ -141,7 +145,6 @@ class RecurrentHandler(ModuleHandler):
         name = tracer.name_of(module)
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
-        states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
         out, final = output
         finals = list(final) if isinstance(final, (tuple, list)) else [final]
         hidden = tracer.produce(module, module.hidden_size)
@@ -159,13 +162,19 @@ class RecurrentHandler(ModuleHandler):
                 tracer.consume(module, hidden, param=f"weight_hh_l{layer}{sfx}", axis=1)
                 if layer:
                     tracer.consume(module, hidden.repeat(directions), param=f"weight_ih_l{layer}{sfx}", axis=1)
-        for h in states:
-            if isinstance(h, torch.Tensor):
-                tracer.trace.union(tracer.shadow(h), hidden.expand(h.shape), SkipReason(
-                    SkipKind.FIXED_INPUT, f"{name}: the initial state h0/c0 has a fixed size (a model input)"))
+        self._follow_states(tracer, name, hx, hidden)
         tracer.label_output(out, hidden.repeat(directions), -1, producer=module)  # -1: see channel_view
         for h in finals:
             tracer.label_output(h, hidden, -1)
+
+    @staticmethod
+    def _follow_states(tracer: Any, name: str, hx: Any, hidden: torch.Tensor) -> None:
+        """The initial states ``hx`` (last dim: the units) carry the hidden units: a parameter is
+        sliced with them, another layer's output is coupled to them, a model input blocks them."""
+        for h in hx if isinstance(hx, (tuple, list)) else [hx]:
+            if isinstance(h, torch.Tensor):
+                tracer.trace.union(tracer.shadow(h), hidden.expand(h.shape), SkipReason(
+                    SkipKind.FIXED_INPUT, f"{name}: the initial state h0/c0 has a fixed size (a model input)"))
 
     @staticmethod
     def _refuse(tracer: Any, hidden: torch.Tensor, tensors: list, reason: SkipReason) -> None:
@@ -176,6 +185,68 @@ class RecurrentHandler(ModuleHandler):
             tracer.trace.block(tracer.shadow(x), reason)
         for t in outputs:
             tracer.mark_input(t)
+
+
+class RecurrentCellHandler(RecurrentHandler):
+    """How to cut ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``: one time step. Hidden unit ``j``
+    is row ``j`` of every gate block of ``weight_ih``, ``weight_hh`` and the biases, and column
+    ``j`` of ``weight_hh``; the new state ``h`` (and ``c``) carries the units, so a model's loop
+    feeding it back keeps every step consistent. A state the forward makes with a literal size
+    (``torch.zeros(n, 6)``) fails the trial prune: the units are then skipped with that reason."""
+
+    def unsupported(self, module: nn.Module, x: Any = None) -> str | None:
+        return None
+
+    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
+        if role is Role.IN:
+            return {"weight_ih": 1}
+        return dict.fromkeys(("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else
+                             ("weight_ih", "weight_hh"), 0)
+
+    def channel_view(self, module: nn.Module, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        return tensor
+
+    def resize(self, module: nn.Module, role: Role, n: int) -> None:
+        setattr(module, "input_size" if role is Role.IN else "hidden_size", n)
+
+    def trace_module(self, tracer: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Trace one step: inputs → ``Role.IN``; units → ``Role.OUT``, read back by ``weight_hh``;
+        the state given must be able to follow the units; the new ``h`` (and ``c``) carries them."""
+        name = tracer.name_of(module)
+        x = args[0] if args else kwargs.get("input")
+        outs = list(output) if isinstance(output, (tuple, list)) else [output]
+        hidden = tracer.produce(module, module.hidden_size)
+        labels = tracer.input_labels(x, x.dim() - 1, name)
+        if labels is None:
+            reason = SkipReason(SkipKind.MIXED, f"{name}: input features mixed with other dimensions")
+            return self._refuse(tracer, hidden, [x, *outs], reason)
+        tracer.consume(module, labels)
+        tracer.consume(module, hidden, param="weight_hh", axis=1)
+        self._follow_states(tracer, name, args[1] if len(args) > 1 else kwargs.get("hx"), hidden)
+        tracer.label_output(outs[0], hidden, -1, producer=module)
+        for h in outs[1:]:
+            tracer.label_output(h, hidden, -1)
+
+
+@register_handler(nn.RNNCell)
+class RNNCellHandler(RecurrentCellHandler):
+    """``nn.RNNCell`` (tanh or ReLU): one block."""
+
+    gates = 1
+
+
+@register_handler(nn.GRUCell)
+class GRUCellHandler(RecurrentCellHandler):
+    """``nn.GRUCell``: gate blocks ``r, z, n``."""
+
+    gates = 3
+
+
+@register_handler(nn.LSTMCell)
+class LSTMCellHandler(RecurrentCellHandler):
+    """``nn.LSTMCell``: gate blocks ``i, f, g, o``."""
+
+    gates = 4
 
 
 @register_handler(nn.RNN)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunable import Pruner, PruningValueError, SurgeryError, count_flops, module_flops
+from prunable import Pruner, PruningValueError, SkipKind, SurgeryError, count_flops, module_flops
 from prunable.graph import meta_clone
 from prunable.meta import MetaShortcuts
 from prunable.recurrent import RecurrentHandler
@@ -414,3 +414,29 @@ def test_flops_are_counted_from_shapes_exactly_as_the_kernel_counts_them(case):
     expected = reference.get_flop_counts()
     assert count_flops(model, x) == reference.get_total_flops()
     assert module_flops(model, x)["rnn"] == sum(expected["SeqNet.rnn"].values()) > 0
+
+
+@pytest.mark.parametrize("literal", [True, False], ids=["literal-size-state", "state-from-hidden_size"])
+def test_cell_state_made_with_a_literal_size_skips_the_units_with_a_reason(literal):
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(5, FEATURES)
+            self.cell = nn.GRUCell(FEATURES, HIDDEN)
+            self.head = nn.Linear(HIDDEN, 3)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], HIDDEN) if literal else x.new_zeros(x.shape[0], self.cell.hidden_size)
+            for t in range(x.shape[1]):
+                h = self.cell(self.embed(x[:, t]), h)
+            return self.head(h)
+
+    model = Looped()
+    x = torch.randn(2, 4, 5)
+    pruner = Pruner(model, x, criterion="l1")
+    if literal:  # after a cut the literal 6 no longer fits: the trial prune says so
+        assert pruner.skipped["cell"].kind is SkipKind.TRIAL_FAILED
+        return
+    pruner.prune({"cell": [0, 2]})
+    assert (model.cell.hidden_size, tuple(model.cell.weight_hh.shape)) == (HIDDEN - 2, (3 * (HIDDEN - 2), HIDDEN - 2))
+    assert model(x).shape == (2, 3)
