@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import EstimationError
 from .handlers import Role, handler_for
+from .surgery import originals
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -324,7 +325,10 @@ class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
-        out: list[tuple[torch.Tensor, str | None]] = [(point.producer.weight, "weight")]
+        # a parametrized weight (weight_norm …) is computed anew each forward: hook its originals
+        n = point.out_channels()
+        out: list[tuple[torch.Tensor, str | None]] = [
+            (t, "weight") for t in originals(point.producer, "weight") if point.out_view(t.detach()).shape[0] == n]
         if getattr(point.producer, "bias", None) is not None:
             out.append((point.producer.bias, "bias"))
         norm = point.norm
