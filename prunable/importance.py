@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
+from .surgery import originals
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -341,7 +342,12 @@ class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
-        out = [(getattr(point.producer, n), n) for n in point.producing(biases=True)]
+        # a parametrized weight (weight_norm …) is computed anew each forward: hook its originals
+        weights, n = point.producing(), point.out_channels()
+        out: list[tuple[torch.Tensor, str | None]] = [
+            (t, name) for name in weights for t in originals(point.producer, name)
+            if point.out_view(t.detach(), name).shape[0] == n]
+        out += [(getattr(point.producer, name), name) for name in point.producing(biases=True)[len(weights):]]
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:

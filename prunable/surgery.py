@@ -54,6 +54,7 @@ __all__ = [
     "parametrized",
     "parametrization_problem",
     "check_copyable",
+    "originals",
     "apply_cuts",
     "keep_indices",
     "check_indices",
@@ -233,6 +234,17 @@ def check_copyable(model: nn.Module) -> None:
                     f"{name or type(module).__name__} (legacy nn.utils.{kind} on {hook.name!r}) cannot be "
                     "traced (its weight is a computed attribute); use torch.nn.utils.parametrizations."
                     f"{kind}, which prunable supports")
+
+
+def originals(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The tensors ``module.<name>`` is computed from: its parametrization's originals
+    (``original`` or ``original0``, ``original1`` …), or ``[module.<name>]`` when it is
+    not parametrized. Gradient-based criteria hook these leaves."""
+    if not parametrized(module, name):
+        return [getattr(module, name)]
+    plist = module.parametrizations[name]
+    return [t for n, t in [*plist._parameters.items(), *plist._buffers.items()]
+            if n.startswith("original") and t is not None]
 
 
 def _parametrized_slices(cut: Cut, owner: nn.Module, attr: str, axis: int, keep: torch.Tensor) -> list[TensorSlice]:
