@@ -28,7 +28,10 @@ back carries the units.
 
 The tracer (:mod:`prunable.trace`) runs the layer as one operation
 (:meth:`RecurrentHandler.trace_module`); activation criteria observe unit ``j``
-on the sequence output, both directions together (``(…, D, H)``).
+on the sequence output, both directions together (``(…, D, H)``). On the meta
+copies of tracing, trial prunes and FLOP counts the kernel is computed from the
+shapes (:func:`prunable.meta.rnn_meta`, every weight checked; the real meta
+kernel runs each time step, and the CPU kernel does not check weight shapes).
 
 Example
 -------
