@@ -414,3 +414,14 @@ def test_flops_are_counted_from_shapes_exactly_as_the_kernel_counts_them(case):
     expected = reference.get_flop_counts()
     assert count_flops(model, x) == reference.get_total_flops()
     assert module_flops(model, x)["rnn"] == sum(expected["SeqNet.rnn"].values()) > 0
+
+
+def test_unbatched_sequence_prunes_like_its_zeroed_copy():
+    model = SeqNet("lstm", layers=2, bidirectional=True).eval()
+    x = torch.randn(7, 5)  # (T, features): no batch dim
+    pruner = Pruner(model, x, criterion="l1")
+    reference = copy.deepcopy(model)
+    _zero_removed(reference, pruner, {"rnn": [0, 5], "embed": [2]})
+    pruner.prune({"rnn": [0, 5], "embed": [2]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
