@@ -440,3 +440,12 @@ def test_cell_state_made_with_a_literal_size_skips_the_units_with_a_reason(liter
     pruner.prune({"cell": [0, 2]})
     assert (model.cell.hidden_size, tuple(model.cell.weight_hh.shape)) == (HIDDEN - 2, (3 * (HIDDEN - 2), HIDDEN - 2))
     assert model(x).shape == (2, 3)
+def test_unbatched_sequence_prunes_like_its_zeroed_copy():
+    model = SeqNet("lstm", layers=2, bidirectional=True).eval()
+    x = torch.randn(7, 5)  # (T, features): no batch dim
+    pruner = Pruner(model, x, criterion="l1")
+    reference = copy.deepcopy(model)
+    _zero_removed(reference, pruner, {"rnn": [0, 5], "embed": [2]})
+    pruner.prune({"rnn": [0, 5], "embed": [2]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
