@@ -22,9 +22,9 @@ from .shadow import FREE, core_of, core_view, expand_shadow, labels_along, varyi
 __all__ = ["RULES", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
 #: how channel labels flow through each operation: ONE table, operation name → rule
-#: (the method ``_<rule>`` of :class:`~prunable.trace.ChannelTracer`); an operation not listed is elementwise
-#: when its operands broadcast to its output, a resize (pooling) when one operand carries
-#: labels and only sizes change, and blocks its operands otherwise
+#: (the method ``_<rule>`` of :class:`~prunable.trace.ChannelTracer`); an operation not listed
+#: is elementwise when its operands broadcast to its output, a resize (pooling) when one
+#: operand carries labels and only sizes change, and blocks its operands otherwise
 RULES: dict[str, str] = {
     **dict.fromkeys(("dim", "numel", "__len__", "property:dtype", "property:device"), "ignore"),
     **dict.fromkeys(("size", "property:shape"), "shape_read"),
@@ -67,10 +67,12 @@ def rule_of(name: str) -> str:
 
 
 def mixed(detail: str) -> SkipReason:
+    """Channels mixed with other dimensions (a reshape that merges them, a pixel shuffle of a mixed input)."""
     return SkipReason(SkipKind.MIXED, detail)
 
 
 def unsupported(detail: str) -> SkipReason:
+    """An operation whose effect on channels prunable cannot follow."""
     return SkipReason(SkipKind.UNSUPPORTED_OP, detail)
 
 

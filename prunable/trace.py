@@ -172,7 +172,10 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
 
     # -- weighted operations -------------------------------------------------
     def _owner_target(self, weight: Any, role: Role, fallback: bool = False) -> tuple[Target | None, SkipReason | None]:
-        """The module side owning ``weight``, or ``(None, reason)`` if it cannot be cut."""
+        """The module side owning ``weight`` and None; ``(None, reason)`` if no module can be
+        cut for it; ``(target, reason)`` for a known module that cannot be cut (a weight under
+        an unsupported parametrization). A weight computed by ``torch.nn.utils.parametrize``
+        belongs to the running module."""
         owner = self.owners.get(id(weight)) if isinstance(weight, torch.Tensor) else None
         if owner is None:
             module = self.stack[-1] if self.stack else None
