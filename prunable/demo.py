@@ -149,8 +149,14 @@ def _load_data(s: DemoSettings, seed: int, root: str | Path | None) -> _Data:
 
     sizes = {"train": s.train_per_class, "val": s.eval_per_class, "test": s.eval_per_class}
     sets = {k: JapaneseCharacters(k, s.classes, s.size, n, seed, root) for k, n in sizes.items()}
-    return _Data(**{k: (v.data.float().div_(255), v.targets) for k, v in sets.items()},
+    device = _device()
+    return _Data(**{k: (v.data.float().div_(255).to(device), v.targets.to(device)) for k, v in sets.items()},
                  num_classes=sets["train"].num_classes)
+
+
+def _device() -> torch.device:
+    """CUDA when present (the data, model and timings live there), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _batches(data: tuple[torch.Tensor, torch.Tensor], batch_size: int,
@@ -238,7 +244,8 @@ def _channels(model: nn.Module) -> dict[str, int]:
 
 def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_bytes: int) -> dict[str, Any]:
     """One row of the results table."""
-    x1, x32 = torch.rand(1, 1, s.size, s.size), torch.rand(32, 1, s.size, s.size)
+    device = next(model.parameters()).device
+    x1, x32 = torch.rand(1, 1, s.size, s.size, device=device), torch.rand(32, 1, s.size, s.size, device=device)
     return {
         "stage": stage,
         "test_accuracy": accuracy(model, data.test),
@@ -399,7 +406,7 @@ def _run(out: Path, s: DemoSettings, flops: float, criterion: str, seed: int,
     data = _load_data(s, seed, data_root)
     arch = {"name": "CharNet", "num_classes": data.num_classes, "config": list(s.config), "in_channels": 1,
             "input_size": s.size, "hidden": s.hidden}
-    model = io.build_model(arch)
+    model = io.build_model(arch).to(_device())
     _train(model, data, s.epochs, s.lr, s, generator, "training", progress, one_cycle=True)
     rows = [_measure("trained baseline", model, data, s, _save(model, arch, [], s, seed, out / "baseline.pt"))]
     before = _channels(model)

@@ -283,6 +283,8 @@ _NORM = "the producer's channels: affine weight/bias and running statistics (whe
 ROWS: list[LayerCase] = [
     LayerCase("conv2d_bn2d", "Conv2d + BatchNorm2d", (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase),
               _normed(nn.BatchNorm2d), _x(2, 3, 8, 8), _kill_conv_chain, "0", (1, 5), _CONV),
+    LayerCase("syncbatchnorm", "SyncBatchNorm (traced as a local BatchNorm)", (nn.SyncBatchNorm,),
+              _normed(nn.SyncBatchNorm), _x(2, 3, 8, 8), _kill_conv_chain, "0", (0, 3), _NORM),
     LayerCase("conv1d_bn1d", "Conv1d + BatchNorm1d", (), _normed(nn.BatchNorm1d, nn.Conv1d), _x(2, 3, 10),
               _kill_conv_chain, "0", (0, 6), _CONV),
     LayerCase("conv3d_bn3d", "Conv3d + BatchNorm3d", (), _normed(nn.BatchNorm3d, nn.Conv3d), _x(2, 3, 5, 5, 5),
