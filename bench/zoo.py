@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import common
+import layer_table
 from common import REPEATS, REPO, Runs, fmt_ratio, fmt_runs, markdown_table, short_error, timed
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -218,6 +219,7 @@ def write_doc(results: list[dict[str, Any]], summary: str) -> None:
         "pruned model runs, output shape unchanged and finite, FLOPs and params strictly lower; \"timeout\" = "
         f"graph + pruning took over {LIMIT} s.\n\n"
         f"{summary}\n\n{table}\n")
+    layer_table.main()  # the layer types section (bench/layer_table.py) follows the torchvision table
 
 
 def main(quick: bool = False) -> str:

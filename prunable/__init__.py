@@ -22,8 +22,10 @@ from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
 from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
+from .reasons import SkipKind, SkipReason
+from .recurrent import RecurrentCellHandler, RecurrentHandler
 from .selection import Constraints, Selector
-from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
+from .surgery import ModuleHandler, ParametrizationHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
 
@@ -31,8 +33,8 @@ __all__ = [
     "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Constraints", "convert",
     "count_flops", "count_params", "CRITERIA", "Criterion", "DependencyGraph", "EstimationError", "load",
     "make_criterion", "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
-    "oracle_importance", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
-    "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "Selector", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
-    "TaylorWeight", "vgg", "WeightNorm",
+    "oracle_importance", "ParametrizationHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
+    "PrunableError", "Pruner", "PruningValueError", "Random", "RecurrentCellHandler", "RecurrentHandler",
+    "register_handler", "Role", "save", "Scope", "SeedNet", "Selector", "SkipKind", "SkipReason",
+    "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN", "TaylorWeight", "vgg", "WeightNorm",
 ]

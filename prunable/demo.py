@@ -49,6 +49,7 @@ from .demo_report import README_END, README_START, format_readme, format_table, 
 from .flops import count_flops, count_params, measure_latency
 from .importance import CRITERIA, Criterion, make_criterion  # the one registry of criteria, re-exported
 from .pruner import Pruner
+from .surgery import Role, handler_for
 
 __all__ = [
     "CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo", "prune_file",
@@ -213,8 +214,10 @@ def _eval_flops(model: nn.Module, size: int) -> int:
 
 
 def _channels(model: nn.Module) -> dict[str, int]:
-    """Output channels of every convolution and Linear layer, by name."""
-    return {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """Output channels of every layer that makes channels (convolutions, Linear …), by name, as their handlers say."""
+    handlers = {name: (m, handler_for(m)) for name, m in model.named_modules()}
+    return {name: h.channels(m, Role.OUT) for name, (m, h) in handlers.items()
+            if h is not None and not h.channelwise and h.params(m, Role.OUT)}
 
 
 def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_bytes: int) -> dict[str, Any]:

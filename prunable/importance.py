@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
+from .handlers import ModuleHandler, Role, handler_for
+from .surgery import originals
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -176,9 +178,38 @@ class MeasurePoint:
         """The normalisation layer measured, if any."""
         return self.module if self.module is not self.producer else None
 
-    def out_axis(self) -> int:
-        """Output-channel axis of the producer's weight."""
-        return 1 if getattr(self.producer, "transposed", False) else 0
+    def out_view(self, tensor: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+        """The producer's tensor ``name`` (or ``tensor`` shaped like it, e.g. ``w·dL/dw``) as
+        ``(output channels, -1)``, laid out by the producer's handler (never guessed)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.out_view(self.producer, name, tensor)
+
+    def activation(self, output: Any) -> torch.Tensor | None:
+        """The tensor of ``module``'s forward output holding the channels (along ``dim``),
+        as the module's handler says (an RNN's ``(output, h_n)``: its sequence output)."""
+        return (handler_for(self.module) or ModuleHandler()).activation(self.module, output)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An activation (or its gradient) with one entry per producer channel along ``dim``."""
+        return (handler_for(self.module) or ModuleHandler()).channel_view(self.module, tensor, self.dim)
+
+    def producing(self, biases: bool = False) -> list[str]:
+        """Names of the producer's weights (and biases) that criteria read, as its handler says
+        (every gate weight of every layer and direction of an RNN)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.weights(self.producer) + (handler.biases(self.producer) if biases else [])
+
+    def out_channels(self) -> int:
+        """Number of output channels of the producer."""
+        handler = handler_for(self.producer)
+        n = handler.channels(self.producer, Role.OUT) if handler is not None else None
+        if n is None:
+            raise EstimationError(f"{self.name}: the handler of {type(self.producer).__name__} gives no channel count")
+        return n
 
 
 class _EagerStance:
@@ -233,16 +264,15 @@ class Criterion:
             return []
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if isinstance(output, (tuple, list)) and output:  # attention: (output, weights)
-                output = output[0]
-            if not isinstance(output, torch.Tensor):
+            output = point.activation(output)
+            if output is None:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    a = output.detach()
-                    output.register_hook(lambda g: acc.add(self.per_example(a, g, point.dim)))
+                    a = point.view(output.detach())
+                    output.register_hook(lambda g: acc.add(self.per_example(a, point.view(g), point.dim)))
             else:
-                acc.add(self.per_example(output.detach(), None, point.dim))
+                acc.add(self.per_example(point.view(output.detach()), None, point.dim))
 
         return [point.module.register_forward_hook(forward_hook)]
 
@@ -329,21 +359,16 @@ class APoZ(Criterion):
         return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim)
 
 
-def _out_view(point: MeasurePoint, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a producer parameter) as ``(out_channels, -1)``."""
-    axis = point.out_axis() if t.dim() > 1 else 0
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
-
-
 class WeightNorm(Criterion):
-    """``||W_k||_p`` of each output filter of the producer (L1 by default)."""
+    """``||W_k||_p`` of each output filter of the producer (L1 by default): every weight
+    entry producing channel ``k`` (all gates of all layers and directions of an RNN)."""
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__()
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = _out_view(point, point.producer.weight.detach().float())
+        w = torch.cat([point.out_view(name=n).detach().float() for n in point.producing()], 1)
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
@@ -367,7 +392,7 @@ class Random(Criterion):
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        n = point.producer.weight.shape[point.out_axis()]
+        n = point.out_channels()
         return torch.rand(n, generator=self.generator)
 
 
@@ -385,19 +410,20 @@ class _ParamTaylor(Criterion):
         super().__init__()
         self._pending: dict[str, dict[int, torch.Tensor]] = {}
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        """``(tensor, name)`` pairs: a producer tensor with its name, or a norm's per-channel one with None."""
         raise NotImplementedError
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
         params = self.params(point)
         pending: dict[int, torch.Tensor] = self._pending.setdefault(point.name, {})
         handles = []
-        for i, (param, producer_param) in enumerate(params):
-            def on_grad(g: torch.Tensor, i=i, p=param, prod=producer_param) -> None:
+        for i, (param, name) in enumerate(params):
+            def on_grad(g: torch.Tensor, i=i, p=param, name=name) -> None:
                 if i in pending:  # a new backward began before the last one reached every parameter
                     self._commit(point.name, acc)
                 wg = p.detach().float() * g.detach().float()
-                per_channel = _out_view(point, wg) if prod else wg.view(len(p), -1)
+                per_channel = point.out_view(wg, name) if name else wg.view(len(p), -1)
                 pending[i] = per_channel.sum(1).pow(2)
                 if len(pending) == len(params):
                     self._commit(point.name, acc)
@@ -429,25 +455,28 @@ class _ParamTaylor(Criterion):
 class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
-        out = [(point.producer.weight, True)]
-        if getattr(point.producer, "bias", None) is not None:
-            out.append((point.producer.bias, True))
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        # a parametrized weight (weight_norm …) is computed anew each forward: hook its originals
+        weights, n = point.producing(), point.out_channels()
+        out: list[tuple[torch.Tensor, str | None]] = [
+            (t, name) for name in weights for t in originals(point.producer, name)
+            if point.out_view(t.detach(), name).shape[0] == n]
+        out += [(getattr(point.producer, name), name) for name in point.producing(biases=True)[len(weights):]]
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:
-                out.append((getattr(norm, name), False))
+                out.append((getattr(norm, name), None))
         return out
 
 
 class TaylorBN(_ParamTaylor):
     """Molchanov et al. 2019 on BN only: ``(γ·dL/dγ + β·dL/dβ)²``; the filter without a BN."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
         norm = point.norm
         if norm is None or getattr(norm, "weight", None) is None:
             return TaylorWeight.params(self, point)
-        return [(t, False) for t in (norm.weight, norm.bias) if t is not None]
+        return [(t, None) for t in (norm.weight, norm.bias) if t is not None]
 
 
 #: The one registry of criteria by name (the CLI's ``--criterion``, the demo, ``Pruner(criterion=...)``).

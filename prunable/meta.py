@@ -4,7 +4,7 @@ Tracing (:mod:`prunable.trace`) and the trial prunes of :class:`prunable.Pruner`
 run the model on ``meta`` tensors, where only shapes matter. Several meta
 kernels are Python decompositions that cost more than the tracing itself
 (normalisations, activations, ``linear``, ``conv2d``, elementwise arithmetic,
-adaptive pooling). :func:`_call` returns an empty meta tensor of the right
+adaptive pooling). :func:`call` returns an empty meta tensor of the right
 shape for the plain cases and calls the real kernel for everything unusual —
 and for every invalid call, so error messages are unchanged.
 """
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MetaShortcuts"]
+__all__ = ["MetaShortcuts", "call", "arg", "broadcast", "RNN_KERNELS", "rnn_meta"]
 
 
-def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
+def arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
     """Argument ``index`` (positional) or ``key`` (keyword) of a call, else ``default``."""
     if len(args) > index:
         return args[index]
@@ -41,7 +41,7 @@ _ARITH_FUNCS = {f for n in _ARITH | _ARITH_INPLACE
                 for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f}
 
 
-def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
+def broadcast(shapes: list[torch.Size]) -> torch.Size | None:
     """``torch.broadcast_shapes(*shapes)``, or None where they do not broadcast."""
     if all(s == shapes[0] for s in shapes):
         return torch.Size(shapes[0])
@@ -55,7 +55,7 @@ def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
     return torch.Size(out)
 
 
-def _call(func: Any, args: tuple, kwargs: dict) -> Any:
+def call(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
     normalisations, activations and ``linear`` on ``meta`` tensors, whose output
     shapes follow from the input shapes."""
@@ -63,7 +63,7 @@ def _call(func: Any, args: tuple, kwargs: dict) -> Any:
     fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or name == "linear") and func is getattr(F, name, None))
     if fast and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
         if name in _SAME_SHAPE:
-            return _meta_like(args[0])
+            return _meta_norm(name, args, kwargs, func)
         if name == "linear":
             return _meta_linear(args, kwargs, func)
         return _meta_activation(name, args, kwargs, func)
@@ -75,7 +75,47 @@ def _call(func: Any, args: tuple, kwargs: dict) -> Any:
         return _meta_adaptive_pool(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
+    if func in RNN_KERNELS:
+        fast = rnn_meta(func, args, kwargs)
+        return fast[0] if fast is not None else func(*args, **kwargs)
     return func(*args, **kwargs)
+
+
+#: position and keyword of the per-channel tensors of each normalisation
+_NORM_TENSORS = {
+    "batch_norm": ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+    "instance_norm": ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+    "group_norm": ((2, "weight"), (3, "bias")),
+    "layer_norm": ((2, "weight"), (3, "bias")),
+}
+
+
+def _meta_norm(name: str, args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """A normalisation's output on meta when its per-channel tensors fit the input the way
+    the real kernel requires; anything else (a norm left at another width) runs the real kernel."""
+    x = args[0]
+    if name == "layer_norm":
+        shape = arg(args, kwargs, 1, "normalized_shape")
+        shape = (shape,) if type(shape) is int else tuple(shape) if isinstance(shape, (tuple, list)) else None
+        ok = shape is not None and len(shape) <= x.dim() and tuple(x.shape[x.dim() - len(shape):]) == shape
+        numel = 1
+        for n in shape or ():
+            numel *= n
+        want = shape
+    else:
+        ok, channels = x.dim() >= 2, x.shape[1] if x.dim() >= 2 else 0
+        if name == "group_norm":
+            groups = arg(args, kwargs, 1, "num_groups")
+            ok = ok and type(groups) is int and groups > 0 and channels % groups == 0
+        want, numel = None, channels
+    for index, key in _NORM_TENSORS[name]:
+        t = arg(args, kwargs, index, key)
+        if not ok:
+            break
+        if t is not None:
+            ok = isinstance(t, torch.Tensor) and t.is_meta and (
+                tuple(t.shape) == want if want is not None else t.dim() == 1 and t.numel() == numel)
+    return _meta_like(x) if ok else func(*args, **kwargs)
 
 
 def _pair(value: Any) -> tuple | None:
@@ -91,7 +131,7 @@ def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     defaults = (None, None, None, 1, 0, 1, 1)
     if len(args) > len(names) or set(kwargs) - set(names):
         return func(*args, **kwargs)
-    x, w, bias, stride, padding, dilation, groups = (_arg(args, kwargs, i, n, d) for i, (n, d) in
+    x, w, bias, stride, padding, dilation, groups = (arg(args, kwargs, i, n, d) for i, (n, d) in
                                                      enumerate(zip(names, defaults)))
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     ok = (isinstance(w, torch.Tensor) and _plain_meta(w) and w.dim() == 4 and x.dim() == 4 and w.dtype == x.dtype
@@ -113,7 +153,7 @@ def _plain_meta(x: Any) -> bool:
 
 def _meta_adaptive_pool(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     """``adaptive_avg_pool2d`` of a contiguous meta tensor, without its slow meta kernel."""
-    x, size = args[0], _arg(args, kwargs, 1, "output_size")
+    x, size = args[0], arg(args, kwargs, 1, "output_size")
     size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     out = tuple(x.shape[i - 2] if n is None else n for i, n in enumerate(size))
     if x.dim() not in (3, 4) or 0 in x.shape[1:] or len(out) != 2 or not all(type(n) is int and n > 0 for n in out):
@@ -130,7 +170,7 @@ def _meta_arith(name: str, args: tuple, kwargs: dict, func: Any) -> Any:
         plain = b.is_meta and b.dtype == a.dtype and b.is_contiguous()
     elif plain:
         plain = type(b) in (int, float)
-    shape = _broadcast([a.shape, b.shape] if isinstance(b, torch.Tensor) else [a.shape]) if plain else None
+    shape = broadcast([a.shape, b.shape] if isinstance(b, torch.Tensor) else [a.shape]) if plain else None
     if shape is None or (name in _ARITH_INPLACE and shape != a.shape):
         return func(*args, **kwargs)
     return a if name in _ARITH_INPLACE else torch.empty(shape, dtype=a.dtype, device="meta")
@@ -140,7 +180,7 @@ def _meta_activation(name: str, args: tuple, kwargs: dict, func: Any) -> torch.T
     if not args[0].is_floating_point():
         return func(*args, **kwargs)
     at = _ACTIVATIONS[name]
-    inplace = at is not None and bool(_arg(args, kwargs, at, "inplace", False))
+    inplace = at is not None and bool(arg(args, kwargs, at, "inplace", False))
     return args[0] if inplace else _meta_like(args[0])
 
 
@@ -152,7 +192,7 @@ def _meta_like(x: torch.Tensor) -> torch.Tensor:
 def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     """``linear`` on meta tensors without its arithmetic; anything unusual (and every
     shape mismatch, so errors read the same) goes to the real kernel."""
-    x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, weight, bias = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     plain = (isinstance(weight, torch.Tensor) and weight.dim() == 2 and x.dim() >= 1 and x.dtype == weight.dtype
              and x.shape[-1] == weight.shape[1] and x.is_floating_point())
     if plain and bias is not None:
@@ -163,7 +203,63 @@ def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
 
 
 class MetaShortcuts(TorchFunctionMode):
-    """Run a meta model faster: every operation goes through :func:`_call`."""
+    """Run a meta model faster: every operation goes through :func:`call`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return _call(func, args, kwargs or {})
+        return call(func, args, kwargs or {})
+
+
+#: recurrent kernels (as ``nn.RNNBase`` calls them) → gate blocks per weight
+RNN_KERNELS = {torch.lstm: 4, torch.gru: 3, torch.rnn_tanh: 1, torch.rnn_relu: 1}
+
+
+def rnn_meta(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, int] | None:
+    """Outputs and matrix-product FLOPs of a recurrent kernel (:data:`RNN_KERNELS`) called on a
+    padded meta sequence, from the shapes alone: their meta kernels run every time step (seconds
+    for a long sequence). Every weight and state shape is checked first; None when the call is
+    unusual or wrong (packed input, projections, a weight cut to another size): then the real
+    kernel must run, so errors are unchanged. FLOPs are counted as ``FlopCounterMode`` counts
+    the kernel (``2·N·T·gates·H·(inputs + H)`` per layer and direction).
+
+    Example
+    -------
+    >>> rnn = torch.nn.GRU(5, 4, batch_first=True, device="meta")
+    >>> x = torch.empty(2, 7, 5, device="meta")
+    >>> args = (x, torch.empty(1, 2, 4, device="meta"), rnn._flat_weights, True, 1, 0.0, False, False, True)
+    >>> out, flops = rnn_meta(torch.gru, args, {})
+    >>> tuple(out[0].shape), tuple(out[1].shape), flops
+    ((2, 7, 4), (1, 2, 4), 3024)
+    """
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)) or type(args[4]) is not int or args[4] < 1:
+        return None
+    x, hx, params, bias, layers, _, _, bidirectional, batch_first = args
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    dirs, per = (2 if bidirectional else 1), (4 if bias else 2)
+    if not (isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point() and x.dim() == 3) or \
+            len(params) != layers * dirs * per or len(states) != (2 if func is torch.lstm else 1):
+        return None
+    hidden, batch = params[1].shape[-1], x.shape[0 if batch_first else 1]
+    rows = RNN_KERNELS[func] * hidden
+    if not _rnn_weights_fit(params, per, dirs, rows, (x.shape[-1], dirs * hidden), x.dtype):
+        return None
+    fits = [isinstance(h, torch.Tensor) and h.is_meta and h.dtype == x.dtype for h in states]
+    if not all(fits) or any(h.shape != (layers * dirs, batch, hidden) for h in states):
+        return None
+    out = torch.empty(*x.shape[:2], dirs * hidden, dtype=x.dtype, device="meta")
+    reads = x.shape[-1] + hidden + (layers - 1) * (dirs * hidden + hidden)  # inputs + H, summed over layers
+    flops = 2 * x.shape[0] * x.shape[1] * rows * reads * dirs
+    return (out, *(torch.empty(h.shape, dtype=x.dtype, device="meta") for h in states)), flops
+
+
+def _rnn_weights_fit(params: Any, per: int, dirs: int, rows: int, sizes: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Every ``(w_ih, w_hh[, b_ih, b_hh])`` of ``params`` (``per`` tensors, ``dirs`` directions a
+    layer) has ``rows`` rows, ``w_ih`` reads ``sizes[0]`` features in the first layer and
+    ``sizes[1]`` after it, and ``w_hh`` reads the first ``w_hh``'s width; all meta of ``dtype``."""
+    hidden = params[1].shape[-1]
+    for k in range(0, len(params), per):
+        inputs = sizes[0] if k < per * dirs else sizes[1]
+        want = [(rows, inputs), (rows, hidden), (rows,), (rows,)][:per]
+        for t, shape in zip(params[k:k + per], want):
+            if not (isinstance(t, torch.Tensor) and t.is_meta and t.dtype == dtype and tuple(t.shape) == shape):
+                return False
+    return True

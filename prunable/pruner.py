@@ -39,6 +39,7 @@ from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, make_criterion
 from .plan import Plan
+from .reasons import SkipKind, SkipReason
 from .scoring import flops_per_channel, group_scores
 from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
@@ -87,8 +88,8 @@ class Pruner:
     ----------
     groups : list[ChannelGroup]
         The prunable groups.
-    skipped : dict[str, str]
-        Group id → why it is not pruned.
+    skipped : dict[str, SkipReason]
+        Group id → why it is not pruned (``str()`` it for the message; test ``.kind``).
     history : list[Plan]
         Every plan applied, in order.
     """
@@ -118,7 +119,7 @@ class Pruner:
         self.log: list[dict[str, Any]] = []
         self._baseline: dict[str, int] | None = None
         self._original: dict[str, int] | None = None  # channels of every group at creation
-        self._failed: dict[str, str] = {}  # groups whose real cut failed: skipped from then on
+        self._failed: dict[str, SkipReason] = {}  # groups whose real cut failed: skipped from then on
         with _gc_paused():
             self._rebuild(warn=True)
         self.initial_widths = self.widths()
@@ -134,21 +135,17 @@ class Pruner:
         self._layouts = layouts_of(self.graph.groups)
         self._caps = {g.id: self.constraints.cap(g.channels, self._original.get(g.id, g.channels),
                                                  [m.target.name for m in g.members]) for g in self.graph.groups}
-        self.skipped: dict[str, str] = {}
-        quiet = set()
+        self.skipped: dict[str, SkipReason] = {}
         for g in self.graph.groups:
-            reason, constraint = _skip_reason(g, self._failed, self.ignored, self.constraints,
-                                              self._original.get(g.id, g.channels))
-            if reason:
+            reason = _skip_reason(g, self._failed, self.ignored, self.constraints, self._original.get(g.id, g.channels))
+            if reason is not None:
                 self.skipped[g.id] = reason
-                if constraint:
-                    quiet.add(g.id)
         self._select()
         if self.validate:
             self.skipped.update(invalid_groups(self._selector, self._runner(traced.clone)))
             self._select()
         for gid, reason in self.skipped.items() if warn else ():
-            if gid not in quiet and reason != "model output" and not reason.startswith(("1 channel", "every channel")):
+            if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         self._points = _measure_points(self.model, self.groups)
 
@@ -258,7 +255,8 @@ class Pruner:
         self._check(plan)
         failing = self._trial(plan)
         for gid, error in failing:
-            self._failed[gid] = self.skipped[gid] = f"trial prune failed: {error}"
+            reason = SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}")
+            self._failed[gid] = self.skipped[gid] = reason
             warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
         self._select()
         return failing
@@ -351,18 +349,20 @@ class Pruner:
                 if not isinstance(handler_for(m.target.module), AttentionHandler)}
 
 
-def _skip_reason(g: ChannelGroup, failed: Mapping[str, str], ignored: set[str], constraints: Constraints,
-                 original: int) -> tuple[str | None, bool]:
-    """Why ``g`` is not pruned (None if it is), and whether the user's settings say so."""
+def _skip_reason(g: ChannelGroup, failed: Mapping[str, SkipReason], ignored: set[str], constraints: Constraints,
+                 original: int) -> SkipReason | None:
+    """Why ``g`` is not pruned, or None if it is."""
     if g.skip_reason:
-        return g.skip_reason, False
+        return g.skip_reason
     if g.id in failed:
-        return failed[g.id], True
+        return failed[g.id]
     layer = next((m.target.name for m in g.producers if m.target.name in ignored), None)
     if layer is not None:
-        return f"ignored layer {layer}", True
+        return SkipReason(SkipKind.IGNORED, f"ignored layer {layer}")
     reason = constraints.reason(g.channels, original, [m.target.name for m in g.members])
-    return reason, reason is not None
+    if reason is None:
+        return None
+    return SkipReason(SkipKind.MAX_RATIO if reason.startswith("max_ratio") else SkipKind.MIN_CHANNELS, reason)
 
 
 def _measure_points(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, MeasurePoint]:

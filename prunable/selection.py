@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from .errors import PruningValueError
+from .graph import positions
 from .plan import Plan
 
 __all__ = [
-    "Constraints", "GroupLayout", "Scope", "Selector", "capacity", "channel_positions", "layouts_of", "parse_scope",
+    "Constraints", "GroupLayout", "Scope", "Selector", "capacity", "layouts_of", "parse_scope",
     "removal_count", "resolve_max_ratio",
 ]
 
@@ -88,22 +89,6 @@ class GroupLayout:
         return int(self.counts.shape[1]) if isinstance(self.counts, torch.Tensor) else 0
 
 
-def channel_positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Index in ``classes`` (distinct values) of each entry of ``labels``; -1 where absent.
-
-    Example
-    -------
-    >>> channel_positions(torch.tensor([5, 2, 9]), torch.tensor([9, 2, 7]))
-    tensor([ 2,  1, -1])
-    """
-    if not len(classes):
-        return torch.full(labels.shape, -1, dtype=torch.long)
-    order = torch.argsort(classes)
-    ordered = classes[order]
-    at = torch.searchsorted(ordered, labels).clamp(max=len(ordered) - 1)
-    return torch.where(ordered[at] == labels, order[at], -1)
-
-
 def _counts_of(group: Any) -> Callable[[], torch.Tensor]:
     done: list[torch.Tensor] = []
 
@@ -112,7 +97,7 @@ def _counts_of(group: Any) -> Callable[[], torch.Tensor]:
             return done[0]
         labels = [m.classes.reshape(-1) for m in group.members]
         member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-        at = channel_positions(group.classes, torch.cat(labels))
+        at = positions(group.classes, torch.cat(labels))
         ok = at >= 0
         n = group.channels
         done.append(torch.bincount(member[ok] * n + at[ok], minlength=len(labels) * n).view(len(labels), n))

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from .graph import Traced, meta_clone, trace_cut
 from .meta import MetaShortcuts
+from .reasons import SkipKind, SkipReason
 from .surgery import Cut, apply_cuts
 
 __all__ = ["failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
@@ -68,13 +69,15 @@ def trial_runner(model: nn.Module, example_inputs: tuple, cuts_of: Callable[[dic
     return run
 
 
-def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], str | None]) -> dict[str, str]:
+def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], str | None],
+                   ) -> dict[str, SkipReason]:
     """Groups of ``selector`` (a :class:`~prunable.selection.Selector`) that cannot lose a
     channel, with the reason: every channel is the last of some layer, or removing the
     last one that can go (one per block) breaks the forward pass (``run``, bisected)."""
     probe, stuck = selector.probe()
-    out = {gid: "every channel left is the last one of some layer" for gid in stuck}
-    out.update((gid, f"trial prune failed: {error}") for gid, error in failing_groups(run, probe))
+    out = {gid: SkipReason(SkipKind.LAST_CHANNEL) for gid in stuck}
+    out.update((gid, SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}"))
+               for gid, error in failing_groups(run, probe))
     return out
 
 
