@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .attention import AttentionHandler
 from .meta import arg, broadcast, call
 from .reasons import SkipKind, SkipReason
+from .sdpa import AttentionRules
 from .shadow import (
     FIXED, FREE, Target, Trace, canonical, core_of, core_view, expand_shadow, labels_along, varying_dims,
 )
@@ -55,8 +56,7 @@ _RULES: dict[str, str] = {
     **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
                      "nansum"), "reduce"),
     **dict.fromkeys((
-        "matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "einsum", "baddbmm", "addmm", "addbmm",
-        "scaled_dot_product_attention", "multi_head_attention_forward", "bilinear", "__setitem__", "index_put_",
+        "einsum", "baddbmm", "addmm", "addbmm", "multi_head_attention_forward", "bilinear", "__setitem__", "index_put_",
         "index_put", "scatter", "scatter_", "gather", "masked_scatter"), "block"),
     #: tensor factories called as methods: the result holds no channels of the tensor
     **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), "create"),
@@ -66,6 +66,9 @@ _RULES: dict[str, str] = {
     **dict.fromkeys(("embedding", "embedding_bag"), "embedding"),
     "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
     "pixel_shuffle": "pixel_shuffle",
+    #: attention written with operations (:mod:`prunable.sdpa`)
+    "scaled_dot_product_attention": "sdpa",
+    **dict.fromkeys(("matmul", "bmm", "mm", "__matmul__", "__rmatmul__"), "matmul"),
 }
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 _ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
@@ -118,7 +121,7 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
 
 
-class ChannelTracer(TorchFunctionMode):
+class ChannelTracer(AttentionRules, TorchFunctionMode):
     """Record channel labels for one forward pass of ``model``.
 
     ``names`` maps ``id(module)`` to qualified names and ``owners`` maps
@@ -134,7 +137,9 @@ class ChannelTracer(TorchFunctionMode):
         self._opaque: nn.Module | None = None  # an attention module being run as one operation
         self._shadows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._made_by: dict[int, tuple] = {}
-        self._shape_sizes: set[int] = set()  # sizes of channel dims read through .shape / .size()
+        #: sizes of channel dims read through .shape / .size() → the labels read
+        self._shape_sizes: dict[int, list[torch.Tensor]] = {}
+        self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +163,7 @@ class ChannelTracer(TorchFunctionMode):
         through its weak-reference callbacks, so it is freed without the garbage collector."""
         self._shadows.clear()
         self._made_by.clear()
+        self._sources.clear()
 
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
@@ -243,6 +249,7 @@ class ChannelTracer(TorchFunctionMode):
             rule = "generic"
         if rule != "create":
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
+            self.follow_source(name, rule, args, kwargs, outs)
         return out
 
     def _shape_read(self, args: tuple, kwargs: dict) -> None:
@@ -256,7 +263,8 @@ class ChannelTracer(TorchFunctionMode):
         for d in varying_dims(s) if asked is None else [int(asked) % x.dim()]:
             labels = labels_along(s, d)
             if labels is None or bool((labels >= 0).any()):
-                self._shape_sizes.add(int(x.shape[d]))
+                read = core_of(s).reshape(-1) if labels is None else labels
+                self._shape_sizes.setdefault(int(x.shape[d]), []).append(read)
 
     def _identity(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
         self.set_shadow(outs[0], self.shadow(args[0]))
@@ -511,7 +519,9 @@ class ChannelTracer(TorchFunctionMode):
         """
         sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
         dims, old = varying_dims(after), varying_dims(before)
-        if len(dims) != 1 or len(old) != 1 or len(sizes) != after.dim() or not self.stack:
+        if len(dims) != 1 or len(old) != 1:
+            return self.split_size_attribute(sizes, before, after)
+        if len(sizes) != after.dim() or not self.stack:
             return
         d = dims[0]
         value = sizes[d]

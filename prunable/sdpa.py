@@ -1,0 +1,280 @@
+"""Attention written with operations: ``F.scaled_dot_product_attention`` and ``q @ k.transpose(-2, -1)``.
+
+Most transformers (timm, hand-written blocks) compute attention from tensors,
+not through an attention module: a Linear produces q, k and v, a reshape splits
+its channels into ``(3, heads, head_dim)``, and ``scaled_dot_product_attention``
+(or ``q @ k.transpose(-2, -1)``, ``softmax``, ``@ v``) mixes the tokens. The
+rules here let the tracer (:mod:`prunable.trace`) follow the channels through:
+
+- the query and key dims are contracted together: dim ``d`` of head ``h`` of q is
+  the same channel as dim ``d`` of head ``h`` of k;
+- the output carries the value's channels, which go on to the output projection;
+- the reshape that split the channels couples the parts (q, k, v and the heads)
+  by position, so every head loses the same dims and ``num_heads`` is kept; a
+  size attribute given to such a reshape (``self.head_dim``, ``self.attn_dim``)
+  follows its channels;
+- ``scaled_dot_product_attention`` with its default scale ``1/sqrt(head_dim)``:
+  the layer producing q is rescaled by ``sqrt(head_dim' / head_dim)`` on pruning
+  (:class:`QueryScale`), so the softmax temperature of the remaining dims is kept
+  and the pruned model computes what the original computes with those dims
+  zeroed. A ``scale=`` argument or a multiplication by a stored number is a
+  constant: nothing to rescale.
+
+Example
+-------
+>>> import torch, torch.nn.functional as F
+>>> from torch import nn
+>>> from prunable import Pruner
+>>> class Block(nn.Module):
+...     def __init__(self, dim=16, heads=2):
+...         super().__init__()
+...         self.num_heads, self.head_dim = heads, dim // heads
+...         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+...     def forward(self, x):
+...         B, N, _ = x.shape
+...         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+...         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
+>>> model = nn.Sequential(nn.Linear(4, 16), Block(), nn.Linear(16, 3))
+>>> pruner = Pruner(model, torch.randn(2, 5, 4), criterion="l1")
+>>> inner = next(g for g in pruner.groups if g.id == "1.qkv")
+>>> inner.channels                                  # head dims: q, k, v of every head, proj inputs
+8
+>>> pruner.prune({"1.qkv": [0, 5]})
+>>> model[1].head_dim, model[1].num_heads, model[1].qkv.out_features
+(6, 2, 36)
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .meta import arg, broadcast
+from .reasons import SkipKind, SkipReason
+from .shadow import Target, core_of, labels_along, varying_dims
+from .surgery import Role, handler_for, parametrized, resolve
+
+__all__ = ["QueryScale", "AttentionRules", "HOMOGENEOUS"]
+
+#: operations after which a layer's output, scaled by c, is still scaled by c (q's path to the attention)
+HOMOGENEOUS = {"dropout", "mul", "__mul__", "__rmul__", "div", "__truediv__", "mul_", "div_", "__imul__",
+               "__itruediv__", "alpha_dropout", "feature_alpha_dropout"}
+
+
+@dataclass(frozen=True)
+class QueryScale:
+    """Rescales the query rows of a layer's outputs by ``sqrt(kept / before)`` after a cut.
+
+    ``rows`` is a boolean mask over the producing layer's output channels (before
+    the cut): True for the channels that become the queries of an attention with
+    the default scale ``1/sqrt(head_dim)``. Every head keeps as many dims as every
+    other, so ``kept / before`` (query rows) is ``head_dim' / head_dim``.
+
+    Example
+    -------
+    >>> lin = nn.Linear(2, 4, bias=False)
+    >>> _ = nn.init.ones_(lin.weight)
+    >>> from prunable.surgery import Cut, apply_cuts
+    >>> apply_cuts([Cut(lin, Role.OUT, torch.tensor([0, 2, 3]), rescale=QueryScale(torch.tensor([1, 1, 0, 0]).bool()))])
+    >>> lin.weight[:, 0].tolist()                      # one query row of two left: sqrt(1/2)
+    [0.7071067690849304, 1.0, 1.0]
+    """
+
+    rows: torch.Tensor
+
+    def bound(self, keep: torch.Tensor) -> "_Rescaler":
+        """What to do once the layer keeps output channels ``keep``."""
+        queries = self.rows[keep.cpu()]
+        return _Rescaler(queries, math.sqrt(int(queries.sum()) / max(int(self.rows.sum()), 1)))
+
+
+@dataclass(frozen=True)
+class _Rescaler:
+    queries: torch.Tensor  # over the kept output channels: True for query rows
+    factor: float
+
+    def resize(self, module: nn.Module, role: Role | None, n: int) -> None:
+        if self.factor == 1.0:
+            return
+        handler = handler_for(module)
+        with torch.no_grad():
+            for name, axis in handler.params(module, Role.OUT).items():
+                owner, attr = resolve(module, name)
+                t = getattr(owner, attr, None)
+                if not isinstance(t, torch.Tensor) or t.shape[axis] != len(self.queries):
+                    continue
+                scale = torch.where(self.queries, self.factor, 1.0).to(t.device, t.dtype)
+                shape = [1] * t.dim()
+                shape[axis] = -1
+                t.mul_(scale.view(shape))
+
+
+def _attention_reason(detail: str) -> SkipReason:
+    return SkipReason(SkipKind.UNSUPPORTED_OP, detail)
+
+
+class AttentionRules:
+    """Trace rules of :class:`prunable.trace.ChannelTracer` for attention written with operations
+    (a mixin: it uses the tracer's shadows and trace)."""
+
+    trace: Any
+    _sources: dict
+    _made_by: dict
+    _shape_sizes: dict
+    stack: list
+    names: dict
+    owners: dict
+
+    # -- the layer whose output a tensor is, through shape operations only --------------------------
+    def source_of(self, t: Any) -> tuple | None:
+        """``(uid, Role.OUT)`` of the layer whose output ``t`` is, up to shape operations and constant factors."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        for table in (self._sources, self._made_by):
+            entry = table.get(id(t))
+            if entry is not None and entry[0]() is t:
+                return entry[1]
+        return None
+
+    def set_source(self, t: torch.Tensor, key: tuple) -> None:
+        self._sources[id(t)] = (weakref.ref(t), key)
+
+    def follow_source(self, name: str, rule: str, args: tuple, kwargs: dict, outs: list) -> None:
+        """Shape operations and constant factors keep the producing layer of their input."""
+        if rule in ("index", "reshape", "identity", "split"):
+            key = self.source_of(args[0]) if args else None
+        elif name in HOMOGENEOUS:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            key = self.source_of(tensors[0]) if len(tensors) == 1 else None
+        else:
+            return
+        if key is not None:
+            for t in outs:
+                self.set_source(t, key)
+
+    # -- scaled_dot_product_attention ------------------------------------------------------------------
+    def _sdpa(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``."""
+        q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+        mask, scale = arg(args, kwargs, 3, "attn_mask"), arg(args, kwargs, 6, "scale")
+        who = self._who()
+        if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+            reason = _attention_reason(f"{who}: {name} with k/v heads shared by several q heads "
+                                       "(grouped-query attention) is not supported")
+            return self._block(name, args, kwargs, out, outs, reason)
+        if isinstance(mask, torch.Tensor) and self.has_labels(mask):
+            self.trace.block(self.shadow(mask), _attention_reason(f"{who}: channels used as an attention mask"))
+        cores = [core_of(self.shadow(t)) for t in (q, k, v)]
+        if any(c.dim() >= 2 and c.shape[-2] > 1 for c in cores):
+            reason = SkipReason(SkipKind.MIXED, f"{who}: {name} with channels mixed into the tokens")
+            return self._block(name, args, kwargs, out, outs, reason)
+        self._contract(cores[0], cores[1].transpose(-2, -1), q.shape[:-2])
+        self.set_shadow(outs[0], cores[2].expand(outs[0].shape))
+        if scale is None:
+            self._keep_temperature(q, who, (cores[0], cores[1]))
+
+    def _contract(self, a: torch.Tensor, b: torch.Tensor, batch: torch.Size) -> None:
+        """Dim ``e`` of ``a``'s last axis and ``b``'s second last are one channel (per batch index)."""
+        shape = (*batch, 1, a.shape[-1] if a.shape[-1] > 1 else b.shape[-2])
+        self.trace.union(a.expand(shape), b.transpose(-2, -1).expand(shape))
+
+    def _keep_temperature(self, q: torch.Tensor, who: str, cores: tuple) -> None:
+        """The default scale ``1/sqrt(q.shape[-1])`` follows the pruning: rescale the layer producing q."""
+        labels = cores[0][cores[0] >= 0]
+        if labels.numel() == 0:
+            return
+        key = self.source_of(q)
+        entry = self.trace.producers.get(key) if key is not None else None
+        if entry is not None and not bool(torch.isin(labels, entry[1]).all()):
+            entry = None
+        if entry is not None and parametrized(entry[0].module, "weight"):
+            entry = None
+        if entry is None:
+            reason = _attention_reason(f"{who}: the queries of scaled_dot_product_attention with its default "
+                                       "scale are not the output of a layer (up to reshapes): the softmax "
+                                       "temperature could not be kept")
+            for core in cores:
+                self.trace.block(core, reason)
+            return
+        target, slots = entry
+        rows = torch.isin(slots, labels)
+        old = target.rescale.rows if target.rescale is not None else None
+        if old is not None and not torch.equal(old, rows):
+            reason = _attention_reason(f"{target.name}: queries of several attentions with different layouts")
+            self.trace.block(slots, reason)
+            return
+        self.trace.producers[key] = (Target(target.module, target.name, target.role, target.param, target.axis,
+                                            target.uid, QueryScale(rows)), slots)
+
+    # -- q @ k.transpose(-2, -1), attn @ v ----------------------------------------------------------------
+    def _matmul(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        """``a @ b`` of activations: a contraction over channels (``q @ kᵀ``: the scores hold no
+        channels) or over tokens (``attn @ v``: the output carries ``v``'s channels)."""
+        a, b = (args[1], args[0]) if name == "__rmatmul__" else (args[0], args[1])
+        tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        if (not tensors or a.dim() < 2 or b.dim() < 2 or len(outs) != 1
+                or any(id(t) in self.owners or id(t) in self.trace.params for t in (a, b))):
+            return self._block(name, args, kwargs, out, outs)
+        ca, cb = core_of(self.shadow(a)), core_of(self.shadow(b))
+        batch = broadcast([a.shape[:-2], b.shape[:-2]])
+        if ca.shape[-1] > 1 or cb.shape[-2] > 1:  # the contracted dim holds channels
+            if ca.shape[-2] > 1 or cb.shape[-1] > 1:
+                reason = SkipReason(SkipKind.MIXED, f"{self._who()}: {name} of channels mixed with tokens")
+                return self._block(name, args, kwargs, out, outs, reason)
+            self._contract(ca, cb, batch)
+            return self.mark_input(outs[0])
+        rows, cols = ca.narrow(-1, 0, 1), cb.narrow(-2, 0, 1)
+        if bool((rows >= 0).any()) and bool((cols >= 0).any()):
+            reason = SkipReason(SkipKind.MIXED, f"{self._who()}: {name} of two operands carrying channels")
+            return self._block(name, args, kwargs, out, outs, reason)
+        if bool((cols >= 0).any()):
+            return self.set_shadow(outs[0], cols.expand(outs[0].shape))
+        if bool((rows >= 0).any()):
+            return self.set_shadow(outs[0], rows.expand(outs[0].shape))
+        self.mark_input(outs[0])
+
+    # -- size attributes of reshapes that split or merge channel dims ----------------------------------
+    def split_size_attribute(self, sizes: Any, before: torch.Tensor, after: torch.Tensor) -> None:
+        """``x.reshape(B, N, 3, self.num_heads, self.head_dim)`` or ``y.reshape(B, N, self.attn_dim)``.
+
+        The innermost channel dim after the reshape, given as a literal ``int`` equal to exactly one
+        ``int`` attribute of the running module, links that attribute to the channels of one
+        row (every row keeps as many, see :meth:`ChannelTracer._couple_outer`). A size also read
+        through ``.shape`` of the same channels may come from there: those channels are kept.
+        """
+        dims, old = varying_dims(after), varying_dims(before)
+        if not dims or not self.stack or len(sizes) != after.dim() or not old:
+            return
+        merge = len(dims) == 1 and len(old) > 1
+        split = len(old) == 1 and len(dims) > 1 and dims == list(range(dims[0], dims[-1] + 1))
+        d = dims[-1]
+        value = sizes[d]
+        if not (merge or split) or type(value) is not int or value != after.shape[d]:
+            return
+        row = core_of(after)
+        for other in dims[:-1]:
+            row = row.narrow(other, 0, 1)
+        labels = labels_along(row, d)
+        if labels is None or not bool((labels >= 0).all()):
+            return
+        module = self.stack[-1]
+        attrs = [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_")]
+        if len(attrs) != 1:
+            return
+        name = self.names.get(id(module), "")
+        read = [r for r in self._shape_sizes.get(value, ()) if r is None or bool(torch.isin(r, labels).any())]
+        if read:
+            self.trace.block(labels, SkipReason(SkipKind.SIZE_ATTRIBUTE, (
+                f"{name or '<model>'}: the size {value} given to a reshape may be the attribute {attrs[0]} or a "
+                "channel count read from a tensor's shape")))
+        else:
+            self.trace.sizes.append((module, name, attrs[0], labels))
+
+    def _who(self) -> str:
+        module = self.stack[-1] if self.stack else None
+        return self.names.get(id(module), "") or "<model>"

@@ -1,0 +1,213 @@
+"""Attention written with operations (prunable/sdpa.py): F.scaled_dot_product_attention and q @ kᵀ, softmax, @ v."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunable import Pruner, count_flops
+from prunable.reasons import SkipKind
+from prunable.surgery import Role, handler_for
+
+from helpers import fraction_plan, zero_plan
+
+
+class Block(nn.Module):
+    """A timm-style attention block: fused qkv Linear, a reshape to (3, heads, head_dim),
+    SDPA (or the hand-written matmul/softmax variant), output projection, residual."""
+
+    def __init__(self, dim: int = 24, heads: int = 3, manual: bool = False, scale: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.manual = heads, dim // heads, manual
+        self.scale = self.head_dim ** -0.5
+        self.pass_scale = scale
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.manual:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            out = attn.softmax(dim=-1) @ v
+        elif self.pass_scale:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class Net(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(5, 24), Block(**kw), nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
+VARIANTS = {"sdpa": {}, "sdpa-scale": {"scale": True}, "manual": {"manual": True}}
+
+
+def _zero_producers(model: nn.Module, pruner: Pruner, removals: dict) -> None:
+    """In ``model`` (a copy), zero the producer rows of the removed channels and every consumer column."""
+    modules = dict(model.named_modules())
+    by_id = {g.id: g for g in pruner.groups}
+    for gid, idx in removals.items():
+        removed = by_id[gid].classes[torch.as_tensor(idx)]
+        with torch.no_grad():
+            for m in by_id[gid].producers:
+                module = modules[m.target.name]
+                mask = torch.isin(m.classes, removed)
+                for name, axis in handler_for(module).params(module, Role.OUT).items():
+                    getattr(module, name).index_fill_(axis, torch.nonzero(mask).flatten(), 0.0)
+    zero_plan(model, pruner.graph, removals)
+
+
+def _inner(pruner: Pruner):
+    return next(g for g in pruner.groups if g.id.endswith("qkv"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_head_dims_are_one_group_with_size_attribute(variant):
+    torch.manual_seed(0)
+    model = Net(**VARIANTS[variant]).eval()
+    pruner = Pruner(model, torch.randn(2, 6, 5), criterion="l1")
+    assert not _attention_skips(pruner)
+    inner = _inner(pruner)
+    labels = {m.target.label() for m in inner.members}
+    assert inner.channels == 8 and {"block.qkv.out", "block.proj.in", "block.head_dim"} <= labels
+    assert "block.qkv.in" not in labels  # the stream is another group
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dead_head_dims_are_removed_losslessly_by_l1(variant):
+    """q, k, v rows of head dim d in every head and the proj columns zero: L1 ranks them last
+    and removing them changes nothing (the softmax temperature is kept)."""
+    torch.manual_seed(0)
+    model = Net(**VARIANTS[variant]).eval()
+    x = torch.randn(2, 6, 5)
+    dead = [1, 6]
+    with torch.no_grad():
+        for d in dead:
+            rows = [p * 24 + h * 8 + d for p in range(3) for h in range(3)]
+            model.block.qkv.weight[rows] = 0
+            model.block.qkv.bias[rows] = 0
+            model.block.proj.weight[:, [h * 8 + d for h in range(3)]] = 0
+        reference = model(x)
+    pruner = Pruner(model, x, criterion="l1")
+    inner = _inner(pruner)
+    lowest = pruner.scores()[inner.id].argsort()[: len(dead)].tolist()
+    assert sorted(inner.classes[lowest].tolist()) == sorted(inner.classes[dead].tolist())
+    pruner.prune({inner.id: lowest})
+    assert model.block.head_dim == 6 and model.block.num_heads == 3
+    assert model.block.qkv.weight.shape == (54, 24) and model.block.proj.weight.shape == (24, 18)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pruned_equals_zeroed_on_random_plans(variant):
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 5)
+    for trial in range(3):
+        model = Net(**VARIANTS[variant]).eval()
+        pruner = Pruner(model, x, criterion="l1")
+        inner = _inner(pruner)
+        removals = {inner.id: torch.randperm(8)[: 1 + trial * 2].tolist()}
+        stream = next(g for g in pruner.groups if g is not inner)
+        removals[stream.id] = torch.randperm(stream.channels)[:5].tolist()
+        reference = copy.deepcopy(model)
+        _zero_producers(reference, pruner, removals)
+        pruner.prune(removals)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_default_scale_rescales_the_queries_only():
+    torch.manual_seed(0)
+    model = Net().eval()
+    before = model.block.qkv.weight.detach().clone()
+    pruner = Pruner(model, torch.randn(2, 6, 5), criterion="l1")
+    pruner.prune({_inner(pruner).id: [0, 1]})  # head_dim 8 → 6
+    keep = [p * 24 + h * 8 + d for p in range(3) for h in range(3) for d in range(2, 8)]
+    expected = before[keep].clone()
+    expected[:18] *= (6 / 8) ** 0.5
+    torch.testing.assert_close(model.block.qkv.weight, expected)
+
+
+class GroupedQuery(nn.Module):
+    """Two q heads share each k/v head (SDPA's enable_gqa): not supported yet, skipped with a reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.proj = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q = self.q(x).reshape(B, N, 4, 4).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.proj(out.transpose(1, 2).reshape(B, N, 16))
+
+
+class ActivatedQuery(Block):
+    """The queries pass a GELU before SDPA's default scale: rescaling the Linear would not
+    rescale them, so the temperature cannot be kept."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(F.gelu(q), k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("model, why", [(GroupedQuery(), "grouped-query"), (ActivatedQuery(), "temperature")])
+def test_unsupported_attention_is_skipped_with_a_reason(model, why):
+    x = torch.randn(2, 6, 16 if isinstance(model, GroupedQuery) else 24)
+    with pytest.warns(UserWarning):
+        pruner = Pruner(model, x, criterion="l1")
+    reasons = [r for r in pruner.skipped.values() if why in r]
+    assert reasons and all(r.kind is SkipKind.UNSUPPORTED_OP for r in reasons)
+    for plan in (pruner.plan(0.3),):
+        pruner.prune(plan)
+    assert model(x).shape == (2, 6, 16 if isinstance(model, GroupedQuery) else 24)
+
+
+def _attention_skips(pruner: Pruner) -> list:
+    return [r for r in pruner.skipped.values() if r.kind in (SkipKind.UNSUPPORTED_OP, SkipKind.MIXED,
+                                                               SkipKind.SIZE_ATTRIBUTE, SkipKind.BLOCKS)]
+
+
+def test_timm_vit_is_pruned_like_a_cnn():
+    """A tiny timm ViT: no group skipped because of attention; 30 % of every group removes
+    about as many FLOPs as 30 % of every group of a CNN; inner head dims: pruned equals zeroed."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = Pruner(vit, x, criterion="l1")
+    assert not _attention_skips(pruner)
+    inner = [g for g in pruner.groups if g.id.endswith("attn.qkv")]
+    assert len(inner) == 2 and all(g.channels == 64 for g in inner)
+    reference = copy.deepcopy(vit)
+    removals = {g.id: torch.randperm(64)[:20].tolist() for g in inner}
+    _zero_producers(reference, pruner, removals)
+    pruner.prune(removals)
+    assert vit.blocks[0].attn.head_dim == 44 and vit.blocks[0].attn.attn_dim == 132
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), reference(x), atol=1e-5, rtol=1e-4)
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=10).eval()
+    cnn = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    ratios = {}
+    for name, model in (("vit", vit), ("cnn", cnn)):
+        pruner = Pruner(model, x, criterion="l1", ignored_layers=[model.get_classifier()])
+        before = count_flops(model, x)
+        pruner.prune(fraction_plan(pruner, 0.3))
+        ratios[name] = before / count_flops(model, x)
+        assert model(x).shape == (2, 10)
+    assert ratios["vit"] > 1.7 and ratios["vit"] > 0.8 * ratios["cnn"], ratios
