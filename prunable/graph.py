@@ -218,6 +218,7 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
                 if isinstance(t, torch.Tensor):
                     tracer.mark_input(t)
             out = model(*inputs)
+        tracer.finish()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 tracer.trace.block(tracer.shadow(t), SkipReason(SkipKind.MODEL_OUTPUT))

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ from .reasons import SkipKind, SkipReason
 from .shadow import Target, core_of, labels_along, varying_dims
 from .surgery import Role, handler_for, parametrized, resolve
 
-__all__ = ["QueryScale", "AttentionRules", "HOMOGENEOUS"]
+__all__ = ["QueryScale", "AttentionRules", "OuterSplit", "HOMOGENEOUS"]
 
 #: operations after which a layer's output, scaled by c, is still scaled by c (q's path to the attention)
 HOMOGENEOUS = {"dropout", "mul", "__mul__", "__rmul__", "div", "__truediv__", "mul_", "div_", "__imul__",
@@ -114,6 +114,54 @@ class _Rescaler:
                 t.mul_(scale.view(shape))
 
 
+#: operations whose output may merge channel dims of their input (checked against released heads)
+_RESHAPES = {"view", "reshape", "unflatten", "flatten", "view_as", "reshape_as"}
+
+
+@dataclass
+class OuterSplit:
+    """The outer dim ``dim`` of a channel dim split by a reshape (labels ``core``): its rows
+    shrink together by position, unless they are the heads of an attention (``heads``: the
+    rows of the attention operands, each a block that loses as many channels as the others)."""
+
+    core: torch.Tensor
+    dim: int
+    heads: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+
+    def rows(self, n: int) -> torch.Tensor:
+        """Row of each of ``n`` labels along :attr:`dim` (-1 for labels not in the split)."""
+        lookup = torch.full((n + 1,), -1, dtype=torch.long)
+        lines = self.core.movedim(self.dim, 0).reshape(self.core.shape[self.dim], -1)
+        index = torch.arange(len(lines)).unsqueeze(1).expand_as(lines)
+        inside = lines >= 0
+        lookup[lines[inside]] = index[inside]
+        return lookup
+
+    def couple(self, trace: Any) -> None:
+        trace.union(self.core, self.core.narrow(self.dim, 0, 1).expand(self.core.shape))
+
+
+def _row_ids(lookup: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.where(labels >= 0, lookup[labels.clamp(min=0, max=len(lookup) - 1)], -1)
+
+
+def _contiguous(rows: torch.Tensor, dim: int) -> bool:
+    """Along ``dim`` of ``rows`` (row ids, -1 outside), does every row occupy one run?"""
+    for line in rows.movedim(dim, -1).reshape(-1, rows.shape[dim]):
+        line = line[line >= 0]
+        if len(line) > 1 and int((line[1:] != line[:-1]).sum()) != len(line.unique()) - 1:
+            return False
+    return True
+
+
+def _mixes_rows(rows: torch.Tensor, dim: int) -> bool:
+    """Does a line along ``dim`` hold more than one row (a reduction over it combines heads)?"""
+    for line in rows.movedim(dim, -1).reshape(-1, rows.shape[dim]):
+        if len(line[line >= 0].unique()) > 1:
+            return True
+    return False
+
+
 def _attention_reason(detail: str) -> SkipReason:
     return SkipReason(SkipKind.UNSUPPORTED_OP, detail)
 
@@ -124,6 +172,9 @@ class AttentionRules:
 
     trace: Any
     _sources: dict
+    _outer: list
+    _collapsed: list
+    _reshaped: list
     _made_by: dict
     _shape_sizes: dict
     stack: list
@@ -144,8 +195,20 @@ class AttentionRules:
     def set_source(self, t: torch.Tensor, key: tuple) -> None:
         self._sources[id(t)] = (weakref.ref(t), key)
 
-    def follow_source(self, name: str, rule: str, args: tuple, kwargs: dict, outs: list) -> None:
-        """Shape operations and constant factors keep the producing layer of their input."""
+    def after_rule(self, name: str, rule: str, args: tuple, kwargs: dict, outs: list) -> None:
+        """Bookkeeping after every traced operation: the producing layer of shape operations'
+        outputs; reshapes and reductions that could merge the rows of a split (see :meth:`finish`)."""
+        if rule == "reduce" and isinstance(args[0], torch.Tensor) and self.has_labels(args[0]):
+            dim = arg(args, kwargs, 1, "dim")
+            core = core_of(self.shadow(args[0]))
+            for d in [dim] if isinstance(dim, int) else dim:
+                if core.shape[d] > 1:
+                    self._collapsed.append((core, d % core.dim()))
+        if name in _RESHAPES:
+            for t in outs:
+                core = core_of(self.shadow(t))
+                if self.has_labels(t) and varying_dims(core) and bool((core >= 0).any()):
+                    self._reshaped.append(core)
         if rule in ("index", "reshape", "identity", "split"):
             key = self.source_of(args[0]) if args else None
         elif name in HOMOGENEOUS:
@@ -156,6 +219,65 @@ class AttentionRules:
         if key is not None:
             for t in outs:
                 self.set_source(t, key)
+
+    # -- heads: outer dims of a split that become the heads of an attention ----------------------------
+    def outer_split(self, s: torch.Tensor, dim: int) -> None:
+        """Rows along ``dim`` of the split shadow ``s`` shrink together (decided in :meth:`finish`)."""
+        self._outer.append(OuterSplit(core_of(s), dim))
+
+    def _heads(self, core: torch.Tensor) -> None:
+        """``core`` (labels ``(..., heads, 1, E)``) is an attention operand: a split whose rows are
+        its heads lets each head keep its own dims (equal counts)."""
+        batch = [i for i in range(core.dim() - 2) if core.shape[i] > 1]
+        if len(batch) != 1 or core.shape[-2] != 1:
+            return
+        rows = core.movedim(batch[0], 0).reshape(core.shape[batch[0]], -1)
+        if not bool((rows >= 0).all()) or len(rows) < 2:
+            return
+        for split in self._outer:
+            ids = _row_ids(split.rows(self.trace.n_slots), rows)
+            if bool((ids >= 0).all()) and bool((ids == ids[:, :1]).all()) and len(ids[:, 0].unique()) == len(ids):
+                split.heads.append((rows, f"the {len(rows)} heads of {self._who()}"))
+
+    def finish(self) -> None:
+        """After the forward pass: splits whose rows are attention heads, never merged out of order
+        nor reduced across, record equal-size blocks; every other split couples its rows by position."""
+        shared = self._shared_attributes()
+        for split in self._outer:
+            if split.heads and self._free(split, shared):
+                self.trace.blocks.extend(split.heads)
+            else:
+                split.couple(self.trace)
+        self._outer.clear()
+
+    def _free(self, split: OuterSplit, shared: torch.Tensor) -> bool:
+        lookup = split.rows(self.trace.n_slots)
+        if bool((_row_ids(lookup, shared) >= 0).any()):
+            return False
+        if any(_mixes_rows(_row_ids(lookup, core), d) for core, d in self._collapsed):
+            return False
+        for core in self._reshaped:
+            ids = _row_ids(lookup, core)
+            if bool((ids >= 0).any()) and not all(_contiguous(ids, d) for d in varying_dims(core)):
+                return False
+        return True
+
+    def _shared_attributes(self) -> torch.Tensor:
+        """One size attribute given to several reshapes: their channels keep equal counts (coupled
+        by position); returns their labels."""
+        seen: dict[tuple, torch.Tensor] = {}
+        shared = [torch.empty(0, dtype=torch.long)]
+        for module, name, attr, labels in self.trace.sizes:
+            first = seen.setdefault((id(module), attr), labels)
+            if first is labels:
+                continue
+            if len(first) == len(labels):
+                self.trace.union(first, labels)
+            else:
+                self.trace.block(torch.cat([first, labels]), SkipReason(SkipKind.SIZE_ATTRIBUTE, (
+                    f"{name or '<model>'}: the attribute {attr} sizes reshapes of different channel counts")))
+            shared += [first, labels]
+        return torch.cat(shared)
 
     # -- scaled_dot_product_attention ------------------------------------------------------------------
     def _sdpa(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
@@ -174,6 +296,8 @@ class AttentionRules:
             reason = SkipReason(SkipKind.MIXED, f"{who}: {name} with channels mixed into the tokens")
             return self._block(name, args, kwargs, out, outs, reason)
         self._contract(cores[0], cores[1].transpose(-2, -1), q.shape[:-2])
+        for core in cores:
+            self._heads(core)
         self.set_shadow(outs[0], cores[2].expand(outs[0].shape))
         if scale is None:
             self._keep_temperature(q, who, (cores[0], cores[1]))
@@ -227,12 +351,15 @@ class AttentionRules:
                 reason = SkipReason(SkipKind.MIXED, f"{self._who()}: {name} of channels mixed with tokens")
                 return self._block(name, args, kwargs, out, outs, reason)
             self._contract(ca, cb, batch)
+            self._heads(ca)
+            self._heads(cb.transpose(-2, -1))
             return self.mark_input(outs[0])
         rows, cols = ca.narrow(-1, 0, 1), cb.narrow(-2, 0, 1)
         if bool((rows >= 0).any()) and bool((cols >= 0).any()):
             reason = SkipReason(SkipKind.MIXED, f"{self._who()}: {name} of two operands carrying channels")
             return self._block(name, args, kwargs, out, outs, reason)
         if bool((cols >= 0).any()):
+            self._heads(cols)
             return self.set_shadow(outs[0], cols.expand(outs[0].shape))
         if bool((rows >= 0).any()):
             return self.set_shadow(outs[0], rows.expand(outs[0].shape))

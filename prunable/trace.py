@@ -140,6 +140,9 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         #: sizes of channel dims read through .shape / .size() → the labels read
         self._shape_sizes: dict[int, list[torch.Tensor]] = {}
         self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
+        self._outer: list = []  # outer dims of split channel dims, see AttentionRules.finish
+        self._collapsed: list[tuple[torch.Tensor, int]] = []  # (labels, dim) reduced over a channel dim
+        self._reshaped: list[torch.Tensor] = []  # labels after reshapes
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,8 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         self._shadows.clear()
         self._made_by.clear()
         self._sources.clear()
+        self._collapsed.clear()
+        self._reshaped.clear()
 
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
@@ -249,7 +254,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
             rule = "generic"
         if rule != "create":
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
-            self.follow_source(name, rule, args, kwargs, outs)
+            self.after_rule(name, rule, args, kwargs, outs)
         return out
 
     def _shape_read(self, args: tuple, kwargs: dict) -> None:
@@ -555,10 +560,11 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         return firsts[0].expand(sout.shape)
 
     def _couple_outer(self, s: torch.Tensor) -> None:
-        """A channel dim split into (outer, inner): outer parts must shrink together."""
+        """A channel dim split into (outer, inner): outer parts must shrink together — by
+        position, unless they become the heads of an attention (:meth:`AttentionRules.finish`)."""
         dims = varying_dims(s)
         for d in dims[:-1]:
-            self.trace.union(s, s.narrow(d, 0, 1).expand(s.shape))
+            self.outer_split(s, d)
 
     def _split(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
         """split/chunk/tensor_split: replayed on the shadows. Along a channel dim, parts whose

@@ -77,8 +77,9 @@ def test_head_dims_are_one_group_with_size_attribute(variant):
     assert not _attention_skips(pruner)
     inner = _inner(pruner)
     labels = {m.target.label() for m in inner.members}
-    assert inner.channels == 8 and {"block.qkv.out", "block.proj.in", "block.head_dim"} <= labels
+    assert inner.channels == 24 and {"block.qkv.out", "block.proj.in", "block.head_dim"} <= labels
     assert "block.qkv.in" not in labels  # the stream is another group
+    assert inner.blocks.shape == (3, 8) and "heads" in inner.blocks_of  # each head keeps its own dims
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -98,8 +99,8 @@ def test_dead_head_dims_are_removed_losslessly_by_l1(variant):
         reference = model(x)
     pruner = Pruner(model, x, criterion="l1")
     inner = _inner(pruner)
-    lowest = pruner.scores()[inner.id].argsort()[: len(dead)].tolist()
-    assert sorted(inner.classes[lowest].tolist()) == sorted(inner.classes[dead].tolist())
+    lowest = pruner.scores()[inner.id].argsort()[: 3 * len(dead)].tolist()
+    assert sorted(lowest) == sorted(inner.blocks[:, dead].flatten().tolist())
     pruner.prune({inner.id: lowest})
     assert model.block.head_dim == 6 and model.block.num_heads == 3
     assert model.block.qkv.weight.shape == (54, 24) and model.block.proj.weight.shape == (24, 18)
@@ -115,7 +116,8 @@ def test_pruned_equals_zeroed_on_random_plans(variant):
         model = Net(**VARIANTS[variant]).eval()
         pruner = Pruner(model, x, criterion="l1")
         inner = _inner(pruner)
-        removals = {inner.id: torch.randperm(8)[: 1 + trial * 2].tolist()}
+        per_head = 1 + trial * 2  # every head loses as many dims, each its own
+        removals = {inner.id: torch.cat([row[torch.randperm(8)[:per_head]] for row in inner.blocks]).tolist()}
         stream = next(g for g in pruner.groups if g is not inner)
         removals[stream.id] = torch.randperm(stream.channels)[:5].tolist()
         reference = copy.deepcopy(model)
@@ -130,7 +132,8 @@ def test_default_scale_rescales_the_queries_only():
     model = Net().eval()
     before = model.block.qkv.weight.detach().clone()
     pruner = Pruner(model, torch.randn(2, 6, 5), criterion="l1")
-    pruner.prune({_inner(pruner).id: [0, 1]})  # head_dim 8 → 6
+    inner = _inner(pruner)
+    pruner.prune({inner.id: inner.blocks[:, :2].flatten().tolist()})  # head_dim 8 → 6
     keep = [p * 24 + h * 8 + d for p in range(3) for h in range(3) for d in range(2, 8)]
     expected = before[keep].clone()
     expected[:18] *= (6 / 8) ** 0.5
@@ -191,9 +194,9 @@ def test_timm_vit_is_pruned_like_a_cnn():
     pruner = Pruner(vit, x, criterion="l1")
     assert not _attention_skips(pruner)
     inner = [g for g in pruner.groups if g.id.endswith("attn.qkv")]
-    assert len(inner) == 2 and all(g.channels == 64 for g in inner)
+    assert len(inner) == 2 and all(g.channels == 192 and g.blocks.shape == (3, 64) for g in inner)
     reference = copy.deepcopy(vit)
-    removals = {g.id: torch.randperm(64)[:20].tolist() for g in inner}
+    removals = {g.id: torch.cat([row[torch.randperm(64)[:20]] for row in g.blocks]).tolist() for g in inner}
     _zero_producers(reference, pruner, removals)
     pruner.prune(removals)
     assert vit.blocks[0].attn.head_dim == 44 and vit.blocks[0].attn.attn_dim == 132
