@@ -214,3 +214,58 @@ def test_timm_vit_is_pruned_like_a_cnn():
         ratios[name] = before / count_flops(model, x)
         assert model(x).shape == (2, 10)
     assert ratios["vit"] > 1.7 and ratios["vit"] > 0.8 * ratios["cnn"], ratios
+
+
+class SeparateProjections(nn.Module):
+    """q, k, v from three Linears, each reshaped to (heads, head_dim); ``attribute``: the reshapes
+    share ``self.head_dim`` (one number for both groups), else they pass -1."""
+
+    def __init__(self, attribute: bool, merge: str = "heads-major") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attribute, self.merge = 3, 8, attribute, merge
+        self.q, self.k, self.v, self.proj = (nn.Linear(24, 24) for _ in range(4))
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, _ = t.shape
+        return t.reshape(B, N, self.num_heads, self.head_dim if self.attribute else -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        out = F.scaled_dot_product_attention(self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x)))
+        if self.merge == "heads-major":
+            out = out.transpose(1, 2).flatten(2)
+        elif self.merge == "interleaved":  # (B, N, head_dim, heads): dim d of every head side by side
+            out = out.permute(0, 2, 3, 1).reshape(B, N, -1)
+        else:  # mean over the heads
+            out = out.mean(1).repeat(1, 1, self.num_heads)
+        return x + self.proj(out)
+
+
+@pytest.mark.parametrize("attribute, merge, heads_free", [
+    (False, "heads-major", True), (True, "heads-major", False), (False, "interleaved", False),
+    (False, "mean", False)])
+@pytest.mark.filterwarnings("ignore:.*group proj is not pruned")
+def test_heads_are_free_only_where_positions_never_matter(attribute, merge, heads_free):
+    """Each head keeps its own dims unless a shared size attribute (q, k and v then stay equal), a
+    merge out of head order or a reduction over the heads (of v) needs the same dims in every head;
+    pruned equals zeroed either way."""
+    torch.manual_seed(0)
+    model = SeparateProjections(attribute, merge).eval()
+    x = torch.randn(2, 6, 24)
+    pruner = Pruner(model, x, criterion="l1")  # the stream is the model input here: not pruned
+    assert not _attention_skips(pruner)
+    by_id = {g.id: g for g in pruner.groups}
+    qk, v = by_id["k"], by_id.get("v", by_id["k"])
+    assert {m.target.label() for m in qk.members} >= {"q.out", "k.out"}
+    assert (v is qk) == attribute and (qk.blocks is not None) == (not attribute)
+    assert (v.channels, v.blocks is not None) == ((24, True) if heads_free else (8, False))
+    removals = {}
+    for g in {qk.id: qk, v.id: v}.values():
+        rows = g.blocks if g.blocks is not None else torch.arange(g.channels)[None]
+        removals[g.id] = torch.cat([row[torch.randperm(len(row))[: len(row) // 3]] for row in rows]).tolist()
+    reference = copy.deepcopy(model)
+    _zero_producers(reference, pruner, removals)
+    pruner.prune(removals)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+    assert model.head_dim == (6 if attribute else 8)
