@@ -127,22 +127,35 @@ class OuterSplit:
     core: torch.Tensor
     dim: int
     heads: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    _rows: tuple | None = field(default=None, repr=False)
 
-    def rows(self, n: int) -> torch.Tensor:
-        """Row of each of ``n`` labels along :attr:`dim` (-1 for labels not in the split)."""
-        lookup = torch.full((n + 1,), -1, dtype=torch.long)
-        lines = self.core.movedim(self.dim, 0).reshape(self.core.shape[self.dim], -1)
-        index = torch.arange(len(lines)).unsqueeze(1).expand_as(lines)
-        inside = lines >= 0
-        lookup[lines[inside]] = index[inside]
-        return lookup
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's labels, sorted, and the row (index along :attr:`dim`) of each (see :func:`_row_ids`)."""
+        if self._rows is None:
+            lines = self.core.movedim(self.dim, 0).reshape(self.core.shape[self.dim], -1)
+            index = torch.arange(len(lines)).unsqueeze(1).expand_as(lines)
+            inside = lines >= 0
+            labels, order = torch.sort(lines[inside])
+            self._rows = (labels, index[inside][order])
+        return self._rows
 
     def couple(self, trace: Any) -> None:
         trace.union(self.core, self.core.narrow(self.dim, 0, 1).expand(self.core.shape))
 
 
-def _row_ids(lookup: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.where(labels >= 0, lookup[labels.clamp(min=0, max=len(lookup) - 1)], -1)
+def _row_ids(rows: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Row of each of ``labels`` in a split (:meth:`OuterSplit.rows`), -1 for labels outside it."""
+    sorted_labels, row = rows
+    if not len(sorted_labels):
+        return torch.full(labels.shape, -1, dtype=torch.long)
+    at = torch.searchsorted(sorted_labels, labels).clamp(max=len(sorted_labels) - 1)
+    return torch.where(sorted_labels[at] == labels, row[at], -1)
+
+
+def _span(core: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest label of ``core`` (labels below zero ignored)."""
+    labels = core[core >= 0]
+    return (int(labels.min()), int(labels.max())) if labels.numel() else (0, -1)
 
 
 def _contiguous(rows: torch.Tensor, dim: int) -> bool:
@@ -203,12 +216,12 @@ class AttentionRules:
             core = core_of(self.shadow(args[0]))
             for d in [dim] if isinstance(dim, int) else dim:
                 if core.shape[d] > 1:
-                    self._collapsed.append((core, d % core.dim()))
+                    self._collapsed.append((core, d % core.dim(), *_span(core)))
         if name in _RESHAPES:
             for t in outs:
                 core = core_of(self.shadow(t))
                 if self.has_labels(t) and varying_dims(core) and bool((core >= 0).any()):
-                    self._reshaped.append(core)
+                    self._reshaped.append((core, *_span(core)))
         if rule in ("index", "reshape", "identity", "split"):
             key = self.source_of(args[0]) if args else None
         elif name in HOMOGENEOUS:
@@ -235,7 +248,7 @@ class AttentionRules:
         if not bool((rows >= 0).all()) or len(rows) < 2:
             return
         for split in self._outer:
-            ids = _row_ids(split.rows(self.trace.n_slots), rows)
+            ids = _row_ids(split.rows(), rows)
             if bool((ids >= 0).all()) and bool((ids == ids[:, :1]).all()) and len(ids[:, 0].unique()) == len(ids):
                 split.heads.append((rows, f"the {len(rows)} heads of {self._who()}"))
 
@@ -251,13 +264,17 @@ class AttentionRules:
         self._outer.clear()
 
     def _free(self, split: OuterSplit, shared: torch.Tensor) -> bool:
-        lookup = split.rows(self.trace.n_slots)
-        if bool((_row_ids(lookup, shared) >= 0).any()):
+        rows = split.rows()
+        if bool((_row_ids(rows, shared) >= 0).any()):
             return False
-        if any(_mixes_rows(_row_ids(lookup, core), d) for core, d in self._collapsed):
-            return False
-        for core in self._reshaped:
-            ids = _row_ids(lookup, core)
+        lo, hi = int(rows[0][0]), int(rows[0][-1])
+        for core, d, first, last in self._collapsed:
+            if first <= hi and last >= lo and _mixes_rows(_row_ids(rows, core), d):
+                return False
+        for core, first, last in self._reshaped:
+            if first > hi or last < lo:
+                continue
+            ids = _row_ids(rows, core)
             if bool((ids >= 0).any()) and not all(_contiguous(ids, d) for d in varying_dims(core)):
                 return False
         return True

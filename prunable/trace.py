@@ -141,8 +141,8 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         self._shape_sizes: dict[int, list[torch.Tensor]] = {}
         self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
         self._outer: list = []  # outer dims of split channel dims, see AttentionRules.finish
-        self._collapsed: list[tuple[torch.Tensor, int]] = []  # (labels, dim) reduced over a channel dim
-        self._reshaped: list[torch.Tensor] = []  # labels after reshapes
+        self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
+        self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
