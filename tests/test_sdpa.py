@@ -269,3 +269,21 @@ def test_heads_are_free_only_where_positions_never_matter(attribute, merge, head
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
     assert model.head_dim == (6 if attribute else 8)
+
+
+def test_timm_hybrid_cnn_transformer():
+    """ResNet stem + ViT blocks (timm R+ViT-Ti): every group prunable, the pruned model runs
+    with fewer FLOPs and its attention keeps three heads of fewer dims."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=2,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pruner = Pruner(model, x, criterion="l1", ignored_layers=[model.get_classifier()])
+    assert not _attention_skips(pruner)
+    assert any(g.blocks is not None and g.blocks.shape == (3, 64) for g in pruner.groups)
+    before = count_flops(model, x)
+    pruner.prune(fraction_plan(pruner, 0.3))
+    assert count_flops(model, x) < before / 1.15
+    attn = model.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (3, 45, 135) and model(x).shape == (2, 10)
