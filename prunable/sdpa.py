@@ -186,6 +186,8 @@ class AttentionRules:
     trace: Any
     _sources: dict
     _outer: list
+    _escaped: list
+    _split_span: tuple[int, int]
     _collapsed: list
     _reshaped: list
     _made_by: dict
@@ -211,23 +213,25 @@ class AttentionRules:
     def after_rule(self, name: str, rule: str, args: tuple, kwargs: dict, outs: list) -> None:
         """Bookkeeping after every traced operation: the producing layer of shape operations'
         outputs; reshapes and reductions that could merge the rows of a split (see :meth:`finish`)."""
-        if rule == "reduce" and isinstance(args[0], torch.Tensor) and self.has_labels(args[0]):
+        if self._outer and rule == "reduce" and isinstance(args[0], torch.Tensor) and self.has_labels(args[0]):
             dim = arg(args, kwargs, 1, "dim")
             core = core_of(self.shadow(args[0]))
             for d in [dim] if isinstance(dim, int) else dim:
-                if core.shape[d] > 1:
+                if core.shape[d] > 1 and self._near_split(core):
                     self._collapsed.append((core, d % core.dim(), *_span(core)))
-        if name in _RESHAPES:
+        if self._outer and name in _RESHAPES:  # labels reach a reshape only after their split
             for t in outs:
                 core = core_of(self.shadow(t))
-                if self.has_labels(t) and varying_dims(core) and bool((core >= 0).any()):
+                if self.has_labels(t) and varying_dims(core) and self._near_split(core):
                     self._reshaped.append((core, *_span(core)))
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if rule in ("index", "reshape", "identity", "split"):
             key = self.source_of(args[0]) if args else None
-        elif name in HOMOGENEOUS:
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            key = self.source_of(tensors[0]) if len(tensors) == 1 else None
-        else:
+        elif name in HOMOGENEOUS and len(tensors) == 1:
+            key = self.source_of(tensors[0])
+        else:  # a layer's output used by anything else: rescaling its queries would show there
+            query = arg(args, kwargs, 0, "query") if rule == "sdpa" else None
+            self._escaped += [core_of(self.shadow(t)) for t in tensors if t is not query and self.source_of(t)]
             return
         if key is not None:
             for t in outs:
@@ -236,7 +240,15 @@ class AttentionRules:
     # -- heads: outer dims of a split that become the heads of an attention ----------------------------
     def outer_split(self, s: torch.Tensor, dim: int) -> None:
         """Rows along ``dim`` of the split shadow ``s`` shrink together (decided in :meth:`finish`)."""
-        self._outer.append(OuterSplit(core_of(s), dim))
+        split = OuterSplit(core_of(s), dim)
+        self._outer.append(split)
+        first, last = _span(split.core)
+        self._split_span = (min(first, self._split_span[0]), max(last, self._split_span[1]))
+
+    def _near_split(self, core: torch.Tensor) -> bool:
+        """Could ``core`` hold labels of a split (its label range meets theirs)? Cheap filter."""
+        first, last = _span(core)
+        return first <= self._split_span[1] and last >= self._split_span[0]
 
     def _heads(self, core: torch.Tensor) -> None:
         """``core`` (labels ``(..., heads, 1, E)``) is an attention operand: a split whose rows are
@@ -255,6 +267,7 @@ class AttentionRules:
     def finish(self) -> None:
         """After the forward pass: splits whose rows are attention heads, never merged out of order
         nor reduced across, record equal-size blocks; every other split couples its rows by position."""
+        self._check_query_scales()
         shared = self._shared_attributes()
         for split in self._outer:
             if split.heads and self._free(split, shared):
@@ -278,6 +291,16 @@ class AttentionRules:
             if bool((ids >= 0).any()) and not all(_contiguous(ids, d) for d in varying_dims(core)):
                 return False
         return True
+
+    def _check_query_scales(self) -> None:
+        """Rescaled query rows must feed the attention only: any other use of them would change."""
+        used = [core[core >= 0] for core in self._escaped]
+        used = torch.cat(used) if used else torch.empty(0, dtype=torch.long)
+        for target, slots in list(self.trace.producers.values()):
+            if target.rescale is not None and bool(torch.isin(slots[target.rescale.rows], used).any()):
+                self.trace.block(slots, _attention_reason(
+                    f"{target.name}: queries of an attention with the default scale are also read by a layer "
+                    "or an operation (rescaling them to keep the softmax temperature would change it)"))
 
     def _shared_attributes(self) -> torch.Tensor:
         """One size attribute given to several reshapes: their channels keep equal counts (coupled

@@ -141,6 +141,8 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         self._shape_sizes: dict[int, list[torch.Tensor]] = {}
         self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
         self._outer: list = []  # outer dims of split channel dims, see AttentionRules.finish
+        self._split_span = (0, -1)  # smallest and largest label of those splits
+        self._escaped: list[torch.Tensor] = []  # labels of layer outputs used beyond shape operations
         self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
         self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
 
@@ -169,6 +171,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         self._sources.clear()
         self._collapsed.clear()
         self._reshaped.clear()
+        self._escaped.clear()
 
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))

@@ -166,7 +166,18 @@ class ActivatedQuery(Block):
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
-@pytest.mark.parametrize("model, why", [(GroupedQuery(), "grouped-query"), (ActivatedQuery(), "temperature")])
+class ReusedQuery(Block):
+    """The queries also feed a Linear: rescaling them for SDPA's default scale would change it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v) + q
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("model, why", [(GroupedQuery(), "grouped-query"), (ActivatedQuery(), "temperature"),
+                                        (ReusedQuery(), "also read by a layer or an operation")])
 def test_unsupported_attention_is_skipped_with_a_reason(model, why):
     x = torch.randn(2, 6, 16 if isinstance(model, GroupedQuery) else 24)
     with pytest.warns(UserWarning):
