@@ -35,10 +35,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import PruningValueError
 from .attention import AttentionHandler
 from .reasons import SkipKind, SkipReason
-from .surgery import Cut, Role, apply_cuts, handler_for, legacy_reparametrization
+from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
 from .trace import ChannelTracer, Target, Trace
 
-__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions", "check_copyable"]
+__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
 
 
 @dataclass
@@ -148,13 +148,20 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
-    if any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
+    handler = handler_for(module)
+    local = handler.meta_type(module) if handler is not None else None  # SyncBatchNorm → a BatchNorm
+    if local is None and any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
         return copy.deepcopy(module, memo)
+    cls = local or cls
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = {}
+    dropped = getattr(local, "dropped_state", ())
     for key, value in module.__dict__.items():
         kind = type(value)
+        if key in dropped or key == "_compiled_call_impl":  # copies run eagerly (``module.compile()``)
+            state[key] = None
+            continue
         if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
             state[key] = value
         elif key == "_modules" and kind in _FLAT:
@@ -252,16 +259,6 @@ def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
 
 def _to_meta(inputs: Any) -> Any:
     return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
-
-
-def check_copyable(model: nn.Module) -> None:
-    """Raise :class:`PruningValueError` naming the layer if ``model`` cannot be copied for
-    tracing (legacy ``nn.utils.weight_norm`` / ``spectral_norm`` hooks)."""
-    legacy = legacy_reparametrization(model)
-    if legacy is not None:
-        raise PruningValueError(
-            f"{legacy} cannot be traced (its weight is a computed attribute); use "
-            "torch.nn.utils.parametrizations.weight_norm / spectral_norm, which prunable supports")
 
 
 def trace_model(model: nn.Module, example_inputs: Any) -> Traced:

@@ -35,7 +35,7 @@ from .errors import PruningValueError
 
 __all__ = [
     "Role", "ModuleHandler", "ParametrizationHandler", "register_handler", "handler_for",
-    "registered_types", "unregister_handler", "is_depthwise",
+    "registered_types", "unregister_handler", "is_depthwise", "LocalBatchNorm",
 ]
 
 
@@ -76,6 +76,12 @@ class ModuleHandler:
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 return int(t.shape[axis])
+        return None
+
+    def meta_type(self, module: nn.Module) -> type | None:
+        """The class a ``meta`` copy of ``module`` takes for tracing and trial runs, or None
+        for its own: the local equivalent of a module that only runs inside a process group
+        on a GPU (SyncBatchNorm → a BatchNorm). It must hold the same tensors and attributes."""
         return None
 
     def out_view(self, module: nn.Module, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,6 +267,29 @@ class NormHandler(ChannelwiseHandler):
 
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         module.num_features = n
+
+
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm for inputs of any rank ≥ 2: what a meta copy of a SyncBatchNorm runs.
+
+    SyncBatchNorm refuses to run outside CUDA while a process group is
+    initialised, and meta copies are not on CUDA; over one process it computes
+    exactly this. ``dropped_state`` is not copied (a process group cannot be).
+    """
+
+    dropped_state = ("process_group",)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@register_handler(nn.SyncBatchNorm)
+class SyncBatchNormHandler(NormHandler):
+    """SyncBatchNorm: cut like a BatchNorm; traced and trial-run as a :class:`LocalBatchNorm`."""
+
+    def meta_type(self, module: nn.Module) -> type | None:
+        return LocalBatchNorm
 
 
 @register_handler(nn.LayerNorm)

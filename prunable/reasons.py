@@ -10,6 +10,8 @@ Example
 ('used by matmul', True)
 >>> str(SkipReason(SkipKind.MODEL_OUTPUT))
 'model output'
+>>> [str(r) for r in sorted({reason, SkipReason(SkipKind.MODEL_OUTPUT)})]
+['model output', 'used by matmul']
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class SkipReason:
 
     def __str__(self) -> str:
         return self.detail or self.kind.value
+
+    def __lt__(self, other: "SkipReason") -> bool:
+        """Reasons sort by their message (``sorted(set(pruner.skipped.values()))``)."""
+        if not isinstance(other, SkipReason):
+            return NotImplemented
+        return (str(self), self.kind.name) < (str(other), other.kind.name)
 
     def __contains__(self, text: str) -> bool:
         """``"kdim" in reason``: a substring of the message (for people and tests, not for decisions)."""

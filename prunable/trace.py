@@ -13,7 +13,9 @@ vector seen by every consumer — :mod:`prunable.graph` turns it into groups.
 Labels ``FREE`` (-1) mark constants that never constrain pruning; ``FIXED``
 (-2) marks data whose size cannot change (model inputs, outputs of operations
 prunable does not understand); an elementwise pairing of a slot with ``FIXED``
-blocks that slot.
+blocks that slot. How each operation moves labels is looked up in one table
+(:data:`prunable.rules.RULES`); the rules of weighted layers live here, those of
+shape and elementwise operations in :mod:`prunable.rules`.
 """
 
 from __future__ import annotations
@@ -24,104 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from .attention import AttentionHandler
-from .meta import arg, broadcast, call
+from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
-from .shadow import (
-    FIXED, FREE, Target, Trace, canonical, core_of, core_view, expand_shadow, labels_along, varying_dims,
-)
+from .rules import ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
+from .shadow import FIXED, FREE, Target, Trace, canonical, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
-#: how channel labels flow through each operation: ONE table, operation name → rule
-#: (the method ``_<rule>`` of :class:`ChannelTracer`); an operation not listed is elementwise
-#: when its operands broadcast to its output, a resize (pooling) when one operand carries
-#: labels and only sizes change, and blocks its operands otherwise
-_RULES: dict[str, str] = {
-    **dict.fromkeys(("dim", "numel", "__len__", "property:dtype", "property:device"), "ignore"),
-    **dict.fromkeys(("size", "property:shape"), "shape_read"),
-    **dict.fromkeys((
-        "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "detach", "clone",
-        "contiguous", "requires_grad_", "detach_", "pin_memory", "__deepcopy__", "property:data"), "identity"),
-    **dict.fromkeys((
-        "flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "expand", "expand_as", "cat", "concat",
-        "concatenate", "unbind", "__getitem__", "narrow", "select", "movedim", "moveaxis", "roll", "flip",
-        "view_as", "reshape_as", "swapaxes", "swapdims", "repeat", "tile", "hstack", "vstack", "pixel_unshuffle",
-        "channel_shuffle", "native_channel_shuffle"), "index"),
-    #: a channel dim split into (outer, inner): outer parts shrink together
-    **dict.fromkeys(("view", "reshape", "unflatten", "stack"), "reshape"),
-    **dict.fromkeys(("split", "chunk", "split_with_sizes", "tensor_split"), "split"),
-    **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
-                     "nansum"), "reduce"),
-    **dict.fromkeys((
-        "einsum", "baddbmm", "addmm", "addbmm", "multi_head_attention_forward", "bilinear", "__setitem__", "index_put_",
-        "index_put", "scatter", "scatter_", "gather", "masked_scatter"), "block"),
-    #: tensor factories called as methods: the result holds no channels of the tensor
-    **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), "create"),
-    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
-                    "conv"),
-    **dict.fromkeys(("batch_norm", "instance_norm"), "norm"),
-    **dict.fromkeys(("embedding", "embedding_bag"), "embedding"),
-    "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
-    "pixel_shuffle": "pixel_shuffle",
-    #: attention written with operations (:mod:`prunable.sdpa`)
-    "scaled_dot_product_attention": "sdpa",
-    **dict.fromkeys(("matmul", "bmm", "mm", "__matmul__", "__rmatmul__"), "matmul"),
-}
-#: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
-_ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
+__all__ = ["ChannelTracer", "Target", "Trace"]
 
 
-def rule_of(name: str) -> str:
-    """The rule of operation ``name`` in the table (``generic`` when not listed)."""
-    rule = _RULES.get(name)
-    if rule is None:
-        rule = "index" if name.startswith("property:") else "generic"
-    return rule
-
-
-def _mixed(detail: str) -> SkipReason:
-    return SkipReason(SkipKind.MIXED, detail)
-
-
-def _unsupported(detail: str) -> SkipReason:
-    return SkipReason(SkipKind.UNSUPPORTED_OP, detail)
-
-
-#: what ``tree_flatten`` looks into (pytree containers) among the arguments of an operation
-_CONTAINERS = (list, tuple, dict)
-
-
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    """The tensors of a pytree, in ``tree_flatten`` order."""
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _func_name(func: Any) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        return "property:" + getattr(getattr(func, "__self__", None), "__name__", "")
-    return name
-
-
-def _same_rank(parts: Any) -> bool:
-    return isinstance(parts, (list, tuple)) and len(parts) > 0 and len({p.dim() for p in parts}) == 1
-
-
-def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``torch.cat(parts, dim)`` of shadows, concatenating their cores: dims along
-    which every part is constant are never materialised."""
-    dim %= parts[0].dim()
-    cores = [core_of(p) for p in parts]
-    small = [1 if all(c.shape[d] == 1 for c in cores) else parts[0].shape[d] for d in range(parts[0].dim())]
-    pieces = [c.expand([p.shape[d] if d == dim else small[d] for d in range(p.dim())]) for c, p in zip(cores, parts)]
-    out = torch.cat(pieces, dim)
-    return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
-
-
-class ChannelTracer(AttentionRules, TorchFunctionMode):
+class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     """Record channel labels for one forward pass of ``model``.
 
     ``names`` maps ``id(module)`` to qualified names and ``owners`` maps
@@ -214,7 +131,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         proj = handler.out_proj(module)
         if reason is not None:
             for x in streams:
-                self.trace.block(self.shadow(x), _unsupported(f"{name}: attention with {reason}"))
+                self.trace.block(self.shadow(x), unsupported(f"{name}: attention with {reason}"))
             return self.mark_input(out)
         for other in labels[1:]:
             self.trace.union(labels[0], other)
@@ -239,19 +156,19 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         out = call(func, args, kwargs)
         if self._opaque is not None:
             return out
-        name = _func_name(func)
+        name = func_name(func)
         rule = rule_of(name)
         if rule == "ignore":
             return out
         if rule == "shape_read":
             self._shape_read(args, kwargs)
             return out
-        outs = [out] if isinstance(out, torch.Tensor) else _tensors(out)
+        outs = [out] if isinstance(out, torch.Tensor) else tensors_of(out)
         if not outs:
             if rule == "block":
                 for t in self._tensors_in(args, kwargs):
                     if self.has_labels(t):
-                        self.trace.block(self.shadow(t), _unsupported(f"{name} is not supported"))
+                        self.trace.block(self.shadow(t), unsupported(f"{name} is not supported"))
             return out
         if rule == "reduce" and arg(args, kwargs, 1, "dim") is None:
             rule = "generic"
@@ -260,48 +177,17 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
             self.after_rule(name, rule, args, kwargs, outs)
         return out
 
-    def _shape_read(self, args: tuple, kwargs: dict) -> None:
-        """``x.shape`` / ``x.size()`` / ``x.size(d)``: remember the sizes of the channel dims
-        read, which a later reshape may pass as literal sizes (see :meth:`_size_attribute`)."""
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is None or not self.has_labels(x):
-            return
-        s = self.shadow(x)
-        asked = arg(args, kwargs, 1, "dim")
-        for d in varying_dims(s) if asked is None else [int(asked) % x.dim()]:
-            labels = labels_along(s, d)
-            if labels is None or bool((labels >= 0).any()):
-                read = core_of(s).reshape(-1) if labels is None else labels
-                self._shape_sizes.setdefault(int(x.shape[d]), []).append(read)
-
-    def _identity(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
-        self.set_shadow(outs[0], self.shadow(args[0]))
-
-    def _reshape(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
-        self._index(name, args, kwargs, out, outs)
-
-    def _tensors_in(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        if any(isinstance(a, _CONTAINERS) for a in args) or any(isinstance(a, _CONTAINERS) for a in kwargs.values()):
-            return _tensors((args, kwargs))
-        return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-
-    def _block(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list,
-               reason: SkipReason | None = None) -> None:
-        """Operands carrying labels cannot be pruned; the outputs are fixed-size data."""
-        for t in self._tensors_in(args, kwargs):
-            if self.has_labels(t) or id(t) in self.trace.params:  # weights consumed here need no labels
-                self.trace.block(self.shadow(t), reason or _unsupported(f"used by {name}"))
-        for t in outs:
-            self.mark_input(t)
-
     # -- weighted operations -------------------------------------------------
     def _owner_target(self, weight: Any, role: Role, fallback: bool = False) -> tuple[Target | None, SkipReason | None]:
-        """The module side owning ``weight``, or ``(None, reason)`` if it cannot be cut."""
+        """The module side owning ``weight`` and None; ``(None, reason)`` if no module can be
+        cut for it; ``(target, reason)`` for a known module that cannot be cut (a weight under
+        an unsupported parametrization). A weight computed by ``torch.nn.utils.parametrize``
+        belongs to the running module."""
         owner = self.owners.get(id(weight)) if isinstance(weight, torch.Tensor) else None
         if owner is None:
             module = self.stack[-1] if self.stack else None
             if module is None or not (fallback or parametrized(module, "weight")):
-                return None, _unsupported("weight is not a parameter of any module")
+                return None, unsupported("weight is not a parameter of any module")
             owner = (module, self.names.get(id(module), ""), "weight")
         module, mname, attr = owner
         handler = handler_for(module)
@@ -314,7 +200,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
             return target, SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
         known = {**handler.params(module, Role.IN), **handler.params(module, Role.OUT), "weight": 0}
         if attr not in known:
-            return None, _unsupported(f"{mname}.{attr} is used outside its module")
+            return None, unsupported(f"{mname}.{attr} is used outside its module")
         return Target(module, mname, role, uid=id(module)), None
 
     def _produce(self, target: Target, n: int) -> torch.Tensor:
@@ -328,7 +214,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         if key in self.trace.consumers:
             old = self.trace.consumers[key][1]
             if old.shape != labels.shape:
-                reason = _unsupported(f"{target.name} sees inputs of different sizes")
+                reason = unsupported(f"{target.name} sees inputs of different sizes")
                 self.trace.block(torch.cat([old, labels]), reason)
                 return
             self.trace.union(old, labels)
@@ -339,7 +225,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         s = self.shadow(x)
         labels = labels_along(s, dim)
         if labels is None:
-            self.trace.block(s, _mixed(f"{who}: input channels are mixed with other dimensions"))
+            self.trace.block(s, mixed(f"{who}: input channels are mixed with other dimensions"))
         return labels
 
     def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int) -> None:
@@ -358,7 +244,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         if target is not None and why is not None:
             return self._unprunable(target, why, x, out, ch)
         if target is None or labels is None:
-            self.trace.block(self.shadow(x), why or _mixed(f"{name}: mixed input"))
+            self.trace.block(self.shadow(x), why or mixed(f"{name}: mixed input"))
             return self.mark_input(out)
         module = target.module
         depthwise = groups > 1 and is_depthwise(module) and groups == x.shape[ch]
@@ -399,7 +285,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         if target is not None and why is not None:
             return self._unprunable(target, why, x, out, out.dim() - 1)
         if target is None or labels is None:
-            self.trace.block(self.shadow(x), why or _mixed(f"{name}: mixed input"))
+            self.trace.block(self.shadow(x), why or mixed(f"{name}: mixed input"))
             return self.mark_input(out)
         slots = self._produce(target, out.shape[-1])
         self._consume(Target(target.module, target.name, Role.IN, uid=target.uid), labels)
@@ -414,7 +300,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         target, why = self._owner_target(weight, Role.IN, fallback=True)
         labels = labels_along(s, dim)
         if target is None or labels is None or why is not None:
-            return self.trace.block(s, why or _mixed(f"{name}: mixed channels"))
+            return self.trace.block(s, why or mixed(f"{name}: mixed channels"))
         self._consume(target, labels)
         made = self._made_by.get(id(x))
         if made is not None and made[0]() is x and (dim % x.dim()) == made[2] % x.dim():
@@ -432,7 +318,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         x, shape = args[0], tuple(arg(args, kwargs, 1, "normalized_shape"))
         if len(shape) != 1:
             self.set_shadow(out, self.shadow(x))
-            return self.trace.block(self.shadow(x), _unsupported(f"{name} over {len(shape)} dims"))
+            return self.trace.block(self.shadow(x), unsupported(f"{name} over {len(shape)} dims"))
         self._channelwise(name, x, arg(args, kwargs, 2, "weight"), out, x.dim() - 1)
 
     def _group_norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
@@ -466,185 +352,7 @@ class ChannelTracer(AttentionRules, TorchFunctionMode):
         x, r = args[0], int(arg(args, kwargs, 1, "upscale_factor"))
         labels = self._in_labels(x, x.dim() - 3, name)
         if labels is None:
-            return self._block(name, args, kwargs, out, outs, _mixed(f"{name}: mixed input"))
+            return self._block(name, args, kwargs, out, outs, mixed(f"{name}: mixed input"))
         block = labels.view(-1, r * r)
         self.trace.union(block, block[:, :1].expand_as(block))
         self._out_shadow(out, block[:, 0].contiguous(), out.dim() - 3)
-
-    # -- shape and elementwise operations ------------------------------------
-    def _shadow_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def convert(a: Any) -> Any:
-            if not isinstance(a, torch.Tensor):
-                return a
-            if self.has_labels(a) or a.is_floating_point() or id(a) in self.owners:
-                return self.shadow(a)
-            if a.device.type == "meta":
-                raise RuntimeError("index tensor without data")
-            return a.cpu()
-        sargs, skwargs = tree_map(convert, (args, kwargs))
-        if "value" in skwargs:
-            skwargs["value"] = FREE
-        return sargs, skwargs
-
-    def _index(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list | None = None) -> None:
-        """Shape operations: replayed on the shadows, so labels follow the data."""
-        try:
-            sargs, skwargs = self._shadow_args(args, kwargs)
-            func = getattr(torch.Tensor, name.split(":")[-1], None)
-            if name.startswith("property:"):
-                sout = getattr(sargs[0], name.split(":")[1])
-            elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
-                sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
-            elif isinstance(args[0], torch.Tensor) and func is not None:
-                # shadows may be non-contiguous where the real tensor is not: reshape, never view
-                method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
-                sout = getattr(torch.Tensor, method)(*sargs, **skwargs)
-            else:
-                sout = getattr(torch, name)(*sargs, **skwargs)
-        except Exception:  # noqa: BLE001 - unknown shape op: be conservative
-            return self._block(name, args, kwargs, out, _tensors(out))
-        if name in ("cat", "concat", "concatenate"):
-            sout = self._token_concat(sargs, skwargs, sout)
-        real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
-        if name in ("view", "reshape") and isinstance(sout, torch.Tensor):
-            self._size_attribute(args, sargs[0], sout)
-        for t, s in zip(real, shadow):
-            if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and t.shape == s.shape:
-                if rule_of(name) == "reshape":
-                    self._couple_outer(s)
-                self.set_shadow(t, s)
-            elif isinstance(t, torch.Tensor):
-                self._block(name, args, kwargs, out, [t])
-
-    def _size_attribute(self, args: tuple, before: torch.Tensor, after: torch.Tensor) -> None:
-        """``x.reshape(n, self.hidden_dim, -1)``: a channel count passed as a literal size.
-
-        If the reshape keeps one channel dim whole and the size given for it equals
-        exactly one ``int`` attribute of the module running it, that attribute is
-        recorded so pruning keeps it equal to the channel count. A size that equals a
-        channel count read through ``.shape`` / ``.size()`` may as well come from there:
-        the channels are then not pruned (never guess an attribute).
-        """
-        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-        dims, old = varying_dims(after), varying_dims(before)
-        if len(dims) != 1 or len(old) != 1:
-            return self.split_size_attribute(sizes, before, after)
-        if len(sizes) != after.dim() or not self.stack:
-            return
-        d = dims[0]
-        value = sizes[d]
-        if type(value) is not int or value != after.shape[d] or before.shape[old[0]] != value:
-            return
-        labels = labels_along(after, d)
-        if labels is None or not bool((labels >= 0).all()):
-            return
-        module = self.stack[-1]
-        attrs = [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_")]
-        name = self.names.get(id(module), "")
-        if len(attrs) == 1 and value in self._shape_sizes:  # h.reshape(h.shape[0], h.shape[1], -1) or the attribute?
-            self.trace.block(labels, SkipReason(SkipKind.SIZE_ATTRIBUTE, (
-                f"{name or '<model>'}: the size {value} given to a reshape may be the attribute {attrs[0]} or a "
-                "channel count read from a tensor's shape")))
-        elif len(attrs) == 1:
-            self.trace.sizes.append((module, name, attrs[0], labels))
-
-    def _token_concat(self, sargs: tuple, skwargs: dict, sout: torch.Tensor) -> torch.Tensor:
-        """Concatenating along a dim that holds no channels (a class token joining
-        the patch tokens): the parts' channels are the same channels."""
-        parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
-        firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
-        varying = [varying_dims(p) for p in parts]
-        if len(firsts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
-            return sout
-        if any(not bool((core_view(f) >= 0).any()) for f in firsts):
-            return sout
-        for f in firsts[1:]:
-            self.trace.union(firsts[0], f)
-        return firsts[0].expand(sout.shape)
-
-    def _couple_outer(self, s: torch.Tensor) -> None:
-        """A channel dim split into (outer, inner): outer parts must shrink together — by
-        position, unless they become the heads of an attention (:meth:`AttentionRules.finish`)."""
-        dims = varying_dims(s)
-        for d in dims[:-1]:
-            self.outer_split(s, d)
-
-    def _split(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
-        """split/chunk/tensor_split: replayed on the shadows. Along a channel dim, parts whose
-        size follows the tensor (``chunk(n)``, ``tensor_split(n)``) and are even stay equal;
-        literal sizes would go stale after pruning: those channels are kept."""
-        x, dim = args[0], arg(args, kwargs, 2, "dim", 0)
-        try:
-            sargs, skwargs = self._shadow_args(args, kwargs)
-            parts = getattr(torch.Tensor, name)(*sargs, **skwargs)
-        except Exception:  # noqa: BLE001 - unknown form: be conservative
-            return self._block(name, args, kwargs, out, outs)
-        s = self.shadow(x)
-        for t, p in zip(outs, parts):
-            self.set_shadow(t, p)
-        if not isinstance(dim, int) or dim % x.dim() not in varying_dims(s):
-            return
-        dim %= x.dim()
-        even = len({p.shape[dim] for p in parts}) == 1
-        if name in _ADAPTIVE_SPLITS and type(args[1]) is int and even:
-            for p in parts[1:]:
-                self.trace.union(parts[0], p)
-        else:
-            what = "uneven parts" if name in _ADAPTIVE_SPLITS and type(args[1]) is int else "literal sizes"
-            self.trace.block(s, _unsupported(f"{name} along the channels with {what}"))
-
-    def _reduce(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
-        x, dim = args[0], arg(args, kwargs, 1, "dim")
-        keepdim = bool(arg(args, kwargs, 2, "keepdim", False))
-        s = self.shadow(x)
-        dims = sorted({d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)}, reverse=True)
-        for d in dims:
-            s = s.narrow(d, 0, 1) if keepdim else s.select(d, 0)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.shape == s.shape:
-                self.set_shadow(t, s)
-
-    def _generic(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
-        ins = self._tensors_in(args, kwargs)
-        if not ins:
-            return
-        shape = broadcast([t.shape for t in ins])
-        if shape is not None and all(t.shape == shape for t in outs):
-            return self._elementwise(ins, outs, shape)
-        labelled = [t for t in ins if self.has_labels(t)]
-        if len(labelled) == 1 and all(t.dim() == labelled[0].dim() for t in outs):
-            return self._resize(labelled[0], outs, name)
-        self._block(name, args, kwargs, out, outs)
-
-    def _elementwise(self, ins: list, outs: list, shape: torch.Size) -> None:
-        ops = [self.shadow(t) for t in ins]
-        full = [expand_shadow(s, shape) for s in ops]
-        if len(full) == 1:  # unary: the output has the input's labels
-            for t in outs:
-                self.set_shadow(t, full[0])
-            return
-        bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
-                  s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((core_of(ops[i]) >= 0).any())))
-        p = order[0]
-        vary_p = set(varying_dims(full[p]))
-        for i in order[1:]:
-            if bcast[i] & vary_p or bcast[p] & set(varying_dims(full[i])):
-                continue
-            self.trace.union(full[p], full[i])
-        for t in outs:
-            self.set_shadow(t, full[p])
-
-    def _resize(self, x: torch.Tensor, outs: list, name: str) -> None:
-        """Pooling, interpolation: dims whose size changed hold no channel labels."""
-        s = self.shadow(x)
-        changed = [d for d in range(x.dim()) if x.shape[d] != outs[0].shape[d]]
-        if set(changed) & set(varying_dims(s)):
-            self.trace.block(s, _unsupported(f"{name} changes a channel dimension"))
-            for t in outs:
-                self.mark_input(t)
-            return
-        for d in changed:
-            s = s.narrow(d, 0, 1)
-        for t in outs:
-            self.set_shadow(t, s.expand(t.shape))

@@ -230,6 +230,8 @@ _NORM = "the producer's channels: affine weight/bias and running statistics (whe
 ROWS: list[LayerCase] = [
     LayerCase("conv2d_bn2d", "Conv2d + BatchNorm2d", (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase),
               _normed(nn.BatchNorm2d), _x(2, 3, 8, 8), _kill_conv_chain, "0", (1, 5), _CONV),
+    LayerCase("syncbatchnorm", "SyncBatchNorm (traced as a local BatchNorm)", (nn.SyncBatchNorm,),
+              _normed(nn.SyncBatchNorm), _x(2, 3, 8, 8), _kill_conv_chain, "0", (0, 3), _NORM),
     LayerCase("conv1d_bn1d", "Conv1d + BatchNorm1d", (), _normed(nn.BatchNorm1d, nn.Conv1d), _x(2, 3, 10),
               _kill_conv_chain, "0", (0, 6), _CONV),
     LayerCase("conv3d_bn3d", "Conv3d + BatchNorm3d", (), _normed(nn.BatchNorm3d, nn.Conv3d), _x(2, 3, 5, 5, 5),
@@ -262,6 +264,9 @@ ROWS: list[LayerCase] = [
               _kill_conv_chain, "0", (1, 2), _NORM),
     LayerCase("instancenorm1d", "InstanceNorm1d (no affine)", (), _normed(nn.InstanceNorm1d, nn.Conv1d),
               _x(2, 3, 10), _kill_conv_chain, "0", (3,), _NORM),
+    LayerCase("instancenorm1d_tracked", "InstanceNorm1d (no affine, running stats)", (),
+              _normed(lambda c: nn.InstanceNorm1d(c, track_running_stats=True), nn.Conv1d), _x(2, 3, 10),
+              _kill_conv_chain, "0", (0, 5), _NORM),
     LayerCase("instancenorm3d_affine", "InstanceNorm3d (affine)", (),
               _normed(lambda c: nn.InstanceNorm3d(c, affine=True), nn.Conv3d), _x(2, 3, 5, 5, 5),
               _kill_conv_chain, "0", (0, 7), _NORM),

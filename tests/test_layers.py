@@ -176,3 +176,16 @@ def test_every_criterion_scores_the_channels_the_handler_names(name, criterion):
     assert scores[group.id].shape == (group.channels,) and torch.isfinite(scores[group.id]).all()
     pruner.step(1)
     assert model(x).shape == model(x).shape
+
+
+def test_taylor_weight_hooks_the_originals_of_a_parametrized_weight():
+    """The weight of weight_norm is recomputed every forward: its gradient reaches g and v, not a stored weight."""
+    row = next(r for r in ROWS if r.name == "weight_norm")
+    model, x = row.build(), row.inputs()
+    pruner = _quiet_pruner(model, x, "taylor-weight")
+    with pruner.estimate():
+        model(x).pow(2).sum().backward()
+    g, v, bias = (model[0].parametrizations.weight.original0, model[0].parametrizations.weight.original1, model[0].bias)
+    # (Σ θ·dL/dθ)² per channel and tensor, as for a plain weight; v·dL/dv sums to ~0 per row (scale invariance)
+    expected = sum(t.flatten(1).sum(1).pow(2) for t in (g * g.grad, v * v.grad, (bias * bias.grad)[:, None]))
+    torch.testing.assert_close(pruner.criterion.scores(pruner._points["0"]), expected.detach())
