@@ -230,6 +230,8 @@ class ShapeRules:
         """Concatenating along a dim that holds no channels (a class token joining
         the patch tokens): the parts' channels are the same channels."""
         parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
+        if not _same_rank(parts):  # the legacy empty 1-d part (a key/value cache's first step)
+            return sout
         firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         varying = [varying_dims(p) for p in parts]
         if len(firsts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):

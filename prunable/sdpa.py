@@ -175,6 +175,17 @@ def _mixes_rows(rows: torch.Tensor, dim: int) -> bool:
     return False
 
 
+def _query_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> int | None:
+    """How many query heads share each key/value head (1 without grouped-query attention), or
+    None when the shapes do not pair heads that way."""
+    if q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+        return 1
+    if not gqa or q.dim() < 3 or k.shape[:-2] != v.shape[:-2] or q.shape[:-3] != k.shape[:-3]:
+        return None
+    heads, shared = q.shape[-3], k.shape[-3]
+    return heads // shared if shared and heads % shared == 0 else None
+
+
 def _attention_reason(detail: str) -> SkipReason:
     return SkipReason(SkipKind.UNSUPPORTED_OP, detail)
 
@@ -250,19 +261,20 @@ class AttentionRules:
         first, last = _span(core)
         return first <= self._split_span[1] and last >= self._split_span[0]
 
-    def _heads(self, core: torch.Tensor) -> None:
+    def _heads(self, core: torch.Tensor, group: int = 1) -> None:
         """``core`` (labels ``(..., heads, 1, E)``) is an attention operand: a split whose rows are
-        its heads lets each head keep its own dims (equal counts)."""
+        its heads lets each head keep its own dims (equal counts). With ``group`` > 1 (grouped-query
+        attention), consecutive heads share their dims: one block per ``group`` heads."""
         batch = [i for i in range(core.dim() - 2) if core.shape[i] > 1]
         if len(batch) != 1 or core.shape[-2] != 1:
             return
         rows = core.movedim(batch[0], 0).reshape(core.shape[batch[0]], -1)
-        if not bool((rows >= 0).all()) or len(rows) < 2:
+        if not bool((rows >= 0).all()) or len(rows) < 2 * group:
             return
         for split in self._outer:
             ids = _row_ids(split.rows(), rows)
             if bool((ids >= 0).all()) and bool((ids == ids[:, :1]).all()) and len(ids[:, 0].unique()) == len(ids):
-                split.heads.append((rows, f"the {len(rows)} heads of {self._who()}"))
+                split.heads.append((rows[::group], f"the {len(rows) // group} heads of {self._who()}"))
 
     def finish(self) -> None:
         """After the forward pass: splits whose rows are attention heads, never merged out of order
@@ -325,9 +337,10 @@ class AttentionRules:
         q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
         mask, scale = arg(args, kwargs, 3, "attn_mask"), arg(args, kwargs, 6, "scale")
         who = self._who()
-        if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
-            reason = _attention_reason(f"{who}: {name} with k/v heads shared by several q heads "
-                                       "(grouped-query attention) is not supported")
+        group = _query_group(q, k, v, bool(arg(args, kwargs, 7, "enable_gqa", False)))
+        if group is None:
+            reason = _attention_reason(f"{who}: {name} with query, key and value heads that do not match "
+                                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
             return self._block(name, args, kwargs, out, outs, reason)
         if isinstance(mask, torch.Tensor) and self.has_labels(mask):
             self.trace.block(self.shadow(mask), _attention_reason(f"{who}: channels used as an attention mask"))
@@ -335,10 +348,12 @@ class AttentionRules:
         if any(c.dim() >= 2 and c.shape[-2] > 1 for c in cores):
             reason = SkipReason(SkipKind.MIXED, f"{who}: {name} with channels mixed into the tokens")
             return self._block(name, args, kwargs, out, outs, reason)
-        self._contract(cores[0], cores[1].transpose(-2, -1), q.shape[:-2])
-        for core in cores:
+        shared = [c.repeat_interleave(group, dim=-3) if group > 1 and c.shape[-3] > 1 else c for c in cores[1:]]
+        self._contract(cores[0], shared[0].transpose(-2, -1), q.shape[:-2])
+        self._heads(cores[0], group)  # grouped-query: the q heads sharing a k/v head have its dims
+        for core in cores[1:]:
             self._heads(core)
-        self.set_shadow(outs[0], cores[2].expand(outs[0].shape))
+        self.set_shadow(outs[0], shared[1].expand(outs[0].shape))
         if scale is None:
             self._keep_temperature(q, who, (cores[0], cores[1]))
 

@@ -141,7 +141,7 @@ def test_default_scale_rescales_the_queries_only():
 
 
 class GroupedQuery(nn.Module):
-    """Two q heads share each k/v head (SDPA's enable_gqa): not supported yet, skipped with a reason."""
+    """Two q heads share each k/v head (SDPA's enable_gqa)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,10 +149,30 @@ class GroupedQuery(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        q = self.q(x).reshape(B, N, 4, 4).transpose(1, 2)
-        k, v = self.kv(x).reshape(B, N, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        q = self.q(x).reshape(B, N, 4, -1).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, 2, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        return self.proj(out.transpose(1, 2).reshape(B, N, 16))
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.filterwarnings("ignore:.*group proj is not pruned")
+def test_grouped_query_attention_keeps_shared_heads_consistent():
+    """q heads 2h and 2h + 1 read k/v head h: their dims are k/v head h's; each k/v head loses as many."""
+    torch.manual_seed(0)
+    model = GroupedQuery().eval()
+    x = torch.randn(2, 6, 16)
+    pruner = Pruner(model, x, criterion="l1")
+    assert not _attention_skips(pruner)
+    inner = next(g for g in pruner.groups if g.id == "kv")
+    assert {"q.out", "kv.out", "proj.in"} <= {m.target.label() for m in inner.members}
+    assert inner.channels == 8 and inner.blocks.shape == (2, 4)
+    removals = {inner.id: torch.cat([row[torch.randperm(4)[:1]] for row in inner.blocks]).tolist()}
+    reference = copy.deepcopy(model)
+    _zero_producers(reference, pruner, removals)
+    pruner.prune(removals)
+    assert model.q.out_features == 12 and model.kv.out_features == 12 and model.proj.in_features == 12
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
 
 
 class ActivatedQuery(Block):
@@ -176,17 +196,17 @@ class ReusedQuery(Block):
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
-@pytest.mark.parametrize("model, why", [(GroupedQuery(), "grouped-query"), (ActivatedQuery(), "temperature"),
+@pytest.mark.parametrize("model, why", [(ActivatedQuery(), "temperature"),
                                         (ReusedQuery(), "also read by a layer or an operation")])
 def test_unsupported_attention_is_skipped_with_a_reason(model, why):
-    x = torch.randn(2, 6, 16 if isinstance(model, GroupedQuery) else 24)
+    x = torch.randn(2, 6, 24)
     with pytest.warns(UserWarning):
         pruner = Pruner(model, x, criterion="l1")
     reasons = [r for r in pruner.skipped.values() if why in r]
     assert reasons and all(r.kind is SkipKind.UNSUPPORTED_OP for r in reasons)
     for plan in (pruner.plan(0.3),):
         pruner.prune(plan)
-    assert model(x).shape == (2, 6, 16 if isinstance(model, GroupedQuery) else 24)
+    assert model(x).shape == (2, 6, 24)
 
 
 def _attention_skips(pruner: Pruner) -> list:
