@@ -50,7 +50,7 @@ RULES: dict[str, str] = {
                     "conv"),
     **dict.fromkeys(("batch_norm", "instance_norm"), "norm"),
     **dict.fromkeys(("embedding", "embedding_bag"), "embedding"),
-    "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
+    "linear": "linear", "layer_norm": "layer_norm", "rms_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
     "pixel_shuffle": "pixel_shuffle",
     #: attention written with operations (:class:`prunable.sdpa.AttentionRules`)
     "scaled_dot_product_attention": "sdpa",
