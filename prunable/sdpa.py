@@ -9,16 +9,23 @@ rules here let the tracer (:mod:`prunable.trace`) follow the channels through:
 - the query and key dims are contracted together: dim ``d`` of head ``h`` of q is
   the same channel as dim ``d`` of head ``h`` of k;
 - the output carries the value's channels, which go on to the output projection;
-- the reshape that split the channels couples the parts (q, k, v and the heads)
-  by position, so every head loses the same dims and ``num_heads`` is kept; a
-  size attribute given to such a reshape (``self.head_dim``, ``self.attn_dim``)
-  follows its channels;
+- the reshape that split the channels (``(3, heads, head_dim)``) couples its outer
+  parts by position, except the heads: each head keeps its own dims and every head
+  loses as many (``ChannelGroup.blocks``), so ``num_heads`` is kept. The heads are
+  coupled by position too when positions matter: a later reshape merges them out
+  of order, a reduction crosses them, or one size attribute sizes several reshapes
+  (:meth:`AttentionRules.finish`). A size attribute given to the splitting or
+  merging reshape (``self.head_dim``, ``self.attn_dim``) follows its channels;
+- grouped-query attention (``enable_gqa``): the q heads sharing a k/v head have its
+  dims; one block per k/v head;
 - ``scaled_dot_product_attention`` with its default scale ``1/sqrt(head_dim)``:
   the layer producing q is rescaled by ``sqrt(head_dim' / head_dim)`` on pruning
   (:class:`QueryScale`), so the softmax temperature of the remaining dims is kept
   and the pruned model computes what the original computes with those dims
   zeroed. A ``scale=`` argument or a multiplication by a stored number is a
-  constant: nothing to rescale.
+  constant: nothing to rescale. Queries that are not a layer's output up to
+  reshapes and constant factors, or that are also used elsewhere, are skipped
+  with a reason.
 
 Example
 -------
@@ -37,9 +44,9 @@ Example
 >>> model = nn.Sequential(nn.Linear(4, 16), Block(), nn.Linear(16, 3))
 >>> pruner = Pruner(model, torch.randn(2, 5, 4), criterion="l1")
 >>> inner = next(g for g in pruner.groups if g.id == "1.qkv")
->>> inner.channels                                  # head dims: q, k, v of every head, proj inputs
-8
->>> pruner.prune({"1.qkv": [0, 5]})
+>>> inner.channels, inner.blocks.shape               # dim d of q, k, v of each head, proj inputs
+(16, torch.Size([2, 8]))
+>>> pruner.prune({"1.qkv": [0, 5, 9, 10]})          # two dims of each head, not the same ones
 >>> model[1].head_dim, model[1].num_heads, model[1].qkv.out_features
 (6, 2, 36)
 """
