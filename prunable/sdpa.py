@@ -112,8 +112,8 @@ class _Rescaler:
         with torch.no_grad():
             for name, axis in handler.params(module, Role.OUT).items():
                 owner, attr = resolve(module, name)
-                t = getattr(owner, attr, None)
-                if not isinstance(t, torch.Tensor) or t.shape[axis] != len(self.queries):
+                t = getattr(owner, attr, None)  # len(queries) rows along axis: checked when traced
+                if not isinstance(t, torch.Tensor):
                     continue
                 scale = torch.where(self.queries, self.factor, 1.0).to(t.device, t.dtype)
                 shape = [1] * t.dim()
@@ -191,6 +191,20 @@ def _query_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
         return None
     heads, shared = q.shape[-3], k.shape[-3]
     return heads // shared if shared and heads % shared == 0 else None
+
+
+def _rows_along_out(module: nn.Module, n: int) -> bool:
+    """Can :class:`QueryScale` rescale ``module``'s ``n`` output channels: plain tensors (no
+    parametrization), each with ``n`` entries along the axis its handler names?"""
+    handler = handler_for(module)
+    if handler is None or parametrized(module, "weight"):
+        return False
+    for name, axis in handler.params(module, Role.OUT).items():
+        owner, attr = resolve(module, name)
+        t = getattr(owner, attr, None)
+        if not isinstance(t, torch.Tensor) or parametrized(owner, attr) or t.shape[axis] != n:
+            return False
+    return True
 
 
 def _attention_reason(detail: str) -> SkipReason:
@@ -378,7 +392,7 @@ class AttentionRules:
         entry = self.trace.producers.get(key) if key is not None else None
         if entry is not None and not bool(torch.isin(labels, entry[1]).all()):
             entry = None
-        if entry is not None and parametrized(entry[0].module, "weight"):
+        if entry is not None and not _rows_along_out(entry[0].module, len(entry[1])):
             entry = None
         if entry is None:
             reason = _attention_reason(f"{who}: the queries of scaled_dot_product_attention with its default "
