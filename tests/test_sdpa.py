@@ -145,7 +145,7 @@ class GroupedQuery(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.q, self.kv, self.proj = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.q, self.kv, self.proj = nn.Linear(16, 16, bias=False), nn.Linear(16, 16), nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
