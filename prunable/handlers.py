@@ -327,6 +327,14 @@ class LayerNormHandler(ChannelwiseHandler):
         module.normalized_shape = (n,)
 
 
+@register_handler(nn.RMSNorm)
+class RMSNormHandler(ChannelwiseHandler):
+    describes = "the last (normalised) dimension: weight, normalized_shape"
+
+    def resize(self, module: nn.Module, role: Role, n: int) -> None:
+        module.normalized_shape = (n,)
+
+
 @register_handler(nn.GroupNorm)
 class GroupNormHandler(ChannelwiseHandler):
     describes = "the channels of its input, the same number from every group"

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .meta import arg, call
 from .reasons import SkipKind, SkipReason
+from .sdpa import AttentionRules
 from .rules import ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
 from .shadow import FIXED, FREE, Target, Trace, canonical, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
@@ -36,7 +37,7 @@ from .surgery import Role, handler_for, is_depthwise, parametrization_problem, p
 __all__ = ["ChannelTracer", "Target", "Trace"]
 
 
-class ChannelTracer(ShapeRules, TorchFunctionMode):
+class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     """Record channel labels for one forward pass of ``model``.
 
     ``names`` maps ``id(module)`` to qualified names and ``owners`` maps
@@ -52,7 +53,14 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
         self._opaque: nn.Module | None = None  # a module run as one operation (its handler's trace_module)
         self._shadows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._made_by: dict[int, tuple] = {}
-        self._shape_sizes: set[int] = set()  # sizes of channel dims read through .shape / .size()
+        #: sizes of channel dims read through .shape / .size() → the labels read
+        self._shape_sizes: dict[int, list[torch.Tensor]] = {}
+        self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
+        self._outer: list = []  # outer dims of split channel dims, see AttentionRules.finish
+        self._split_span = (0, -1)  # smallest and largest label of those splits
+        self._escaped: list[torch.Tensor] = []  # labels of layer outputs used beyond shape operations
+        self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
+        self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,10 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
         through its weak-reference callbacks, so it is freed without the garbage collector."""
         self._shadows.clear()
         self._made_by.clear()
+        self._sources.clear()
+        self._collapsed.clear()
+        self._reshaped.clear()
+        self._escaped.clear()
 
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
@@ -168,6 +180,7 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
             rule = "generic"
         if rule != "create":
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
+            self.after_rule(name, rule, args, kwargs, outs)
         return out
 
     # -- weighted operations -------------------------------------------------
