@@ -199,3 +199,4 @@ class _SwinV2Handler(_SwinHandler):
 
 register_handler("torchvision.models.swin_transformer.ShiftedWindowAttention")(_SwinHandler)
 register_handler("torchvision.models.swin_transformer.ShiftedWindowAttentionV2")(_SwinV2Handler)
+register_handler("torchvision.models.video.swin_transformer.ShiftedWindowAttention3d")(_SwinHandler)

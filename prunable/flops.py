@@ -17,34 +17,39 @@ Example
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import meta_clone
+from .inputs import call_model, input_tensors, inputs_to
 
 __all__ = ["count_flops", "count_params", "module_flops", "measure_latency"]
 
 
-def _as_tuple(inputs: Any) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
 def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
-    clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
-    meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, _as_tuple(inputs))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        clone(*meta_inputs)
+    """Count on a meta copy; on a real copy when the forward pass needs real values
+    (data-dependent post-processing of a detector)."""
+    try:
+        clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(clone, inputs_to(inputs, "meta"))
+    except Exception:  # noqa: BLE001 - data-dependent code: count with real values
+        clone = copy.deepcopy(model).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(clone, inputs)
     return counter
 
 
 def count_flops(model: nn.Module, inputs: Any) -> int:
-    """FLOPs of one forward pass of ``model`` on ``inputs`` (a tensor or tuple).
+    """FLOPs of one forward pass of ``model`` on ``inputs`` (a tensor, a tuple of
+    positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair, see
+    :mod:`prunable.inputs`).
 
     Counted as torch counts them (a multiply-add is 2 FLOPs) for the ops
     :class:`~torch.utils.flop_counter.FlopCounterMode` knows (convolutions,
@@ -80,15 +85,14 @@ def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int
     """
     was_training = model.training
     model.eval()
-    args = _as_tuple(inputs)
-    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in args)
+    cuda = any(t.is_cuda for t in input_tensors(inputs))
     times = []
     try:
         for i in range(warmup + repeats):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(*args)
+            call_model(model, inputs)
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:

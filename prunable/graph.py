@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from .errors import PruningValueError
+from .inputs import call_model, first_failing_op, input_tensors, inputs_to
 from .attention import AttentionHandler
 from .surgery import Cut, Role, apply_cuts, handler_for
 from .trace import ChannelTracer, Target, Trace
@@ -125,18 +126,44 @@ def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
 
 
 def meta_clone(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on ``meta``."""
+    """A deep copy of ``model`` whose tensors live on ``meta``: parameters, buffers and
+    tensors held in plain attributes (anchor grids, strides, masks, rotary caches a
+    forward pass left behind), also inside lists, tuples and dicts held by a module."""
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+        memo[id(t)] = _meta_tensor(t)
     for module in model.modules():
-        for value in vars(module).values():
+        for key, value in vars(module).items():
             if type(value) in _FLAT and id(value) not in memo:
                 copied = _flat_copy(value, memo)
                 if copied is not None:
                     memo[id(value)] = copied
+                elif key not in _TABLES:
+                    _meta_attributes(value, memo)
+            elif type(value) not in _ATOMIC:
+                _meta_attributes(value, memo)
     return _copy_module(model, memo)
+
+
+#: a module's own tables: parameters, buffers and submodules are copied by the loops above
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+
+
+def _meta_attributes(value: Any, memo: dict[int, Any], depth: int = 0) -> None:
+    """Put a meta twin in ``memo`` for every tensor in ``value`` (a tensor, or a list,
+    tuple or dict of them, nested), so ``deepcopy`` copies it onto ``meta``."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = _meta_tensor(value)
+    elif type(value) in (list, tuple, dict, OrderedDict) and depth < 8:
+        for item in value.values() if isinstance(value, dict) else value:
+            if type(item) not in _ATOMIC:
+                _meta_attributes(item, memo, depth + 1)
 
 
 #: values ``copy.deepcopy`` returns as they are
@@ -206,7 +233,11 @@ def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module
 
 
 def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, Any]:
-    """Run ``model`` once under a :class:`ChannelTracer`; returns tracer and output."""
+    """Run ``model`` once under a :class:`ChannelTracer`; returns tracer and output.
+
+    ``example_inputs`` follows :func:`prunable.inputs.split_inputs` (a tensor, a tuple
+    of positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair).
+    """
     names, owners = _owners(model)
     tracer = ChannelTracer(names, owners)
     hooks = []
@@ -214,13 +245,11 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad(), tracer:
-            for t in tree_flatten(inputs)[0]:
-                if isinstance(t, torch.Tensor):
-                    tracer.mark_input(t)
-            out = model(*inputs)
+            for t in input_tensors(example_inputs):
+                tracer.mark_input(t)
+            out = call_model(model, example_inputs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 tracer.trace.block(tracer.shadow(t), "model output")
@@ -239,11 +268,15 @@ class Traced:
     ``clone`` is that copy when it lives on ``meta`` (``None`` when tracing
     needed a real copy). The copy is left as the model was: it can serve one
     trial run (:meth:`prunable.Pruner._trial`) instead of a fresh copy.
+    ``real`` says why the forward pass could not run on ``meta`` (the operation
+    that needs real values, see :func:`prunable.inputs.first_failing_op`); None
+    when it did.
     """
 
     trace: Trace
     mapping: dict[int, nn.Module]
     clone: nn.Module | None = None
+    real: str | None = None
 
 
 def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
@@ -253,15 +286,17 @@ def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
 
 
 def _to_meta(inputs: Any) -> Any:
-    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+    return inputs_to(inputs, "meta")
 
 
 def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
-    """Trace on a meta copy (falling back to a real copy for data-dependent code)."""
+    """Trace on a meta copy; when the forward pass needs real values (data-dependent
+    operations: ``nonzero``, boolean masks, non-maximum suppression, ``.item()``), on a
+    real copy, and :attr:`Traced.real` says which operation forced it."""
     try:
         clone = meta_clone(model)
         tracer, _ = run_traced(clone, _to_meta(example_inputs))
-    except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
+    except Exception as meta_exc:  # noqa: BLE001 - data-dependent code needs real values
         clone = copy.deepcopy(model)
         try:
             tracer, _ = run_traced(clone, example_inputs)
@@ -274,26 +309,28 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
                 else:
                     names = {id(m): n for n, m in clone.named_modules(remove_duplicate=False)}
                     real = dict(model.named_modules(remove_duplicate=False))
-                    return Traced(inner.trace, {k: real[names[id(v)]] for k, v in inner.mapping.items()})
-            shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+                    mapping = {k: real[names[id(v)]] for k, v in inner.mapping.items()}
+                    return Traced(inner.trace, mapping, real=inner.real)
+            shapes = [tuple(t.shape) for t in input_tensors(example_inputs)]
             raise PruningValueError(
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
             ) from exc
-        return Traced(tracer.trace, _module_map(clone, model))
+        return Traced(tracer.trace, _module_map(clone, model), real=first_failing_op(meta_exc))
     return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
-def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut]) -> Traced:
-    """Trace ``model`` as it will be after ``cuts``, on a meta copy; ``model`` is not touched.
+def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut], *, real: str | None = None) -> Traced:
+    """Trace ``model`` as it will be after ``cuts``, on a meta copy (a real copy when
+    ``real`` says why the forward pass needs one); ``model`` is not touched.
 
     Raises whatever applying the cuts or the forward pass of the cut copy raises.
     The result is the trace of the model once the same cuts are applied to it.
     """
-    clone = meta_clone(model)
+    clone = meta_clone(model) if real is None else copy.deepcopy(model)
     twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
     apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
-    tracer, _ = run_traced(clone, _to_meta(example_inputs))
-    return Traced(tracer.trace, _module_map(clone, model), clone)
+    tracer, _ = run_traced(clone, _to_meta(example_inputs) if real is None else example_inputs)
+    return Traced(tracer.trace, _module_map(clone, model), clone if real is None else None, real)
 
 
 class DependencyGraph:
@@ -304,7 +341,8 @@ class DependencyGraph:
     model
         Any ``nn.Module``; it is not modified (tracing runs on a meta copy).
     example_inputs
-        A tensor or tuple of positional inputs for ``model``.
+        A tensor, a tuple of positional inputs, a dict of keyword inputs or an
+        ``(args, kwargs)`` pair (see :mod:`prunable.inputs`).
     traced
         A trace of ``model`` already made (:func:`trace_model`, :func:`trace_cut`);
         ``example_inputs`` is then not run again.

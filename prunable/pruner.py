@@ -16,6 +16,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import gc
 import math
@@ -25,11 +26,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .distributed import average_across_ranks
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
+from .inputs import call_model, input_tensors, inputs_to, split_inputs
 from .graph import ChannelGroup, DependencyGraph, Traced, _positions, meta_clone, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
@@ -55,7 +56,12 @@ class Pruner:
     model
         The model; pruned in place.
     example_inputs
-        A tensor or tuple of positional inputs for one forward pass.
+        The inputs of one forward pass: a tensor (or a list, e.g. of images), a tuple
+        of positional inputs, a dict of keyword inputs (``model(**inputs)``) or an
+        ``(args, kwargs)`` pair; see :mod:`prunable.inputs`. When the forward pass
+        cannot run on the ``meta`` device (data-dependent post-processing: a
+        detector's score threshold, NMS), tracing and trial runs use real copies
+        of the model; a warning names the operation once.
     criterion
         A :class:`~prunable.importance.Criterion` or its name (``"taylor"``, ``"l1"`` …,
         see :data:`~prunable.importance.CRITERIA`); :class:`TaylorActivation` by default.
@@ -96,7 +102,8 @@ class Pruner:
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise PruningValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
         self.model = model
-        self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.example_inputs = example_inputs if isinstance(example_inputs, (tuple, dict)) else (example_inputs,)
+        self._real: str | None = None  # why the forward pass needs real values, once known
         self.criterion = make_criterion(criterion)
         self.min_channels, self.round_to, self.optimizer = min_channels, round_to, optimizer
         self.aggregation = Aggregation(aggregation)
@@ -116,6 +123,10 @@ class Pruner:
     def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
+        if traced.real is not None and self._real is None:
+            self._real = traced.real
+            warnings.warn(f"prunable: {type(self.model).__name__}'s forward pass cannot run on the meta device "
+                          f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self.skipped: dict[str, str] = {}
         for g in self.graph.groups:
@@ -145,15 +156,20 @@ class Pruner:
         return [g for g in self.graph.groups if g.id not in self.skipped]
 
     def _trial(self, cuts: list[Cut], clone: nn.Module | None = None) -> str | None:
-        """Apply ``cuts`` to a meta copy (``clone``, or a fresh one) and run it; the error text, or None."""
-        clone = meta_clone(self.model) if clone is None else clone
+        """Apply ``cuts`` to a meta copy (``clone``, or a fresh one) and run it; the error text, or None.
+
+        When the forward pass needs real values (``self._real``), a real copy runs
+        on the real example inputs instead.
+        """
+        if clone is None:
+            clone = meta_clone(self.model) if self._real is None else copy.deepcopy(self.model)
         twin = dict(zip((id(m) for m in self.model.modules()), clone.modules()))
         moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
-        inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, self.example_inputs)
+        inputs = self.example_inputs if self._real is not None else inputs_to(self.example_inputs, "meta")
         try:
             apply_cuts(moved)
             with torch.no_grad(), MetaShortcuts():
-                clone(*inputs)
+                call_model(clone, inputs)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return None
@@ -343,7 +359,7 @@ class Pruner:
         at once. A failure is settled by :meth:`_failing`, which names the group.
         """
         try:
-            return trace_cut(self.model, self.example_inputs, cuts)
+            return trace_cut(self.model, self.example_inputs, cuts, real=self._real)
         except Exception:  # noqa: BLE001 - _failing reports it
             return None
 
@@ -684,15 +700,21 @@ def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[
     return out
 
 
-def _check_inputs(model: nn.Module, inputs: tuple) -> None:
+def _check_inputs(model: nn.Module, inputs: Any) -> None:
     """Example inputs must sit on the model's device."""
     param = next(model.parameters(), None)
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and param is not None and t.device.type != param.device.type:
+    for t in input_tensors(inputs):
+        if param is not None and t.device.type != param.device.type:
             raise PruningValueError(
                 f"example input on {t.device} but the model's parameters are on {param.device}")
 
 
-def _batch_size(inputs: tuple) -> int:
-    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+def _batch_size(inputs: Any) -> int:
+    """Examples in ``inputs``: the first dim of the first tensor, or the length of a
+    leading list of tensors (a detector's list of images)."""
+    args, kwargs = split_inputs(inputs)
+    lead = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(lead, list) and lead and all(isinstance(t, torch.Tensor) for t in lead):
+        return len(lead)
+    first = next((t for t in input_tensors(inputs) if t.dim()), None)
     return int(first.shape[0]) if first is not None else 1

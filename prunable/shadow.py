@@ -132,7 +132,8 @@ def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
     cores = [core_of(s) for s in shadows]
-    shape = [max(c.shape[d] for c in cores) for d in range(cores[0].dim())]
+    # an empty dim (no detections left) stays empty: there is nothing to relate along it
+    shape = [min(sizes) if 0 in sizes else max(sizes) for sizes in zip(*(c.shape for c in cores))]
     return tuple(c.expand(shape) for c in cores)
 
 

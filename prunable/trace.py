@@ -199,6 +199,8 @@ class ChannelTracer(TorchFunctionMode):
         if name in ("size", "dim", "numel", "__len__", "property:shape", "property:dtype", "property:device"):
             return out
         outs = [out] if isinstance(out, torch.Tensor) else _tensors(out)
+        if name == "__setitem__":
+            return self._setitem(args)
         if not outs:
             ins = self._tensors_in(args, kwargs)
             if name in _BLOCK:
@@ -213,7 +215,7 @@ class ChannelTracer(TorchFunctionMode):
         rule = {
             "linear": self._linear, "batch_norm": self._norm, "instance_norm": self._norm,
             "layer_norm": self._layer_norm, "group_norm": self._group_norm, "prelu": self._prelu,
-            "embedding": self._embedding, "chunk": self._chunk,
+            "embedding": self._embedding, "chunk": self._chunk, "roi_align": self._roi, "roi_pool": self._roi,
         }.get(name)
         if name in _CONV or name in _CONV_T:
             rule = self._conv
@@ -383,17 +385,65 @@ class ChannelTracer(TorchFunctionMode):
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
         self._out_shadow(out, self._produce(target, out.shape[-1]), out.dim() - 1)
 
+    def _roi(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        """``roi_align(features, boxes, …)`` / ``roi_pool``: the pooled regions keep the
+        features' channels (dim 1); the boxes are coordinates, not channels."""
+        out = out[0] if isinstance(out, tuple) else out
+        labels = labels_along(self.shadow(args[0]), 1)
+        if labels is None or out.dim() != args[0].dim() or out.shape[1] != len(labels):
+            return self._block_all(name, args, kwargs, [out])
+        self._out_shadow(out, labels, 1)
+
+    def _setitem(self, args: tuple) -> None:
+        """``target[index] = value``: the written part and ``value`` are the same channels;
+        the target takes ``value``'s labels where they broadcast over the whole target
+        (a zero-filled result gathered from several pooled levels)."""
+        target, index, value = args
+        if not isinstance(value, torch.Tensor) or not self.has_labels(value):
+            return
+        try:
+            part = self._indexed(target, index)
+            values = expand_shadow(self.shadow(value), part.shape)
+        except Exception:  # noqa: BLE001 - an index the shadows cannot replay
+            return self._block_all("__setitem__", args, {}, [])
+        if not part.numel():  # nothing written (an empty level of detections)
+            return
+        self.trace.union(part, values, "written into a fixed-size tensor")
+        core = core_of(values)
+        if part.dim() == target.dim() and all(core.shape[d] == 1 or part.shape[d] == target.shape[d]
+                                              for d in range(target.dim())):
+            if not bool((core_of(self.shadow(target)) >= 0).any()):
+                self.set_shadow(target, core.expand(target.shape))
+        else:
+            self._block_all("__setitem__", args, {}, [])
+
+    def _indexed(self, target: torch.Tensor, index: Any) -> torch.Tensor:
+        """``shadow(target)[index]``, materialising only the dims the index reaches."""
+        index = index.cpu() if isinstance(index, torch.Tensor) else index
+        parts = index if isinstance(index, tuple) else (index,)
+        if not all(isinstance(i, (int, slice)) or (isinstance(i, torch.Tensor) and not i.is_floating_point()
+                                                   and i.dtype is not torch.bool) for i in parts):
+            return self.shadow(target)[index]
+        lead, core = len(parts), core_of(self.shadow(target))
+        picked = core.expand(*target.shape[:lead], *core.shape[lead:])[index]
+        rest = target.dim() - lead
+        return picked.expand(*picked.shape[:picked.dim() - rest], *target.shape[lead:])
+
     # -- shape and elementwise operations ------------------------------------
     def _shadow_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def convert(a: Any) -> Any:
+        """The data (first argument: a tensor or a list of them) as shadows; integer
+        tensors elsewhere are indices, used with their values (an integer tensor's
+        values are never taken for labels: a detector's level ids, kept indices)."""
+        def convert(a: Any, data: bool = False) -> Any:
             if not isinstance(a, torch.Tensor):
                 return a
-            if self.has_labels(a) or a.is_floating_point() or id(a) in self.owners:
+            if data or a.is_floating_point() or id(a) in self.owners:
                 return self.shadow(a)
             if a.device.type == "meta":
                 raise RuntimeError("index tensor without data")
             return a.cpu()
-        sargs, skwargs = tree_map(convert, (args, kwargs))
+        sargs = (*tree_map(lambda a: convert(a, True), args[:1]), *tree_map(convert, args[1:]))
+        skwargs = tree_map(convert, kwargs)
         if "value" in skwargs:
             skwargs["value"] = FREE
         return sargs, skwargs
