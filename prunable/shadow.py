@@ -89,9 +89,11 @@ _CORE = "_prunable_core"
 def _core(shadow: torch.Tensor) -> torch.Tensor:
     """``shadow`` with every broadcast (stride-0) dim narrowed to size one: a cheap view."""
     stride, shape = shadow.stride(), shadow.shape
-    if all(st or n <= 1 for st, n in zip(stride, shape)):
+    # an empty broadcast dim (no detection kept) still has its labels in the storage
+    empty = shadow.untyped_storage().nbytes() == 0
+    if all(st or n == 1 or (n == 0 and empty) for st, n in zip(stride, shape)):
         return shadow
-    size = [1 if st == 0 and n > 1 else n for st, n in zip(stride, shape)]
+    size = [1 if st == 0 and n != 1 and not (n == 0 and empty) else n for st, n in zip(stride, shape)]
     return shadow.as_strided(size, stride, shadow.storage_offset())
 
 

@@ -402,7 +402,7 @@ class ChannelTracer(TorchFunctionMode):
         if not isinstance(value, torch.Tensor) or not self.has_labels(value):
             return
         try:
-            part = self._indexed(target, index)
+            part = self._indexed(target, index, value.shape)
             values = expand_shadow(self.shadow(value), part.shape)
         except Exception:  # noqa: BLE001 - an index the shadows cannot replay
             return self._block_all("__setitem__", args, {}, [])
@@ -417,17 +417,22 @@ class ChannelTracer(TorchFunctionMode):
         else:
             self._block_all("__setitem__", args, {}, [])
 
-    def _indexed(self, target: torch.Tensor, index: Any) -> torch.Tensor:
-        """``shadow(target)[index]``, materialising only the dims the index reaches."""
-        index = index.cpu() if isinstance(index, torch.Tensor) else index
+    def _indexed(self, x: torch.Tensor, index: Any, shape: Any) -> torch.Tensor:
+        """The shadow of ``x[index]`` (of size ``shape``), indexing only the dims along
+        which the labels vary: the labels of rows picked by a data-dependent index (kept
+        detections) survive even when no row is picked."""
         parts = index if isinstance(index, tuple) else (index,)
-        if not all(isinstance(i, (int, slice)) or (isinstance(i, torch.Tensor) and not i.is_floating_point()
-                                                   and i.dtype is not torch.bool) for i in parts):
-            return self.shadow(target)[index]
-        lead, core = len(parts), core_of(self.shadow(target))
-        picked = core.expand(*target.shape[:lead], *core.shape[lead:])[index]
-        rest = target.dim() - lead
-        return picked.expand(*picked.shape[:picked.dim() - rest], *target.shape[lead:])
+        parts = tuple(p.cpu() if isinstance(p, torch.Tensor) else p for p in parts)
+        parts = sum(((*p.nonzero(as_tuple=True),) if isinstance(p, torch.Tensor) and p.dtype is torch.bool
+                     else (p,) for p in parts), ())
+        simple = all(type(p) in (int, slice) or (isinstance(p, torch.Tensor) and not p.is_floating_point())
+                     for p in parts)
+        core = core_of(self.shadow(x))
+        if not simple or len(parts) > x.dim():
+            return self.shadow(x)[index]
+        picked = core[tuple(p if core.shape[d] > 1 else (slice(None) if type(p) is slice else 0 if type(p) is int
+                            else torch.zeros((1,) * p.dim(), dtype=torch.long)) for d, p in enumerate(parts))]
+        return picked.expand(shape)
 
     # -- shape and elementwise operations ------------------------------------
     def _shadow_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -454,6 +459,8 @@ class ChannelTracer(TorchFunctionMode):
             func = getattr(torch.Tensor, name.split(":")[-1], None)
             if name.startswith("property:"):
                 sout = getattr(sargs[0], name.split(":")[1])
+            elif name == "__getitem__" and isinstance(out, torch.Tensor):
+                sout = self._indexed(args[0], args[1], out.shape)
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
                 sout = _cat_cores(sargs[0], _arg(sargs, skwargs, 1, "dim", 0))
             elif isinstance(args[0], torch.Tensor) and func is not None:

@@ -1,0 +1,179 @@
+"""Detectors and other task models (issue #17): cached tensors, data-dependent
+post-processing, RoI pooling, torchvision detection, YOLO, video attention."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
+
+from prunable import DependencyGraph, Pruner, count_flops
+from prunable.graph import meta_clone
+from tests.helpers import fraction_plan, randomize_bn, zero_plan
+
+
+def _meta_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "meta device" in str(w.message)]
+
+
+# -- tensors cached in plain attributes ------------------------------------------------
+class CachingHead(nn.Module):
+    """Caches its anchor grid as plain tensors (not buffers) on its first forward, like
+    ultralytics' Detect head; later forwards reuse the cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pred = nn.Conv2d(8, 6, 1)
+        self.shape = None
+        self.anchors = torch.empty(0)
+        self.cache: dict = {"grid": None}
+        self.levels: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pred(torch.relu(self.stem(x))).flatten(2)
+        if self.shape != y.shape:
+            self.shape = y.shape
+            self.anchors = torch.arange(y.shape[2], dtype=y.dtype, device=y.device).view(1, 1, -1)
+            self.cache["grid"], self.levels = self.anchors * 2, [(self.anchors + 1, 3)]
+        return y + self.anchors + self.cache["grid"] * self.levels[0][0]
+
+
+def test_meta_clone_moves_tensors_held_in_plain_attributes_and_containers():
+    model = CachingHead()
+    model(torch.randn(1, 3, 4, 4))
+    clone = meta_clone(model)
+    assert clone.anchors.is_meta and clone.cache["grid"].is_meta and clone.levels[0][0].is_meta
+    assert clone.levels[0][1] == 3 and clone.shape == model.shape
+    assert not model.anchors.is_meta and model.anchors.shape == clone.anchors.shape
+    shared = nn.Module()
+    shared.a = shared.b = torch.ones(2)
+    copied = meta_clone(shared)
+    assert copied.a is copied.b and copied.a.is_meta
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_module_caching_tensors_is_traced_on_meta_before_and_after_a_forward(warm):
+    model, x = CachingHead().eval(), torch.randn(2, 3, 6, 6)
+    if warm:
+        with torch.no_grad():
+            model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = Pruner(model, x, criterion="l1")
+    assert not _meta_warnings(caught)
+    assert [g.id for g in pruner.groups] == ["stem"]
+    reference = copy.deepcopy(model)
+    zero_plan(reference, pruner.graph, {"stem": [1, 4, 6]})
+    pruner.prune({"stem": [1, 4, 6]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+# -- data-dependent post-processing ---------------------------------------------------
+class ToyDetector(nn.Module):
+    """A backbone with a residual block, class and box heads, then post-processing that
+    only runs on real values (score threshold → ``nonzero``, NMS) and that mixes integer
+    level ids into the scores: none of it may couple or block the backbone's channels."""
+
+    def __init__(self, threshold: float = 0.6) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1))
+        self.cls = nn.Conv2d(8, 3, 1)
+        self.box = nn.Conv2d(8, 4, 1)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        f = self.stem(torch.stack(images))
+        f = torch.relu(f + self.block(f))
+        scores, deltas = self.cls(f).sigmoid().flatten(2), self.box(f).flatten(2)
+        half = scores.shape[2] // 2
+        ids = {"dtype": torch.long, "device": f.device}
+        level = torch.cat([torch.zeros(half, **ids), torch.ones(scores.shape[2] - half, **ids)])
+        out = []
+        for s, d in zip(scores, deltas):
+            best, label = (s * (1 + (level == 0))).max(0)
+            keep = torch.nonzero(best > self.threshold).flatten()
+            corner = torch.arange(len(best), dtype=d.dtype, device=d.device)[:, None].expand(-1, 2)
+            boxes = torch.cat([corner, corner + 1 + d[2:].t().exp()], 1)[keep]
+            kept = torchvision.ops.nms(boxes, best[keep], 0.5)
+            out.append({"boxes": boxes[kept], "scores": best[keep][kept], "labels": label[keep][kept]})
+        return out
+
+
+def test_data_dependent_forward_is_traced_and_trial_pruned_on_a_real_copy():
+    torch.manual_seed(0)
+    model = ToyDetector().eval()
+    randomize_bn(model)
+    images = [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = Pruner(model, images, criterion="l1", ignored_layers=[model.cls, model.box])
+        flops = count_flops(model, images)
+        for _ in range(2):  # the trial and the trace after each prune run on real copies too
+            plan = fraction_plan(pruner, 0.25)
+            reference = copy.deepcopy(model)
+            zero_plan(reference, pruner.graph, plan)
+            pruner.prune(plan)
+            with torch.no_grad():
+                got, want = model(images), reference(images)
+            assert [sorted(o) for o in got] == [["boxes", "labels", "scores"]] * 2
+            for g, w in zip(got, want):
+                assert g["boxes"].shape[1:] == (4,) and len(g["boxes"]) > 0
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    (message,) = _meta_warnings(caught)  # said once
+    assert "nonzero" in message and "real copies" in message
+    members = sorted(sorted({m.target.name for m in g.members}) for g in pruner.groups)
+    assert members == [["block.0", "block.2"], ["block.0", "block.2", "box", "cls", "stem.0", "stem.1"]]
+    assert sorted(pruner.skipped) == ["box", "cls"]
+    assert (model.stem[0].out_channels, model.block[0].out_channels) == (5, 7)
+    assert 0 < count_flops(model, images) < flops
+
+
+def test_detector_without_any_detection_is_pruned_all_the_same():
+    model, images = ToyDetector(threshold=2.0).eval(), [torch.rand(3, 8, 8)]
+    with pytest.warns(UserWarning, match="cannot run on the meta device"):
+        pruner = Pruner(model, images, criterion="l1")
+    assert len(pruner.groups) == 2
+    pruner.prune(fraction_plan(pruner, 0.5))
+    with torch.no_grad():
+        (out,) = model(images)
+    assert out["boxes"].shape == (0, 4) and model.stem[0].out_channels == 4
+
+
+# -- RoI pooling ------------------------------------------------------------------
+class RoINet(nn.Module):
+    """Two feature levels pooled by ``MultiScaleRoIAlign`` (zero-filled result written
+    level by level), then a Linear on the flattened regions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p0 = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.p1 = nn.Conv2d(3, 6, 3, stride=8, padding=1)
+        self.pool = MultiScaleRoIAlign(["0", "1"], output_size=2, sampling_ratio=2)
+        self.fc = nn.Linear(6 * 4, 5)
+
+    def forward(self, x: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        features = {"0": self.p0(x), "1": self.p1(x)}
+        regions = self.pool(features, boxes, [tuple(x.shape[2:])] * len(x))
+        return self.fc(regions.flatten(1))
+
+
+def test_roi_pooling_keeps_the_channels_of_every_level():
+    torch.manual_seed(0)
+    model, x = RoINet().eval(), torch.randn(2, 3, 64, 64)
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 30.0], [0.0, 0.0, 120.0, 120.0]]), torch.tensor([[4.0, 4.0, 40.0, 40.0]])]
+    graph = DependencyGraph(model, (x, boxes))
+    (group,) = [g for g in graph.groups if g.id == "p0"]
+    assert group.skip_reason is None and sorted({m.target.name for m in group.members}) == ["fc", "p0", "p1"]
+    pruner = Pruner(model, (x, boxes), criterion="l1")
+    reference = copy.deepcopy(model)
+    zero_plan(reference, pruner.graph, {"p0": [0, 3]})
+    pruner.prune({"p0": [0, 3]})
+    assert (model.p0.out_channels, model.p1.out_channels, model.fc.in_features) == (4, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, boxes), reference(x, boxes), atol=1e-5, rtol=1e-4)
