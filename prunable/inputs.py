@@ -102,6 +102,6 @@ def first_failing_op(exc: BaseException) -> str:
         if frame.f_code.co_name == "__torch_function__":
             func = frame.f_locals.get("func")
             op = getattr(func, "__name__", None) or op
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    what = f"{type(exc).__name__}: {text}"
+    text = (str(exc).splitlines() or [""])[0].split(". ")[0]
+    what = f"{type(exc).__name__}: {text[:160]}"
     return f"{op}: {what}" if op else what

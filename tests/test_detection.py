@@ -177,3 +177,168 @@ def test_roi_pooling_keeps_the_channels_of_every_level():
     assert (model.p0.out_channels, model.p1.out_channels, model.fc.in_features) == (4, 4, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x, boxes), reference(x, boxes), atol=1e-5, rtol=1e-4)
+
+
+# -- torchvision detection ----------------------------------------------------------
+#: final predictors (their outputs are anchors × classes / boxes): ignored, as a user would
+_PREDICTORS = {
+    "fasterrcnn_mobilenet_v3_large_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+                                          "roi_heads.box_predictor.bbox_pred"],
+    "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"],
+    "fcos_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+                          "head.regression_head.bbox_ctrness"],
+    "ssdlite320_mobilenet_v3_large": [f"head.{h}_head.module_list.{i}.1" for h in ("classification", "regression")
+                                      for i in range(6)],
+    "ssd300_vgg16": [f"head.{h}_head.module_list.{i}" for h in ("classification", "regression") for i in range(6)],
+    "maskrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+                              "roi_heads.box_predictor.bbox_pred", "roi_heads.mask_predictor.mask_fcn_logits"],
+    "keypointrcnn_resnet50_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
+                                  "roi_heads.box_predictor.bbox_pred", "roi_heads.keypoint_predictor.kps_score_lowres"],
+}
+_FAST = {"fasterrcnn_mobilenet_v3_large_fpn"}
+
+
+def _conv_transpose_supported() -> bool:
+    """True once the tracer reads ``conv_transpose2d``'s groups argument right."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 2, 2, stride=2))
+    try:
+        DependencyGraph(net, torch.randn(1, 3, 4, 4))
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _detector(name: str) -> nn.Module:
+    kwargs = {"weights": None, "weights_backbone": None}
+    if name.startswith("ssd"):
+        kwargs.update(num_classes=5, score_thresh=0.0)
+    elif name.startswith(("retinanet", "fcos")):
+        kwargs.update(num_classes=5, min_size=128, max_size=128, score_thresh=0.0)
+    else:
+        kwargs.update(min_size=128, max_size=128, box_score_thresh=0.0)
+        kwargs["num_classes"] = 2 if name.startswith("keypoint") else 5
+    return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def _tapped(model: nn.Module, images: list[torch.Tensor], names: list[str]) -> tuple[list, dict[str, object]]:
+    """The model's detections and the outputs of the named submodules during that forward."""
+    seen: dict[str, object] = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen.setdefault(n, out)) for n in names]
+    try:
+        with torch.no_grad():
+            return model(images), seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in _FAST else pytest.mark.slow) for n in _PREDICTORS])
+def test_torchvision_detector_is_pruned_end_to_end(name):
+    if name.startswith(("mask", "keypoint")) and not _conv_transpose_supported():
+        pytest.xfail("needs ConvTranspose2d tracing (conv_transpose groups argument), from the layer-coverage work")
+    torch.manual_seed(0)
+    model = _detector(name)
+    randomize_bn(model)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 112, 128)]
+    with torch.no_grad():
+        before = model(images)
+    with pytest.warns(UserWarning, match="cannot run on the meta device"):
+        pruner = Pruner(model, images, criterion="l1", ignored_layers=_PREDICTORS[name])
+    assert set(pruner.skipped) <= set(_PREDICTORS[name]), pruner.skipped
+    covered = {".".join(m.target.name.split(".")[:2]) for g in pruner.groups for m in g.producers}
+    parts = {"fasterrcnn": {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head"},
+             "maskrcnn": {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.box_head", "roi_heads.mask_head"},
+             "keypointrcnn": {"backbone.body", "backbone.fpn", "rpn.head", "roi_heads.keypoint_head"},
+             "retinanet": {"backbone.body", "backbone.fpn", "head.classification_head", "head.regression_head"},
+             "fcos": {"backbone.body", "backbone.fpn", "head.classification_head", "head.regression_head"},
+             "ssdlite320": {"backbone.features", "backbone.extra", "head.classification_head"},
+             "ssd300": {"backbone.features", "backbone.extra"}}[name.split("_")[0]]
+    assert parts <= covered, sorted(covered)
+    plan = fraction_plan(pruner, 0.3)
+    reference = copy.deepcopy(model)
+    zero_plan(reference, pruner.graph, plan)
+    flops = count_flops(model, images)
+    pruner.prune(plan)
+    assert count_flops(model, images) < 0.8 * flops
+    # pruned equals zeroed on the raw head outputs (post-processing may order near-tied random
+    # boxes differently); not for FCOS, whose heads' GroupNorm statistics change once channels are zeroed
+    taps = [] if any(isinstance(m, nn.GroupNorm) for m in model.modules()) else [
+        "rpn.head" if hasattr(model, "rpn") else "head"]
+    (after, got), (_, want) = _tapped(model, images, taps), _tapped(reference, images, taps)
+    for b, a in zip(before, after):
+        assert sorted(a) == sorted(b) and a["boxes"].dim() == 2 and a["boxes"].shape[1] == 4 and len(a["boxes"])
+        assert all(a[k].shape[1:] == b[k].shape[1:] for k in b)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+# -- YOLO (ultralytics: AGPL-3.0, tests only, never imported by prunable) -----------------
+@pytest.mark.slow
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "after-forward"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolov8n-seg.yaml", "yolo11n-seg.yaml"])
+def test_yolo_built_from_its_yaml_is_pruned_before_and_after_a_forward(cfg, warm, monkeypatch, tmp_path):
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    if "seg" in cfg and not _conv_transpose_supported():
+        pytest.xfail("the Proto mask head needs ConvTranspose2d tracing, from the layer-coverage work")
+    torch.manual_seed(0)
+    model = (tasks.SegmentationModel if "seg" in cfg else tasks.DetectionModel)(cfg, verbose=False).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    if not warm:
+        model = (tasks.SegmentationModel if "seg" in cfg else tasks.DetectionModel)(cfg, verbose=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, x, criterion="l1")
+    assert not [r for r in pruner.skipped.values() if "trial prune failed" in r], pruner.skipped
+    assert len(pruner.groups) > 40
+    plan = fraction_plan(pruner, 0.3)
+    reference = copy.deepcopy(model)
+    zero_plan(reference, pruner.graph, plan)
+    flops = count_flops(model, x)
+    pruner.prune(plan)
+    assert count_flops(model, x) < 0.7 * flops
+    with torch.no_grad():
+        after, want = model(x), reference(x)
+    assert after[0].shape == before[0].shape
+    torch.testing.assert_close(after[0], want[0], atol=1e-4, rtol=1e-3)
+
+
+# -- video attention ---------------------------------------------------------------
+def test_swin3d_attention_head_dims_are_pruned_like_zeroing_them():
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(5, 16)
+            self.attn = ShiftedWindowAttention3d(16, [2, 2, 2], [1, 1, 1], 4)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(self.embed(x)).flatten(1, -2).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 4, 4, 4, 5)
+    pruner = Pruner(model, x, criterion="l1")
+    (group,) = [g for g in pruner.groups if g.blocks is not None]
+    assert tuple(group.blocks.shape) == (4, 4) and not pruner.skipped.keys() - {"head"}
+    idx = group.blocks[:, [1, 3]].flatten().tolist()
+    reference = copy.deepcopy(model)
+    zero_plan(reference, pruner.graph, {group.id: idx})
+    with torch.no_grad():  # the attention's q/k/v rows and input columns, so zeroing equals removing them
+        removed = group.classes[torch.as_tensor(idx)]
+        for m in group.members:
+            if m.target.name == "attn":
+                hit = torch.isin(m.classes, removed)
+                if m.producer:
+                    reference.attn.qkv.weight[hit] = 0
+                    reference.attn.qkv.bias[hit] = 0
+                else:
+                    reference.attn.qkv.weight[:, hit] = 0
+    pruner.prune({group.id: idx})
+    assert model.attn.qkv.weight.shape == (24, 8) and model.attn.num_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
