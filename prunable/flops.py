@@ -78,7 +78,8 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time in seconds of one forward pass on ``inputs`` (as :func:`count_flops` reads them), in eval mode.
+    """Median wall time in seconds of one forward pass on ``inputs`` (read as by
+    :func:`count_flops`), in eval mode.
 
     The model's train/eval mode is restored afterwards. On CUDA the device is
     synchronised around each run.
