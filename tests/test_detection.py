@@ -96,7 +96,8 @@ class ToyDetector(nn.Module):
         level = torch.cat([torch.zeros(half, **ids), torch.ones(scores.shape[2] - half, **ids)])
         out = []
         for s, d in zip(scores, deltas):
-            best, label = (s * (1 + (level == 0))).max(0)
+            best, label = s.max(0)
+            best = best * (1 + (level == 0))  # level ids are integers, not channel labels
             keep = torch.nonzero(best > self.threshold).flatten()
             corner = torch.arange(len(best), dtype=d.dtype, device=d.device)[:, None].expand(-1, 2)
             boxes = torch.cat([corner, corner + 1 + d[2:].t().exp()], 1)[keep]
