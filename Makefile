@@ -2,14 +2,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench ocr clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,demo,vision,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,vision,bench,ocr]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+ocr: $(STAMP)
+	$(PY) examples/ocr_capstone.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,36 +1,47 @@
 """Save and load pruned models as plain data: no pickled code, ever.
 
-A prunable file is one :func:`torch.save` archive holding only strings,
-numbers, lists, dicts and tensors::
+:func:`save` works for any model (torchvision, timm, Hugging Face, your own
+``nn.Module``); :func:`load` shrinks a fresh, unpruned instance of the same
+architecture to the saved widths and loads the weights strictly. A prunable
+file is one :func:`torch.save` archive holding only strings, numbers, lists,
+dicts and tensors::
 
-    {"format": "prunable/1",
-     "architecture": {"name": "CharNet", "num_classes": 92, ...},  # how to build it
-     "plans": [{"features.0": [3, 7]}, ...],   # pruner.history, in order
-     "input_shape": [1, 1, 32, 32],            # an input the model accepts
+    {"format": "prunable/2",
      "state_dict": {...},                      # the pruned weights
+     "sizes": {"layer1.0.conv1": {"in_channels": 64, "out_channels": 40, ...}, ...},
+     "modules": {"layer1.0.conv1": "torch.nn.modules.conv.Conv2d", ...},
+     "buffers": {...},                         # buffers left out of the state dict
+     "architecture": {"name": "CharNet", ...} or None,   # optional: how to build it
+     "plans": [{"features.0": [3, 7]}, ...],   # optional: pruner.history, in order
+     "input_shape": [1, 1, 32, 32] or None,    # optional: an input the model accepts
      "meta": {"params": ..., "flops": ...}}    # for ``info``; free-form JSON data
 
-:func:`load` reads it with ``torch.load(..., weights_only=True)``, which refuses
-any pickled object that is not plain data, builds the unpruned model from
-``architecture``, replays the plans with :class:`~prunable.Pruner` and loads
-the weights strictly.
+Loading is shape-driven: every parameter or buffer of the fresh model that is
+larger than its saved counterpart keeps its first entries along the shrunk
+axes (through :func:`prunable.surgery.apply_cuts`, so parameters stay the same
+objects), every integer size attribute (``out_channels``, ``hidden_dim``,
+``head_dim`` …) takes its saved value, and the saved weights are then loaded
+with ``strict=True``. No trace, no example input, no replayed plans. Files of
+the first format (``prunable/1``: architecture + plans) are still read and
+their plans replayed.
+
+:func:`read` uses ``torch.load(..., weights_only=True)``, which refuses any
+pickled object that is not plain data.
 
 Example
 -------
 >>> import os, tempfile, torch
->>> from prunable import CharNet, Pruner, WeightNorm
->>> arch = {"name": "CharNet", "num_classes": 5, "config": [8, "M"], "input_size": 8, "hidden": 16}
->>> net = build_model(arch)
->>> pruner = Pruner(net, torch.zeros(2, 1, 8, 8), criterion=WeightNorm())
->>> _ = pruner.step(3)
+>>> from torch import nn
+>>> from prunable import Pruner
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+>>> _ = Pruner(net, torch.zeros(1, 3, 8, 8), criterion="l1").step(3)
 >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
->>> save(net, path, plans=pruner.history, architecture=arch, example_input_shape=(1, 1, 8, 8))
->>> again = load(path)
->>> x = torch.randn(4, 1, 8, 8)
->>> torch.equal(again(x), net.eval()(x))
-True
->>> info(path)["channels_removed"]
-3
+>>> save(net, path)
+>>> fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+>>> again = load(path, fresh)
+>>> x = torch.randn(2, 3, 8, 8)
+>>> again[0].out_channels, torch.equal(again(x), net.eval()(x))
+(5, True)
 """
 
 from __future__ import annotations
@@ -52,13 +63,17 @@ from .importance import WeightNorm
 from .models import CharNet, SeedNet
 from .plan import Plan
 from .pruner import Pruner
+from .restore import model_device, module_kinds, shrink_to, size_attributes
 
 __all__ = [
-    "FORMAT", "ModelFileError", "UnsafeFileError", "BUILDERS", "build_model", "save", "load", "read", "info",
+    "FORMAT", "READABLE", "ModelFileError", "UnsafeFileError", "BUILDERS", "build_model", "save", "load", "read",
+    "info",
 ]
 
 #: The value of the ``"format"`` key of every file this version writes and reads.
-FORMAT = "prunable/1"
+FORMAT = "prunable/2"
+#: Formats this version reads (``prunable/1``: plans replayed, no sizes).
+READABLE = ("prunable/1", FORMAT)
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 
@@ -95,9 +110,24 @@ def _torchvision(arch: Mapping[str, Any]) -> nn.Module:
         raise ModelFileError(f"unknown torchvision model {arch['model']!r}: {exc}") from exc
 
 
+def _timm(arch: Mapping[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelFileError("this file holds a timm model: pip install timm") from exc
+    extra = set(arch) - {"model", "num_classes"}
+    if "model" not in arch or extra:
+        raise ModelFileError(
+            f"a timm architecture is {{'name': 'timm', 'model': NAME, 'num_classes': N}}, got keys {sorted(arch)}")
+    try:
+        return timm.create_model(arch["model"], pretrained=False, num_classes=arch.get("num_classes", 1000))
+    except RuntimeError as exc:
+        raise ModelFileError(f"unknown timm model {arch['model']!r}: {exc}") from exc
+
+
 #: Known architectures: ``architecture["name"]`` → builder taking the other keys.
 BUILDERS: Mapping[str, Callable[[Mapping[str, Any]], nn.Module]] = types.MappingProxyType(
-    {"CharNet": _charnet, "SeedNet": _seednet, "torchvision": _torchvision})
+    {"CharNet": _charnet, "SeedNet": _seednet, "torchvision": _torchvision, "timm": _timm})
 
 
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:
@@ -135,12 +165,14 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
         raise ModelFileError(f"architecture {name!r}: bad arguments {kwargs}: {exc}") from exc
 
 
-def _eval_flops(model: nn.Module, shape: Sequence[int]) -> int | None:
+def _eval_flops(model: nn.Module, shape: Sequence[int] | None) -> int | None:
     """FLOPs of one forward pass in eval mode (BatchNorm1d refuses batch 1 in train mode)."""
+    if shape is None:
+        return None
     was_training = model.training
     try:
         model.eval()
-        return count_flops(model, torch.zeros(*shape))
+        return count_flops(model, torch.zeros(*shape, device=model_device(model)))
     except Exception:  # noqa: BLE001 - FLOPs are informative only
         return None
     finally:
@@ -149,9 +181,13 @@ def _eval_flops(model: nn.Module, shape: Sequence[int]) -> int | None:
 
 def save(
     model: nn.Module, path: PathOrFile, *, plans: Sequence[Plan | Mapping[str, Sequence[int]]] = (),
-    architecture: Mapping[str, Any], example_input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
+    architecture: Mapping[str, Any] | None = None, example_input_shape: Sequence[int] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a pruned model as plain data: its architecture, plans and weights.
+    """Write a (pruned) model as plain data: its weights and the sizes :func:`load` needs.
+
+    Any model works; nothing but the model and a path is required. Everything
+    else is optional and only makes :func:`info` and :func:`load` more convenient.
 
     Parameters
     ----------
@@ -161,31 +197,37 @@ def save(
         File name or binary file object.
     plans
         The plans that turned the unpruned architecture into ``model``, in order
-        (``pruner.history``; concatenate histories of successive pruners).
+        (``pruner.history``); kept as history for :func:`info`.
     architecture
-        JSON-able ``{"name": ..., **kwargs}`` that :func:`build_model` (or the
-        ``build`` callable given to :func:`load`) turns into the unpruned model.
+        JSON-able ``{"name": ..., **kwargs}`` that :func:`build_model` turns into the
+        unpruned model, so that ``load(path)`` needs no model.
     example_input_shape
-        Shape of an input the model accepts, e.g. ``(1, 1, 32, 32)``.
+        Shape of an input the model accepts, e.g. ``(1, 1, 32, 32)``; the FLOPs of
+        one such input are stored for :func:`info`.
     meta
         Extra JSON-able information stored as is (merged over ``params``/``flops``).
 
     Example
     -------
     >>> import io
-    >>> arch = {"name": "CharNet", "num_classes": 3, "config": [4], "input_size": 8, "hidden": 8}
     >>> buffer = io.BytesIO()
-    >>> save(build_model(arch), buffer, architecture=arch, example_input_shape=[1, 1, 8, 8])
+    >>> save(nn.Linear(4, 2), buffer)
     >>> buffer.tell() > 0
     True
     """
-    shape = [int(s) for s in example_input_shape]
+    if architecture is not None and not (isinstance(architecture, Mapping) and "name" in architecture):
+        raise ModelFileError(f"an architecture is a dict with a 'name' key, got {architecture!r}")
+    shape = None if example_input_shape is None else [int(s) for s in example_input_shape]
+    state = model.state_dict()
     payload = {
         "format": FORMAT,
-        "architecture": dict(architecture),
+        "architecture": None if architecture is None else dict(architecture),
         "plans": [Plan.coerce(p).to_dict() for p in plans],
         "input_shape": shape,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+        "sizes": size_attributes(model),
+        "modules": module_kinds(model),
+        "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers() if k not in state},
         "meta": {"params": count_params(model), "flops": _eval_flops(model, shape), **dict(meta or {})},
     }
     torch.save(payload, path)
@@ -224,8 +266,11 @@ def read(path: PathOrFile, mmap: bool = False) -> dict[str, Any]:
             raise UnsafeFileError(f"refused to load {_name(path)}: it holds pickled code or objects, "
                                   f"not plain data ({detail}); nothing was run") from exc
         raise ModelFileError(f"{_name(path)} is not a prunable model file ({detail}); nothing was run") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except OSError as exc:
         raise ModelFileError(f"cannot read {_name(path)}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    except Exception as exc:  # noqa: BLE001 - a text file, an empty or truncated file: torch raises anything
+        detail = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc).strip() else "")
+        raise ModelFileError(f"{_name(path)} is not a prunable model file ({detail})") from exc
     return _validate(payload, path)
 
 
@@ -243,12 +288,16 @@ def _name(path: PathOrFile) -> str:
 def _validate(payload: Any, path: PathOrFile) -> dict[str, Any]:
     if not isinstance(payload, dict) or "format" not in payload:
         raise ModelFileError(f"{_name(path)} is not a prunable model file (no 'format' key)")
-    if payload["format"] != FORMAT:
-        raise ModelFileError(f"{_name(path)} has unknown format {payload['format']!r}; this version reads {FORMAT!r}")
-    missing = {"architecture", "plans", "input_shape", "state_dict"} - set(payload)
+    if payload["format"] not in READABLE:
+        raise ModelFileError(f"{_name(path)} has unknown format {payload['format']!r}; this version reads {READABLE}")
+    needed = {"state_dict"} if payload["format"] == FORMAT else {"architecture", "plans", "input_shape", "state_dict"}
+    missing = needed - set(payload)
     if missing:
         raise ModelFileError(f"{_name(path)} lacks {sorted(missing)}")
-    payload.setdefault("meta", {})
+    if not isinstance(payload["state_dict"], dict):
+        raise ModelFileError(f"{_name(path)}: 'state_dict' is a {type(payload['state_dict']).__name__}, not a dict")
+    for key, default in (("architecture", None), ("plans", []), ("input_shape", None), ("meta", {})):
+        payload.setdefault(key, default)
     return payload
 
 
@@ -260,14 +309,16 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
     path
         File name or binary file object.
     build
-        How to get the unpruned model: ``None`` (look ``architecture["name"]``
-        up in :data:`BUILDERS`), a callable taking the architecture dict, or a
-        freshly built unpruned model of that architecture.
+        The unpruned model to shrink and fill: a fresh instance of the saved
+        model's architecture (any device), a callable taking the file's
+        architecture dict, or ``None`` to build it from :data:`BUILDERS`
+        (files saved with ``architecture=``).
 
     Returns
     -------
     nn.Module
-        The pruned model with its weights, in eval mode.
+        The pruned model with its weights, in eval mode (``build`` itself when
+        it is a model).
 
     Raises
     ------
@@ -275,7 +326,8 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
         If the file contains pickled objects other than plain data.
     ModelFileError
         If the file is missing or unreadable, its format or architecture is
-        unknown, or the plans or weights do not fit the architecture.
+        unknown, or the model does not fit the file (the message names the
+        module and both sizes); the model given is then left unchanged.
 
     Example
     -------
@@ -286,29 +338,45 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
     """
     payload = read(path)
     arch = payload["architecture"]
-    if isinstance(build, nn.Module):
-        model = build
-    else:
-        model = build(dict(arch)) if build is not None else build_model(arch)
-    model.eval()
-    _replay(model, payload["plans"], payload["input_shape"], path)
+    model = _fresh_model(arch, build, path)
+    if "sizes" in payload:
+        try:
+            shrink_to(model, payload["state_dict"], payload["sizes"], modules=payload.get("modules"),
+                      buffers=payload.get("buffers"), source=_name(path))
+        except PrunableError as exc:
+            raise ModelFileError(str(exc)) from exc
+    else:  # the first format: replay the plans
+        _replay(model, payload["plans"], payload["input_shape"], path)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ModelFileError(
-            f"the weights in {_name(path)} do not fit architecture {arch.get('name')!r} after "
+            f"the weights in {_name(path)} do not fit architecture {(arch or {}).get('name')!r} after "
             f"{len(payload['plans'])} plans: {str(exc).splitlines()[-1].strip()}") from exc
-    return model
+    return model.eval()
 
 
-def _replay(model: nn.Module, plans: list, input_shape: list, path: PathOrFile) -> None:
-    """Apply ``plans`` in order to the unpruned ``model``."""
+def _fresh_model(arch: dict | None, build: Callable[[dict], nn.Module] | nn.Module | None,
+                 path: PathOrFile) -> nn.Module:
+    if isinstance(build, nn.Module):
+        return build
+    if arch is None and build is None:
+        raise ModelFileError(f"{_name(path)} was saved without an architecture: "
+                             "pass a fresh instance of the model, load(path, model)")
+    return build(dict(arch or {})) if build is not None else build_model(arch)
+
+
+def _replay(model: nn.Module, plans: list, input_shape: list | None, path: PathOrFile) -> None:
+    """Apply ``plans`` in order to the unpruned ``model`` (files of the first format)."""
     if not plans:
         return
+    if input_shape is None:
+        raise ModelFileError(f"{_name(path)} holds plans but no input shape to trace them with")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "group X is not pruned" is expected here
         try:
-            pruner = Pruner(model, torch.zeros(*input_shape), criterion=WeightNorm(), validate=False)
+            example = torch.zeros(*input_shape, device=model_device(model))
+            pruner = Pruner(model, example, criterion=WeightNorm(), validate=False)
         except PrunableError as exc:
             raise ModelFileError(f"cannot trace the model of {_name(path)}: {exc}") from exc
         for step, plan in enumerate(plans, 1):
@@ -356,7 +424,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "channels_removed": sum(len(p) for p in plans),
         "history": [{gid: len(idx) for gid, idx in p.removals.items()} for p in plans],
         "layers": {k[: -len(".weight")]: list(v.shape) for k, v in state.items()
-                   if k.endswith(".weight") and v.dim() > 1},
+                   if k.endswith(".weight") and isinstance(v, torch.Tensor) and v.dim() > 1},
         "file_size": os.path.getsize(path),
         "meta": meta,
     }

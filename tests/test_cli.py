@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import prunable
 from prunable import Pruner, WeightNorm, io
 from prunable.cli import main
 
@@ -117,3 +118,70 @@ def test_prune_command_prunes_a_saved_model(capsys, tmp_path, model_file, monkey
     data = io.info(out)
     assert data["plans"] > 1 and data["flops"] <= 0.7 * io.info(model_file)["flops"]
     assert io.load(out)(torch.zeros(2, 1, 16, 16)).shape == (2, 92)
+
+
+# -- prune a model given by name -------------------------------------------------------------------------------------
+
+def test_prune_a_torchvision_model_by_name(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "r18.pt"
+    argv = ["prune", "resnet18", "--flops", "0.5", "--criterion", "l2", "--out", str(out), "--input-shape", "1,3,32,32",
+            "--num-classes", "10", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    assert f"saved {out}" in capsys.readouterr().out
+    data = io.info(out)
+    assert data["architecture"] == {"name": "torchvision", "model": "resnet18", "num_classes": 10}
+    assert data["input_shape"] == [1, 3, 32, 32] and data["plans"] >= 1 and data["meta"]["criterion"] == "l2"
+    model = io.load(out)  # rebuilt from the architecture, shrunk, weights loaded
+    unpruned = io.build_model(data["architecture"]).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    assert prunable.count_flops(model, x) <= 0.5 * prunable.count_flops(unpruned, x)
+    assert main(["info", str(out)]) == 0
+    assert "architecture: torchvision(model=resnet18, num_classes=10)" in capsys.readouterr().out
+
+
+def test_prune_a_timm_model_by_name(capsys, tmp_path):
+    pytest.importorskip("timm")
+    out = tmp_path / "t.pt"
+    assert main(["prune", "timm:resnet10t", "--flops", "0.8", "--out", str(out), "--input-shape", "2,3,32,32",
+                 "--num-classes", "5", "--no-progress", "--threads", "1"]) == 0
+    data = io.info(out)
+    assert data["architecture"]["name"] == "timm" and data["meta"]["criterion"] == "l1"  # l1: the default by name
+    assert io.load(out)(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "apoz", "mean-activation", "taylor-bn"])
+def test_criteria_that_need_data_are_refused_by_name(capsys, tmp_path, criterion):
+    assert main(["prune", "resnet18", "--criterion", criterion, "--out", str(tmp_path / "o.pt")]) == 2
+    _one_line_error(capsys, criterion, "needs training data", "data-free criteria: l1, l2, bn-scale, random")
+    assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["prune", "no_such_net", "--out", "o.pt"], ["no such model file or model name", "no_such_net"]),
+    (["prune", "keras:resnet18", "--out", "o.pt"], ["unknown model library", "keras"]),
+    (["prune", "resnet18", "--out", "o.pt", "--input-shape", "1,3,x"], ["--input-shape", "1,3,x"]),
+])
+def test_bad_model_names_exit_2(capsys, argv, needles):
+    assert main(argv) == 2
+    _one_line_error(capsys, *needles)
+
+
+@pytest.mark.parametrize("content", [b"", b"my notes\n", b"hello notes\n", b"(lp0\n", "random.pt"])
+@pytest.mark.parametrize("command", ["info", "prune"])
+def test_files_that_are_not_model_files_exit_2(capsys, tmp_path, content, command):
+    path = tmp_path / "notes.txt"
+    if content == "random.pt":
+        torch.save({"x": torch.randn(3)}, path)
+    else:
+        path.write_bytes(content)
+    argv = [command, str(path)] + (["--out", str(tmp_path / "o.pt")] if command == "prune" else [])
+    assert main(argv) == 2
+    _one_line_error(capsys, "notes.txt", "not a prunable model file")
+
+
+def test_info_of_a_file_saved_without_architecture(capsys, tmp_path):
+    prunable.save(torch.nn.Linear(3, 2), tmp_path / "lin.pt")
+    assert main(["info", str(tmp_path / "lin.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: not saved" in out and "input shape: not saved" in out

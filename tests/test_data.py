@@ -29,7 +29,7 @@ def build(root, split="train", classes="kana", **kw) -> JapaneseCharacters:
 def test_public_api():
     import prunable.data as data
 
-    assert sorted(data.__all__) == ["JapaneseCharacters", "loaders"]
+    assert sorted(data.__all__) == ["CLASS_SETS", "DEFAULT_FONTS", "FONTS", "Font", "JapaneseCharacters", "loaders"]
 
 
 def test_shape_dtype_range_and_labels(tmp_path):
@@ -204,3 +204,79 @@ def test_class_means_differ(tmp_path):
     dist = torch.cdist(means, means)
     dist.fill_diagonal_(float("inf"))
     assert dist.min() > 0
+
+
+# -- several fonts, the JIS class set, the unseen-font split ---------------------------------------------------
+
+def test_jis_level1_is_the_2965_kanji_in_jis_order():
+    kanji = J.JIS_LEVEL1
+    assert len(kanji) == 2965 and len(set(kanji)) == 2965
+    assert kanji[0] == "亜" and kanji[-1] == "腕"  # row 16 cell 1 and row 47 cell 51
+    assert all("\u4e00" <= c <= "\u9fff" for c in kanji)  # CJK unified ideographs
+    assert [c.encode("euc_jp")[0] - 0xA0 for c in kanji] == sorted(c.encode("euc_jp")[0] - 0xA0 for c in kanji)
+    assert set(J.KANJI) <= set(kanji)  # the demo's 100 school kanji are all level 1
+    jis = J.CLASS_SETS["jis"]
+    assert len(jis) == 92 + 2965 >= 3000 and len(set(jis)) == len(jis)
+
+
+def test_every_font_covers_every_class():
+    fontTools = pytest.importorskip("fontTools.ttLib")
+    for key, font in J.FONTS.items():
+        cmap = fontTools.TTFont(font.path(), lazy=True).getBestCmap()
+        missing = [c for c in J.CLASS_SETS["jis"] if ord(c) not in cmap]
+        assert not missing, f"{key} lacks {missing[:5]}"
+
+
+def test_fonts_render_differently():
+    glyphs = {k: J.render_glyphs("永あ", size=32, font=k) for k in J.FONTS}
+    keys = list(glyphs)
+    for i, a in enumerate(keys):
+        assert glyphs[a].amax() > 0.5, a  # ink
+        for b in keys[i + 1:]:
+            assert (glyphs[a] - glyphs[b]).abs().mean() > 0.01, (a, b)
+
+
+def test_sample_font_is_index_over_classes_modulo_fonts(tmp_path):
+    two = build(tmp_path, fonts=("noto-sans-jp", "noto-serif-jp"), samples_per_class=2)
+    sans = build(tmp_path, fonts=("noto-sans-jp",), samples_per_class=2)
+    serif = build(tmp_path, fonts=("noto-serif-jp",), samples_per_class=2)
+    c = two.num_classes
+    assert two.fonts == ("noto-sans-jp", "noto-serif-jp")
+    assert torch.equal(two.data[:c], sans.data[:c])  # same randomness, same font
+    assert torch.equal(two.data[c:], serif.data[c:])
+    assert not torch.equal(two.data[c:], sans.data[c:])
+
+
+def test_unseen_font_split_uses_only_held_out_fonts(tmp_path):
+    train = build(tmp_path, fonts=("noto-sans-jp", "noto-serif-jp"))
+    unseen = build(tmp_path, "test-unseen-font", fonts=("noto-sans-jp", "noto-serif-jp"))
+    assert set(unseen.fonts) == set(J.FONTS) - set(train.fonts)
+    alone = build(tmp_path, "test-unseen-font", fonts=("ipaex-gothic",) + tuple(
+        k for k in J.FONTS if k not in train.fonts and k != "ipaex-gothic"))
+    assert alone.fonts == ("noto-sans-jp", "noto-serif-jp")
+    assert unseen.cache_file != alone.cache_file
+    default = JapaneseCharacters("test-unseen-font", "jis", size=8, samples_per_class=1, root=tmp_path)
+    assert default.fonts == ("ipaex-gothic",) and default.num_classes == 3057
+    assert not set(default.fonts) & set(J.DEFAULT_FONTS["jis"])
+
+
+def test_reported_generation_time_and_cache(tmp_path):
+    first = build(tmp_path, fonts=("noto-sans-jp",))
+    again = build(tmp_path, fonts=("noto-sans-jp",))
+    assert first.generated and not again.generated
+    assert first.seconds > 0 and again.seconds > 0
+    assert torch.equal(first.data, again.data)
+
+
+@pytest.mark.parametrize("fonts, shown", [
+    ((), "fonts"), ("ipaex-gothic", "fonts"), (("comic-sans",), "comic-sans"),
+    (("noto-sans-jp", "noto-sans-jp"), "twice"),
+])
+def test_bad_fonts(tmp_path, fonts, shown):
+    with pytest.raises(J.DataArgumentError, match=shown):
+        build(tmp_path, fonts=fonts)
+
+
+def test_every_font_held_out_is_refused(tmp_path):
+    with pytest.raises(J.DataArgumentError, match="test-unseen-font"):
+        build(tmp_path, "test-unseen-font", fonts=tuple(J.FONTS))

@@ -1,18 +1,20 @@
 """Built-in datasets for demos, tests and benchmarks.
 
-The only dataset so far is :class:`JapaneseCharacters`, generated on the fly from
-the IPAex Gothic font shipped with ``japanize-matplotlib`` (``pip install
-prunable[demo]``), so it needs no download.
+:class:`JapaneseCharacters` is generated on the fly from fonts that ship inside
+Python packages (IPAex Gothic with ``japanize-matplotlib``, three Noto fonts with
+``pylopdf-fonts-jp`` and ``noto-cjk-sans-jp-bold``: ``pip install
+prunable[demo,ocr]``), so it needs no download: 92 kana, 192 kana and kanji, or
+the 3,057 kana and JIS X 0208 level-1 kanji of the full OCR job.
 
 Example
 -------
->>> from prunable.data import JapaneseCharacters, loaders
->>> ds = JapaneseCharacters("val", samples_per_class=2, size=32)  # doctest: +SKIP
->>> ds.num_classes, ds[0][0].shape                                # doctest: +SKIP
-(92, torch.Size([1, 32, 32]))
->>> train, val, test = loaders(batch_size=64)                     # doctest: +SKIP
+>>> from prunable.data import CLASS_SETS, FONTS, JapaneseCharacters, loaders
+>>> {name: len(chars) for name, chars in CLASS_SETS.items()}
+{'kana': 92, 'kana+kanji': 192, 'jis': 3057}
+>>> sorted(FONTS)
+['ipaex-gothic', 'noto-sans-cjk-jp-bold', 'noto-sans-jp', 'noto-serif-jp']
 """
 
-from .japanese import JapaneseCharacters, loaders
+from .japanese import CLASS_SETS, DEFAULT_FONTS, FONTS, Font, JapaneseCharacters, loaders
 
-__all__ = ["JapaneseCharacters", "loaders"]
+__all__ = ["CLASS_SETS", "DEFAULT_FONTS", "FONTS", "Font", "JapaneseCharacters", "loaders"]
