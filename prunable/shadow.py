@@ -148,6 +148,6 @@ def varying_dims(shadow: torch.Tensor) -> list[int]:
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     """Label of each index of ``dim`` if labels are constant along other dims, else None."""
     core = core_of(shadow)
-    if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()):
-        return None
+    if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
+        return None  # mixed, or an empty tensor whose labels were not kept
     return core.reshape(-1).expand(shadow.shape[dim]).clone()
