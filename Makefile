@@ -19,7 +19,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 demo: $(STAMP)
-	$(PY) -m prunable demo
+	$(PY) -m prunable demo --readme README.md
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

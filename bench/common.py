@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -122,6 +123,10 @@ def short_error(exc: BaseException) -> str:
 
 
 # -- timing ----------------------------------------------------------------------
+#: timed runs behind every time shown in a table (each cell: their median and range)
+REPEATS = 3
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Wall time of one call and its result."""
     start = time.perf_counter()
@@ -129,28 +134,80 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
-    """Median wall time of each function, their calls interleaved (A, B, A, B, …) after warm-up.
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Wall times (seconds) of repeated runs of one measurement; a cell shows the median and the range."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    def __add__(self, other: "Runs") -> "Runs":
+        """Run-by-run sum (build + step of the same repetition)."""
+        return Runs(tuple(a + b for a, b in zip(self.times, other.times)))
+
+
+def fmt_runs(runs: Runs | None) -> str:
+    """``median (min–max)`` of the runs, or ``x (1 run)``: e.g. ``12.3 ms (11.9–13.0)``."""
+    if runs is None or not runs.times:
+        return "—"
+    if len(runs.times) == 1:
+        return f"{fmt_seconds(runs.times[0])} (1 run)"
+    low, high = min(runs.times), max(runs.times)
+    unit = (lambda v: f"{v * 1e3:.1f}") if runs.median < 1 else (lambda v: f"{v:.2f}")  # noqa: E731
+    return f"{fmt_seconds(runs.median)} ({unit(low)}–{unit(high)})"
+
+
+def fmt_ratio_runs(num: Runs | None, den: Runs | None) -> str:
+    """Median and range of the run-by-run ratios ``num[i] / den[i]`` (runs interleaved).
+
+    E.g. ``0.53× (0.50–0.57)``; ``(1 run)`` when there is a single pair.
+    """
+    if num is None or den is None or not num.times or not den.times:
+        return "—"
+    ratios = [a / b for a, b in zip(num.times, den.times) if b > 0]
+    if not ratios:
+        return "—"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}× (1 run)"
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def interleaved_runs(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[Runs]:
+    """Wall times of each function, their calls interleaved (A, B, A, B, …) after warm-up.
 
     Interleaving exposes every function to the same background load, so the
-    ratios between them stay meaningful on a shared machine.
+    ratios between them (run by run, :func:`fmt_ratio_runs`) stay meaningful on a shared machine.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(max(repeats, REPEATS)):
         for i, fn in enumerate(fns):
             times[i].append(timed(fn)[0])
-    return [statistics.median(t) for t in times]
+    return [Runs(tuple(t)) for t in times]
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> list[float]:
+    """The medians of :func:`interleaved_runs`."""
+    return [r.median for r in interleaved_runs(fns, warmup, repeats)]
 
 
 @torch.no_grad()
-def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> list[float]:
-    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved."""
+def paired_latency_runs(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2,
+                        repeats: int = 7) -> list[Runs]:
+    """Eval-mode forward times of each model on ``x``, the models' runs interleaved."""
     for m in models:
         m.eval()
-    return interleaved_medians([lambda m=m: m(x) for m in models], warmup, repeats)
+    return interleaved_runs([lambda m=m: m(x) for m in models], warmup, repeats)
+
+
+def paired_latency(models: Sequence[nn.Module], x: torch.Tensor, warmup: int = 2, repeats: int = 7) -> list[float]:
+    """Median eval-mode forward time of each model on ``x``, the models' runs interleaved."""
+    return [r.median for r in paired_latency_runs(models, x, warmup, repeats)]
 
 
 # -- memory: a fresh subprocess per configuration ----------------------------------

@@ -10,14 +10,18 @@ removes the 50 % lowest-L1 channels of every group (prunable:
 meta copy — that trial run is also the trace of the pruned model's new graph —
 then cuts the real tensors; Torch-Pruning: ``pruner.step()`` with
 ``pruning_ratio=0.5``).
-The classifier's outputs are kept by both. One timed run per cell after an
-untimed warm-up of both libraries on a small ResNet-18.
+The classifier's outputs are kept by both; Torch-Pruning's groups are counted
+outside the timed calls. Every time is the median of 3 runs (range in
+brackets), each on a fresh deep copy of the model, the two libraries
+alternating; ratios are the median (range) of the run-by-run ratios. An untimed
+warm-up of both libraries on a small ResNet-18 comes first.
 
 Run: ``python bench/graph_speed.py [--quick]``
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 from typing import Any
 
@@ -25,7 +29,7 @@ import torch
 import torchvision
 
 import common
-from common import fmt_ratio, fmt_seconds, markdown_table, short_error, timed
+from common import REPEATS, Runs, fmt_ratio_runs, fmt_runs, markdown_table, short_error, timed
 
 #: table label → (torchvision name, input side)
 MODELS = {
@@ -72,13 +76,11 @@ def run_theirs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {"build": build, "step": step, "groups": groups}
 
 
-def measure(name: str, size: int, runner) -> dict[str, Any]:
-    """Build + step with ``runner``; then check the forward pass and the FLOPs left."""
+def measure(src: torch.nn.Module, x: torch.Tensor, before: int, runner) -> dict[str, Any]:
+    """Build + step with ``runner`` on a deep copy of ``src``; then check the forward pass and the FLOPs left."""
     from prunable import count_flops
 
-    model = _model(name)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    before = count_flops(model, x)
+    model = copy.deepcopy(src)
     try:
         result = runner(model, x)
         with torch.no_grad():
@@ -90,6 +92,31 @@ def measure(name: str, size: int, runner) -> dict[str, Any]:
     del model
     gc.collect()
     return result
+
+
+def measure_both(name: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``REPEATS`` runs of each library, alternating; build and step times as :class:`Runs`."""
+    from prunable import count_flops
+
+    src = _model(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = count_flops(src, x)
+    runs: dict[Any, list[dict[str, Any]]] = {run_ours: [], run_theirs: []}
+    for _ in range(REPEATS):
+        for runner, done in runs.items():
+            if not done or "error" not in done[-1]:  # a library that failed is not run again
+                done.append(measure(src, x, before, runner))
+    del src
+    gc.collect()
+    return _combine(runs[run_ours]), _combine(runs[run_theirs])
+
+
+def _combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    if "error" in results[-1]:
+        return results[-1]
+    return {"build": Runs(tuple(r["build"] for r in results)), "step": Runs(tuple(r["step"] for r in results)),
+            "groups": results[0]["groups"], "flops_left": results[0]["flops_left"],
+            "ok": all(r["ok"] for r in results)}
 
 
 def warm_up() -> None:
@@ -104,14 +131,14 @@ def _cells(r: dict[str, Any]) -> list[str]:
     if "error" in r:
         return ["failed", "", "", r["error"]]
     note = f"{r['groups']} groups, {r['flops_left']:.0%} FLOPs left" + ("" if r["ok"] else ", BAD OUTPUT")
-    return [fmt_seconds(r["build"]), fmt_seconds(r["step"]), fmt_seconds(r["build"] + r["step"]), note]
+    return [fmt_runs(r["build"]), fmt_runs(r["step"]), fmt_runs(r["build"] + r["step"]), note]
 
 
 def _ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
     if "error" in ours or "error" in theirs:
         return "—"
-    total = lambda r: r["build"] + r["step"]  # noqa: E731
-    return fmt_ratio(total(ours), total(theirs)) if key == "total" else fmt_ratio(ours[key], theirs[key])
+    runs = lambda r: r["build"] + r["step"] if key == "total" else r[key]  # noqa: E731
+    return fmt_ratio_runs(runs(ours), runs(theirs))
 
 
 def main(quick: bool = False) -> str:
@@ -120,7 +147,7 @@ def main(quick: bool = False) -> str:
     rows = []
     for label in (QUICK if quick else MODELS):
         name, size = MODELS[label]
-        ours, theirs = measure(name, size, run_ours), measure(name, size, run_theirs)
+        ours, theirs = measure_both(name, size)
         rows.append([f"{label} ({size}²)", *_cells(ours), *_cells(theirs),
                      _ratio(ours, theirs, "build"), _ratio(ours, theirs, "step"), _ratio(ours, theirs, "total")])
     headers = ["model", "ours build", "ours step", "ours total", "ours result",

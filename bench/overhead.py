@@ -15,9 +15,11 @@ backward → optimizer.step``. Configurations:
   every backward and summed (a per-step accumulation like ours).
 
 Time: every configuration has its own copy of the model (same initial
-weights); steps are interleaved round-robin after warm-up, and the median is
-reported. Memory: each configuration runs again in a fresh Python process; the
-kernel's peak-RSS mark (``VmHWM``) is reset just before the training steps
+weights); steps are interleaved round-robin after warm-up; the median step
+time is reported with the range of the runs, and "time vs plain" is the median
+(range) of the step-by-step ratios to the plain step of the same round.
+Memory: each configuration runs again in a fresh Python process; the kernel's
+peak-RSS mark (``VmHWM``) is reset just before the training steps
 (``/proc/self/clear_refs``) and read after them, so "peak" excludes imports and
 graph building; "added" is peak minus the resident size before the steps.
 
@@ -120,12 +122,12 @@ class Setup:
         self.opt.step()
 
 
-def time_configs(warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median step time per configuration, steps interleaved round-robin."""
+def time_configs(warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Step times per configuration (:class:`common.Runs`), steps interleaved round-robin."""
     setups = {c: Setup(c) for c in CONFIGS}
-    medians = common.interleaved_medians([s.step for s in setups.values()], warmup, repeats)
+    runs = common.interleaved_runs([s.step for s in setups.values()], warmup, repeats)
     out = {}
-    for (c, s), step in zip(setups.items(), medians):
+    for (c, s), step in zip(setups.items(), runs):
         finish, _ = common.timed(s.finish)
         s.context.close()
         out[c] = {"step": step, "finish": finish}
@@ -155,14 +157,14 @@ def main(quick: bool = False) -> str:
         t, m = timing[c], memory[c]
         note = {"ours": f"scores(): {fmt_seconds(t['finish'])}",
                 "tp_sum": f"one importance call at the end: {fmt_seconds(t['finish'])}"}.get(c, "")
-        rows.append([LABELS[c], fmt_seconds(t["step"]), fmt_ratio(t["step"], base_t),
+        rows.append([LABELS[c], common.fmt_runs(t["step"]), common.fmt_ratio_runs(t["step"], base_t),
                      f"{m['peak']:.0f} MiB", fmt_ratio(m["peak"], base_m["peak"]),
                      f"{m['delta']:.0f} MiB", fmt_ratio(m["delta"], base_m["delta"]), note])
     headers = ["configuration", "median step", "time vs plain", "peak RSS", "peak vs plain",
                "added by steps", "added vs plain", "note"]
     table = markdown_table(headers, rows)
     return (f"{table}\n\nResNet-18, batch {BATCH}×3×{SIZE}×{SIZE}, {repeats} timed steps per configuration "
-            f"(median, after {warmup} warm-up), memory over {mem_steps} steps in a fresh process "
+            f"(median and range, after {warmup} warm-up), memory over {mem_steps} steps in a fresh process "
             f"({memory['plain']['method']}).")
 
 

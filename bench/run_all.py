@@ -42,9 +42,10 @@ HOW_TO_READ = """\
   libraries in the same process with the same inputs. Nothing is copied from elsewhere; the paper's
   figures quoted in table 6 are labelled as such.
 - The machine may be shared: the load average at the start and end of the run is recorded above.
-  Absolute seconds move with that load; ratios measured **interleaved** (overhead: steps round-robin;
-  speed-up: pruned and unpruned forwards alternated) are much less sensitive than times measured
-  one after the other (graph speed: one timed run per cell after a warm-up).
+  Absolute seconds move with that load. Every time is the median of at least 3 runs with their range
+  in brackets (e.g. `0.53× (0.50–0.57)`); ratios are the median (range) of run-by-run ratios of
+  **interleaved** runs (overhead: steps round-robin; speed-up: pruned and unpruned forwards
+  alternated; graph speed and zoo: the two libraries alternating on fresh copies of the model).
 - `OMP_WAIT_POLICY=PASSIVE` is set by the scripts (unless you set a policy yourself): with the
   default spinning policy two OpenMP threads on a loaded 2-core machine slow a training step down
   several-fold, which would swamp every comparison.
@@ -118,6 +119,10 @@ def main(quick: bool = False, output: Path | None = None) -> str:
             output.write_text(page)
     if output is not None:
         print(f"[run_all] wrote {output}", file=sys.stderr)
+    if output == REPO / "docs" / "BENCHMARKS.md" and not quick:  # the README quotes the full run's page
+        import readme_results
+        if readme_results.update():
+            print("[run_all] README.md results block rewritten from the page", file=sys.stderr)
     return page
 
 

@@ -18,11 +18,11 @@ Both use per-layer (uniform) ratios: with random weights a global ranking
 would say nothing about trained networks (the accuracy table uses global
 ranking on trained models).
 
-Latency: median of eval-mode forward passes with ``torch.set_num_threads(2)``,
+Latency: median (range) of eval-mode forward passes with ``torch.set_num_threads(2)``,
 batch 1 at 224×224 and batch 32 at 112×112 (a smaller side keeps the run
 short; the model is fully convolutional up to global pooling). Each pruned
 model's runs are interleaved with the unpruned model's, and its speed-up is
-the ratio of the two medians, so background load affects both alike.
+the median (range) of the run-by-run ratios, so background load affects both alike.
 "eff." is speed-up ÷ FLOPs reduction (1.0 = latency falls as much as FLOPs;
 the issue's target is ≥ 0.8).
 
@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 from typing import Any
 
 import torch
 import torchvision
 
 import common
-from common import fmt_seconds, markdown_table, short_error
+from common import markdown_table, short_error
 
 MODELS = {"ResNet-50": "resnet50", "MobileNetV2": "mobilenet_v2"}
 TARGETS = (0.5, 0.25)
@@ -55,10 +56,10 @@ def _inputs(quick: bool) -> dict[str, torch.Tensor]:
             "b32": torch.randn(big[0], 3, big[1], big[1], generator=gen)}
 
 
-def _latency(models: list[torch.nn.Module], inputs: dict[str, torch.Tensor], quick: bool) -> dict[str, list[float]]:
-    """Median latency per input of each model, the models interleaved (see ``common.paired_latency``)."""
+def _latency(models: list[torch.nn.Module], inputs: dict[str, torch.Tensor], quick: bool) -> dict[str, list[Any]]:
+    """Latencies (:class:`common.Runs`) per input of each model, the models interleaved."""
     reps = {"b1": (2, 5 if quick else 9), "b32": (1, 3)}
-    return {k: common.paired_latency(models, x, *reps[k]) for k, x in inputs.items()}
+    return {k: common.paired_latency_runs(models, x, *reps[k]) for k, x in inputs.items()}
 
 
 def prune_ours(model: torch.nn.Module, x: torch.Tensor, targets: tuple[float, ...],
@@ -104,8 +105,8 @@ def _row(model_label: str, who: str, target: Any, round_to: Any, model: torch.nn
     cells = [model_label, who, target, round_to, f"{flops:.1%}", f"{params:.1%}"]
     for key in ("b1", "b32"):
         unpruned, pruned = lat[key]
-        speedup = unpruned / pruned
-        cells += [fmt_seconds(pruned), f"{speedup:.2f}× (eff. {speedup * flops:.2f})"]
+        speedup = statistics.median(u / p for u, p in zip(unpruned.times, pruned.times))
+        cells += [common.fmt_runs(pruned), f"{common.fmt_ratio_runs(unpruned, pruned)}, eff. {speedup * flops:.2f}"]
     cells.append(f"{1 / flops:.2f}×")
     return cells
 
@@ -125,7 +126,7 @@ def main(quick: bool = False) -> str:
         base = {"flops": count_flops(model, x), "params": count_params(model), "model": model}
         lat = _latency([model], inputs, quick)
         rows.append([label, "unpruned", "100 %", "—", "100.0%", "100.0%",
-                     fmt_seconds(lat["b1"][0]), "1.00×", fmt_seconds(lat["b32"][0]), "1.00×", "1.00×"])
+                     common.fmt_runs(lat["b1"][0]), "1.00×", common.fmt_runs(lat["b32"][0]), "1.00×", "1.00×"])
         for round_to in ROUNDS:
             try:
                 ours = prune_ours(model, x, targets, round_to)

@@ -12,9 +12,10 @@ import prunable
 
 def main() -> None:
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = torchvision.models.resnet18(num_classes=10).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    x, y = torch.randn(16, 3, 64, 64, device=device), torch.randint(0, 10, (16,), device=device)
 
     def fine_tune() -> float:
         loss = nn.functional.cross_entropy(model(x), y)

@@ -11,9 +11,10 @@ import prunable
 
 def main() -> None:
     torch.manual_seed(0)
-    net = prunable.vgg([16, "M", 32, "M", 64, "M"], num_classes=10, input_size=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = prunable.vgg([16, "M", 32, "M", 64, "M"], num_classes=10, input_size=32).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    x, y = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 10, (64,), device=device)
     params = prunable.count_params(net)
     with net.pruning(True):
         for step in range(10):

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train, prune and fine-tune a CharNet on built-in Japanese characters")
     demo.add_argument("--quick", action="store_true", help="a smoke run of under 2 minutes")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    demo.add_argument("--readme", metavar="FILE", help="rewrite the demo block of this README from the run "
+                      "(`make demo` passes README.md)")
     _common(demo)
     prune = sub.add_parser("prune", help="prune a torchvision/timm model by name (data-free criteria), or a "
                                          "model file saved by prunable on the built-in data")
@@ -141,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     result = run_demo(args.out, quick=args.quick, flops=args.flops, criterion=args.criterion, seed=args.seed,
-                      threads=args.threads, progress=not args.no_progress)
+                      threads=args.threads, progress=not args.no_progress, readme=args.readme)
     print(result.table)
     print(f"\nwall time {result.wall_time:.0f} s; results, plot and models in {args.out}/")
     return 0

@@ -15,13 +15,15 @@ kana at 32×32 are still easy to tell apart.
 Output folder: ``results.md`` (the table), ``results.json``, ``pruning.png``
 (accuracy vs FLOPs over the pruning steps, channels per layer before and
 after), ``baseline.pt`` and ``pruned.pt`` (:func:`prunable.io.save` files).
+With ``readme=``, the block of README.md between :data:`README_START` and
+:data:`README_END` is rewritten from the run (``make demo`` does this).
 
 Example
 -------
 >>> DEFAULT.size, DEFAULT.epochs, QUICK.epochs
 (32, 6, 4)
->>> result = run_demo("demo-out", quick=True)      # doctest: +SKIP
->>> print(result.table)                            # doctest: +SKIP
+>>> dataclasses.replace(QUICK, epochs=1).epochs   # tests/test_demo.py runs a tiny DemoSettings
+1
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch import nn
 
 from . import io
 from .errors import PruningValueError
+from .demo_report import README_END, README_START, format_readme, format_table, summary, write_readme
 from .flops import count_flops, count_params, measure_latency
 from .importance import (
     APoZ, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN, TaylorWeight, WeightNorm,
@@ -53,8 +56,9 @@ from .pruner import Pruner
 
 __all__ = [
     "CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo", "prune_file",
-    "accuracy", "format_table",
+    "accuracy", "format_table", "README_START", "README_END", "format_readme", "write_readme",
 ]
+
 
 #: ``--criterion`` names → criterion classes (``Random`` also takes the seed).
 CRITERIA: types.MappingProxyType[str, Callable[..., Criterion]] = types.MappingProxyType({
@@ -128,6 +132,7 @@ class DemoResult:
     wall_time: float  #: seconds
     files: dict[str, Path]
     channels: dict[str, tuple[int, int]]  #: output channels per layer, before and after pruning
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)  #: what :func:`format_readme` reads
 
 
 @dataclasses.dataclass
@@ -143,8 +148,14 @@ def _load_data(s: DemoSettings, seed: int, root: str | Path | None) -> _Data:
 
     sizes = {"train": s.train_per_class, "val": s.eval_per_class, "test": s.eval_per_class}
     sets = {k: JapaneseCharacters(k, s.classes, s.size, n, seed, root) for k, n in sizes.items()}
-    return _Data(**{k: (v.data.float().div_(255), v.targets) for k, v in sets.items()},
+    device = _device()
+    return _Data(**{k: (v.data.float().div_(255).to(device), v.targets.to(device)) for k, v in sets.items()},
                  num_classes=sets["train"].num_classes)
+
+
+def _device() -> torch.device:
+    """CUDA when present (the data, model and timings live there), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _batches(data: tuple[torch.Tensor, torch.Tensor], batch_size: int,
@@ -230,7 +241,8 @@ def _channels(model: nn.Module) -> dict[str, int]:
 
 def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_bytes: int) -> dict[str, Any]:
     """One row of the results table."""
-    x1, x32 = torch.rand(1, 1, s.size, s.size), torch.rand(32, 1, s.size, s.size)
+    device = next(model.parameters()).device
+    x1, x32 = torch.rand(1, 1, s.size, s.size, device=device), torch.rand(32, 1, s.size, s.size, device=device)
     return {
         "stage": stage,
         "test_accuracy": accuracy(model, data.test),
@@ -257,33 +269,6 @@ def _prune(model: nn.Module, data: _Data, s: DemoSettings, criterion: Criterion,
         on_step=lambda record: {"val_accuracy": accuracy(model, data.val)})
     steps += [{"step": r["step"], "flops": r["flops"], "val_accuracy": r["val_accuracy"]} for r in log]
     return pruner, steps
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a markdown table.
-
-    Example
-    -------
-    >>> row = {"stage": "x", "test_accuracy": 0.5, "params": 10, "flops": 2e6,
-    ...        "latency_b1_ms": 1.0, "latency_b32_ms": 3.0, "size_bytes": 2048}
-    >>> print(format_table([row]).splitlines()[2])
-    | x | 50.00 % | 10 | 2.00 M | 1.00 | 3.00 | 2.0 KiB |
-    """
-    lines = ["| stage | test accuracy | params | FLOPs | latency b1 (ms) | latency b32 (ms) | size on disk |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['stage']} | {100 * r['test_accuracy']:.2f} % | {r['params']:,} | "
-                     f"{r['flops'] / 1e6:.2f} M | {r['latency_b1_ms']:.2f} | {r['latency_b32_ms']:.2f} | "
-                     f"{r['size_bytes'] / 1024:.1f} KiB |")
-    return "\n".join(lines)
-
-
-def _summary(rows: list[dict[str, Any]]) -> str:
-    base, last = rows[0], rows[-1]
-    return (f"FLOPs ÷{base['flops'] / last['flops']:.1f}, params ÷{base['params'] / last['params']:.1f}, "
-            f"accuracy {100 * (last['test_accuracy'] - base['test_accuracy']):+.2f} points, "
-            f"CPU speed-up ×{base['latency_b1_ms'] / last['latency_b1_ms']:.2f} (batch 1), "
-            f"×{base['latency_b32_ms'] / last['latency_b32_ms']:.2f} (batch 32)")
 
 
 def _plot(steps: list[dict[str, float]], rows: list[dict[str, Any]], channels: dict[str, tuple[int, int]],
@@ -320,7 +305,7 @@ def _save(model: nn.Module, arch: dict[str, Any], plans: list, s: DemoSettings, 
 def _write(out: Path, result: DemoResult, settings: DemoSettings, flops: float, criterion: str, seed: int) -> None:
     load = f", 1-min load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     text = [f"# prunable demo (criterion {criterion}, target {flops:g} of the FLOPs, seed {seed})", "",
-            result.table, "", _summary(result.rows), "",
+            result.table, "", summary(result.rows), "",
             "Channels per layer: " + ", ".join(f"{k} {b} → {a}" for k, (b, a) in result.channels.items()), "",
             f"Wall time: {result.wall_time:.0f} s with {torch.get_num_threads()} CPU threads{load}. Latency is the "
             f"median of repeated runs on this CPU. Settings: {settings}.", ""]
@@ -333,7 +318,7 @@ def _write(out: Path, result: DemoResult, settings: DemoSettings, flops: float, 
 def run_demo(
     out_dir: str | Path, quick: bool = False, flops: float = 0.1, criterion: str = "taylor", seed: int = 0, *,
     settings: DemoSettings | None = None, threads: int | None = 2, data_root: str | Path | None = None,
-    progress: bool = True,
+    progress: bool = True, readme: str | Path | None = None,
 ) -> DemoResult:
     """Train a CharNet, prune it to ``flops`` × its FLOPs, fine-tune it, measure each stage.
 
@@ -357,6 +342,9 @@ def run_demo(
         Cache folder of the generated data (see :class:`~prunable.data.JapaneseCharacters`).
     progress
         Show tqdm progress bars.
+    readme
+        A README whose demo block (between :data:`README_START` and
+        :data:`README_END`) is rewritten from this run (checked before the run).
 
     Returns
     -------
@@ -371,9 +359,19 @@ def run_demo(
     prunable.errors.PruningValueError: flops must be a fraction in (0, 1), got 1.5
     """
     _check_args(flops, criterion, seed)
+    if readme is not None and README_END not in Path(readme).read_text(encoding="utf-8"):
+        raise PruningValueError(f"{readme}: no {README_START} ... {README_END} block to rewrite")
     with _torch_threads(threads):
-        return _run(Path(out_dir), settings or (QUICK if quick else DEFAULT), float(flops), criterion, seed,
-                    data_root, progress)
+        print(f"prunable demo: seed {seed}, {torch.get_num_threads()} torch thread(s), criterion {criterion}, "
+              f"target {flops:g} of the FLOPs", flush=True)
+        result = _run(Path(out_dir), settings or (QUICK if quick else DEFAULT), float(flops), criterion, seed,
+                      data_root, progress)
+        result.record = {"rows": result.rows, "criterion": criterion, "flops_target": flops, "seed": seed,
+                         "threads": torch.get_num_threads(), "wall_time_s": round(result.wall_time, 1),
+                         "mode": "custom" if settings else "quick" if quick else "default"}
+    if readme is not None:
+        write_readme(readme, result.record)
+    return result
 
 
 @contextlib.contextmanager
@@ -405,7 +403,7 @@ def _run(out: Path, s: DemoSettings, flops: float, criterion: str, seed: int,
     data = _load_data(s, seed, data_root)
     arch = {"name": "CharNet", "num_classes": data.num_classes, "config": list(s.config), "in_channels": 1,
             "input_size": s.size, "hidden": s.hidden}
-    model = io.build_model(arch)
+    model = io.build_model(arch).to(_device())
     _train(model, data, s.epochs, s.lr, s, generator, "training", progress, one_cycle=True)
     rows = [_measure("trained baseline", model, data, s, _save(model, arch, [], s, seed, out / "baseline.pt"))]
     before = _channels(model)

@@ -18,18 +18,20 @@ Example
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import meta_clone
-from .inputs import call_model, input_tensors, inputs_to
+from .inputs import call_model, inputs_to
 
-__all__ = ["count_flops", "count_params", "module_flops", "measure_latency"]
+__all__ = ["count_flops", "count_params", "module_flops", "measure_latency", "devices_to_sync"]
 
 
 def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
@@ -76,26 +78,45 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def devices_to_sync(model: nn.Module, inputs: Any) -> list[torch.device]:
+    """Every CUDA device holding a parameter or buffer of ``model`` or a tensor of ``inputs``
+    (nested in tuples, lists and dicts), in a stable order.
+
+    Example
+    -------
+    >>> devices_to_sync(nn.Linear(2, 2), {"x": [torch.randn(1, 2)]})
+    []
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers(), tree_flatten(inputs)[0])
+    found = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}
+    return sorted(found, key=lambda d: -1 if d.index is None else d.index)
+
+
+def _synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
     """Median wall time in seconds of one forward pass on ``inputs`` (read as by
     :func:`count_flops`), in eval mode.
 
-    The model's train/eval mode is restored afterwards. On CUDA the device is
-    synchronised around each run.
+    The model's train/eval mode is restored afterwards. Every CUDA device the
+    model's parameters and buffers and the inputs (nested ones too) use is
+    synchronised before and after each run (:func:`devices_to_sync`), so the
+    time covers the kernels, not only their launch.
     """
     was_training = model.training
     model.eval()
-    cuda = any(t.is_cuda for t in input_tensors(inputs))
+    devices = devices_to_sync(model, inputs)
     times = []
     try:
         for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize()
+            _synchronize(devices)
             start = time.perf_counter()
             call_model(model, inputs)
-            if cuda:
-                torch.cuda.synchronize()
+            _synchronize(devices)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     finally:

@@ -178,13 +178,20 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
-    if any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
+    handler = handler_for(module)
+    local = handler.meta_type(module) if handler is not None else None  # SyncBatchNorm → a BatchNorm
+    if local is None and any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
         return copy.deepcopy(module, memo)
+    cls = local or cls
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = {}
+    dropped = getattr(local, "dropped_state", ())
     for key, value in module.__dict__.items():
         kind = type(value)
+        if key in dropped or key == "_compiled_call_impl":  # copies run eagerly (``module.compile()``)
+            state[key] = None
+            continue
         if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
             state[key] = value
         elif key == "_modules" and kind in _FLAT:

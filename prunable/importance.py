@@ -18,6 +18,7 @@ torch.Size([3])
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -56,45 +57,86 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
 
 
 class ScoreAccumulator:
-    """Running mean over examples of per-channel scores.
+    """Running mean over examples of per-channel scores, in float32.
 
     ``add`` takes per-example signed values ``(N, C)``. With
     ``abs_after_batch_mean=False`` (the paper) it accumulates ``|x|`` per
     example; with ``True`` (the 2018 seed code) it accumulates ``|mean_N x|``
     weighted by N. ``value()`` is the mean over all examples seen, so two
     batches accumulate exactly like their concatenation.
+
+    A batch whose contribution is not finite (``inf``/``NaN`` gradients from an
+    overflowed mixed-precision backward, which ``GradScaler`` skips too) is left
+    out and counted in :attr:`skipped`. The check runs on the device: adding a
+    batch never waits for the GPU; only reading :attr:`count`, :attr:`skipped`
+    or :meth:`value` does. Scores are summed in float32 whatever the model's
+    dtype, so half-precision models neither overflow nor lose small scores.
+
+    Loss scaling: gradients of a loss scaled by ``S`` are ``S`` times larger, so
+    every Taylor score of a layer is ``S`` (activation criteria) or ``S²``
+    (parameter criteria) times larger. A scale that is constant while estimating
+    cancels in the per-layer L2 normalisation (``θ / ||θ||₂``) used to rank
+    across layers. A scale that changes in the window (``GradScaler`` grows it
+    every ``growth_interval`` steps, halves it on overflow) weights the batches
+    by their scale; estimate over a window of steady scale for exact averages.
+
+    Example
+    -------
+    >>> acc = ScoreAccumulator()
+    >>> acc.add(torch.tensor([[1.0, -2.0]]))
+    >>> acc.add(torch.tensor([[float("inf"), 0.0]]))  # skipped, like an overflowed step
+    >>> acc.value(), acc.count, acc.skipped
+    (tensor([1., 2.]), 1, 1)
     """
 
     def __init__(self, abs_after_batch_mean: bool = False) -> None:
         self.abs_after_batch_mean = abs_after_batch_mean
-        self.total: torch.Tensor | None = None
-        self.count = 0
+        self.reset()
 
     def add(self, per_example: torch.Tensor) -> None:
         """Accumulate a batch of signed per-example scores of shape ``(N, C)``."""
         n = per_example.shape[0]
+        per_example = per_example.float()
         if self.abs_after_batch_mean:
             batch = per_example.mean(0).abs() * n
         else:
             batch = per_example.abs().sum(0)
-        self.total = batch if self.total is None else self.total + batch
-        self.count += n
+        self.add_total(batch, n)
 
     def add_total(self, total: torch.Tensor, count: int) -> None:
-        """Accumulate an already summed score (used by non-Taylor criteria)."""
+        """Accumulate an already summed score of ``count`` examples (non-Taylor criteria)."""
+        total = total.detach().float()
+        finite = torch.isfinite(total).all()
+        total = torch.where(finite, total, torch.zeros((), device=total.device))
+        bad = (~finite).long()
         self.total = total if self.total is None else self.total + total
-        self.count += count
+        self._bad = bad * count if self._bad is None else self._bad + bad * count
+        self._bad_batches = bad if self._bad_batches is None else self._bad_batches + bad
+        self._offered += count
+
+    @property
+    def count(self) -> int:
+        """Examples accumulated (those of skipped batches not included)."""
+        return self._offered - (int(self._bad) if self._bad is not None else 0)
+
+    @property
+    def skipped(self) -> int:
+        """Batches left out because their scores were not finite."""
+        return int(self._bad_batches) if self._bad_batches is not None else 0
 
     def value(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
         """Mean score per channel; zeros of length ``size`` when nothing was seen."""
-        if self.total is None or self.count == 0:
+        count = self.count
+        if self.total is None or count == 0:
             return torch.zeros(size or 0, device=device)
-        return self.total / self.count
+        return self.total / count
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        self.total = None
-        self.count = 0
+        self.total: torch.Tensor | None = None
+        self._offered = 0
+        self._bad: torch.Tensor | None = None
+        self._bad_batches: torch.Tensor | None = None
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop the entries of removed channels, keeping indices ``keep``."""
@@ -139,6 +181,19 @@ class MeasurePoint:
         return 1 if getattr(self.producer, "transposed", False) else 0
 
 
+class _EagerStance:
+    """Runs ``torch.compile``d code eagerly until :meth:`remove` (a hook handle's interface)."""
+
+    def __init__(self) -> None:
+        set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)  # torch >= 2.6
+        self._stance = set_stance("force_eager") if set_stance is not None else None
+
+    def remove(self) -> None:
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+
+
 class Criterion:
     """Base class of channel importance criteria.
 
@@ -154,13 +209,23 @@ class Criterion:
 
     def __init__(self) -> None:
         self.accumulators: dict[str, ScoreAccumulator] = {}
+        self._warned_skips = False
 
     def attach(self, points: list[MeasurePoint]) -> list[Any]:
-        """Install hooks on ``points``; returns removable handles."""
-        handles = []
+        """Install hooks on ``points``; returns removable handles.
+
+        While hooks are attached, ``torch.compile``d code runs eagerly
+        (``torch.compiler.set_stance("force_eager")``, restored by removing the
+        handles): a graph compiled before the hooks were added would not call
+        them, and one compiled while they are attached would keep calling them
+        after. A compiled model compiles again after the block, for its new shapes.
+        """
+        handles: list[Any] = []
         for point in points:
             acc = self.accumulators.setdefault(point.name, ScoreAccumulator())
             handles += self._hooks(point, acc)
+        if handles:
+            handles.append(_EagerStance())
         return handles
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
@@ -188,12 +253,34 @@ class Criterion:
     def scores(self, point: MeasurePoint) -> torch.Tensor:
         """Importance of each output channel of ``point.producer``."""
         acc = self.accumulators.get(point.name)
+        if acc is not None:
+            self._report_skips(point.name, acc)
         if acc is None or acc.count == 0:
-            raise EstimationError(
-                f"{type(self).__name__} has no estimates for {point.name}: run forward and backward "
-                "passes inside `with pruner.estimate():` first"
-            )
+            raise self._missing(point.name, acc)
         return acc.value()
+
+    def _missing(self, name: str, acc: ScoreAccumulator | None) -> EstimationError:
+        if acc is not None and acc.skipped:
+            return EstimationError(
+                f"{type(self).__name__} has no estimates for {name}: all {acc.skipped} batch(es) seen had "
+                "non-finite scores (overflowed mixed-precision backwards?)")
+        passes = "forward and backward passes" if self.needs_activations else "backward passes"
+        return EstimationError(f"{type(self).__name__} has no estimates for {name}: run {passes} "
+                               "inside `with pruner.estimate():` first")
+
+    def skipped(self) -> dict[str, int]:
+        """Batches left out per measure point because their scores were not finite."""
+        return {name: acc.skipped for name, acc in self.accumulators.items() if acc.skipped}
+
+    def _report_skips(self, name: str, acc: ScoreAccumulator) -> None:
+        """Warn, once per criterion, that non-finite batches were left out."""
+        if self._warned_skips or not acc.skipped:
+            return
+        self._warned_skips = True
+        warnings.warn(
+            f"prunable: {type(self).__name__} left out {acc.skipped} batch(es) with non-finite scores at "
+            f"{name!r} (an overflowed mixed-precision backward, skipped as GradScaler skips "
+            "the step); see Criterion.skipped() for every layer", stacklevel=4)
 
     def reset(self) -> None:
         """Forget accumulated statistics."""
@@ -285,31 +372,58 @@ class Random(Criterion):
 
 
 class _ParamTaylor(Criterion):
-    """``(Σ w·dL/dw)²`` per channel over chosen parameters, accumulated per backward."""
+    """``(Σ w·dL/dw)²`` per channel over chosen parameters, accumulated per backward.
+
+    The terms of one backward are summed over the parameters before they are
+    accumulated, so a backward with a non-finite gradient in any of them is
+    left out whole (see :class:`ScoreAccumulator`).
+    """
 
     needs_grad = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[str, dict[int, torch.Tensor]] = {}
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
         raise NotImplementedError
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
+        params = self.params(point)
+        pending: dict[int, torch.Tensor] = self._pending.setdefault(point.name, {})
         handles = []
-        for i, (param, producer_param) in enumerate(self.params(point)):
-            def on_grad(g: torch.Tensor, p=param, prod=producer_param, first=i == 0) -> None:
-                wg = (p.detach() * g).float()
+        for i, (param, producer_param) in enumerate(params):
+            def on_grad(g: torch.Tensor, i=i, p=param, prod=producer_param) -> None:
+                if i in pending:  # a new backward began before the last one reached every parameter
+                    self._commit(point.name, acc)
+                wg = p.detach().float() * g.detach().float()
                 per_channel = _out_view(point, wg) if prod else wg.view(len(p), -1)
-                acc.add_total(per_channel.sum(1).pow(2), int(first))
+                pending[i] = per_channel.sum(1).pow(2)
+                if len(pending) == len(params):
+                    self._commit(point.name, acc)
             handles.append(param.register_hook(on_grad))
         return handles
 
+    def _commit(self, name: str, acc: ScoreAccumulator) -> None:
+        """Add one backward's terms of every parameter of ``name`` at once, so a backward whose
+        gradients are partly non-finite is skipped whole."""
+        pending = self._pending.get(name)
+        if pending:
+            acc.add_total(sum(pending.values()), 1)
+            pending.clear()
+
     def scores(self, point: MeasurePoint) -> torch.Tensor:
         acc = self.accumulators.get(point.name)
-        if acc is None or acc.total is None:
-            raise EstimationError(
-                f"{type(self).__name__} has no estimates for {point.name}: run backward passes "
-                "inside `with pruner.estimate():` first"
-            )
-        return acc.total / max(acc.count, 1)
+        if acc is not None:
+            self._commit(point.name, acc)
+            self._report_skips(point.name, acc)
+        if acc is None or acc.count == 0:
+            raise self._missing(point.name, acc)
+        return acc.value()
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending.clear()
 
 
 class TaylorWeight(_ParamTaylor):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import average_across_ranks
+from .distributed import reduce_scores, unwrap
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
 from .inputs import call_model, input_tensors, inputs_to, split_inputs
@@ -54,7 +54,9 @@ class Pruner:
     Parameters
     ----------
     model
-        The model; pruned in place.
+        The model; pruned in place. A ``torch.compile``, ``DataParallel`` or
+        ``DistributedDataParallel`` wrapper is unwrapped: the module inside is
+        pruned (and is :attr:`model`); the wrapper runs it afterwards.
     example_inputs
         The inputs of one forward pass: a tensor (or a list, e.g. of images), a tuple
         of positional inputs, a dict of keyword inputs (``model(**inputs)``) or an
@@ -97,6 +99,7 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None, aggregation: Aggregation = Aggregation.SUM,
         flops_regularization: float | bool = 0.0, validate: bool = True,
     ) -> None:
+        model = unwrap(model)  # torch.compile / (Distributed)DataParallel: prune the module inside
         if not isinstance(min_channels, int) or min_channels < 1:
             raise PruningValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -226,22 +229,30 @@ class Pruner:
     def scores(self) -> dict[str, torch.Tensor]:
         """Importance of every channel of every prunable group (lower = pruned first)."""
         penalty = self._flops_per_channel() if self.flops_regularization else {}
-        out = {}
+        out, error = {}, None
         for g in self.groups:
-            parts = []
-            for name, dim, index in g.measure:
-                if dim is None:
-                    continue
-                s = self.criterion.scores(self._points[name]).detach().float().cpu()
-                if not bool(torch.isfinite(s).all()):
-                    raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-                s = l2_normalize(s) if self.criterion.normalize else s
-                parts.append((s, index))
-            score = _aggregate(parts, g.channels, self.aggregation)
-            if g.id in penalty:
-                score = score - self.flops_regularization * penalty[g.id]
-            out[g.id] = score
-        return average_across_ranks(out)
+            try:
+                out[g.id] = self._group_score(g, penalty)
+            except EstimationError as exc:  # under torch.distributed: raised on every rank below
+                error = error or str(exc)
+                out[g.id] = torch.full((g.channels,), math.nan)
+        device = next(self.model.parameters(), torch.empty(0)).device
+        return reduce_scores(out, device=device, error=error)
+
+    def _group_score(self, g: ChannelGroup, penalty: dict[str, float]) -> torch.Tensor:
+        parts = []
+        for name, dim, index in g.measure:
+            if dim is None:
+                continue
+            s = self.criterion.scores(self._points[name]).detach().float().cpu()
+            if not bool(torch.isfinite(s).all()):
+                raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+            s = l2_normalize(s) if self.criterion.normalize else s
+            parts.append((s, index))
+        score = _aggregate(parts, g.channels, self.aggregation)
+        if g.id in penalty:
+            score = score - self.flops_regularization * penalty[g.id]
+        return score
 
     def _flops_per_channel(self) -> dict[str, float]:
         flops = module_flops(self.model, self.example_inputs)

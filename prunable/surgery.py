@@ -5,8 +5,8 @@ optimizer state are sliced. Both doors of prunable use it: the drop-in layers of
 :mod:`prunable.nn` and the automatic :class:`prunable.Pruner`.
 
 A :class:`Cut` says "keep these indices of this module's inputs (or outputs)".
-:func:`apply_cuts` first computes every new tensor, then swaps them all in; if
-any cut is invalid nothing is modified. Parameters are sliced *in place*
+:func:`apply_cuts` first checks every cut, then slices and swaps one module at a
+time; if a cut is invalid, or anything fails on the way, nothing is modified. Parameters are sliced *in place*
 (``param.data = ...``) so the ``nn.Parameter`` objects, and therefore an
 optimizer built before pruning, stay valid.
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import PruningValueError, SurgeryError
+from .staging import SurgeryStats, Undo, nbytes, roll_back, size_attributes, stage, swap
 
 __all__ = [
     "Role",
@@ -44,6 +45,7 @@ __all__ = [
     "keep_indices",
     "check_indices",
     "slice_optimizer_state",
+    "SurgeryStats",
 ]
 
 
@@ -72,6 +74,12 @@ class ModuleHandler:
     def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
         """Indices to keep along tensor ``name`` given the channels kept on the ``role`` side."""
         return keep
+
+    def meta_type(self, module: nn.Module) -> type | None:
+        """The class a ``meta`` copy of ``module`` takes for tracing and trial runs, or None
+        for its own: the local equivalent of a module that only runs inside a process group
+        on a GPU (SyncBatchNorm → a BatchNorm). It must hold the same tensors and attributes."""
+        return None
 
 
 _HANDLERS: dict[type | str, ModuleHandler] = {}
@@ -183,6 +191,27 @@ class _NormHandler(_ChannelwiseHandler):
 
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         module.num_features = n
+
+
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm for inputs of any rank ≥ 2: what a meta copy of a SyncBatchNorm runs.
+
+    SyncBatchNorm refuses to run outside CUDA while a process group is
+    initialised, and meta copies are not on CUDA; over one process it computes
+    exactly this. ``dropped_state`` is not copied (a process group cannot be).
+    """
+
+    dropped_state = ("process_group",)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@register_handler(nn.SyncBatchNorm)
+class _SyncBatchNormHandler(_NormHandler):
+    def meta_type(self, module: nn.Module) -> type | None:
+        return LocalBatchNorm
 
 
 @register_handler(nn.LayerNorm)
@@ -353,65 +382,46 @@ def _sliced_state(state: dict, shape: torch.Size, axes: dict[int, torch.Tensor])
     }
 
 
-def apply_cuts(cuts: Sequence[Cut], optimizer: torch.optim.Optimizer | None = None) -> None:
+def apply_cuts(
+    cuts: Sequence[Cut], optimizer: torch.optim.Optimizer | None = None, *, stats: SurgeryStats | None = None
+) -> None:
     """Apply ``cuts`` to their modules (and ``optimizer``'s state) atomically.
 
-    Every new tensor is computed before any is assigned, so a failure raises
-    :class:`SurgeryError` naming the cut and leaves everything unchanged.
+    Every cut is checked before any tensor is touched. Then one module at a
+    time is staged (its new parameters, gradients and optimizer state), swapped
+    in and its old tensors freed, so the extra memory at the peak is about the
+    largest module's share, not the whole model's (:mod:`prunable.staging`).
+    If anything fails on the way, the modules already swapped are put back
+    from the removed slices kept aside: :class:`SurgeryError` naming the
+    tensor, everything unchanged. ``stats`` (a :class:`SurgeryStats`) receives
+    the bytes staged.
     """
     pending, resizes = _expand(cuts)
-    staged = []
+    stats = stats if stats is not None else SurgeryStats()
+    by_module: dict[int, list[_Pending]] = {}
     for entry in pending.values():
-        try:
-            new = _slice(entry.tensor.detach(), entry.axes)
-            grad = entry.tensor.grad
-            new_grad = _slice(grad, entry.axes) if grad is not None else None
-            state = None
-            if optimizer is not None and entry.tensor in optimizer.state:
-                state = _sliced_state(optimizer.state[entry.tensor], entry.tensor.shape, entry.axes)
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
-            name = type(entry.owner).__name__
-            raise SurgeryError(f"{name}.{entry.attr}: slicing failed: {exc}") from exc
-        staged.append((entry, new, new_grad, state))
-    for entry, new, new_grad, state in staged:
-        _swap(entry, new, new_grad, state, optimizer)
-    for handler, module, role, n in resizes:
-        handler.resize(module, role, n)
-
-
-def _swap(entry: _Pending, new, new_grad, state, optimizer) -> None:
-    tensor = entry.tensor
-    if isinstance(tensor, nn.Parameter):
-        _swap_parameter(tensor, new)
-        tensor.grad = new_grad
-        if state is not None:
-            optimizer.state[tensor] = state
-    else:
-        entry.owner._buffers[entry.attr] = new
-
-
-def _swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
-    """Give ``param`` the data (and shape) of ``new``, keeping the Python object.
-
-    ``torch.utils.swap_tensors`` also replaces the autograd metadata, so a graph
-    still alive from before the cut cannot poison the next backward with the old
-    shape. Falls back to ``.data`` assignment when swapping is impossible.
-    """
-    replacement = nn.Parameter(new, requires_grad=param.requires_grad)
-    replacement.__dict__.update(param.__dict__)
+        by_module.setdefault(id(entry.owner), []).append(entry)
+    undo: list[Undo] = []
+    sizes = [(module, size_attributes(module)) for _, module, _, _ in resizes]
     try:
-        torch.utils.swap_tensors(param, replacement)
-    except RuntimeError:
-        param.data = new
-        return
-    # the hook dicts still point at the old tensor's autograd hooks: hand them to the new one,
-    # or every hook registered from now on (Taylor criteria's gradient hooks) would never fire
-    for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-        hooks = getattr(param, attr, None)
-        if hooks is not None:
-            setattr(param, attr, None)
-            if hooks:
-                setattr(param, attr, type(hooks)(hooks))
+        for entries in by_module.values():
+            staged = [stage(entry, optimizer) for entry in entries]
+            stats.staged(sum(nbytes(new, grad, *(state[k] for k in log.state_removed))
+                             for _, new, grad, state, log in staged),
+                         sum(log.nbytes for *_, log in staged))
+            for entry, new, new_grad, state, log in staged:
+                swap(entry, new, new_grad, state, optimizer)
+                undo.append(log)
+            del staged
+        for handler, module, role, n in resizes:
+            handler.resize(module, role, n)
+    except Exception as exc:
+        roll_back(undo, optimizer)
+        for module, saved in sizes:
+            vars(module).update(saved)
+        if isinstance(exc, SurgeryError):
+            raise
+        raise SurgeryError(f"applying the cuts failed, model unchanged: {type(exc).__name__}: {exc}") from exc
 
 
 def slice_optimizer_state(

@@ -1,8 +1,16 @@
+import contextlib
+import io as _io
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from prunable import Criterion, PruningValueError, io
 from prunable.demo import CRITERIA, QUICK, DemoSettings, format_table, make_criterion, run_demo
+from prunable.demo_report import README_END, README_START, format_readme, read_readme
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 #: A run of a few seconds: 16×16 images, 4 training images per class, one epoch.
 TINY = DemoSettings(size=16, config=(8, "M", 16, "M"), hidden=32, train_per_class=4, eval_per_class=2,
@@ -10,15 +18,46 @@ TINY = DemoSettings(size=16, config=(8, "M", 16, "M"), hidden=32, train_per_clas
                     latency_repeats=3)
 
 
-def _tiny(root, name):
-    return run_demo(root / name, flops=0.5, seed=3, settings=TINY, data_root=root / "cache", progress=False, threads=1)
+def _tiny(root, name, **kwargs):
+    return run_demo(root / name, flops=0.5, seed=3, settings=TINY, data_root=root / "cache", progress=False,
+                    threads=1, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """A tiny run that also rewrites a copy of the README; its standard output is kept."""
     root = tmp_path_factory.mktemp("demo")
-    result = _tiny(root, "out")
+    shutil.copy(README, root / "README.md")
+    printed = _io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = _tiny(root, "out", readme=root / "README.md")
+    (root / "stdout.txt").write_text(printed.getvalue(), encoding="utf-8")
     return root, result
+
+
+def test_demo_prints_seed_and_threads(tiny_run):
+    root, _ = tiny_run
+    assert "seed 3, 1 torch thread(s)" in (root / "stdout.txt").read_text(encoding="utf-8")
+
+
+def test_demo_rewrites_only_the_readme_block(tiny_run):
+    root, result = tiny_run
+    block, record = read_readme(root / "README.md")
+    assert block == format_readme(result.record) and record == result.record
+    assert record["mode"] == "custom" and record["seed"] == 3 and record["threads"] == 1
+    assert result.table in block
+    rows = [[r[k] for k in ("stage", "params", "flops")] for r in record["rows"]]
+    assert rows == [[r[k] for k in ("stage", "params", "flops")] for r in result.rows]
+    before, after = README.read_text(encoding="utf-8"), (root / "README.md").read_text(encoding="utf-8")
+    outside = lambda text: (text[:text.index(README_START)], text[text.index(README_END):])  # noqa: E731
+    assert outside(after) == outside(before)
+
+
+def test_demo_refuses_a_readme_without_the_block_before_work(tmp_path):
+    (tmp_path / "README.md").write_text("# no block here\n", encoding="utf-8")
+    with pytest.raises(PruningValueError, match="demo:start"):
+        run_demo(tmp_path / "out", settings=TINY, readme=tmp_path / "README.md")
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_writes_table_plot_and_models(tiny_run):

@@ -92,7 +92,8 @@ def _compile_or_skip(model: nn.Module, x: torch.Tensor, backend: str) -> torch.T
             return compiled(x)
     except Exception as exc:  # noqa: BLE001 - an environment without a working toolchain
         text = f"{type(exc).__name__}: {exc}"
-        if any(s in text for s in ("InvalidCxxCompiler", "CppCompileError", "compiler", "Python.h")):
+        toolchain = ("InvalidCxxCompiler", "CppCompileError", "compiler", "Python.h")
+        if backend == "inductor" and any(s in text for s in toolchain):  # aot_eager needs no toolchain
             pytest.skip(f"torch.compile cannot build kernels here: {text.splitlines()[0][:200]}")
         raise
     finally:
@@ -116,8 +117,8 @@ def test_pruned_cnn_torch_compile_inductor(name):
 
 
 def _onnx_run(model: nn.Module, x: torch.Tensor, dynamo: bool, tmp_path) -> torch.Tensor:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    import onnx  # the `export` extra (part of `dev`): a missing exporter fails here instead of skipping
+    import onnxruntime as ort
     path = tmp_path / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -135,10 +136,10 @@ def test_pruned_cnn_onnx_torchscript_exporter(name, tmp_path):
     torch.testing.assert_close(_onnx_run(model, x, False, tmp_path), expected, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", CNNS)
+@pytest.mark.parametrize("name", [CNNS[0], *(pytest.param(n, marks=pytest.mark.slow) for n in CNNS[1:])])
 def test_pruned_cnn_onnx_dynamo_exporter(name, tmp_path):
-    pytest.importorskip("onnxscript")
+    """torch.onnx.export's default (dynamo) exporter; needs onnxscript from the `export` extra."""
+    import onnxscript  # noqa: F401 - fail, do not skip, when the extra is missing
     model, x, expected = pruned(name)
     torch.testing.assert_close(_onnx_run(model, x, True, tmp_path), expected, atol=ATOL, rtol=RTOL)
 

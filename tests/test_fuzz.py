@@ -143,12 +143,14 @@ def programs(draw, max_depth: int = 8, max_width: int = 24, depthwise_multiplier
 
     blocks = []
     for _ in range(draw(st.integers(2, max_depth))):
-        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "dw", "group", "pool"]))
+        # the first block is a conv of >= 2 channels: every model has a prunable group
+        kind = draw(st.sampled_from(["conv", "conv", "res", "cat", "dw", "group", "pool"])) if blocks else "conv"
         if kind == "pool" and h < 4:
             kind = "conv"
         if kind == "conv":
             stride = 2 if h >= 4 and draw(st.integers(0, 4)) == 0 else 1
-            spec = {"kind": "conv", "conv": unit(c, stride=stride)}
+            first = None if blocks else draw(st.integers(2, max_width))
+            spec = {"kind": "conv", "conv": unit(c, first, stride=stride)}
             h = (h + 2 * (spec["conv"]["k"] // 2) - spec["conv"]["k"]) // stride + 1
         elif kind == "dw":
             mult = draw(st.sampled_from([1, 2])) if depthwise_multiplier else 1
@@ -239,22 +241,32 @@ def removal_sets(draw, channels: int) -> set[int]:
     return set(range(channels)) - {keep}
 
 
-def check_equivalence(data) -> None:
+def draw_plan(data, groups) -> dict[str, list[int]]:
+    """A random removal set per group; never empty (one channel of a drawn group at least)."""
+    removals = {}
+    for g in groups:
+        idx = data.draw(removal_sets(g.channels), label=f"remove {g.id}")
+        if idx:
+            removals[g.id] = sorted(idx)
+    if not removals:
+        g = groups[data.draw(st.integers(0, len(groups) - 1), label="forced group")]
+        removals[g.id] = [data.draw(st.integers(0, g.channels - 1), label=f"forced channel of {g.id}")]
+    return removals
+
+
+def check_equivalence(data) -> str:
+    """Prune a random model with a random plan; returns "pruned" or "refused" (asserted either way)."""
     program = data.draw(programs(), label="program")
     model, x = build(program)
     with torch.no_grad():
         before = model(x)
     pruner = make_pruner(model, x)
     note(f"groups: {[(g.id, g.channels) for g in pruner.groups]}; skipped: {pruner.skipped}")
-    removals = {}
-    for g in pruner.groups:
-        idx = data.draw(removal_sets(g.channels), label=f"remove {g.id}")
-        if idx:
-            removals[g.id] = sorted(idx)
+    assert pruner.groups, f"the strategy must yield a prunable group: {pruner.skipped}"
+    removals = draw_plan(data, pruner.groups)
     note(f"plan: {removals}")
     zeroed = copy.deepcopy(model)
-    if removals:  # zero_plan needs at least one removal
-        zero_plan(zeroed, pruner.graph, removals)
+    zero_plan(zeroed, pruner.graph, removals)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         pruner.prune(removals)
@@ -262,27 +274,43 @@ def check_equivalence(data) -> None:
         assert "with no channels" in str(exc)
         after = model.state_dict()  # ... and leaves the model untouched
         assert all(torch.equal(after[k], v) for k, v in state.items())
-        return
+        return "refused"
     assert_no_empty_tensor(model)
+    assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in state.values())
     with torch.no_grad():
         out, expected = model(x), zeroed(x)
     assert out.shape == before.shape
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    return "pruned"
 
 
-@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.data())
-def test_random_cnn_pruned_equals_zeroed_copy(data):
-    check_equivalence(data)
+#: at most this fraction of the random plans may be refused (they empty one branch of a concat group)
+MAX_REFUSED = 0.25
+
+
+def run_equivalence(examples: int, **options) -> None:
+    """``examples`` drawn models and plans; refusals counted and bounded, most plans applied."""
+    outcomes = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **options)
+    @given(st.data())
+    def run(data):
+        outcomes.append(check_equivalence(data))
+
+    run()
+    refused = outcomes.count("refused")
+    assert len(outcomes) >= examples and refused <= MAX_REFUSED * len(outcomes), (
+        f"{refused} of {len(outcomes)} random plans refused")
+
+
+def test_random_cnn_pruned_equals_zeroed_copy():
+    run_equivalence(FAST_EXAMPLES)
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, deadline=None, derandomize=True, phases=NO_SHRINK,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.data())
-def test_random_cnn_pruned_equals_zeroed_copy_many(data):
-    check_equivalence(data)
+def test_random_cnn_pruned_equals_zeroed_copy_many():
+    run_equivalence(SLOW_EXAMPLES, phases=NO_SHRINK)
 
 
 # -- repeated pruning to the minimum ------------------------------------------------------------------
@@ -385,10 +413,9 @@ def test_plan_emptying_one_concat_branch_is_refused():
     pruner = make_pruner(model, x)
     assert [g.id for g in pruner.groups] == ["a"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
+    with pytest.raises(PruningValueError, match="b.out with no channels"):
         pruner.prune({"a": [0, 1, 2, 4, 5]})  # every channel of b
-    except prunable.PrunableError:
-        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert_no_empty_tensor(model)
     with torch.no_grad():
         assert model(x).shape == (2, 2)
@@ -413,21 +440,15 @@ class DepthwiseOverInputConcat(nn.Module):
 
 
 def test_depthwise_over_concat_with_model_input():
-    """Pruning a's outputs must cut dw's weight too (or refuse); it used to leave groups=9, weight 11."""
+    """Pruning a's outputs would need dw to lose channels tied to the fixed model input (it used to
+    leave groups=9, weight 11): 'a' is skipped with a reason and an explicit plan is refused atomically."""
     torch.manual_seed(0)
     model, x = DepthwiseOverInputConcat().eval(), torch.randn(2, 3, 8, 8)
     pruner = make_pruner(model, x)
-    if "a" not in {g.id for g in pruner.groups}:
-        return  # refusing to prune 'a' is a valid answer
-    removals = {"a": [0, 1]}
-    zeroed = copy.deepcopy(model)
-    zero_plan(zeroed, pruner.graph, removals)
-    try:
-        pruner.prune(removals)
-    except prunable.PrunableError:
-        return  # refused atomically: fine
+    assert "a" not in {g.id for g in pruner.groups} and "a" in pruner.skipped
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningValueError, match="group a"):
+        pruner.prune({"a": [0, 1]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     dw = model.dw
-    assert dw.weight.shape[0] == dw.out_channels and dw.in_channels % dw.groups == 0
-    assert dw.out_channels % dw.groups == 0, f"{dw}: weight {tuple(dw.weight.shape)}"
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), zeroed(x), atol=1e-4, rtol=1e-4)
+    assert dw.weight.shape[0] == dw.out_channels == 11 and dw.groups == 11

@@ -16,7 +16,8 @@ PAGES = sorted(HOWTO.glob("*.md"))
 BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
 #: pages and the packages their snippets import beyond torch and prunable
 NEEDS = {"lightning.md": ["lightning"], "timm.md": ["timm"], "huggingface.md": ["transformers"],
-         "export.md": ["onnx", "onnxscript", "onnxruntime"], "save-load.md": ["torchvision"], "ddp.md": []}
+         "export.md": ["onnx", "onnxscript", "onnxruntime"], "save-load.md": ["torchvision"], "ddp.md": [],
+         "fsdp.md": []}
 
 
 def snippets(page: Path) -> list[tuple[str, str | None]]:

@@ -28,25 +28,6 @@ def _run(pruner, model, batches=2):
             nn.functional.cross_entropy(model(X[i::batches]), Y[i::batches]).backward()
 
 
-def test_taylor_activation_measures_bn_output_exactly():
-    model = net()
-    pruner = Pruner(model, X)
-    captured = []
-
-    def keep(module, inputs, output):
-        output.retain_grad()
-        captured.append(output)
-
-    model[1].register_forward_hook(keep)
-    with pruner.estimate():
-        nn.functional.cross_entropy(model(X), Y).backward()
-    a, g = captured[0].detach(), captured[0].grad
-    expected = (a * g).mean((2, 3)).abs().mean(0)
-    scores = pruner.criterion.scores(pruner._points["1"])
-    torch.testing.assert_close(scores, expected)
-    assert pruner.groups[0].measure[0][0] == "1"
-
-
 def test_accumulator_two_batches_equal_combined():
     a, g = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
     split, whole = ScoreAccumulator(), ScoreAccumulator()
@@ -61,7 +42,8 @@ def test_accumulator_two_batches_equal_combined():
 
 def test_l2_normalize_guards_zero():
     assert torch.equal(l2_normalize(torch.zeros(3)), torch.zeros(3))
-    assert math.isclose(float(torch.linalg.vector_norm(l2_normalize(torch.tensor([3.0, 4.0])))), 1.0)
+    torch.testing.assert_close(l2_normalize(torch.tensor([3.0, 4.0])), torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(l2_normalize(torch.tensor([1e-3, 0.0])), torch.tensor([1.0, 0.0]))
 
 
 @pytest.mark.parametrize("criterion", [
@@ -141,7 +123,7 @@ def test_group_aggregation(how):
         model.a.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1).expand(4, 3, 1, 1))
         model.b.weight.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0]).view(4, 1, 1, 1).expand(4, 3, 1, 1))
     pruner = Pruner(model, X, criterion=WeightNorm(), aggregation=how)
-    a = l2_normalize(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0]) / math.sqrt(30)  # L1 norms of a's filters (×3), L2-normalised
     b = a.flip(0)
     expected = {Aggregation.SUM: a + b, Aggregation.MEAN: (a + b) / 2, Aggregation.MAX: torch.maximum(a, b)}[how]
     torch.testing.assert_close(pruner.scores()["a"], expected)
@@ -172,3 +154,143 @@ def test_parameter_criteria_keep_estimating_after_each_prune(criterion):
         scores = pruner.scores()
         assert all(s.abs().sum() > 0 for s in scores.values())
         pruner.step(1)
+
+
+# -- every criterion against a hand formula, with mixed-sign a·g ---------------------------------------
+BATCHES = [(X[0::2], Y[0::2]), (X[1::2], Y[1::2])]
+
+
+def _capture(model):
+    """Forward hooks keeping the BN output ('0') and the second conv's output ('3') with their grads."""
+    seen = {"0": [], "3": []}
+
+    def hook(key):
+        def keep(module, inputs, output):
+            output.retain_grad()
+            seen[key].append(output)
+        return keep
+
+    model[1].register_forward_hook(hook("0"))
+    model[3].register_forward_hook(hook("3"))
+    return seen
+
+
+def _hand_run(criterion):
+    """Two cross-entropy batches (random targets) inside estimate(); what a hand formula needs.
+
+    Returns the pruner, the model, the activations/gradients seen per group and, per backward,
+    ``{param name: (value, gradient)}`` of every parameter.
+    """
+    torch.manual_seed(0)
+    model = net()
+    with torch.no_grad():  # γ of both signs, β away from zero: every term of every formula matters
+        model[1].weight.copy_(torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0]))
+        model[1].bias.uniform_(-0.5, 0.5)
+    pruner = Pruner(model, X, criterion=criterion)
+    seen, grads = _capture(model), []
+    with pruner.estimate():
+        for x, y in BATCHES:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads.append({n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()})
+    pairs = {k: [(o.detach(), o.grad) for o in v] for k, v in seen.items()}
+    return pruner, model, pairs, grads
+
+
+def _normalized(values):
+    """Hand L2 normalisation: ``v / sqrt(sum v²)``."""
+    return values / math.sqrt(sum(float(v) ** 2 for v in values))
+
+
+def _per_example(a, g):
+    """``mean over positions of a·g`` per example and channel, by loops over positions."""
+    n, c = a.shape[:2]
+    out = torch.zeros(n, c)
+    for i in range(n):
+        for k in range(c):
+            out[i, k] = float((a[i, k] * g[i, k]).sum()) / a[i, k].numel()
+    return out
+
+
+def _assert_mixed_signs(pairs):
+    """The test only bites if some per-example products are negative (else abs is a no-op)."""
+    for key, batches in pairs.items():
+        products = torch.cat([_per_example(a, g) for a, g in batches])
+        assert (products < 0).any() and (products > 0).any(), f"{key}: a·g of one sign only"
+
+
+def _taylor_2017(batches):
+    return torch.cat([_per_example(a, g).abs() for a, g in batches]).mean(0)
+
+
+def _taylor_seed(batches):
+    total = sum(_per_example(a, g).mean(0).abs() * len(a) for a, g in batches)
+    return total / sum(len(a) for a, _ in batches)
+
+
+def _param_taylor(grads, names):
+    """Molchanov 2019 per backward: ``(Σ w·g)²`` per output channel of each named tensor, summed
+    over the tensors, then averaged over backward passes."""
+    total = 0
+    for step in grads:
+        for name in names:
+            w, g = step[name]
+            total = total + (w * g).reshape(len(w), -1).sum(1) ** 2
+    return total / len(grads)
+
+
+def _mean_relu(batches):
+    """Mean over examples and positions of ``relu(a)``; the BN output has negative values too."""
+    assert all((a < 0).any() for a, _ in batches)
+    return torch.cat([a.clamp(min=0).mean((2, 3)) for a, _ in batches]).mean(0)
+
+
+def _positive_fraction(batches):
+    return torch.cat([(a > 0).float().mean((2, 3)) for a, _ in batches]).mean(0)
+
+
+def _l1_rows(conv):
+    return conv.weight.detach().abs().sum((1, 2, 3))
+
+
+def _l2_rows(conv):
+    return conv.weight.detach().pow(2).sum((1, 2, 3)).sqrt()
+
+
+HAND = {
+    "taylor": (TaylorActivation, lambda m, p, g: {k: _taylor_2017(p[k]) for k in p}),
+    "taylor-seed": (lambda: TaylorActivation(abs_after_batch_mean=True),
+                    lambda m, p, g: {k: _taylor_seed(p[k]) for k in p}),
+    "taylor-weight": (TaylorWeight, lambda m, p, g: {
+        "0": _param_taylor(g, ["0.weight", "0.bias"]) + _param_taylor(g, ["1.weight", "1.bias"]),
+        "3": _param_taylor(g, ["3.weight", "3.bias"])}),
+    "taylor-bn": (TaylorBN, lambda m, p, g: {
+        "0": _param_taylor(g, ["1.weight", "1.bias"]), "3": _param_taylor(g, ["3.weight", "3.bias"])}),
+    "l1": (lambda: WeightNorm(1), lambda m, p, g: {"0": _l1_rows(m[0]), "3": _l1_rows(m[3])}),
+    "l2": (lambda: WeightNorm(2), lambda m, p, g: {"0": _l2_rows(m[0]), "3": _l2_rows(m[3])}),
+    "bn-scale": (BNScale, lambda m, p, g: {"0": torch.tensor([1.0, 0.5, 0.7, 1.2, 0.3, 2.0]), "3": _l1_rows(m[3])}),
+    "mean-activation": (MeanActivation, lambda m, p, g: {k: _mean_relu(p[k]) for k in p}),
+    "apoz": (APoZ, lambda m, p, g: {k: _positive_fraction(p[k]) for k in p}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_criterion_matches_hand_formula(name):
+    """Pruner.scores() = the criterion's formula written out by hand, L2-normalised per layer."""
+    make, formula = HAND[name]
+    pruner, model, pairs, grads = _hand_run(make())
+    _assert_mixed_signs(pairs)
+    expected = formula(model, pairs, grads)
+    scores = pruner.scores()
+    assert set(scores) == {"0", "3"}
+    for gid, values in expected.items():
+        assert len(set(values.tolist())) == len(values), f"{name}/{gid}: ties would hide a permutation"
+        torch.testing.assert_close(scores[gid], _normalized(values), rtol=1e-4, atol=1e-6, msg=f"{name} {gid}")
+
+
+def test_random_criterion_draws_from_its_seeded_generator_in_group_order():
+    scores = Pruner(net(), X, criterion=Random(seed=3)).scores()
+    generator = torch.Generator().manual_seed(3)
+    expected = {"0": torch.rand(6, generator=generator), "3": torch.rand(4, generator=generator)}
+    for gid, values in expected.items():
+        torch.testing.assert_close(scores[gid], values)  # Random is not normalised

@@ -17,10 +17,11 @@ you want zero mean and unit variance.
 
 Example
 -------
+>>> import tempfile
 >>> from prunable.data import JapaneseCharacters
->>> ds = JapaneseCharacters("test", samples_per_class=1)  # doctest: +SKIP
->>> image, label = ds[0]                                 # doctest: +SKIP
->>> ds.classes[label], image.shape                       # doctest: +SKIP
+>>> ds = JapaneseCharacters("test", samples_per_class=1, root=tempfile.mkdtemp())
+>>> image, label = ds[0]
+>>> ds.classes[label], image.shape
 ('あ', torch.Size([1, 48, 48]))
 """
 
@@ -204,7 +205,7 @@ def render_glyphs(chars: Sequence[str], size: int = 48, font: str = "ipaex-gothi
 
     Example
     -------
-    >>> render_glyphs("あア", size=32).shape  # doctest: +SKIP
+    >>> render_glyphs("あア", size=32).shape
     torch.Size([2, 1, 32, 32])
     """
     _check_choice("font", font, tuple(FONTS))
@@ -510,8 +511,9 @@ def loaders(
 
     Example
     -------
-    >>> train, val, test = loaders(batch_size=32, size=32)  # doctest: +SKIP
-    >>> images, labels = next(iter(train)); images.shape    # doctest: +SKIP
+    >>> import tempfile
+    >>> train, val, test = loaders(batch_size=32, size=32, root=tempfile.mkdtemp())
+    >>> images, labels = next(iter(train)); images.shape
     torch.Size([32, 1, 32, 32])
     """
     _check_int("batch_size", batch_size, 1)

@@ -1,0 +1,200 @@
+"""Per-module transactions for :func:`prunable.surgery.apply_cuts`: slice, swap, undo.
+
+Slicing a whole model at once (every new parameter, gradient and optimizer
+moment built before any is swapped in) needs about the touched tensors once
+more at the peak — with AdamW four times the parameters. Here one module's
+tensors are staged, swapped in, and the old ones freed before the next module
+is staged, so the extra memory at the peak is the largest module's share.
+
+What makes it safe: everything that can be checked without allocating (the
+handlers, index ranges, agreeing cuts) is checked before the first swap, and
+the plan was trial-run on a meta copy. What can still fail mid-way (a device
+out of memory, an exotic tensor subclass) is undone: for every tensor swapped
+the *removed* slices are kept in host memory (:class:`Undo`), and the old
+tensor is rebuilt by putting kept and removed slices back in place, bitwise.
+The undo log costs the removed channels only, and no device memory: a GPU
+holds at most one module's new tensors beyond the model's own.
+
+Example
+-------
+>>> t = torch.arange(12.).view(3, 4)
+>>> axes = {0: torch.tensor([0, 2]), 1: torch.tensor([1, 3])}
+>>> new, removed = slice_with_undo(t, axes)
+>>> new.tolist(), torch.equal(unslice(new, axes, removed, t.shape), t)
+([[1.0, 3.0], [9.0, 11.0]], True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = [
+    "slice_with_undo", "unslice", "Undo", "SurgeryStats", "stage", "swap", "swap_parameter", "roll_back",
+    "nbytes", "size_attributes",
+]
+
+
+def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool, device=keep.device)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
+def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``tensor`` keeping ``axes[a]`` along each axis ``a`` (in order), and the slices removed
+    on the way, moved to host memory: what :func:`unslice` needs to rebuild ``tensor``."""
+    out, removed = tensor, []
+    if tensor.is_meta:  # nothing to keep: a meta tensor is its shape
+        for axis, keep in axes.items():
+            out = out.index_select(axis, keep.to(tensor.device))
+        return out.contiguous(), removed
+    for axis, keep in axes.items():
+        gone = _complement(keep, out.shape[axis]).to(tensor.device)  # on keep's device: meta has no nonzero
+        removed.append(out.index_select(axis, gone).to("cpu"))
+        out = out.index_select(axis, keep.to(tensor.device))
+    return out.contiguous(), removed
+
+
+def unslice(new: torch.Tensor, axes: dict[int, torch.Tensor], removed: list[torch.Tensor],
+            shape: torch.Size) -> torch.Tensor:
+    """The tensor of ``shape`` that :func:`slice_with_undo` cut into ``new`` and ``removed``."""
+    if new.is_meta:
+        return new.new_empty(shape)
+    out = new
+    sizes = list(shape)
+    partial = [list(shape)]
+    for axis in list(axes)[:-1]:  # the shape after each cut but the last
+        sizes[axis] = len(axes[axis])
+        partial.append(list(sizes))
+    for (axis, keep), gone, size in reversed(list(zip(axes.items(), removed, partial))):
+        whole = out.new_empty(size)
+        whole.index_copy_(axis, keep.to(new.device), out)
+        whole.index_copy_(axis, _complement(keep, size[axis]).to(new.device), gone.to(new.device))
+        out = whole
+    return out
+
+
+@dataclass
+class Undo:
+    """What one swapped tensor needs to be put back: removed slices of it, its gradient
+    and its optimizer state tensors (by state key), and the shape before the cut."""
+
+    entry: Any
+    shape: torch.Size
+    removed: list[torch.Tensor]
+    grad_removed: list[torch.Tensor] | None = None
+    state_removed: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.removed, *(self.grad_removed or [])] + [t for v in self.state_removed.values() for t in v]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+@dataclass
+class SurgeryStats:
+    """Bytes staged by one :func:`~prunable.surgery.apply_cuts` call.
+
+    ``peak_bytes``: the most new tensor bytes alive at once beyond the model's
+    own, on the model's device (one module's parameters, gradients and optimizer
+    state); ``total_bytes``: all new tensor bytes, which staging the whole model
+    at once would hold at its peak; ``undo_bytes``: the undo log (removed slices),
+    in host memory.
+    """
+
+    peak_bytes: int = 0
+    total_bytes: int = 0
+    undo_bytes: int = 0
+
+    def staged(self, nbytes: int, undo_bytes: int) -> None:
+        self.total_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, nbytes)
+        self.undo_bytes += undo_bytes
+
+
+def size_attributes(module: nn.Module) -> dict[str, object]:
+    """The int, bool, float and tuple attributes of ``module`` (its sizes), to restore on failure."""
+    return {k: v for k, v in vars(module).items() if type(v) in (int, bool, float, tuple)}
+
+
+def nbytes(*parts: torch.Tensor | None) -> int:
+    """Bytes of the tensors among ``parts`` (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def stage(entry: Any, optimizer: torch.optim.Optimizer | None) -> tuple:
+    """The new tensors of one entry and the undo record that rebuilds the old ones."""
+    try:
+        new, removed = slice_with_undo(entry.tensor.detach(), entry.axes)
+        log = Undo(entry, entry.tensor.shape, removed)
+        grad, new_grad = entry.tensor.grad, None
+        if grad is not None:
+            new_grad, log.grad_removed = slice_with_undo(grad, entry.axes)
+        state = None
+        if optimizer is not None and entry.tensor in optimizer.state:
+            state = dict(optimizer.state[entry.tensor])
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == entry.tensor.shape:
+                    state[k], log.state_removed[k] = slice_with_undo(v, entry.axes)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise SurgeryError(f"{type(entry.owner).__name__}.{entry.attr}: slicing failed: {exc}") from exc
+    return entry, new, new_grad, state, log
+
+
+def roll_back(undo: list[Undo], optimizer: torch.optim.Optimizer | None) -> None:
+    """Put back every tensor of ``undo`` (newest first) as it was before its swap."""
+    for log in reversed(undo):
+        entry, axes, tensor = log.entry, log.entry.axes, log.entry.tensor
+        current = tensor if isinstance(tensor, nn.Parameter) else entry.owner._buffers[entry.attr]
+        old = unslice(current.detach(), axes, log.removed, log.shape)
+        grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+        old_grad = unslice(grad, axes, log.grad_removed, log.shape) if log.grad_removed is not None else None
+        state = None
+        if optimizer is not None and tensor in optimizer.state:
+            state = dict(optimizer.state[tensor])
+            for k, gone in log.state_removed.items():
+                state[k] = unslice(state[k], axes, gone, log.shape)
+        swap(entry, old, old_grad, state, optimizer)
+
+
+def swap(entry: Any, new: torch.Tensor, new_grad: torch.Tensor | None, state: dict | None,
+         optimizer: torch.optim.Optimizer | None) -> None:
+    """Put ``new`` (and its gradient and optimizer state) in place of ``entry.tensor``."""
+    tensor = entry.tensor
+    if isinstance(tensor, nn.Parameter):
+        swap_parameter(tensor, new)
+        tensor.grad = new_grad
+        if state is not None:
+            optimizer.state[tensor] = state
+    else:
+        entry.owner._buffers[entry.attr] = new
+
+
+def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
+    """Give ``param`` the data (and shape) of ``new``, keeping the Python object.
+
+    ``torch.utils.swap_tensors`` also replaces the autograd metadata, so a graph
+    still alive from before the cut cannot poison the next backward with the old
+    shape. Falls back to ``.data`` assignment when swapping is impossible.
+    """
+    replacement = nn.Parameter(new, requires_grad=param.requires_grad)
+    replacement.__dict__.update(param.__dict__)
+    try:
+        torch.utils.swap_tensors(param, replacement)
+    except RuntimeError:
+        param.data = new
+        return
+    # the hook dicts still point at the old tensor's autograd hooks: hand them to the new one,
+    # or every hook registered from now on (Taylor criteria's gradient hooks) would never fire
+    for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+        hooks = getattr(param, attr, None)
+        if hooks is not None:
+            setattr(param, attr, None)
+            if hooks:
+                setattr(param, attr, type(hooks)(hooks))
