@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import common
+import layer_table
 import task_zoo
 from common import REPEATS, REPO, Runs, fmt_ratio, fmt_runs, markdown_table, short_error, timed
 
@@ -220,6 +221,7 @@ def write_doc(results: list[dict[str, Any]], summary: str) -> None:
         "pruned model runs, output shape unchanged and finite, FLOPs and params strictly lower; \"timeout\" = "
         f"graph + pruning took over {LIMIT} s.\n\n"
         f"{summary}\n\n{table}\n" + (f"\n{kept}\n" if kept else ""))
+    layer_table.main()  # the layer types section (bench/layer_table.py) follows the torchvision table
 
 
 def main(quick: bool = False) -> str:

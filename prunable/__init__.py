@@ -22,7 +22,8 @@ from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, convert
 from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
-from .surgery import ModuleHandler, Role, register_handler, slice_optimizer_state
+from .reasons import SkipKind, SkipReason
+from .surgery import ModuleHandler, ParametrizationHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
 
@@ -30,8 +31,9 @@ __all__ = [
     "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "convert",
     "count_flops", "count_params", "Criterion", "DependencyGraph", "EstimationError", "load",
     "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
-    "oracle_importance", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
+    "oracle_importance", "ParametrizationHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
     "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "slice_optimizer_state", "SurgeryError", "TaylorActivation", "TaylorBN",
+    "Scope", "SeedNet", "SkipKind", "SkipReason", "slice_optimizer_state", "SurgeryError", "TaylorActivation",
+    "TaylorBN",
     "TaylorWeight", "vgg", "WeightNorm",
 ]

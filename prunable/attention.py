@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import ModuleHandler, Role, _resolve, register_handler
+from .surgery import ModuleHandler, Role, resolve, register_handler
 
 __all__ = ["AttentionHandler"]
 
@@ -152,7 +152,7 @@ class AttentionHandler(ModuleHandler):
 
 def _get(module: nn.Module, dotted: str) -> Any:
     """The tensor a possibly dotted name (``"qkv.bias"``) names, or None."""
-    return getattr(*_resolve(module, dotted), None)
+    return getattr(*resolve(module, dotted), None)
 
 
 @register_handler(nn.MultiheadAttention)

@@ -53,6 +53,7 @@ from .importance import (
     APoZ, BNScale, Criterion, MeanActivation, Random, TaylorActivation, TaylorBN, TaylorWeight, WeightNorm,
 )
 from .pruner import Pruner
+from .surgery import Role, handler_for
 
 __all__ = [
     "CRITERIA", "DemoSettings", "DEFAULT", "QUICK", "DemoResult", "make_criterion", "run_demo", "prune_file",
@@ -235,8 +236,10 @@ def _eval_flops(model: nn.Module, size: int) -> int:
 
 
 def _channels(model: nn.Module) -> dict[str, int]:
-    """Output channels of every convolution and Linear layer, by name."""
-    return {name: m.weight.shape[0] for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """Output channels of every layer that makes channels (convolutions, Linear …), by name, as their handlers say."""
+    handlers = {name: (m, handler_for(m)) for name, m in model.named_modules()}
+    return {name: h.channels(m, Role.OUT) for name, (m, h) in handlers.items()
+            if h is not None and not h.channelwise and h.params(m, Role.OUT)}
 
 
 def _measure(stage: str, model: nn.Module, data: _Data, s: DemoSettings, size_bytes: int) -> dict[str, Any]:

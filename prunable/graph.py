@@ -35,10 +35,11 @@ from torch.utils._pytree import tree_flatten
 from .errors import PruningValueError
 from .inputs import call_model, first_failing_op, input_tensors, inputs_to
 from .attention import AttentionHandler
-from .surgery import Cut, Role, apply_cuts, handler_for
+from .reasons import SkipKind, SkipReason
+from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
 from .trace import ChannelTracer, Target, Trace
 
-__all__ = ["DependencyGraph", "ChannelGroup", "Member"]
+__all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
 
 
 @dataclass
@@ -56,13 +57,9 @@ class Member:
 
     @property
     def channelwise(self) -> bool:
-        return self.target.role is Role.IN and type(self.target.module).__name__ in _CHANNELWISE_NAMES
-
-
-_CHANNELWISE_NAMES = {
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "PBatchNorm1d", "PBatchNorm2d", "SyncBatchNorm",
-    "LayerNorm", "LayerNorm2d", "GroupNorm", "PReLU", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-}
+        """An input side whose outputs are the same channels (its handler says so: norms, PReLU)."""
+        handler = handler_for(self.target.module) if self.target.role is Role.IN else None
+        return handler is not None and handler.channelwise
 
 
 @dataclass
@@ -70,14 +67,14 @@ class ChannelGroup:
     """Channels that are removed together, across every module that holds them.
 
     ``id`` is the qualified name of the group's first producer; channel ``k``
-    of the group is ``classes[k]``. ``skip_reason`` is set when the group
-    cannot be pruned.
+    of the group is ``classes[k]``. ``skip_reason`` (a :class:`~prunable.reasons.SkipReason`)
+    is set when the group cannot be pruned.
     """
 
     id: str
     classes: torch.Tensor
     members: list[Member]
-    skip_reason: str | None = None
+    skip_reason: SkipReason | None = None
     measure: list[tuple[str, int | None, torch.Tensor]] = field(default_factory=list)
     #: ``(rows, k)`` group indices; each row must lose as many channels as every other row
     #: (attention heads, GroupNorm groups); :attr:`blocks_of` says what the rows are
@@ -259,7 +256,7 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
             out = call_model(model, example_inputs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                tracer.trace.block(tracer.shadow(t), "model output")
+                tracer.trace.block(tracer.shadow(t), SkipReason(SkipKind.MODEL_OUTPUT))
     finally:
         for h in hooks:
             h.remove()
@@ -300,6 +297,7 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
     """Trace on a meta copy; when the forward pass needs real values (data-dependent
     operations: ``nonzero``, boolean masks, non-maximum suppression, ``.item()``), on a
     real copy, and :attr:`Traced.real` says which operation forced it."""
+    check_copyable(model)
     try:
         clone = meta_clone(model)
         tracer, _ = run_traced(clone, _to_meta(example_inputs))
@@ -371,7 +369,7 @@ class DependencyGraph:
 
     def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
         root = _components(trace.n_slots, trace.edges)
-        blocked: dict[int, str] = {}
+        blocked: dict[int, SkipReason] = {}
         for labels, reason in trace.blocked:
             for r in torch.unique(root[labels]).tolist():
                 blocked.setdefault(r, reason)
@@ -401,11 +399,13 @@ class DependencyGraph:
             position = {int(c): i for i, c in enumerate(group.classes.tolist())}
             rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
-                group.skip_reason = group.skip_reason or f"{what} share channels with each other"
+                group.skip_reason = group.skip_reason or SkipReason(
+                    SkipKind.BLOCKS, f"{what} share channels with each other")
             elif group.blocks is None:
                 group.blocks, group.blocks_of = rows, what
             elif not torch.equal(group.blocks, rows):
-                group.skip_reason = group.skip_reason or f"{group.blocks_of} and {what} split the channels differently"
+                group.skip_reason = group.skip_reason or SkipReason(
+                    SkipKind.BLOCKS, f"{group.blocks_of} and {what} split the channels differently")
 
     def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
@@ -419,7 +419,7 @@ class DependencyGraph:
             axis = next((d for d in range(classes.dim()) if _only_varies_along(classes, d)), None)
             if axis is None:
                 for r in linked:
-                    blocked.setdefault(r, f"{t.label()} mixes channels over several axes")
+                    blocked.setdefault(r, SkipReason(SkipKind.MIXED, f"{t.label()} mixes channels over several axes"))
                 continue
             line = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)[:, 0]
             out.append(Member(self._retarget(Target(t.module, t.name, None, t.param, axis, t.uid), mapping), line, False))
@@ -473,10 +473,10 @@ class DependencyGraph:
         return by_group
 
     @staticmethod
-    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: dict[int, str]) -> dict[int, str]:
+    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: dict[int, SkipReason]) -> dict[int, SkipReason]:
         """Group → the reason of its first blocked channel, for groups with one."""
         hit = torch.nonzero(torch.isin(ordered, torch.tensor(list(blocked), dtype=torch.long))).flatten()
-        reasons: dict[int, str] = {}
+        reasons: dict[int, SkipReason] = {}
         for g, c in zip(owner[hit].tolist(), ordered[hit].tolist()):
             reasons.setdefault(g, blocked[c])
         return reasons
@@ -530,7 +530,7 @@ def _only_varies_along(classes: torch.Tensor, axis: int) -> bool:
     return bool((moved == moved[:, :1]).all())
 
 
-def _positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def positions(classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Index in ``classes`` (distinct values) of each entry of ``labels``; -1 where absent."""
     if not len(classes):
         return torch.full(labels.shape, -1, dtype=torch.long)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
+from .handlers import Role, handler_for
+from .surgery import originals
 
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
@@ -176,9 +178,21 @@ class MeasurePoint:
         """The normalisation layer measured, if any."""
         return self.module if self.module is not self.producer else None
 
-    def out_axis(self) -> int:
-        """Output-channel axis of the producer's weight."""
-        return 1 if getattr(self.producer, "transposed", False) else 0
+    def out_view(self, tensor: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+        """The producer's tensor ``name`` (or ``tensor`` shaped like it, e.g. ``w·dL/dw``) as
+        ``(output channels, -1)``, laid out by the producer's handler (never guessed)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.out_view(self.producer, name, tensor)
+
+    def out_channels(self) -> int:
+        """Number of output channels of the producer."""
+        handler = handler_for(self.producer)
+        n = handler.channels(self.producer, Role.OUT) if handler is not None else None
+        if n is None:
+            raise EstimationError(f"{self.name}: the handler of {type(self.producer).__name__} gives no channel count")
+        return n
 
 
 class _EagerStance:
@@ -329,12 +343,6 @@ class APoZ(Criterion):
         return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim)
 
 
-def _out_view(point: MeasurePoint, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a producer parameter) as ``(out_channels, -1)``."""
-    axis = point.out_axis() if t.dim() > 1 else 0
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
-
-
 class WeightNorm(Criterion):
     """``||W_k||_p`` of each output filter of the producer (L1 by default)."""
 
@@ -343,7 +351,7 @@ class WeightNorm(Criterion):
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = _out_view(point, point.producer.weight.detach().float())
+        w = point.out_view().detach().float()
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
@@ -367,7 +375,7 @@ class Random(Criterion):
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        n = point.producer.weight.shape[point.out_axis()]
+        n = point.out_channels()
         return torch.rand(n, generator=self.generator)
 
 
@@ -385,19 +393,20 @@ class _ParamTaylor(Criterion):
         super().__init__()
         self._pending: dict[str, dict[int, torch.Tensor]] = {}
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        """``(tensor, name)`` pairs: a producer tensor with its name, or a norm's per-channel one with None."""
         raise NotImplementedError
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
         params = self.params(point)
         pending: dict[int, torch.Tensor] = self._pending.setdefault(point.name, {})
         handles = []
-        for i, (param, producer_param) in enumerate(params):
-            def on_grad(g: torch.Tensor, i=i, p=param, prod=producer_param) -> None:
+        for i, (param, name) in enumerate(params):
+            def on_grad(g: torch.Tensor, i=i, p=param, name=name) -> None:
                 if i in pending:  # a new backward began before the last one reached every parameter
                     self._commit(point.name, acc)
                 wg = p.detach().float() * g.detach().float()
-                per_channel = _out_view(point, wg) if prod else wg.view(len(p), -1)
+                per_channel = point.out_view(wg, name) if name else wg.view(len(p), -1)
                 pending[i] = per_channel.sum(1).pow(2)
                 if len(pending) == len(params):
                     self._commit(point.name, acc)
@@ -429,25 +438,28 @@ class _ParamTaylor(Criterion):
 class TaylorWeight(_ParamTaylor):
     """Molchanov et al. 2019: ``(Σ_k w·g)²`` over the filter's weights, bias and BN γ, β."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
-        out = [(point.producer.weight, True)]
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
+        # a parametrized weight (weight_norm …) is computed anew each forward: hook its originals
+        n = point.out_channels()
+        out: list[tuple[torch.Tensor, str | None]] = [
+            (t, "weight") for t in originals(point.producer, "weight") if point.out_view(t.detach()).shape[0] == n]
         if getattr(point.producer, "bias", None) is not None:
-            out.append((point.producer.bias, True))
+            out.append((point.producer.bias, "bias"))
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:
-                out.append((getattr(norm, name), False))
+                out.append((getattr(norm, name), None))
         return out
 
 
 class TaylorBN(_ParamTaylor):
     """Molchanov et al. 2019 on BN only: ``(γ·dL/dγ + β·dL/dβ)²``; the filter without a BN."""
 
-    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, bool]]:
+    def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
         norm = point.norm
         if norm is None or getattr(norm, "weight", None) is None:
             return TaylorWeight.params(self, point)
-        return [(t, False) for t in (norm.weight, norm.bias) if t is not None]
+        return [(t, None) for t in (norm.weight, norm.bias) if t is not None]
 
 
 #: criteria by command-line name

@@ -4,7 +4,7 @@ Tracing (:mod:`prunable.trace`) and the trial prunes of :class:`prunable.Pruner`
 run the model on ``meta`` tensors, where only shapes matter. Several meta
 kernels are Python decompositions that cost more than the tracing itself
 (normalisations, activations, ``linear``, ``conv2d``, elementwise arithmetic,
-adaptive pooling). :func:`_call` returns an empty meta tensor of the right
+adaptive pooling). :func:`call` returns an empty meta tensor of the right
 shape for the plain cases and calls the real kernel for everything unusual —
 and for every invalid call, so error messages are unchanged.
 """
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MetaShortcuts"]
+__all__ = ["MetaShortcuts", "call", "arg", "broadcast"]
 
 
-def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
+def arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
     """Argument ``index`` (positional) or ``key`` (keyword) of a call, else ``default``."""
     if len(args) > index:
         return args[index]
@@ -41,7 +41,7 @@ _ARITH_FUNCS = {f for n in _ARITH | _ARITH_INPLACE
                 for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f}
 
 
-def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
+def broadcast(shapes: list[torch.Size]) -> torch.Size | None:
     """``torch.broadcast_shapes(*shapes)``, or None where they do not broadcast."""
     if all(s == shapes[0] for s in shapes):
         return torch.Size(shapes[0])
@@ -55,7 +55,7 @@ def _broadcast(shapes: list[torch.Size]) -> torch.Size | None:
     return torch.Size(out)
 
 
-def _call(func: Any, args: tuple, kwargs: dict) -> Any:
+def call(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
     normalisations, activations and ``linear`` on ``meta`` tensors, whose output
     shapes follow from the input shapes."""
@@ -63,7 +63,7 @@ def _call(func: Any, args: tuple, kwargs: dict) -> Any:
     fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or name == "linear") and func is getattr(F, name, None))
     if fast and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
         if name in _SAME_SHAPE:
-            return _meta_like(args[0])
+            return _meta_norm(name, args, kwargs, func)
         if name == "linear":
             return _meta_linear(args, kwargs, func)
         return _meta_activation(name, args, kwargs, func)
@@ -76,6 +76,43 @@ def _call(func: Any, args: tuple, kwargs: dict) -> Any:
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
     return func(*args, **kwargs)
+
+
+#: position and keyword of the per-channel tensors of each normalisation
+_NORM_TENSORS = {
+    "batch_norm": ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+    "instance_norm": ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+    "group_norm": ((2, "weight"), (3, "bias")),
+    "layer_norm": ((2, "weight"), (3, "bias")),
+}
+
+
+def _meta_norm(name: str, args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
+    """A normalisation's output on meta when its per-channel tensors fit the input the way
+    the real kernel requires; anything else (a norm left at another width) runs the real kernel."""
+    x = args[0]
+    if name == "layer_norm":
+        shape = arg(args, kwargs, 1, "normalized_shape")
+        shape = (shape,) if type(shape) is int else tuple(shape) if isinstance(shape, (tuple, list)) else None
+        ok = shape is not None and len(shape) <= x.dim() and tuple(x.shape[x.dim() - len(shape):]) == shape
+        numel = 1
+        for n in shape or ():
+            numel *= n
+        want = shape
+    else:
+        ok, channels = x.dim() >= 2, x.shape[1] if x.dim() >= 2 else 0
+        if name == "group_norm":
+            groups = arg(args, kwargs, 1, "num_groups")
+            ok = ok and type(groups) is int and groups > 0 and channels % groups == 0
+        want, numel = None, channels
+    for index, key in _NORM_TENSORS[name]:
+        t = arg(args, kwargs, index, key)
+        if not ok:
+            break
+        if t is not None:
+            ok = isinstance(t, torch.Tensor) and t.is_meta and (
+                tuple(t.shape) == want if want is not None else t.dim() == 1 and t.numel() == numel)
+    return _meta_like(x) if ok else func(*args, **kwargs)
 
 
 def _pair(value: Any) -> tuple | None:
@@ -91,7 +128,7 @@ def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     defaults = (None, None, None, 1, 0, 1, 1)
     if len(args) > len(names) or set(kwargs) - set(names):
         return func(*args, **kwargs)
-    x, w, bias, stride, padding, dilation, groups = (_arg(args, kwargs, i, n, d) for i, (n, d) in
+    x, w, bias, stride, padding, dilation, groups = (arg(args, kwargs, i, n, d) for i, (n, d) in
                                                      enumerate(zip(names, defaults)))
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     ok = (isinstance(w, torch.Tensor) and _plain_meta(w) and w.dim() == 4 and x.dim() == 4 and w.dtype == x.dtype
@@ -113,7 +150,7 @@ def _plain_meta(x: Any) -> bool:
 
 def _meta_adaptive_pool(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     """``adaptive_avg_pool2d`` of a contiguous meta tensor, without its slow meta kernel."""
-    x, size = args[0], _arg(args, kwargs, 1, "output_size")
+    x, size = args[0], arg(args, kwargs, 1, "output_size")
     size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     out = tuple(x.shape[i - 2] if n is None else n for i, n in enumerate(size))
     if x.dim() not in (3, 4) or 0 in x.shape[1:] or len(out) != 2 or not all(type(n) is int and n > 0 for n in out):
@@ -130,7 +167,7 @@ def _meta_arith(name: str, args: tuple, kwargs: dict, func: Any) -> Any:
         plain = b.is_meta and b.dtype == a.dtype and b.is_contiguous()
     elif plain:
         plain = type(b) in (int, float)
-    shape = _broadcast([a.shape, b.shape] if isinstance(b, torch.Tensor) else [a.shape]) if plain else None
+    shape = broadcast([a.shape, b.shape] if isinstance(b, torch.Tensor) else [a.shape]) if plain else None
     if shape is None or (name in _ARITH_INPLACE and shape != a.shape):
         return func(*args, **kwargs)
     return a if name in _ARITH_INPLACE else torch.empty(shape, dtype=a.dtype, device="meta")
@@ -140,7 +177,7 @@ def _meta_activation(name: str, args: tuple, kwargs: dict, func: Any) -> torch.T
     if not args[0].is_floating_point():
         return func(*args, **kwargs)
     at = _ACTIVATIONS[name]
-    inplace = at is not None and bool(_arg(args, kwargs, at, "inplace", False))
+    inplace = at is not None and bool(arg(args, kwargs, at, "inplace", False))
     return args[0] if inplace else _meta_like(args[0])
 
 
@@ -152,7 +189,7 @@ def _meta_like(x: torch.Tensor) -> torch.Tensor:
 def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     """``linear`` on meta tensors without its arithmetic; anything unusual (and every
     shape mismatch, so errors read the same) goes to the real kernel."""
-    x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, weight, bias = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     plain = (isinstance(weight, torch.Tensor) and weight.dim() == 2 and x.dim() >= 1 and x.dtype == weight.dtype
              and x.shape[-1] == weight.shape[1] and x.is_floating_point())
     if plain and bias is not None:
@@ -163,7 +200,7 @@ def _meta_linear(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
 
 
 class MetaShortcuts(TorchFunctionMode):
-    """Run a meta model faster: every operation goes through :func:`_call`."""
+    """Run a meta model faster: every operation goes through :func:`call`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return _call(func, args, kwargs or {})
+        return call(func, args, kwargs or {})

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
-from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, PruningSwitch, _TaylorMixin
-from .surgery import Cut, Role, apply_cuts, keep_indices
+from .nn import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, PruningSwitch, TaylorMixin
+from .surgery import Cut, Role, apply_cuts, handler_for, keep_indices
 
 __all__ = ["SeedNet", "CharNet", "vgg", "CHARNET_CONFIG"]
 
@@ -87,9 +87,9 @@ class SeedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
-    def prunable_layers(self) -> list[_TaylorMixin]:
+    def prunable_layers(self) -> list[TaylorMixin]:
         """Convolutions and hidden Linear layers, in order (the output layer excluded)."""
-        layers = [m for m in self.modules() if isinstance(m, _TaylorMixin)]
+        layers = [m for m in self.modules() if isinstance(m, TaylorMixin)]
         return layers[:-1]
 
     def pruning(self, flag: bool = True) -> PruningSwitch:
@@ -111,9 +111,9 @@ class SeedNet(nn.Module):
         :class:`~prunable.errors.EstimationError` if no estimates were
         accumulated (turn ``pruning(True)`` on and run backward first).
         """
-        best: tuple[float, int, _TaylorMixin] | None = None
+        best: tuple[float, int, TaylorMixin] | None = None
         for layer in self.prunable_layers():
-            if layer._estimates.count == 0:
+            if not layer.has_estimates:
                 raise EstimationError(f"{layer.pruning_name}: no Taylor estimates; run backward with pruning(True)")
             scores = layer.normalized_estimates()
             if len(scores) > 1 and (best is None or float(scores.min()) < best[0]):
@@ -124,27 +124,33 @@ class SeedNet(nn.Module):
         self._remove(layer, index, optimizer)
         return layer.pruning_name, index
 
-    def _remove(self, producer: _TaylorMixin, index: int, optimizer) -> None:
-        """Cut channel ``index`` out of ``producer`` and of every consumer, atomically."""
-        size = producer.weight.shape[0]
+    def _remove(self, producer: TaylorMixin, index: int, optimizer) -> None:
+        """Cut channel ``index`` out of ``producer`` and of every consumer, atomically.
+
+        The layers after ``producer`` are asked through their handlers: channelwise ones
+        (norms, PReLU) follow it, the first one with input channels consumes it.
+        """
+        size = handler_for(producer).channels(producer, Role.OUT)
         keep = keep_indices(size, [index])
         cuts = [Cut(producer, Role.OUT, keep, name=producer.pruning_name)]
         order = list(self.features) + list(self.classifier)
         for module in order[order.index(producer) + 1:]:
-            if isinstance(module, (PBatchNorm2d, PBatchNorm1d, nn.PReLU)):
+            handler = handler_for(module)
+            if handler is not None and handler.channelwise:
                 cuts.append(Cut(module, Role.IN, keep))
-            elif isinstance(module, (PConv2d, PLinear)):
-                cuts.append(Cut(module, Role.IN, self._consumer_keep(producer, module, keep)))
+            elif handler is not None and handler.params(module, Role.IN):
+                cuts.append(Cut(module, Role.IN, _consumer_keep(handler.channels(module, Role.IN), size, keep)))
                 break
         apply_cuts(cuts, optimizer)
-        producer._estimates.keep(keep)
+        producer.keep_estimates(keep)
 
-    def _consumer_keep(self, producer: nn.Module, consumer: nn.Module, keep: torch.Tensor) -> torch.Tensor:
-        if isinstance(producer, PConv2d) and isinstance(consumer, PLinear):
-            per_channel = self.spatial[0] * self.spatial[1]
-            flat = torch.arange(consumer.in_features).view(-1, per_channel)
-            return flat[keep].flatten()
+
+def _consumer_keep(inputs: int, size: int, keep: torch.Tensor) -> torch.Tensor:
+    """Input indices a consumer of ``inputs`` channels keeps when its producer of ``size``
+    channels keeps ``keep``: a flattened map gives each channel ``inputs // size`` inputs."""
+    if inputs == size:
         return keep
+    return torch.arange(inputs).view(size, -1)[keep].flatten()
 
 
 class CharNet(SeedNet):

@@ -39,7 +39,7 @@ from .errors import PruningValueError
 from .importance import ScoreAccumulator, l2_normalize, taylor_per_example
 from .surgery import Cut, Role, apply_cuts, check_indices, keep_indices
 
-__all__ = ["PConv2d", "PLinear", "PBatchNorm2d", "PBatchNorm1d", "convert", "PruningSwitch"]
+__all__ = ["PConv2d", "PLinear", "PBatchNorm2d", "PBatchNorm1d", "convert", "PruningSwitch", "TaylorMixin"]
 
 Index = int | Iterable[int]
 
@@ -58,7 +58,7 @@ class PruningSwitch:
         self._target.pruning(self._previous)
 
 
-class _TaylorMixin:
+class TaylorMixin:
     """Taylor estimation and channel removal shared by the prunable layers."""
 
     _out_attr = "out_channels"
@@ -103,6 +103,15 @@ class _TaylorMixin:
         """Forget accumulated estimates."""
         self._estimates.reset()
 
+    @property
+    def has_estimates(self) -> bool:
+        """Whether any example has been accumulated since the last reset."""
+        return self._estimates.count > 0
+
+    def keep_estimates(self, keep: torch.Tensor) -> None:
+        """Keep the estimates of output channels ``keep`` only (after a cut made elsewhere)."""
+        self._estimates.keep(keep)
+
     def normalized_estimates(self) -> torch.Tensor:
         """``taylor_estimates / ||taylor_estimates||_2`` (zeros stay zeros)."""
         return l2_normalize(self.taylor_estimates)
@@ -116,7 +125,7 @@ class _TaylorMixin:
         self._estimates.keep(keep)
 
 
-def _record_taylor(module: _TaylorMixin, inputs: tuple, output: torch.Tensor) -> None:
+def _record_taylor(module: TaylorMixin, inputs: tuple, output: torch.Tensor) -> None:
     if not (torch.is_grad_enabled() and output.requires_grad):
         return
     activation = output.detach()
@@ -132,7 +141,7 @@ def _drop_inputs(module: nn.Module, size: int, index: Index, label: str, optimiz
     apply_cuts([Cut(module, Role.IN, keep_indices(size, removed), name=label)], optimizer)
 
 
-class PConv2d(_TaylorMixin, nn.Conv2d):
+class PConv2d(TaylorMixin, nn.Conv2d):
     """``nn.Conv2d`` whose output feature maps can be scored and removed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -146,7 +155,7 @@ class PConv2d(_TaylorMixin, nn.Conv2d):
         _drop_inputs(self, self.in_channels, index, self._label(), optimizer)
 
 
-class PLinear(_TaylorMixin, nn.Linear):
+class PLinear(TaylorMixin, nn.Linear):
     """``nn.Linear`` whose outputs can be scored and removed."""
 
     _out_attr = "out_features"

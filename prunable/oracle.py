@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGroup, DependencyGraph
-from .surgery import Role, handler_for
+from .surgery import Cut, Role, channel_parameters
 
 __all__ = ["oracle_importance"]
 
@@ -38,18 +38,9 @@ def _silencers(group: ChannelGroup, k: int) -> list[tuple[torch.Tensor, int, tor
     out = []
     for m in group.members:
         hit = torch.nonzero(m.classes == cls).flatten()
-        if not len(hit):
-            continue
         t = m.target
-        if t.param is not None:
-            out.append((getattr(t.module, t.param), t.axis, hit))
-        elif t.role is Role.IN:
-            handler = handler_for(t.module)
-            for name, axis in handler.params(t.module, Role.IN).items():
-                tensor = getattr(t.module, name)
-                if name.startswith("running_") or tensor is None:
-                    continue
-                out.append((tensor, axis, handler.local_keep(t.module, Role.IN, name, hit)))
+        if len(hit) and (t.param is not None or t.role is Role.IN):
+            out += channel_parameters(Cut(t.module, t.role, hit, t.param, t.axis, t.label()))
     return out
 
 

@@ -31,9 +31,10 @@ from .distributed import reduce_scores, unwrap
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
 from .inputs import call_model, input_tensors, inputs_to, split_inputs
-from .graph import ChannelGroup, DependencyGraph, Traced, _positions, meta_clone, trace_cut, trace_model
+from .graph import ChannelGroup, DependencyGraph, Traced, meta_clone, positions, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
+from .reasons import SkipKind, SkipReason
 from .attention import AttentionHandler
 from .surgery import Cut, apply_cuts, handler_for
 from .meta import MetaShortcuts
@@ -87,8 +88,8 @@ class Pruner:
     ----------
     groups : list[ChannelGroup]
         The prunable groups.
-    skipped : dict[str, str]
-        Group id → why it is not pruned.
+    skipped : dict[str, SkipReason]
+        Group id → why it is not pruned (``str()`` it for the message; test ``.kind``).
     history : list[Plan]
         Every plan applied, in order.
     """
@@ -131,19 +132,20 @@ class Pruner:
             warnings.warn(f"prunable: {type(self.model).__name__}'s forward pass cannot run on the meta device "
                           f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, SkipReason] = {}
         for g in self.graph.groups:
-            reason = g.skip_reason or next(
-                (f"ignored layer {m.target.name}" for m in g.producers if m.target.name in self.ignored), None)
+            reason = g.skip_reason or next((SkipReason(SkipKind.IGNORED, f"ignored layer {m.target.name}")
+                                            for m in g.producers if m.target.name in self.ignored), None)
             if reason is None and g.channels <= self.min_channels:
-                reason = f"{g.channels} channel(s) left, min_channels={self.min_channels}"
+                reason = SkipReason(SkipKind.MIN_CHANNELS,
+                                    f"{g.channels} channel(s) left, min_channels={self.min_channels}")
             if reason:
                 self.skipped[g.id] = reason
         if self.validate:
             self.skipped.update(self._invalid_groups(traced.clone))
         if warn:
             for gid, reason in self.skipped.items():
-                if reason != "model output" and not reason.startswith(("ignored layer", "1 channel", "every channel")):
+                if not reason.kind.expected:
                     warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         modules = dict(self.model.named_modules())
         self._points = {}
@@ -191,7 +193,7 @@ class Pruner:
         half = len(items) // 2
         return self._failing(dict(items[:half])) + self._failing(dict(items[half:]))
 
-    def _invalid_groups(self, clone: nn.Module | None = None) -> list[tuple[str, str]]:
+    def _invalid_groups(self, clone: nn.Module | None = None) -> list[tuple[str, SkipReason]]:
         """Groups that cannot lose a channel: every channel is the last of some layer,
         or removing one breaks the forward pass (checked on a meta copy: ``clone`` if given)."""
         guard, probe, stuck = _MemberGuard(self.groups), {}, []
@@ -204,10 +206,11 @@ class Pruner:
                 if idx:
                     guard.remove(g.id, idx[0])
             if not idx:
-                stuck.append((g.id, "every channel left is the last one of some layer"))
+                stuck.append((g.id, SkipReason(SkipKind.LAST_CHANNEL)))
                 continue
             probe[g.id] = idx
-        return stuck + [(gid, f"trial prune failed: {error}") for gid, error in self._failing(probe, clone)]
+        return stuck + [(gid, SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}"))
+                        for gid, error in self._failing(probe, clone)]
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -570,7 +573,7 @@ class _MemberGuard:
             g = self.groups[gid]
             labels = [m.classes.reshape(-1) for m in g.members]
             member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-            at = _positions(g.classes, torch.cat(labels))
+            at = positions(g.classes, torch.cat(labels))
             ok = at >= 0
             counts = torch.bincount(member[ok] * g.channels + at[ok], minlength=len(labels) * g.channels)
             self.counts[gid] = counts.view(len(labels), g.channels)

@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
-__all__ = ["FREE", "FIXED", "Target", "Trace", "canonical", "varying_dims", "labels_along"]
+__all__ = [
+    "FREE", "FIXED", "Target", "Trace", "canonical", "core_of", "core_view", "expand_shadow", "varying_dims",
+    "labels_along",
+]
 
 FREE, FIXED = -1, -2
 
@@ -42,7 +46,7 @@ class Trace:
 
     n_slots: int = 0
     edges: list[torch.Tensor] = field(default_factory=list)
-    blocked: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    blocked: list[tuple[torch.Tensor, SkipReason]] = field(default_factory=list)
     producers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     params: dict[int, tuple[Target, torch.Tensor]] = field(default_factory=dict)
@@ -58,7 +62,8 @@ class Trace:
         self.n_slots += n
         return slots
 
-    def union(self, a: torch.Tensor, b: torch.Tensor, reason: str = "fixed-size operand") -> None:
+    def union(self, a: torch.Tensor, b: torch.Tensor,
+              reason: SkipReason = SkipReason(SkipKind.FIXED_INPUT, "fixed-size operand")) -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
         a, b = _compress(a, b)
         labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
@@ -75,7 +80,10 @@ class Trace:
             if hit.any():
                 self.block(x[hit], reason)
 
-    def block(self, labels: torch.Tensor, reason: str) -> None:
+    def block(self, labels: torch.Tensor, reason: SkipReason | str) -> None:
+        """Labels ``labels`` cannot be pruned, for ``reason`` (a text is an unsupported operation)."""
+        if not isinstance(reason, SkipReason):
+            reason = SkipReason(SkipKind.UNSUPPORTED_OP, str(reason))
         labels = core_of(labels) if labels.dim() else labels
         labels = labels[labels >= 0]
         if labels.numel():
@@ -86,7 +94,7 @@ class Trace:
 _CORE = "_prunable_core"
 
 
-def _core(shadow: torch.Tensor) -> torch.Tensor:
+def core_view(shadow: torch.Tensor) -> torch.Tensor:
     """``shadow`` with every broadcast (stride-0) dim narrowed to size one: a cheap view."""
     stride, shape = shadow.stride(), shadow.shape
     # an empty broadcast dim (no detection kept) still has its labels in the storage
@@ -107,7 +115,7 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
     """
     if _CORE in shadow.__dict__:
         return shadow
-    core = _core(shadow)
+    core = core_view(shadow)
     for d in sorted(range(core.dim()), key=lambda i: -core.shape[i]):
         if core.shape[d] > 1 and torch.equal(core, core.narrow(d, 0, 1).expand(core.shape)):
             core = core.narrow(d, 0, 1)
@@ -117,7 +125,7 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
 
 
 def core_of(shadow: torch.Tensor) -> torch.Tensor:
-    """``_core(canonical(shadow))``: the smallest tensor holding the labels, broadcastable to them."""
+    """``core_view(canonical(shadow))``: the smallest tensor holding the labels, broadcastable to them."""
     core = shadow.__dict__.get(_CORE)
     return core if core is not None else canonical(shadow).__dict__[_CORE]
 

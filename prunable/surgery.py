@@ -25,14 +25,18 @@ Example
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import PruningValueError, SurgeryError
+from .handlers import (
+    ModuleHandler, ParametrizationHandler, Role, handler_for, is_depthwise, register_handler, registered_types,
+    unregister_handler,
+)
 from .staging import SurgeryStats, Undo, nbytes, roll_back, size_attributes, stage, swap
 
 __all__ = [
@@ -41,211 +45,23 @@ __all__ = [
     "ModuleHandler",
     "register_handler",
     "handler_for",
+    "registered_types",
+    "unregister_handler",
+    "is_depthwise",
+    "resolve",
+    "cut_slices",
+    "channel_parameters",
+    "parametrized",
+    "parametrization_problem",
+    "check_copyable",
+    "originals",
     "apply_cuts",
     "keep_indices",
     "check_indices",
     "slice_optimizer_state",
+    "ParametrizationHandler",
     "SurgeryStats",
 ]
-
-
-class Role(enum.Enum):
-    """Which side of a module a cut applies to."""
-
-    IN = "in"
-    OUT = "out"
-
-
-class ModuleHandler:
-    """Describes how to cut the input or output channels of one module type.
-
-    Subclass it and register it with :func:`register_handler` to make a custom
-    module prunable. ``params`` maps parameter/buffer names to the axis that
-    holds channels; ``resize`` updates the module's size attributes.
-    """
-
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        """Names of tensors to slice for ``role`` and the channel axis of each."""
-        return {}
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        """Set the module's attributes after its ``role`` side has ``n`` channels."""
-
-    def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
-        """Indices to keep along tensor ``name`` given the channels kept on the ``role`` side."""
-        return keep
-
-    def meta_type(self, module: nn.Module) -> type | None:
-        """The class a ``meta`` copy of ``module`` takes for tracing and trial runs, or None
-        for its own: the local equivalent of a module that only runs inside a process group
-        on a GPU (SyncBatchNorm → a BatchNorm). It must hold the same tensors and attributes."""
-        return None
-
-
-_HANDLERS: dict[type | str, ModuleHandler] = {}
-
-
-def register_handler(module_type: type | str, *, replace: bool = False) -> Callable[[type], type]:
-    """Class decorator registering a :class:`ModuleHandler` for ``module_type``.
-
-    ``module_type`` is a class, or its qualified name (``"package.module.Class"``)
-    to cover a class without importing its package. Lookup follows the module's
-    MRO, so a handler for a base class covers its subclasses. Registering a type
-    twice raises unless ``replace=True``.
-
-    Example
-    -------
-    >>> class Scale(nn.Module):
-    ...     def __init__(self, c):
-    ...         super().__init__()
-    ...         self.gain = nn.Parameter(torch.ones(c))
-    >>> @register_handler(Scale)
-    ... class ScaleHandler(ModuleHandler):
-    ...     def params(self, module, role):
-    ...         return {"gain": 0}
-    """
-
-    def decorate(cls: type) -> type:
-        if module_type in _HANDLERS and not replace:
-            name = module_type if isinstance(module_type, str) else module_type.__name__
-            raise PruningValueError(
-                f"a handler for {name} is already registered "
-                f"({type(_HANDLERS[module_type]).__name__}); pass replace=True"
-            )
-        _HANDLERS[module_type] = cls()
-        return cls
-
-    return decorate
-
-
-def handler_for(module: nn.Module) -> ModuleHandler | None:
-    """The handler registered for ``type(module)`` or its nearest base class."""
-    for klass in type(module).__mro__:
-        if klass in _HANDLERS:
-            return _HANDLERS[klass]
-        qualified = f"{klass.__module__}.{klass.__qualname__}"
-        if qualified in _HANDLERS:
-            return _HANDLERS[qualified]
-    return None
-
-
-def is_depthwise(conv: nn.Module) -> bool:
-    """True for a convolution whose every group has one input channel."""
-    return conv.groups > 1 and conv.groups == conv.in_channels
-
-
-@register_handler(nn.modules.conv._ConvNd)
-class _ConvHandler(ModuleHandler):
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        out_axis, in_axis = (1, 0) if module.transposed else (0, 1)
-        if role is Role.OUT:
-            names = {"weight": out_axis}
-            if module.bias is not None:
-                names["bias"] = 0
-            return names
-        if is_depthwise(module):
-            return {} if not module.transposed else {"weight": 0}
-        return {"weight": in_axis}
-
-    def local_keep(self, module: nn.Module, role: Role, name: str, keep: torch.Tensor) -> torch.Tensor:
-        if role is Role.IN and module.groups > 1 and not is_depthwise(module):
-            # grouped: the graph removes the same position from every group
-            return keep[keep < module.in_channels // module.groups]
-        return keep
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        if role is Role.OUT:
-            module.out_channels = n
-        elif is_depthwise(module):
-            module.in_channels = module.groups = n
-        else:
-            module.in_channels = n
-
-
-@register_handler(nn.Linear)
-class _LinearHandler(ModuleHandler):
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        if role is Role.IN:
-            return {"weight": 1}
-        return {"weight": 0, "bias": 0} if module.bias is not None else {"weight": 0}
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        if role is Role.IN:
-            module.in_features = n
-        else:
-            module.out_features = n
-
-
-class _ChannelwiseHandler(ModuleHandler):
-    """Modules whose inputs and outputs are the same channels (norms, PReLU)."""
-
-    tensors: tuple[str, ...] = ("weight", "bias")
-
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        return {n: 0 for n in self.tensors if getattr(module, n, None) is not None}
-
-
-@register_handler(nn.modules.batchnorm._NormBase)
-class _NormHandler(_ChannelwiseHandler):
-    tensors = ("weight", "bias", "running_mean", "running_var")
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        module.num_features = n
-
-
-class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """A BatchNorm for inputs of any rank ≥ 2: what a meta copy of a SyncBatchNorm runs.
-
-    SyncBatchNorm refuses to run outside CUDA while a process group is
-    initialised, and meta copies are not on CUDA; over one process it computes
-    exactly this. ``dropped_state`` is not copied (a process group cannot be).
-    """
-
-    dropped_state = ("process_group",)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-
-@register_handler(nn.SyncBatchNorm)
-class _SyncBatchNormHandler(_NormHandler):
-    def meta_type(self, module: nn.Module) -> type | None:
-        return LocalBatchNorm
-
-
-@register_handler(nn.LayerNorm)
-class _LayerNormHandler(_ChannelwiseHandler):
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        module.normalized_shape = (n,)
-
-
-@register_handler(nn.GroupNorm)
-class _GroupNormHandler(_ChannelwiseHandler):
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        if module.num_groups == module.num_channels:
-            module.num_groups = n
-        module.num_channels = n
-
-
-@register_handler(nn.PReLU)
-class _PReLUHandler(_ChannelwiseHandler):
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        return {"weight": 0} if module.num_parameters > 1 else {}
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        if module.num_parameters > 1:
-            module.num_parameters = n
-
-
-@register_handler(nn.Embedding)
-class _EmbeddingHandler(ModuleHandler):
-    def params(self, module: nn.Module, role: Role) -> dict[str, int]:
-        return {"weight": 1} if role is Role.OUT else {}
-
-    def resize(self, module: nn.Module, role: Role, n: int) -> None:
-        if role is Role.OUT:
-            module.embedding_dim = n
 
 
 def check_indices(index: int | Iterable[int], size: int, layer: str) -> list[int]:
@@ -316,43 +132,148 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
     pending: dict[tuple[int, str], _Pending] = {}
     resizes: list[tuple] = []
     for cut in cuts:
-        if len(cut.keep) == 0:
-            raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
-        if cut.param is None:
-            handler = handler_for(cut.module)
-            if handler is None:
-                raise SurgeryError(
-                    f"{cut.label()}: no handler for {type(cut.module).__name__}; "
-                    "register one with prunable.register_handler"
-                )
-            names = handler.params(cut.module, cut.role)
-            resizes.append((handler, cut.module, cut.role, len(cut.keep)))
-        else:
-            handler, names = ModuleHandler(), {cut.param: cut.axis}
-        for name, axis in names.items():
-            keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
-            owner, attr = _resolve(cut.module, name)
-            tensor = getattr(owner, attr, None)
-            if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
-                resizes.append((_AttributeSize(attr), owner, cut.role, len(keep)))  # a size attribute
-                continue
-            if tensor is None:
-                continue
-            key = (id(owner), attr)
-            entry = pending.setdefault(key, _Pending(owner, attr, tensor, {}))
-            axis = axis % tensor.dim()
+        slices, sizes = cut_slices(cut)
+        resizes += sizes
+        for owner, attr, tensor, axis, keep in slices:
+            entry = pending.setdefault((id(owner), attr), _Pending(owner, attr, tensor, {}))
             if axis in entry.axes and not torch.equal(entry.axes[axis], keep):
                 raise SurgeryError(f"{cut.label()}: axis {axis} of {attr!r} cut twice differently")
-            if len(keep) and int(keep.max()) >= tensor.shape[axis]:
-                raise SurgeryError(
-                    f"{cut.label()}: index {int(keep.max())} out of range for "
-                    f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}"
-                )
             entry.axes[axis] = keep
     return pending, resizes
 
 
-def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+TensorSlice = tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]
+
+
+def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
+    """What ``cut`` slices: ``(owner, attribute, tensor, axis, indices kept)`` per tensor,
+    and the ``(handler, module, role, n)`` size updates to make afterwards.
+
+    Weights under ``torch.nn.utils.parametrize`` resolve to their original tensors
+    (and the parametrization's own state). Raises :class:`SurgeryError` naming
+    the cut when it would leave nothing or an index is out of range.
+    """
+    if len(cut.keep) == 0:
+        raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
+    resizes: list[tuple] = []
+    if cut.param is None:
+        handler = handler_for(cut.module)
+        if handler is None:
+            raise SurgeryError(f"{cut.label()}: no handler for {type(cut.module).__name__}; "
+                               "register one with prunable.register_handler")
+        names = handler.params(cut.module, cut.role)
+        resizes.append((handler, cut.module, cut.role, len(cut.keep)))
+    else:
+        handler, names = ModuleHandler(), {cut.param: cut.axis}
+    out: list[TensorSlice] = []
+    for name, axis in names.items():
+        keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
+        owner, attr = resolve(cut.module, name)
+        if parametrized(owner, attr):
+            out += _parametrized_slices(cut, owner, attr, axis, keep)
+            continue
+        tensor = getattr(owner, attr, None)
+        if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
+            resizes.append((_AttributeSize(attr), owner, cut.role, len(keep)))  # a size attribute
+        elif tensor is not None:
+            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
+    return out, resizes
+
+
+def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    """The parameters holding channels ``cut.keep`` of ``cut``'s side: ``(parameter, axis,
+    indices)`` per parameter, through the handler (grouped positions, parametrization
+    originals). Buffers (running statistics) are left out. What zeroing a channel
+    touches: the oracle ranking and the "pruned equals zeroed" tests use it.
+
+    Example
+    -------
+    >>> conv = nn.Conv2d(4, 2, 1)
+    >>> [(tuple(p.shape), axis, idx.tolist()) for p, axis, idx in
+    ...  channel_parameters(Cut(conv, Role.IN, torch.tensor([1, 3])))]
+    [((2, 4, 1, 1), 1, [1, 3])]
+    """
+    slices, _ = cut_slices(cut)
+    return [(t, axis, idx) for _, _, t, axis, idx in slices if isinstance(t, nn.Parameter)]
+
+
+def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor) -> TensorSlice:
+    if len(keep) and int(keep.max()) >= tensor.shape[axis]:
+        raise SurgeryError(f"{cut.label()}: index {int(keep.max())} out of range for "
+                           f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}")
+    return owner, attr, tensor, axis, keep
+
+
+def parametrized(module: nn.Module, name: str) -> bool:
+    """True if ``module.<name>`` is computed by ``torch.nn.utils.parametrize``."""
+    return parametrize.is_parametrized(module, name)
+
+
+def parametrization_problem(module: nn.Module, name: str) -> str | None:
+    """Why a parametrized ``module.<name>`` cannot be sliced (a parametrization without a
+    :class:`ParametrizationHandler`), or None when it can (or is not parametrized)."""
+    if not parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if not isinstance(handler_for(p), ParametrizationHandler):
+            return f"{name} is parametrized by {type(p).__name__}, which prunable cannot slice"
+    return None
+
+
+def check_copyable(model: nn.Module) -> None:
+    """Raise :class:`PruningValueError` naming the layer if a module of ``model`` is
+    reparametrized by the legacy hooks of ``nn.utils.weight_norm`` / ``spectral_norm``:
+    their computed weight is a plain attribute, which cannot be copied for tracing."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+                raise PruningValueError(
+                    f"{name or type(module).__name__} (legacy nn.utils.{kind} on {hook.name!r}) cannot be "
+                    "traced (its weight is a computed attribute); use torch.nn.utils.parametrizations."
+                    f"{kind}, which prunable supports")
+
+
+def originals(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The tensors ``module.<name>`` is computed from: its parametrization's originals
+    (``original`` or ``original0``, ``original1`` …), or ``[module.<name>]`` when it is
+    not parametrized. Gradient-based criteria hook these leaves."""
+    if not parametrized(module, name):
+        return [getattr(module, name)]
+    plist = module.parametrizations[name]
+    return [t for n, t in [*plist._parameters.items(), *plist._buffers.items()]
+            if n.startswith("original") and t is not None]
+
+
+def _parametrized_slices(cut: Cut, owner: nn.Module, attr: str, axis: int, keep: torch.Tensor) -> list[TensorSlice]:
+    """A parametrized weight: slice its originals (their size-one axes stay) and the
+    state its parametrizations' handlers name (spectral norm's ``_u``/``_v``)."""
+    plist = owner.parametrizations[attr]
+    originals = {n: t for n, t in [*plist._parameters.items(), *plist._buffers.items()]
+                 if n.startswith("original") and t is not None}
+    shape = max(originals.values(), key=lambda t: t.numel()).shape
+    axis %= len(shape)
+    out = []
+    for n, t in originals.items():
+        if t.dim() != len(shape) or t.shape[axis] not in (1, shape[axis]):
+            raise SurgeryError(f"{cut.label()}: {attr}'s original {n} of shape {tuple(t.shape)} does not "
+                               f"follow the weight's shape {tuple(shape)}")
+        if t.shape[axis] == shape[axis]:
+            out.append(_checked(cut, plist, n, t, axis, keep))
+    for p in plist:
+        handler = handler_for(p)
+        if not isinstance(handler, ParametrizationHandler):
+            raise SurgeryError(f"{cut.label()}: {attr} is parametrized by {type(p).__name__}, which prunable "
+                               "cannot slice; register a prunable.ParametrizationHandler for it")
+        for n, (ax, k) in handler.follow(p, shape, axis, keep).items():
+            out.append(_checked(cut, p, n, getattr(p, n), ax, k))
+    return out
+
+
+def resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     """``(owner, attribute)`` of a possibly dotted name (``"qkv.weight"``)."""
     path, _, attr = name.rpartition(".")
     return (module.get_submodule(path) if path else module), attr

@@ -236,5 +236,5 @@ def test_custom_attention_module_becomes_prunable_with_a_registered_handler():
         with torch.no_grad():
             torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
     finally:
-        from prunable.surgery import _HANDLERS
-        _HANDLERS.pop(TimmStyleAttention)
+        from prunable.surgery import unregister_handler
+        unregister_handler(TimmStyleAttention)

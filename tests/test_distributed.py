@@ -224,3 +224,23 @@ def test_fsdp2_gather_prune_reshard(tmp_path):
     assert a["reference"]["0.weight"][0] + a["reference"]["3.weight"][0] == 20
     for r in (a, b):
         torch.testing.assert_close(r["got"], r["expected"])  # the re-sharded model computes the pruned one
+
+
+def test_collective_runs_on_the_models_device(monkeypatch):
+    """Under NCCL the all-reduce must use the model's device, not torch.cuda.current_device()
+    (a rank that never called set_device would talk through cuda:0). Simulated in-process."""
+    import prunable.distributed as pd
+
+    model = _model()
+    pruner = Pruner(model, torch.randn(1, 3, 6, 6), criterion="l1")
+    local = pruner.scores()
+    seen = []
+    monkeypatch.setattr(pd, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: seen.append(t.device) or t.mul_(2))
+    scores = pruner.scores()
+    assert seen == [next(model.parameters()).device]  # one all-reduce, where the model lives
+    for gid in scores:  # the two (simulated) ranks agree: the mean is the local score
+        torch.testing.assert_close(scores[gid], local[gid])

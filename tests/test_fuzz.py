@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunable
-from prunable import PruningValueError, Pruner, WeightNorm
+from prunable import PruningValueError, Pruner, SkipKind, WeightNorm
 from helpers import randomize_bn, zero_plan
 
 FAST_EXAMPLES = int(os.environ.get("PRUNABLE_FUZZ_EXAMPLES", 25))
@@ -339,7 +339,7 @@ def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
     channels = {g.id: g.channels for g in pruner.graph.groups}
     left = {gid: channels.get(gid) for gid in prunable_ids if channels.get(gid) != 1}
     # a group tying several layers (a concat's branches) stops when each keeps one channel
-    assert all(pruner.skipped.get(gid, "").startswith("every channel left") for gid in left), (
+    assert all(gid in pruner.skipped and pruner.skipped[gid].kind is SkipKind.LAST_CHANNEL for gid in left), (
         f"groups above min_channels=1: {left}, {pruner.skipped}")
 
 

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from prunable import DependencyGraph, ModuleHandler, Pruner, WeightNorm, register_handler
+from prunable import DependencyGraph, ModuleHandler, Pruner, SkipKind, WeightNorm, register_handler
 from helpers import Opaque, randomize_bn, zero_plan
 
 
@@ -39,7 +39,7 @@ def test_resnet_stage_is_one_group_and_prints_readably():
     text = str(stage)
     assert text.startswith("conv1.out ⇄ layer1.0.conv2.out") and "(64 channels)" in text
     fc = next(g for g in graph.groups if g.id == "fc")
-    assert fc.skip_reason == "model output"
+    assert fc.skip_reason.kind is SkipKind.MODEL_OUTPUT
 
 
 def test_tracing_changes_neither_mode_nor_parameters():
@@ -191,3 +191,42 @@ def test_measure_point_is_the_norm_after_each_producer_over_many_steps():
             prefix, index = g.id.rsplit(".", 1)
             assert name == f"{prefix}.{int(index) + 1}", (g.id, name)
         pruner.step(2)
+
+
+class ShapedReshape(nn.Module):
+    """``num_classes`` equals the conv width, but the reshape reads the width from ``h.shape``."""
+
+    def __init__(self, literal: bool = False):
+        super().__init__()
+        self.num_classes, self.literal = 12, literal
+        self.conv, self.fc = nn.Conv2d(3, 12, 3), nn.Linear(12, 12)
+
+    def forward(self, x):
+        h = self.conv(x)
+        width = self.num_classes if self.literal else h.shape[1]
+        batch = h.size(0) if self.literal else h.shape[0]  # size(0) reads no channel dim; .shape reads all
+        return self.fc(h.reshape(batch, width, -1).mean(-1))
+
+
+def test_size_read_from_a_shape_never_rewrites_an_attribute():
+    """Regression (issue 11): pruning the conv to 9 rewrote ``num_classes`` to 9."""
+    model = ShapedReshape()
+    with pytest.warns(UserWarning, match="may be the attribute num_classes"):
+        pruner = Pruner(model, torch.randn(2, 3, 8, 8), criterion=WeightNorm())
+    assert pruner.skipped["conv"].kind is SkipKind.SIZE_ATTRIBUTE
+    assert model.num_classes == 12 and model.fc.out_features == 12
+
+
+def test_size_attribute_passed_literally_follows_the_channels():
+    model = ShapedReshape(literal=True)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    pruner.prune({"conv": [0, 4, 7]})
+    assert model.num_classes == 9 and model.conv.out_channels == 9 and model(x).shape == (2, 12)
+
+
+def test_group_skipped_for_a_value_not_its_text():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1))
+    graph = DependencyGraph(model, torch.randn(1, 3, 6, 6))
+    reason = graph.groups[-1].skip_reason
+    assert reason.kind is SkipKind.MODEL_OUTPUT and str(reason) == "model output" and "output" in reason

@@ -1,4 +1,4 @@
-"""The shape-only meta shortcuts of ``prunable.meta._call`` give what the real meta kernels give:
+"""The shape-only meta shortcuts of ``prunable.meta.call`` give what the real meta kernels give:
 same shape, strides and dtype, the same tensor for in-place calls, the same error otherwise."""
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunable.meta import _call
+from prunable.meta import call
 
 
 def _same(func, *args, **kwargs):
@@ -17,10 +17,10 @@ def _same(func, *args, **kwargs):
         expected, error = None, str(exc)
     if error is not None:
         with pytest.raises(Exception) as info:
-            _call(func, args, kwargs)
+            call(func, args, kwargs)
         assert str(info.value) == error
         return
-    got = _call(func, args, kwargs)
+    got = call(func, args, kwargs)
     assert (got.shape, got.stride(), got.dtype) == (expected.shape, expected.stride(), expected.dtype)
     assert (got is args[0]) == (expected is args[0])
 
@@ -72,3 +72,34 @@ def test_arithmetic(func):
     for other in [(1, 4, 1, 1), (4, 5, 5), (1, 3, 1, 1), 2.0, 3]:
         _same(func, _meta(2, 4, 5, 5), _meta(*other) if isinstance(other, tuple) else other)
     _same(func, _meta(1, 4, 1, 1), _meta(2, 4, 5, 5))  # in place: the real error
+
+
+@pytest.mark.parametrize("c,stats", [(8, 8), (7, 8), (8, 7)])
+def test_batch_and_instance_norm_check_their_tensors_like_the_kernel(c, stats):
+    x = _meta(2, c, 5, 5)
+    mean, var, w, b = _meta(stats), _meta(stats), _meta(stats), _meta(stats)
+    _same(F.batch_norm, x, mean, var, w, b, False)
+    _same(F.batch_norm, x, mean, var, None, None, True)
+    _same(F.batch_norm, x, None, None, w, b, True)
+    _same(F.instance_norm, x, None, None, w, b)
+    _same(F.instance_norm, x, mean, var, None, None, use_input_stats=False)
+
+
+@pytest.mark.parametrize("c,groups,affine", [(8, 2, 8), (8, 3, 8), (8, 2, 7), (6, 6, 6)])
+def test_group_norm_checks_groups_and_tensors(c, groups, affine):
+    _same(F.group_norm, _meta(2, c, 4, 4), groups, _meta(affine), _meta(affine))
+
+
+@pytest.mark.parametrize("shape,affine", [((8,), (8,)), ((8,), (7,)), ((5, 8), (5, 8)), ((4, 8), (4, 8))])
+def test_layer_norm_checks_shape_and_tensors(shape, affine):
+    _same(F.layer_norm, _meta(2, 5, 8), shape, _meta(*affine), _meta(*affine))
+
+
+def test_a_norm_left_at_the_old_width_fails_a_meta_run():
+    """Regression (issue 11): the shortcut returned a blank tensor whatever the BatchNorm's width."""
+    from torch import nn
+    from prunable.meta import MetaShortcuts
+
+    model = nn.Sequential(nn.Conv2d(3, 7, 3), nn.BatchNorm2d(8)).eval().to("meta")
+    with MetaShortcuts(), pytest.raises(RuntimeError, match="running_mean should contain 7 elements not 8"):
+        model(_meta(1, 3, 6, 6))
