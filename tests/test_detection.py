@@ -201,16 +201,6 @@ _PREDICTORS = {
 _FAST = {"fasterrcnn_mobilenet_v3_large_fpn"}
 
 
-def _conv_transpose_supported() -> bool:
-    """True once the tracer reads ``conv_transpose2d``'s groups argument right."""
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 2, 2, stride=2))
-    try:
-        DependencyGraph(net, torch.randn(1, 3, 4, 4))
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
 def _detector(name: str) -> nn.Module:
     kwargs = {"weights": None, "weights_backbone": None}
     if name.startswith("ssd"):
@@ -254,8 +244,6 @@ def _tapped(model: nn.Module, images: list[torch.Tensor], names: list[str]) -> t
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in _FAST else pytest.mark.slow) for n in _PREDICTORS])
 def test_torchvision_detector_is_pruned_end_to_end(name):
-    if name.startswith(("mask", "keypoint")) and not _conv_transpose_supported():
-        pytest.xfail("needs ConvTranspose2d tracing (conv_transpose groups argument), from the layer-coverage work")
     torch.manual_seed(0)
     model = _detector(name)
     randomize_bn(model)
@@ -300,8 +288,6 @@ def test_yolo_built_from_its_yaml_is_pruned_before_and_after_a_forward(cfg, warm
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     tasks = pytest.importorskip("ultralytics.nn.tasks")
-    if "seg" in cfg and not _conv_transpose_supported():
-        pytest.xfail("the Proto mask head needs ConvTranspose2d tracing, from the layer-coverage work")
     torch.manual_seed(0)
     model = (tasks.SegmentationModel if "seg" in cfg else tasks.DetectionModel)(cfg, verbose=False).eval()
     x = torch.rand(1, 3, 64, 64)
