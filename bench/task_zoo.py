@@ -75,7 +75,6 @@ _YOLO_HEAD = [f"model.{n}.{b}.{i}.2" for n in (22, 23) for b in ("cv2", "cv3", "
 MODELS: list[tuple[str, str, Callable[[], nn.Module], Callable[[], tuple], list[str]]] = [
     ("video", "r3d_18", _tv("r3d_18", num_classes=10), lambda: (torch.randn(1, 3, 4, 64, 64),), ["fc"]),
     ("video", "r2plus1d_18", _tv("r2plus1d_18", num_classes=10), lambda: (torch.randn(1, 3, 4, 64, 64),), ["fc"]),
-    ("video", "s3d", _tv("s3d", num_classes=10), lambda: (torch.randn(1, 3, 8, 64, 64),), ["classifier.1"]),
     ("video", "swin3d_t", _tv("swin3d_t", num_classes=10), lambda: (torch.randn(1, 3, 4, 64, 64),), ["head"]),
     ("segmentation", "fcn_resnet50", _tv("fcn_resnet50", num_classes=5, weights_backbone=None),
      lambda: (torch.randn(1, 3, 64, 64),), ["classifier.4"]),
@@ -184,7 +183,7 @@ def run_model(task: str, name: str, build, make_inputs, ignored) -> dict[str, An
         model, inputs = build(), make_inputs()
     except ImportError:  # ultralytics not installed
         return None
-    with torch.no_grad(), common.quiet():
+    with torch.no_grad(), common.quiet():  # the unpruned model must run: an error here is the script's
         before = {"structure": _structure(model(*inputs)), "flops": count_flops(model, inputs)}
     shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
     return {"task": task, "name": name, "input": " + ".join("×".join(map(str, s)) for s in shapes),
