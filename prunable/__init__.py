@@ -23,6 +23,7 @@ from .oracle import oracle_importance
 from .plan import Plan
 from .pruner import Pruner, Scope
 from .reasons import SkipKind, SkipReason
+from .recurrent import RecurrentCellHandler, RecurrentHandler
 from .surgery import ModuleHandler, ParametrizationHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
@@ -32,8 +33,7 @@ __all__ = [
     "count_flops", "count_params", "Criterion", "DependencyGraph", "EstimationError", "load",
     "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
     "oracle_importance", "ParametrizationHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
-    "PrunableError", "Pruner", "PruningValueError", "Random", "register_handler", "Role", "save",
-    "Scope", "SeedNet", "SkipKind", "SkipReason", "slice_optimizer_state", "SurgeryError", "TaylorActivation",
-    "TaylorBN",
-    "TaylorWeight", "vgg", "WeightNorm",
+    "PrunableError", "Pruner", "PruningValueError", "Random", "RecurrentCellHandler", "RecurrentHandler",
+    "register_handler", "Role", "save", "Scope", "SeedNet", "SkipKind", "SkipReason", "slice_optimizer_state", "SurgeryError",
+    "TaylorActivation", "TaylorBN", "TaylorWeight", "vgg", "WeightNorm",
 ]

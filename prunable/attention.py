@@ -13,10 +13,10 @@ head_dim)`` so the softmax temperature ``1/sqrt(head_dim)`` of the remaining
 dimensions is unchanged: the pruned layer computes exactly what the original
 computes with those dimensions zeroed.
 
-The tracer (:mod:`prunable.trace`) treats a module whose handler is an
-:class:`AttentionHandler` as one operation; subclass it and register it with
-:func:`prunable.register_handler` for a custom attention module with the
-same layout.
+The tracer (:mod:`prunable.trace`) runs a module whose handler is an
+:class:`AttentionHandler` as one operation (:meth:`AttentionHandler.trace_module`);
+subclass it and register it with :func:`prunable.register_handler` for a
+custom attention module with the same layout.
 
 Example
 -------
@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .reasons import SkipKind, SkipReason
 from .surgery import ModuleHandler, Role, resolve, register_handler
 
 __all__ = ["AttentionHandler"]
@@ -138,6 +139,43 @@ class AttentionHandler(ModuleHandler):
                     t = _get(module, name)
                     if t is not None:
                         t[: n // 3].mul_(factor)
+
+    def trace_module(self, tracer: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Trace the layer as one operation: input channel i, inner q/k/v dim i and output-projection
+        input i are one channel; the heads' partition of the inner dims is recorded for
+        equal-per-head pruning."""
+        name = tracer.name_of(module)
+        streams, out = self.streams(module, args, kwargs), self.output(output)
+        labels = [tracer.input_labels(x, x.dim() - 1, name) for x in streams]
+        reason = self._refusal(module, args, kwargs, labels)
+        if reason is not None:
+            why = SkipReason(SkipKind.UNSUPPORTED_OP, f"{name}: attention with {reason}")
+            for x in streams:
+                tracer.trace.block(tracer.shadow(x), why)
+            return tracer.mark_input(out)
+        for other in labels[1:]:
+            tracer.trace.union(labels[0], other)
+        width, heads, proj = self.width(module), self.num_heads(module), self.out_proj(module)
+        tracer.consume(module, labels[0])
+        inner = tracer.produce(module, 3 * width)
+        for part in inner.view(3, width):
+            tracer.trace.union(part, labels[0])
+        tracer.consume(proj, inner[:width])
+        slots = tracer.produce(proj, out.shape[-1])
+        if self.tied_output:
+            tracer.trace.union(slots, labels[0])
+        tracer.trace.blocks.append((inner[:width].view(heads, width // heads), f"the {heads} heads of {name}"))
+        tracer.label_output(out, slots, out.dim() - 1, producer=proj, at=module)
+
+    def _refusal(self, module: nn.Module, args: tuple, kwargs: dict, labels: list) -> str | None:
+        """Why this call cannot be traced as a prunable attention layer, or None."""
+        reason = self.unsupported(module, args, kwargs)
+        if reason is None and (not labels or any(lab is None for lab in labels)):
+            reason = "inputs whose channels are mixed with other dimensions"
+        width, heads = self.width(module), self.num_heads(module)
+        if reason is None and (any(len(lab) != width for lab in labels) or width % heads):
+            reason = f"inner width {width} differs from the input width or is not a multiple of {heads} heads"
+        return reason
 
     def width(self, module: nn.Module) -> int:
         """The inner width ``E`` (before a resize)."""

@@ -25,13 +25,33 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .graph import meta_clone
 from .inputs import call_model, inputs_to
+from .meta import RNN_KERNELS, rnn_meta
 
 __all__ = ["count_flops", "count_params", "module_flops", "measure_latency", "devices_to_sync"]
+
+
+class _RecurrentFlops(TorchFunctionMode):
+    """Inside a ``FlopCounterMode``: a recurrent kernel on a padded meta sequence is counted from
+    its shapes (:func:`~prunable.meta.rnn_meta`: the same count, without running every time step)."""
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fast = rnn_meta(func, args, kwargs) if func in RNN_KERNELS else None
+        if fast is None:
+            return func(*args, **kwargs)
+        for parent in set(self.counter.mod_tracker.parents):
+            self.counter.flop_counts[parent][torch.ops.aten.addmm] += fast[1]
+        return fast[0]
 
 
 def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
@@ -39,7 +59,7 @@ def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
     (data-dependent post-processing of a detector)."""
     try:
         clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _RecurrentFlops(counter):
             call_model(clone, inputs_to(inputs, "meta"))
     except Exception:  # noqa: BLE001 - data-dependent code: count with real values
         clone = copy.deepcopy(model).eval()

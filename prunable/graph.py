@@ -254,6 +254,7 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
             for t in input_tensors(example_inputs):
                 tracer.mark_input(t)
             out = call_model(model, example_inputs)
+        tracer.finish()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 tracer.trace.block(tracer.shadow(t), SkipReason(SkipKind.MODEL_OUTPUT))
@@ -365,7 +366,7 @@ class DependencyGraph:
 
     def _retarget(self, t: Target, mapping: dict[int, nn.Module]) -> Target:
         module = mapping[t.uid]
-        return Target(module, t.name, t.role, t.param, t.axis, id(module))
+        return Target(module, t.name, t.role, t.param, t.axis, id(module), t.rescale)
 
     def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
         root = _components(trace.n_slots, trace.edges)
@@ -501,7 +502,8 @@ class DependencyGraph:
         dropped = torch.bincount(owner[drop], minlength=len(labels))
         kept = torch.nonzero(~drop).flatten()
         keeps = torch.split(kept - (torch.cumsum(sizes, 0) - sizes)[owner[kept]], (sizes - dropped).tolist())
-        return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label())
+        return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label(),
+                    m.target.rescale)
                 for m, n, keep in zip(members.values(), dropped.tolist(), keeps) if n]
 
 

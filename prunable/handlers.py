@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,32 @@ class ModuleHandler:
             if isinstance(t, torch.Tensor):
                 return int(t.shape[axis])
         return None
+
+    def weights(self, module: nn.Module) -> list[str]:
+        """Names of the producing weights that weight criteria read (through :meth:`out_view`)."""
+        return ["weight"] if isinstance(getattr(module, "weight", None), torch.Tensor) else []
+
+    def biases(self, module: nn.Module) -> list[str]:
+        """Names of the producing biases that Taylor-weight criteria add (through :meth:`out_view`)."""
+        return ["bias"] if isinstance(getattr(module, "bias", None), torch.Tensor) else []
+
+    #: ``trace_module(tracer, module, args, kwargs, output)``: set it (define the method) for a
+    #: module the tracer must run as ONE operation (attention, recurrent layers): the operations
+    #: inside its forward are not traced, and the hook labels its output from its inputs through
+    #: the tracer's public methods (``input_labels``, ``consume``, ``produce``, ``label_output`` …).
+    trace_module: Callable[..., None] | None = None
+
+    def activation(self, module: nn.Module, output: Any) -> torch.Tensor | None:
+        """The tensor in ``module``'s forward ``output`` on which activation criteria observe its
+        output channels (the channels along the dim the tracer recorded); None if there is none."""
+        if isinstance(output, (tuple, list)) and output:  # (output, attention weights)
+            output = output[0]
+        return output if isinstance(output, torch.Tensor) else None
+
+    def channel_view(self, module: nn.Module, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """``tensor`` (from :meth:`activation`, or its gradient) viewed so that ``dim`` holds one
+        entry per output channel (an RNN's ``(…, D·H)`` as ``(…, D, H)``); other dims are averaged."""
+        return tensor
 
     def meta_type(self, module: nn.Module) -> type | None:
         """The class a ``meta`` copy of ``module`` takes for tracing and trial runs, or None
@@ -295,6 +322,14 @@ class SyncBatchNormHandler(NormHandler):
 @register_handler(nn.LayerNorm)
 class LayerNormHandler(ChannelwiseHandler):
     describes = "the last (normalised) dimension: weight, bias, normalized_shape"
+
+    def resize(self, module: nn.Module, role: Role, n: int) -> None:
+        module.normalized_shape = (n,)
+
+
+@register_handler(nn.RMSNorm)
+class RMSNormHandler(ChannelwiseHandler):
+    describes = "the last (normalised) dimension: weight, normalized_shape"
 
     def resize(self, module: nn.Module, role: Role, n: int) -> None:
         module.normalized_shape = (n,)

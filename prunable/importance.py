@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import EstimationError
-from .handlers import Role, handler_for
+from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
 
 __all__ = [
@@ -186,6 +186,23 @@ class MeasurePoint:
             raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
         return handler.out_view(self.producer, name, tensor)
 
+    def activation(self, output: Any) -> torch.Tensor | None:
+        """The tensor of ``module``'s forward output holding the channels (along ``dim``),
+        as the module's handler says (an RNN's ``(output, h_n)``: its sequence output)."""
+        return (handler_for(self.module) or ModuleHandler()).activation(self.module, output)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An activation (or its gradient) with one entry per producer channel along ``dim``."""
+        return (handler_for(self.module) or ModuleHandler()).channel_view(self.module, tensor, self.dim)
+
+    def producing(self, biases: bool = False) -> list[str]:
+        """Names of the producer's weights (and biases) that criteria read, as its handler says
+        (every gate weight of every layer and direction of an RNN)."""
+        handler = handler_for(self.producer)
+        if handler is None:
+            raise EstimationError(f"{self.name}: no handler for {type(self.producer).__name__}")
+        return handler.weights(self.producer) + (handler.biases(self.producer) if biases else [])
+
     def out_channels(self) -> int:
         """Number of output channels of the producer."""
         handler = handler_for(self.producer)
@@ -247,16 +264,15 @@ class Criterion:
             return []
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if isinstance(output, (tuple, list)) and output:  # attention: (output, weights)
-                output = output[0]
-            if not isinstance(output, torch.Tensor):
+            output = point.activation(output)
+            if output is None:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    a = output.detach()
-                    output.register_hook(lambda g: acc.add(self.per_example(a, g, point.dim)))
+                    a = point.view(output.detach())
+                    output.register_hook(lambda g: acc.add(self.per_example(a, point.view(g), point.dim)))
             else:
-                acc.add(self.per_example(output.detach(), None, point.dim))
+                acc.add(self.per_example(point.view(output.detach()), None, point.dim))
 
         return [point.module.register_forward_hook(forward_hook)]
 
@@ -344,14 +360,15 @@ class APoZ(Criterion):
 
 
 class WeightNorm(Criterion):
-    """``||W_k||_p`` of each output filter of the producer (L1 by default)."""
+    """``||W_k||_p`` of each output filter of the producer (L1 by default): every weight
+    entry producing channel ``k`` (all gates of all layers and directions of an RNN)."""
 
     def __init__(self, p: float = 1.0) -> None:
         super().__init__()
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = point.out_view().detach().float()
+        w = torch.cat([point.out_view(name=n).detach().float() for n in point.producing()], 1)
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
@@ -440,11 +457,11 @@ class TaylorWeight(_ParamTaylor):
 
     def params(self, point: MeasurePoint) -> list[tuple[torch.Tensor, str | None]]:
         # a parametrized weight (weight_norm …) is computed anew each forward: hook its originals
-        n = point.out_channels()
+        weights, n = point.producing(), point.out_channels()
         out: list[tuple[torch.Tensor, str | None]] = [
-            (t, "weight") for t in originals(point.producer, "weight") if point.out_view(t.detach()).shape[0] == n]
-        if getattr(point.producer, "bias", None) is not None:
-            out.append((point.producer.bias, "bias"))
+            (t, name) for name in weights for t in originals(point.producer, name)
+            if point.out_view(t.detach(), name).shape[0] == n]
+        out += [(getattr(point.producer, name), name) for name in point.producing(biases=True)[len(weights):]]
         norm = point.norm
         for name in ("weight", "bias"):
             if norm is not None and getattr(norm, name, None) is not None:

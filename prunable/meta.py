@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MetaShortcuts", "call", "arg", "broadcast"]
+__all__ = ["MetaShortcuts", "call", "arg", "broadcast", "RNN_KERNELS", "rnn_meta"]
 
 
 def arg(args: tuple, kwargs: dict, index: int, key: str, default: Any = None) -> Any:
@@ -75,6 +75,9 @@ def call(func: Any, args: tuple, kwargs: dict) -> Any:
         return _meta_adaptive_pool(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
+    if func in RNN_KERNELS:
+        fast = rnn_meta(func, args, kwargs)
+        return fast[0] if fast is not None else func(*args, **kwargs)
     return func(*args, **kwargs)
 
 
@@ -204,3 +207,59 @@ class MetaShortcuts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return call(func, args, kwargs or {})
+
+
+#: recurrent kernels (as ``nn.RNNBase`` calls them) → gate blocks per weight
+RNN_KERNELS = {torch.lstm: 4, torch.gru: 3, torch.rnn_tanh: 1, torch.rnn_relu: 1}
+
+
+def rnn_meta(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, int] | None:
+    """Outputs and matrix-product FLOPs of a recurrent kernel (:data:`RNN_KERNELS`) called on a
+    padded meta sequence, from the shapes alone: their meta kernels run every time step (seconds
+    for a long sequence). Every weight and state shape is checked first; None when the call is
+    unusual or wrong (packed input, projections, a weight cut to another size): then the real
+    kernel must run, so errors are unchanged. FLOPs are counted as ``FlopCounterMode`` counts
+    the kernel (``2·N·T·gates·H·(inputs + H)`` per layer and direction).
+
+    Example
+    -------
+    >>> rnn = torch.nn.GRU(5, 4, batch_first=True, device="meta")
+    >>> x = torch.empty(2, 7, 5, device="meta")
+    >>> args = (x, torch.empty(1, 2, 4, device="meta"), rnn._flat_weights, True, 1, 0.0, False, False, True)
+    >>> out, flops = rnn_meta(torch.gru, args, {})
+    >>> tuple(out[0].shape), tuple(out[1].shape), flops
+    ((2, 7, 4), (1, 2, 4), 3024)
+    """
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)) or type(args[4]) is not int or args[4] < 1:
+        return None
+    x, hx, params, bias, layers, _, _, bidirectional, batch_first = args
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    dirs, per = (2 if bidirectional else 1), (4 if bias else 2)
+    if not (isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point() and x.dim() == 3) or \
+            len(params) != layers * dirs * per or len(states) != (2 if func is torch.lstm else 1):
+        return None
+    hidden, batch = params[1].shape[-1], x.shape[0 if batch_first else 1]
+    rows = RNN_KERNELS[func] * hidden
+    if not _rnn_weights_fit(params, per, dirs, rows, (x.shape[-1], dirs * hidden), x.dtype):
+        return None
+    fits = [isinstance(h, torch.Tensor) and h.is_meta and h.dtype == x.dtype for h in states]
+    if not all(fits) or any(h.shape != (layers * dirs, batch, hidden) for h in states):
+        return None
+    out = torch.empty(*x.shape[:2], dirs * hidden, dtype=x.dtype, device="meta")
+    reads = x.shape[-1] + hidden + (layers - 1) * (dirs * hidden + hidden)  # inputs + H, summed over layers
+    flops = 2 * x.shape[0] * x.shape[1] * rows * reads * dirs
+    return (out, *(torch.empty(h.shape, dtype=x.dtype, device="meta") for h in states)), flops
+
+
+def _rnn_weights_fit(params: Any, per: int, dirs: int, rows: int, sizes: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Every ``(w_ih, w_hh[, b_ih, b_hh])`` of ``params`` (``per`` tensors, ``dirs`` directions a
+    layer) has ``rows`` rows, ``w_ih`` reads ``sizes[0]`` features in the first layer and
+    ``sizes[1]`` after it, and ``w_hh`` reads the first ``w_hh``'s width; all meta of ``dtype``."""
+    hidden = params[1].shape[-1]
+    for k in range(0, len(params), per):
+        inputs = sizes[0] if k < per * dirs else sizes[1]
+        want = [(rows, inputs), (rows, hidden), (rows,), (rows,)][:per]
+        for t, shape in zip(params[k:k + per], want):
+            if not (isinstance(t, torch.Tensor) and t.is_meta and t.dtype == dtype and tuple(t.shape) == shape):
+                return False
+    return True

@@ -42,8 +42,7 @@ RULES: dict[str, str] = {
     **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
                      "nansum"), "reduce"),
     **dict.fromkeys((
-        "matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "einsum", "baddbmm", "addmm", "addbmm",
-        "scaled_dot_product_attention", "multi_head_attention_forward", "bilinear", "index_put_",
+        "einsum", "baddbmm", "addmm", "addbmm", "multi_head_attention_forward", "bilinear", "index_put_",
         "index_put", "scatter", "scatter_", "gather", "masked_scatter"), "block"),
     #: tensor factories called as methods: the result holds no channels of the tensor
     **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), "create"),
@@ -51,8 +50,11 @@ RULES: dict[str, str] = {
                     "conv"),
     **dict.fromkeys(("batch_norm", "instance_norm"), "norm"),
     **dict.fromkeys(("embedding", "embedding_bag"), "embedding"),
-    "linear": "linear", "layer_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
+    "linear": "linear", "layer_norm": "layer_norm", "rms_norm": "layer_norm", "group_norm": "group_norm", "prelu": "prelu",
     "pixel_shuffle": "pixel_shuffle",
+    #: attention written with operations (:class:`prunable.sdpa.AttentionRules`)
+    "scaled_dot_product_attention": "sdpa",
+    **dict.fromkeys(("matmul", "bmm", "mm", "__matmul__", "__rmatmul__"), "matmul"),
     #: torchvision's RoI pooling keeps the features' channels; ``t[i] = v`` writes v's channels into t
     "roi_align": "roi", "roi_pool": "roi", "__setitem__": "setitem",
 }
@@ -111,7 +113,8 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 class ShapeRules:
     """Rules of the shape and elementwise operations, mixed into :class:`~prunable.trace.ChannelTracer`
     (which provides ``trace``, ``shadow``, ``set_shadow``, ``has_labels``, ``mark_input``,
-    ``owners``, ``names``, ``stack`` and ``_shape_sizes``)."""
+    ``owners``, ``names``, ``stack``, ``_shape_sizes`` and the split hooks of
+    :class:`~prunable.sdpa.AttentionRules`)."""
 
     def _shape_read(self, args: tuple, kwargs: dict) -> None:
         """``x.shape`` / ``x.size()`` / ``x.size(d)``: remember the sizes of the channel dims
@@ -124,7 +127,8 @@ class ShapeRules:
         for d in varying_dims(s) if asked is None else [int(asked) % x.dim()]:
             labels = labels_along(s, d)
             if labels is None or bool((labels >= 0).any()):
-                self._shape_sizes.add(int(x.shape[d]))
+                read = core_of(s).reshape(-1) if labels is None else labels
+                self._shape_sizes.setdefault(int(x.shape[d]), []).append(read)
 
     def _identity(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
         self.set_shadow(outs[0], self.shadow(args[0]))
@@ -258,7 +262,9 @@ class ShapeRules:
         """
         sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
         dims, old = varying_dims(after), varying_dims(before)
-        if len(dims) != 1 or len(old) != 1 or len(sizes) != after.dim() or not self.stack:
+        if len(dims) != 1 or len(old) != 1:  # a split into heads or a merge of them
+            return self.split_size_attribute(sizes, before, after)
+        if len(sizes) != after.dim() or not self.stack:
             return
         d = dims[0]
         value = sizes[d]
@@ -281,6 +287,8 @@ class ShapeRules:
         """Concatenating along a dim that holds no channels (a class token joining
         the patch tokens): the parts' channels are the same channels."""
         parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
+        if not _same_rank(parts):  # the legacy empty 1-d part (a key/value cache's first step)
+            return sout
         firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         varying = [varying_dims(p) for p in parts]
         if len(firsts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
@@ -292,10 +300,11 @@ class ShapeRules:
         return firsts[0].expand(sout.shape)
 
     def _couple_outer(self, s: torch.Tensor) -> None:
-        """A channel dim split into (outer, inner): outer parts must shrink together."""
+        """A channel dim split into (outer, inner): outer parts must shrink together — by
+        position, unless they become the heads of an attention (:meth:`AttentionRules.finish`)."""
         dims = varying_dims(s)
         for d in dims[:-1]:
-            self.trace.union(s, s.narrow(d, 0, 1).expand(s.shape))
+            self.outer_split(s, d)
 
     def _split(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
         """split/chunk/tensor_split: replayed on the shadows. Along a channel dim, parts whose

@@ -8,6 +8,7 @@ smallest tensor holding them, so their cost follows the number of channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ class Target:
     param: str | None = None
     axis: int = 0
     uid: int = 0
+    #: what else a cut of this target must do (keep a softmax temperature: :class:`prunable.sdpa.QueryScale`)
+    rescale: Any = field(default=None, compare=False, hash=False)
 
     def label(self) -> str:
         if self.param is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,6 +114,9 @@ class Cut:
     param: str | None = None
     axis: int = 0
     name: str = ""
+    #: an object whose ``bound(keep)`` has ``resize(module, role, n)``, run after the cut
+    #: (rescaling the queries of an attention: :class:`prunable.sdpa.QueryScale`)
+    rescale: Any = None
 
     def label(self) -> str:
         who = self.name or type(self.module).__name__
@@ -177,6 +181,8 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
             resizes.append((_AttributeSize(attr), owner, cut.role, len(keep)))  # a size attribute
         elif tensor is not None:
             out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
+    if cut.rescale is not None:
+        resizes.append((cut.rescale.bound(cut.keep), cut.module, cut.role, len(cut.keep)))
     return out, resizes
 
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .attention import AttentionHandler
 from .meta import arg, call
 from .reasons import SkipKind, SkipReason
+from .sdpa import AttentionRules
 from .rules import ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
 from .shadow import FIXED, FREE, Target, Trace, canonical, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
@@ -37,7 +37,7 @@ from .surgery import Role, handler_for, is_depthwise, parametrization_problem, p
 __all__ = ["ChannelTracer", "Target", "Trace"]
 
 
-class ChannelTracer(ShapeRules, TorchFunctionMode):
+class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     """Record channel labels for one forward pass of ``model``.
 
     ``names`` maps ``id(module)`` to qualified names and ``owners`` maps
@@ -50,10 +50,17 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
         self.names = names
         self.owners = owners
         self.stack: list[nn.Module] = []
-        self._opaque: nn.Module | None = None  # an attention module being run as one operation
+        self._opaque: nn.Module | None = None  # a module run as one operation (its handler's trace_module)
         self._shadows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._made_by: dict[int, tuple] = {}
-        self._shape_sizes: set[int] = set()  # sizes of channel dims read through .shape / .size()
+        #: sizes of channel dims read through .shape / .size() → the labels read
+        self._shape_sizes: dict[int, list[torch.Tensor]] = {}
+        self._sources: dict[int, tuple] = {}  # see AttentionRules.source_of
+        self._outer: list = []  # outer dims of split channel dims, see AttentionRules.finish
+        self._split_span = (0, -1)  # smallest and largest label of those splits
+        self._escaped: list[torch.Tensor] = []  # labels of layer outputs used beyond shape operations
+        self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
+        self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +84,10 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
         through its weak-reference callbacks, so it is freed without the garbage collector."""
         self._shadows.clear()
         self._made_by.clear()
+        self._sources.clear()
+        self._collapsed.clear()
+        self._reshaped.clear()
+        self._escaped.clear()
 
     def mark_input(self, t: torch.Tensor) -> None:
         self.set_shadow(t, torch.tensor(FIXED).expand(t.shape))
@@ -90,53 +101,60 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
 
     # -- modules -------------------------------------------------------------
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook: track the module stack; attention modules run as one operation."""
+        """Forward pre-hook: track the module stack; a module whose handler defines
+        ``trace_module`` (attention, recurrent layers) runs as one operation."""
         self.stack.append(module)
-        if self._opaque is None and isinstance(handler_for(module), AttentionHandler):
+        if self._opaque is None and getattr(handler_for(module), "trace_module", None) is not None:
             self._opaque = module
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook: pop the stack; label the output of an attention module."""
+        """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
         self.stack.pop()
         if module is self._opaque:
-            try:  # still opaque: the bookkeeping below must not be traced itself
-                self._attention(module, handler_for(module), args, kwargs, output)
+            try:  # still opaque: the handler's bookkeeping must not be traced itself
+                handler_for(module).trace_module(self, module, args, kwargs, output)
             finally:
                 self._opaque = None
 
-    def _attention(self, module: nn.Module, handler: AttentionHandler, args: tuple, kwargs: dict, output: Any) -> None:
-        """Input channel i, inner q/k/v dim i and output-projection input i are one channel;
-        the heads' partition of the inner dims is recorded for equal-per-head pruning."""
-        name = self.names.get(id(module), "")
-        streams, out = handler.streams(module, args, kwargs), handler.output(output)
-        labels = [self._in_labels(x, x.dim() - 1, name) for x in streams]
-        reason = handler.unsupported(module, args, kwargs)
-        if reason is None and (not streams or any(lab is None for lab in labels)):
-            reason = "inputs whose channels are mixed with other dimensions"
-        width, heads = handler.width(module), handler.num_heads(module)
-        if reason is None and (any(len(lab) != width for lab in labels) or width % heads):
-            reason = f"inner width {width} differs from the input width or is not a multiple of {heads} heads"
-        proj = handler.out_proj(module)
-        if reason is not None:
-            for x in streams:
-                self.trace.block(self.shadow(x), unsupported(f"{name}: attention with {reason}"))
-            return self.mark_input(out)
-        for other in labels[1:]:
-            self.trace.union(labels[0], other)
-        target = Target(module, name, Role.IN, uid=id(module))
-        self._consume(target, labels[0])
-        inner = self._produce(Target(module, name, Role.OUT, uid=id(module)), 3 * width)
-        for part in inner.view(3, width):
-            self.trace.union(part, labels[0])
-        pname = self.names.get(id(proj), "")
-        self._consume(Target(proj, pname, Role.IN, uid=id(proj)), inner[:width])
-        slots = self._produce(Target(proj, pname, Role.OUT, uid=id(proj)), out.shape[-1])
-        if handler.tied_output:
-            self.trace.union(slots, labels[0])
-        self.trace.blocks.append((inner[:width].view(heads, width // heads), f"the {heads} heads of {name}"))
-        self.trace.measure[(id(proj), Role.OUT)] = (name, -1)
-        self._made_by[id(out)] = (weakref.ref(out), (id(proj), Role.OUT), out.dim() - 1)
-        self._out_shadow(out, slots, out.dim() - 1)
+    # -- for handlers tracing their module as one operation (``trace_module``) --
+    def name_of(self, module: nn.Module) -> str:
+        """Qualified name of ``module`` in the traced model."""
+        return self.names.get(id(module), "")
+
+    def input_labels(self, x: torch.Tensor, dim: int, who: str) -> torch.Tensor | None:
+        """Channel label of each index of ``x`` along ``dim``; None (and ``x`` blocked with a
+        reason naming ``who``) when its channels are mixed with other dims."""
+        return self._in_labels(x, dim, who)
+
+    def produce(self, module: nn.Module, n: int) -> torch.Tensor:
+        """The ``n`` slots (fresh the first time) of ``module``'s output channels (``Role.OUT``)."""
+        return self._produce(Target(module, self.name_of(module), Role.OUT, uid=id(module)), n)
+
+    def consume(self, module: nn.Module, labels: torch.Tensor, param: str | None = None, axis: int = 0) -> None:
+        """``module`` reads channels ``labels``: on its ``Role.IN`` side, or, with ``param``,
+        along ``axis`` of that one tensor of it (sliced as it is, with no handler)."""
+        name = self.name_of(module)
+        if param is None:
+            return self._consume(Target(module, name, Role.IN, uid=id(module)), labels)
+        key = (id(module), param, axis)
+        if key in self.trace.consumers:
+            return self.trace.union(self.trace.consumers[key][1], labels)
+        self.trace.consumers[key] = (Target(module, name, None, param, axis, id(module)), labels)
+
+    def label_output(
+        self, out: torch.Tensor, labels: torch.Tensor, dim: int, producer: nn.Module | None = None,
+        at: nn.Module | None = None,
+    ) -> None:
+        """Give ``out`` the channel ``labels`` along ``dim``. With ``producer``, activation criteria
+        observe ``producer``'s output channels on the output of module ``at`` (default: the producer;
+        the handler of ``at`` says which tensor, see ``ModuleHandler.activation``), or on a norm
+        applied right after it when ``out`` holds exactly the producer's channels."""
+        if producer is not None:
+            key = (id(producer), Role.OUT)
+            self.trace.measure[key] = (self.name_of(at if at is not None else producer), dim)
+            if key in self.trace.producers and len(self.trace.producers[key][1]) == out.shape[dim]:
+                self._made_by[id(out)] = (weakref.ref(out), key, dim)
+        self._out_shadow(out, labels, dim)
 
     # -- dispatch ------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -165,6 +183,7 @@ class ChannelTracer(ShapeRules, TorchFunctionMode):
             rule = "generic"
         if rule != "create":
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
+            self.after_rule(name, rule, args, kwargs, outs)
         return out
 
     # -- weighted operations -------------------------------------------------

@@ -226,7 +226,60 @@ def _kill_split(model: nn.Module, dead: list[int]) -> None:
           (model.bottom.weight, (slice(None), dead)))
 
 
+class Recurrent(nn.Module):
+    """Linear → LSTM / GRU / RNN → Linear on every step (both directions when bidirectional)."""
+
+    def __init__(self, kind: type, batch_first: bool = True, **options: Any) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.rnn = kind(8, 6, batch_first=batch_first, **options)
+        self.head = nn.Linear(6 * (2 if self.rnn.bidirectional else 1), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+def _kill_recurrent(model: nn.Module, dead: list[int]) -> None:
+    """Hidden units ``dead``: rows j, H+j, 2H+j … of every gate block of every layer and
+    direction, the columns reading them back (weight_hh, the next layer's weight_ih at j
+    and H+j), and the head's inputs j (and H+j)."""
+    rnn, size = model.rnn, model.rnn.hidden_size
+    gates = getattr(rnn, "weight_ih_l0", getattr(rnn, "weight_ih", None)).shape[0] // size
+    rows = [g * size + j for g in range(gates) for j in dead]
+    both = dead + [size + j for j in dead]
+    for name, t in rnn.named_parameters():
+        _zero((t, rows))
+        if name.startswith("weight_hh"):
+            _zero((t, (slice(None), dead)))
+        elif name.startswith("weight_ih_l") and not name.startswith("weight_ih_l0"):
+            _zero((t, (slice(None), both if t.shape[1] == 2 * size else dead)))
+    _zero((model.head.weight, (slice(None), both if model.head.in_features == 2 * size else dead)))
+
+
+class Stepped(nn.Module):
+    """Linear → an LSTMCell / GRUCell / RNNCell looped over the time steps → Linear on every step."""
+
+    def __init__(self, kind: type) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.rnn = kind(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.rnn.hidden_size)
+        state = (h, h) if isinstance(self.rnn, nn.LSTMCell) else h
+        outs = []
+        for t in range(x.shape[1]):
+            state = self.rnn(self.embed(x[:, t]), state)
+            outs.append(self.head(state[0] if isinstance(state, tuple) else state))
+        return torch.stack(outs, 1)
+
+
+_RNN = ("hidden units: row j of every gate block in every layer and direction, the weight_hh columns "
+        "and next layer's weight_ih columns (j, H+j) reading them, the readers of the output")
+
 _S = nn.Sequential
+_RNN_CELL = "hidden units: row j of every gate block, column j of weight_hh, the readers of the new state"
 _CONV = "output channels: weight rows, bias; readers' input columns"
 _NORM = "the producer's channels: affine weight/bias and running statistics (when present)"
 
@@ -280,6 +333,9 @@ ROWS: list[LayerCase] = [
     LayerCase("layernorm", "LayerNorm", (nn.LayerNorm,), lambda: _S(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(),
               nn.Linear(8, 3)), _x(2, 4), _kill_conv_chain, "0", (2, 5), "the normalised (last) dimension",
               exact=False, zeroed=False),
+    LayerCase("rmsnorm", "RMSNorm", (nn.RMSNorm,), lambda: _S(nn.Linear(4, 8), nn.RMSNorm(8), nn.ReLU(),
+              nn.Linear(8, 3)), _x(2, 4), _kill_conv_chain, "0", (2, 5), "the normalised (last) dimension",
+              exact=False, zeroed=False),
     LayerCase("prelu", "PReLU (per channel)", (nn.PReLU,),
               lambda: _S(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 4, 1)),
               _x(2, 3, 8, 8), _kill_conv_chain, "0", (4, 6), "one slope per channel"),
@@ -319,6 +375,20 @@ ROWS: list[LayerCase] = [
     LayerCase("pixel_unshuffle", "PixelUnshuffle(2) after a conv", (), lambda: _S(nn.Conv2d(3, 4, 3),
               nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 1)), _x(2, 3, 6, 6), _kill_unshuffle, "0", (2,),
               "conv channel c with the r² unshuffled channels it becomes"),
+    LayerCase("lstm", "LSTM (2 layers, bidirectional)", (nn.LSTM,),
+              lambda: Recurrent(nn.LSTM, num_layers=2, bidirectional=True), _x(2, 5, 4), _kill_recurrent, "rnn",
+              (1, 4), _RNN),
+    LayerCase("gru", "GRU (sequence first)", (nn.GRU,), lambda: Recurrent(nn.GRU, batch_first=False),
+              _x(5, 2, 4), _kill_recurrent, "rnn", (0, 3), _RNN),
+    LayerCase("rnn", "RNN (2 layers, ReLU)", (nn.RNN,),
+              lambda: Recurrent(nn.RNN, num_layers=2, nonlinearity="relu"), _x(2, 5, 4), _kill_recurrent, "rnn",
+              (2,), _RNN),
+    LayerCase("lstm_cell", "LSTMCell looped over time", (nn.LSTMCell,), lambda: Stepped(nn.LSTMCell), _x(2, 4, 4),
+              _kill_recurrent, "rnn", (0, 5), _RNN_CELL),
+    LayerCase("gru_cell", "GRUCell looped over time", (nn.GRUCell,), lambda: Stepped(nn.GRUCell), _x(2, 4, 4),
+              _kill_recurrent, "rnn", (2, 3), _RNN_CELL),
+    LayerCase("rnn_cell", "RNNCell looped over time", (nn.RNNCell,), lambda: Stepped(nn.RNNCell), _x(2, 4, 4),
+              _kill_recurrent, "rnn", (4,), _RNN_CELL),
     LayerCase("split_chunk", "split / chunk along non-channel dims", (), Split, _x(2, 3, 9, 6), _kill_split,
               "conv", (0, 5), "the channels of every part together"),
 ]

@@ -284,11 +284,9 @@ def test_timm_models_round_trip(tmp_path, name, kwargs):
     timm = pytest.importorskip("timm")
     x = torch.randn(2, 3, 32, 32)
     build = lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)  # noqa: E731
-    if name.startswith("vit"):  # timm's attention is left alone, with its reason; the MLPs are pruned
-        with pytest.warns(UserWarning, match="attn.qkv"):
-            pruned = _pruned(build, x)
-    else:
-        pruned = _pruned(build, x)
+    pruned = _pruned(build, x)
+    if name.startswith("vit"):  # timm's attention (scaled_dot_product_attention) is pruned too
+        assert pruned.blocks[0].attn.head_dim < 64
     _round_trip(pruned, build, (x,), tmp_path)
 
 
@@ -298,9 +296,9 @@ def test_hugging_face_bert_round_trips(tmp_path):
                                      intermediate_size=64, max_position_embeddings=32)
     build = lambda: transformers.BertModel(config).eval()  # noqa: E731
     ids = torch.randint(0, 50, (2, 8))
-    with pytest.warns(UserWarning):  # the attention of BERT is left alone, with a reason
-        pruned = _pruned(build, ids)
+    pruned = _pruned(build, ids)  # its attention (scaled_dot_product_attention) is pruned too
     assert pruned.encoder.layer[0].intermediate.dense.out_features < 64
+    assert pruned.encoder.layer[0].attention.self.attention_head_size < 8
     _round_trip(pruned, build, (ids,), tmp_path)
 
 

@@ -157,7 +157,7 @@ def test_docs_layer_table_is_the_generated_one():
 
 
 BLOCKED_LAYOUTS = ["embedding", "embeddingbag", "convtranspose2d_grouped", "convtranspose2d_depthwise", "pixel_shuffle",
-                   "weight_norm", "spectral_norm", "conv1d_bn1d"]
+                   "weight_norm", "spectral_norm", "conv1d_bn1d", "lstm", "gru"]
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "random", "taylor-weight", "taylor-bn", "bn-scale", "taylor",
