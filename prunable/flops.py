@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import meta_clone
+from .copies import meta_clone
 from .inputs import call_model, inputs_to
 from .meta import RNN_KERNELS, rnn_meta
 

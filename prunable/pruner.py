@@ -31,7 +31,8 @@ from .distributed import reduce_scores, unwrap
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
 from .inputs import call_model, input_tensors, inputs_to, split_inputs
-from .graph import ChannelGroup, DependencyGraph, Traced, meta_clone, positions, trace_cut, trace_model
+from .copies import meta_clone
+from .graph import ChannelGroup, DependencyGraph, Traced, positions, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
 from .plan import Plan
 from .reasons import SkipKind, SkipReason

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from torchvision.ops import MultiScaleRoIAlign
 
 from prunable import DependencyGraph, Pruner, count_flops, count_params, module_flops
-from prunable.graph import meta_clone
+from prunable.copies import meta_clone
 from prunable.surgery import Role, handler_for
 from tests.helpers import fraction_plan, randomize_bn, zero_plan
 
