@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["split_inputs", "call_model", "input_tensors", "inputs_to", "first_failing_op"]
+__all__ = ["split_inputs", "call_model", "input_tensors", "inputs_to", "batch_size", "first_failing_op"]
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -85,6 +85,23 @@ def inputs_to(example_inputs: Any, device: str | torch.device) -> Any:
     device(type='meta')
     """
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
+
+
+def batch_size(example_inputs: Any) -> int:
+    """Examples in ``example_inputs``: the length of a leading list of tensors (a detector's
+    list of images), else the first dim of the first tensor with one (1 if none).
+
+    Example
+    -------
+    >>> batch_size([torch.ones(3, 8, 8), torch.ones(3, 6, 8)]), batch_size({"ids": torch.ones(4, 7)})
+    (2, 4)
+    """
+    args, kwargs = split_inputs(example_inputs)
+    lead = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(lead, list) and lead and all(isinstance(t, torch.Tensor) for t in lead):
+        return len(lead)
+    first = next((t for t in input_tensors(example_inputs) if t.dim()), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def first_failing_op(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from .distributed import reduce_scores, unwrap
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params, module_flops
-from .inputs import call_model, input_tensors, inputs_to, split_inputs
+from .inputs import batch_size, call_model, input_tensors, inputs_to
 from .copies import meta_clone
 from .graph import ChannelGroup, DependencyGraph, Traced, positions, trace_cut, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize, make_criterion
@@ -264,7 +264,7 @@ class Pruner:
         for g in self.groups:
             total = sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
                         for m in g.members if m.target.param is None)
-            out[g.id] = total / 1e6 / _batch_size(self.example_inputs)
+            out[g.id] = total / 1e6 / batch_size(self.example_inputs)
         return out
 
     # -- pruning ---------------------------------------------------------------
@@ -722,14 +722,3 @@ def _check_inputs(model: nn.Module, inputs: Any) -> None:
         if param is not None and t.device.type != param.device.type:
             raise PruningValueError(
                 f"example input on {t.device} but the model's parameters are on {param.device}")
-
-
-def _batch_size(inputs: Any) -> int:
-    """Examples in ``inputs``: the first dim of the first tensor, or the length of a
-    leading list of tensors (a detector's list of images)."""
-    args, kwargs = split_inputs(inputs)
-    lead = args[0] if args else next(iter(kwargs.values()), None)
-    if isinstance(lead, list) and lead and all(isinstance(t, torch.Tensor) for t in lead):
-        return len(lead)
-    first = next((t for t in input_tensors(inputs) if t.dim()), None)
-    return int(first.shape[0]) if first is not None else 1
