@@ -185,8 +185,8 @@ def test_roi_pooling_keeps_the_channels_of_every_level():
 # -- torchvision detection ----------------------------------------------------------
 #: final predictors (their outputs are anchors × classes / boxes): ignored, as a user would
 _PREDICTORS = {
-    "fasterrcnn_mobilenet_v3_large_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
-                                          "roi_heads.box_predictor.bbox_pred"],
+    "fasterrcnn_mobilenet_v3_large_fpn": ["rpn.head.cls_logits", "rpn.head.bbox_pred",
+                                          "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"],
     "retinanet_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"],
     "fcos_resnet50_fpn": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg",
                           "head.regression_head.bbox_ctrness"],
