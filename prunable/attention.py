@@ -237,3 +237,8 @@ class _SwinV2Handler(_SwinHandler):
 
 register_handler("torchvision.models.swin_transformer.ShiftedWindowAttention")(_SwinHandler)
 register_handler("torchvision.models.swin_transformer.ShiftedWindowAttentionV2")(_SwinV2Handler)
+
+
+@register_handler("torchvision.models.video.swin_transformer.ShiftedWindowAttention3d")
+class _Swin3dHandler(_SwinHandler):
+    """torchvision's video ``ShiftedWindowAttention3d``: the same layout, input ``(B, T, H, W, C)``."""

@@ -17,6 +17,7 @@ Example
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import time
@@ -25,17 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import meta_clone
+from .copies import meta_clone
+from .inputs import call_model, inputs_to
 from .meta import RNN_KERNELS, rnn_meta
 
 __all__ = ["count_flops", "count_params", "module_flops", "measure_latency", "devices_to_sync"]
-
-
-def _as_tuple(inputs: Any) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 class _RecurrentFlops(TorchFunctionMode):
@@ -57,15 +55,23 @@ class _RecurrentFlops(TorchFunctionMode):
 
 
 def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
-    clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
-    meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, _as_tuple(inputs))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, _RecurrentFlops(counter):
-        clone(*meta_inputs)
+    """Count on a meta copy; on a real copy when the forward pass needs real values
+    (data-dependent post-processing of a detector)."""
+    try:
+        clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, _RecurrentFlops(counter):
+            call_model(clone, inputs_to(inputs, "meta"))
+    except Exception:  # noqa: BLE001 - data-dependent code: count with real values
+        clone = copy.deepcopy(model).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(clone, inputs)
     return counter
 
 
 def count_flops(model: nn.Module, inputs: Any) -> int:
-    """FLOPs of one forward pass of ``model`` on ``inputs`` (a tensor or tuple).
+    """FLOPs of one forward pass of ``model`` on ``inputs`` (a tensor, a tuple of
+    positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair, see
+    :mod:`prunable.inputs`).
 
     Counted as torch counts them (a multiply-add is 2 FLOPs) for the ops
     :class:`~torch.utils.flop_counter.FlopCounterMode` knows (convolutions,
@@ -113,7 +119,8 @@ def _synchronize(devices: list[torch.device]) -> None:
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time in seconds of ``model(*inputs)`` in eval mode.
+    """Median wall time in seconds of one forward pass on ``inputs`` (read as by
+    :func:`count_flops`), in eval mode.
 
     The model's train/eval mode is restored afterwards. Every CUDA device the
     model's parameters and buffers and the inputs (nested ones too) use is
@@ -122,14 +129,13 @@ def measure_latency(model: nn.Module, inputs: Any, warmup: int = 3, repeats: int
     """
     was_training = model.training
     model.eval()
-    args = _as_tuple(inputs)
-    devices = devices_to_sync(model, args)
+    devices = devices_to_sync(model, inputs)
     times = []
     try:
         for i in range(warmup + repeats):
             _synchronize(devices)
             start = time.perf_counter()
-            model(*args)
+            call_model(model, inputs)
             _synchronize(devices)
             if i >= warmup:
                 times.append(time.perf_counter() - start)

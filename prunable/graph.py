@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from .errors import PruningValueError
+from .inputs import call_model, first_failing_op, input_tensors, inputs_to
 from .attention import AttentionHandler
+from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
 from .trace import ChannelTracer, Target, Trace
@@ -121,84 +122,6 @@ def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
         label = new
 
 
-def meta_clone(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on ``meta``."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
-    for module in model.modules():
-        for value in vars(module).values():
-            if type(value) in _FLAT and id(value) not in memo:
-                copied = _flat_copy(value, memo)
-                if copied is not None:
-                    memo[id(value)] = copied
-    return _copy_module(model, memo)
-
-
-#: values ``copy.deepcopy`` returns as they are
-_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
-                     torch.memory_format, type, range})
-
-
-def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(module, memo)`` for plain modules, without deepcopy's per-attribute
-    dispatch for the atoms (ints, tuples of ints, strings …) that make up most of a
-    module's state; modules with their own copy protocol go through ``deepcopy``."""
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    handler = handler_for(module)
-    local = handler.meta_type(module) if handler is not None else None  # SyncBatchNorm → a BatchNorm
-    if local is None and any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
-        return copy.deepcopy(module, memo)
-    cls = local or cls
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state = {}
-    dropped = getattr(local, "dropped_state", ())
-    for key, value in module.__dict__.items():
-        kind = type(value)
-        if key in dropped or key == "_compiled_call_impl":  # copies run eagerly (``module.compile()``)
-            state[key] = None
-            continue
-        if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
-            state[key] = value
-        elif key == "_modules" and kind in _FLAT:
-            state[key] = kind((k, None if m is None else _copy_module(m, memo)) for k, m in value.items())
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__setstate__(state)
-    return new
-
-
-_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
-
-
-_FLAT = (OrderedDict, dict, set)
-
-
-def _is_parameter(t: torch.Tensor) -> bool:
-    """``isinstance(t, nn.Parameter)``, without its slow path for plain tensors."""
-    if type(t) is nn.Parameter:
-        return True
-    if type(t) is torch.Tensor and not t.__dict__:
-        return False
-    return isinstance(t, nn.Parameter)
-
-
-def _flat_copy(value: Any, memo: dict[int, Any]) -> Any:
-    """What ``copy.deepcopy(value, memo)`` returns, made directly, for a module's
-    tensor and hook tables and name sets (``deepcopy`` is slow on ``OrderedDict``
-    and ``set``); None for anything else."""
-    if type(value) in (OrderedDict, dict):
-        if all(type(k) is str and (v is None or id(v) in memo) for k, v in value.items()):
-            return type(value)((k, None if v is None else memo[id(v)]) for k, v in value.items())
-    elif type(value) is set and all(type(v) is str for v in value):
-        return set(value)
-    return None
-
-
 def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
@@ -210,7 +133,11 @@ def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module
 
 
 def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, Any]:
-    """Run ``model`` once under a :class:`ChannelTracer`; returns tracer and output."""
+    """Run ``model`` once under a :class:`ChannelTracer`; returns tracer and output.
+
+    ``example_inputs`` follows :func:`prunable.inputs.split_inputs` (a tensor, a tuple
+    of positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair).
+    """
     names, owners = _owners(model)
     tracer = ChannelTracer(names, owners)
     hooks = []
@@ -218,13 +145,11 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad(), tracer:
-            for t in tree_flatten(inputs)[0]:
-                if isinstance(t, torch.Tensor):
-                    tracer.mark_input(t)
-            out = model(*inputs)
+            for t in input_tensors(example_inputs):
+                tracer.mark_input(t)
+            out = call_model(model, example_inputs)
         tracer.finish()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -244,11 +169,15 @@ class Traced:
     ``clone`` is that copy when it lives on ``meta`` (``None`` when tracing
     needed a real copy). The copy is left as the model was: it can serve one
     trial run (:meth:`prunable.Pruner._trial`) instead of a fresh copy.
+    ``real`` says why the forward pass could not run on ``meta`` (the operation
+    that needs real values, see :func:`prunable.inputs.first_failing_op`); None
+    when it did.
     """
 
     trace: Trace
     mapping: dict[int, nn.Module]
     clone: nn.Module | None = None
+    real: str | None = None
 
 
 def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
@@ -258,16 +187,18 @@ def _module_map(clone: nn.Module, model: nn.Module) -> dict[int, nn.Module]:
 
 
 def _to_meta(inputs: Any) -> Any:
-    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+    return inputs_to(inputs, "meta")
 
 
 def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
-    """Trace on a meta copy (falling back to a real copy for data-dependent code)."""
+    """Trace on a meta copy; when the forward pass needs real values (data-dependent
+    operations: ``nonzero``, boolean masks, non-maximum suppression, ``.item()``), on a
+    real copy, and :attr:`Traced.real` says which operation forced it."""
     check_copyable(model)
     try:
         clone = meta_clone(model)
         tracer, _ = run_traced(clone, _to_meta(example_inputs))
-    except Exception:  # noqa: BLE001 - data-dependent control flow needs real values
+    except Exception as meta_exc:  # noqa: BLE001 - data-dependent code needs real values
         clone = copy.deepcopy(model)
         try:
             tracer, _ = run_traced(clone, example_inputs)
@@ -280,26 +211,28 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
                 else:
                     names = {id(m): n for n, m in clone.named_modules(remove_duplicate=False)}
                     real = dict(model.named_modules(remove_duplicate=False))
-                    return Traced(inner.trace, {k: real[names[id(v)]] for k, v in inner.mapping.items()})
-            shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+                    mapping = {k: real[names[id(v)]] for k, v in inner.mapping.items()}
+                    return Traced(inner.trace, mapping, real=inner.real)
+            shapes = [tuple(t.shape) for t in input_tensors(example_inputs)]
             raise PruningValueError(
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
             ) from exc
-        return Traced(tracer.trace, _module_map(clone, model))
+        return Traced(tracer.trace, _module_map(clone, model), real=first_failing_op(meta_exc))
     return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
-def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut]) -> Traced:
-    """Trace ``model`` as it will be after ``cuts``, on a meta copy; ``model`` is not touched.
+def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut], *, real: str | None = None) -> Traced:
+    """Trace ``model`` as it will be after ``cuts``, on a meta copy (a real copy when
+    ``real`` says why the forward pass needs one); ``model`` is not touched.
 
     Raises whatever applying the cuts or the forward pass of the cut copy raises.
     The result is the trace of the model once the same cuts are applied to it.
     """
-    clone = meta_clone(model)
+    clone = meta_clone(model) if real is None else copy.deepcopy(model)
     twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
     apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
-    tracer, _ = run_traced(clone, _to_meta(example_inputs))
-    return Traced(tracer.trace, _module_map(clone, model), clone)
+    tracer, _ = run_traced(clone, _to_meta(example_inputs) if real is None else example_inputs)
+    return Traced(tracer.trace, _module_map(clone, model), clone if real is None else None, real)
 
 
 class DependencyGraph:
@@ -310,7 +243,8 @@ class DependencyGraph:
     model
         Any ``nn.Module``; it is not modified (tracing runs on a meta copy).
     example_inputs
-        A tensor or tuple of positional inputs for ``model``.
+        A tensor, a tuple of positional inputs, a dict of keyword inputs or an
+        ``(args, kwargs)`` pair (see :mod:`prunable.inputs`).
     traced
         A trace of ``model`` already made (:func:`trace_model`, :func:`trace_cut`);
         ``example_inputs`` is then not run again.

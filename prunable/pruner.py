@@ -38,12 +38,13 @@ from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, make_criterion
+from .inputs import input_tensors
 from .plan import Plan
 from .reasons import SkipKind, SkipReason
 from .scoring import flops_per_channel, group_scores
 from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
-from .validation import failing_groups, invalid_groups, traced_trial, trial_runner
+from .validation import cut_copy, failing_groups, invalid_groups, traced_trial, trial_runner
 
 __all__ = ["Pruner", "Scope"]
 
@@ -58,7 +59,12 @@ class Pruner:
         ``DistributedDataParallel`` wrapper is unwrapped: the module inside is
         pruned (and is :attr:`model`); the wrapper runs it afterwards.
     example_inputs
-        A tensor or tuple of positional inputs for one forward pass.
+        The inputs of one forward pass: a tensor (or a list, e.g. of images), a tuple
+        of positional inputs, a dict of keyword inputs (``model(**inputs)``) or an
+        ``(args, kwargs)`` pair; see :mod:`prunable.inputs`. When the forward pass
+        cannot run on the ``meta`` device (data-dependent post-processing: a
+        detector's score threshold, NMS), tracing and trial runs use real copies
+        of the model; a warning names the operation once.
     criterion
         A :class:`~prunable.importance.Criterion` or its name (``"taylor"``, ``"l1"`` …,
         see :data:`~prunable.importance.CRITERIA`); :class:`TaylorActivation` by default.
@@ -104,7 +110,8 @@ class Pruner:
         model = unwrap(model)  # torch.compile / (Distributed)DataParallel: prune the module inside
         _check_options(min_channels, round_to, flops_regularization, validate)
         self.model = model
-        self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.example_inputs = example_inputs if isinstance(example_inputs, (tuple, dict)) else (example_inputs,)
+        self._real: str | None = None  # why the forward pass needs real values, once known
         self.criterion = make_criterion(criterion)
         self.min_channels, self.round_to, self.optimizer = min_channels, round_to, optimizer
         self.aggregation = _aggregation(aggregation)
@@ -128,6 +135,10 @@ class Pruner:
     def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
+        if traced.real is not None and self._real is None:
+            self._real = traced.real
+            warnings.warn(f"prunable: {type(self.model).__name__}'s forward pass cannot run on the meta device "
+                          f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self._vetted: tuple[Plan, Traced] | None = None
         if self._original is None:
@@ -172,7 +183,7 @@ class Pruner:
         return [g for g in self.graph.groups if g.id not in self.skipped]
 
     def _runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Any]], str | None]:
-        return trial_runner(self.model, self.example_inputs, self.graph.cuts, clone)
+        return trial_runner(self.model, self.example_inputs, self.graph.cuts, clone, real=self._real)
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -264,7 +275,7 @@ class Pruner:
     def _trial(self, plan: Plan) -> list[tuple[str, str]]:
         """The trial run of ``plan`` (its traced meta copy kept in ``_vetted``), bisected on failure."""
         if self._vetted is None or self._vetted[0] != plan:
-            traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)))
+            traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)), real=self._real)
             if traced is None:
                 return failing_groups(self._runner(), _lists(plan))
             self._vetted = (plan, traced)
@@ -280,9 +291,10 @@ class Pruner:
             return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
         plan = Plan.coerce(plan)
         failing = self.vet(plan)
-        if failing or self._vetted is None or self._vetted[1].clone is None:
-            raise SurgeryError(f"the plan breaks the forward pass: {failing or 'trial run failed'}")
-        clone = self._vetted[1].clone
+        if failing:
+            raise SurgeryError(f"the plan breaks the forward pass: {failing}")
+        clone = self._vetted[1].clone if self._vetted is not None else None  # None: traced on a real copy
+        clone = cut_copy(self.model, self.graph.cuts(_lists(plan)), real=self._real) if clone is None else clone
         return {"flops": count_flops(clone, self.example_inputs), "params": count_params(clone)}
 
     @property
@@ -429,10 +441,10 @@ def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[
     return out
 
 
-def _check_inputs(model: nn.Module, inputs: tuple) -> None:
+def _check_inputs(model: nn.Module, inputs: Any) -> None:
     """Example inputs must sit on the model's device."""
     param = next(model.parameters(), None)
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and param is not None and t.device.type != param.device.type:
+    for t in input_tensors(inputs):
+        if param is not None and t.device.type != param.device.type:
             raise PruningValueError(
                 f"example input on {t.device} but the model's parameters are on {param.device}")

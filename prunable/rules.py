@@ -42,7 +42,7 @@ RULES: dict[str, str] = {
     **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
                      "nansum"), "reduce"),
     **dict.fromkeys((
-        "einsum", "baddbmm", "addmm", "addbmm", "multi_head_attention_forward", "bilinear", "__setitem__", "index_put_",
+        "einsum", "baddbmm", "addmm", "addbmm", "multi_head_attention_forward", "bilinear", "index_put_",
         "index_put", "scatter", "scatter_", "gather", "masked_scatter"), "block"),
     #: tensor factories called as methods: the result holds no channels of the tensor
     **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), "create"),
@@ -55,6 +55,8 @@ RULES: dict[str, str] = {
     #: attention written with operations (:class:`prunable.sdpa.AttentionRules`)
     "scaled_dot_product_attention": "sdpa",
     **dict.fromkeys(("matmul", "bmm", "mm", "__matmul__", "__rmatmul__"), "matmul"),
+    #: torchvision's RoI pooling keeps the features' channels; ``t[i] = v`` writes v's channels into t
+    "roi_align": "roi", "roi_pool": "roi", "__setitem__": "setitem",
 }
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
@@ -151,15 +153,19 @@ class ShapeRules:
 
     # -- shape and elementwise operations ------------------------------------
     def _shadow_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def convert(a: Any) -> Any:
+        """The data (first argument: a tensor or a list of them) as shadows; integer
+        tensors elsewhere are indices, used with their values (an integer tensor's
+        values are never taken for labels: a detector's level ids, kept indices)."""
+        def convert(a: Any, data: bool = False) -> Any:
             if not isinstance(a, torch.Tensor):
                 return a
-            if self.has_labels(a) or a.is_floating_point() or id(a) in self.owners:
+            if data or a.is_floating_point() or id(a) in self.owners:
                 return self.shadow(a)
             if a.device.type == "meta":
                 raise RuntimeError("index tensor without data")
             return a.cpu()
-        sargs, skwargs = tree_map(convert, (args, kwargs))
+        sargs = (*tree_map(lambda a: convert(a, True), args[:1]), *tree_map(convert, args[1:]))
+        skwargs = tree_map(convert, kwargs)
         if "value" in skwargs:
             skwargs["value"] = FREE
         return sargs, skwargs
@@ -171,6 +177,8 @@ class ShapeRules:
             func = getattr(torch.Tensor, name.split(":")[-1], None)
             if name.startswith("property:"):
                 sout = getattr(sargs[0], name.split(":")[1])
+            elif name == "__getitem__" and isinstance(out, torch.Tensor):
+                sout = self._indexed(args[0], args[1], out.shape)
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
                 sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
             elif isinstance(args[0], torch.Tensor) and func is not None:
@@ -193,6 +201,55 @@ class ShapeRules:
                 self.set_shadow(t, s)
             elif isinstance(t, torch.Tensor):
                 self._block(name, args, kwargs, out, [t])
+
+    def _indexed(self, x: torch.Tensor, index: Any, shape: Any) -> torch.Tensor:
+        """The shadow of ``x[index]`` (of size ``shape``), indexing only the dims along
+        which the labels vary: the labels of rows picked by a data-dependent index (kept
+        detections) survive even when no row is picked."""
+        parts = index if isinstance(index, tuple) else (index,)
+        parts = tuple(p.cpu() if isinstance(p, torch.Tensor) else p for p in parts)
+        parts = sum(((*p.nonzero(as_tuple=True),) if isinstance(p, torch.Tensor) and p.dtype is torch.bool
+                     else (p,) for p in parts), ())
+        simple = all(type(p) in (int, slice) or (isinstance(p, torch.Tensor) and not p.is_floating_point())
+                     for p in parts)
+        core = core_of(self.shadow(x))
+        if not simple or len(parts) > x.dim():
+            return self.shadow(x)[index]
+        picked = core[tuple(p if core.shape[d] > 1 else (slice(None) if type(p) is slice else 0 if type(p) is int
+                            else torch.zeros((1,) * p.dim(), dtype=torch.long)) for d, p in enumerate(parts))]
+        return picked.expand(shape)
+
+    def _roi(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        """``roi_align(features, boxes, …)`` / ``roi_pool``: the pooled regions keep the
+        features' channels (dim 1); the boxes are coordinates, not channels."""
+        pooled = outs[0]
+        labels = labels_along(self.shadow(args[0]), 1)
+        if labels is None or pooled.dim() != args[0].dim() or pooled.shape[1] != len(labels):
+            return self._block(name, args, kwargs, out, outs)
+        self._out_shadow(pooled, labels, 1)
+
+    def _setitem(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
+        """``target[index] = value``: the written part and ``value`` are the same channels;
+        the target takes ``value``'s labels where they broadcast over the whole target
+        (a zero-filled result gathered from several pooled levels)."""
+        target, index, value = args
+        if not isinstance(value, torch.Tensor) or not self.has_labels(value):
+            return
+        try:
+            part = self._indexed(target, index, value.shape)
+            values = expand_shadow(self.shadow(value), part.shape)
+        except Exception:  # noqa: BLE001 - an index the shadows cannot replay
+            return self._block(name, args, kwargs, out, [])
+        if not part.numel():  # nothing written (an empty level of detections)
+            return
+        self.trace.union(part, values, SkipReason(SkipKind.FIXED_INPUT, "written into a fixed-size tensor"))
+        core = core_of(values)
+        if part.dim() == target.dim() and all(core.shape[d] == 1 or part.shape[d] == target.shape[d]
+                                              for d in range(target.dim())):
+            if not bool((core_of(self.shadow(target)) >= 0).any()):
+                self.set_shadow(target, core.expand(target.shape))
+        else:
+            self._block(name, args, kwargs, out, [])
 
     def _size_attribute(self, args: tuple, before: torch.Tensor, after: torch.Tensor) -> None:
         """``x.reshape(n, self.hidden_dim, -1)``: a channel count passed as a literal size.

@@ -26,6 +26,7 @@ from torch import nn
 from .distributed import reduce_scores
 from .errors import EstimationError
 from .flops import module_flops
+from .inputs import batch_size
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize
 
 __all__ = ["aggregate", "flops_per_channel", "group_scores"]
@@ -64,11 +65,10 @@ def _group_score(g: Any, criterion: Criterion, points: Mapping[str, MeasurePoint
     return score - penalty if penalty else score
 
 
-def flops_per_channel(model: nn.Module, example_inputs: tuple, groups: Iterable[Any]) -> dict[str, float]:
+def flops_per_channel(model: nn.Module, example_inputs: Any, groups: Iterable[Any]) -> dict[str, float]:
     """MFLOPs one channel of each group costs per example (its layers' FLOPs / their widths)."""
     flops = module_flops(model, example_inputs)
-    first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
-    batch = int(first.shape[0]) if first is not None else 1
+    batch = batch_size(example_inputs)
     return {g.id: sum(flops.get(m.target.name, 0) / max(len(m.classes), 1)
                       for m in g.members if m.target.param is None) / 1e6 / batch for g in groups}
 

@@ -100,9 +100,11 @@ _CORE = "_prunable_core"
 def core_view(shadow: torch.Tensor) -> torch.Tensor:
     """``shadow`` with every broadcast (stride-0) dim narrowed to size one: a cheap view."""
     stride, shape = shadow.stride(), shadow.shape
-    if all(st or n <= 1 for st, n in zip(stride, shape)):
+    # an empty broadcast dim (no detection kept) still has its labels in the storage
+    empty = shadow.untyped_storage().nbytes() == 0
+    if all(st or n == 1 or (n == 0 and empty) for st, n in zip(stride, shape)):
         return shadow
-    size = [1 if st == 0 and n > 1 else n for st, n in zip(stride, shape)]
+    size = [1 if st == 0 and n != 1 and not (n == 0 and empty) else n for st, n in zip(stride, shape)]
     return shadow.as_strided(size, stride, shadow.storage_offset())
 
 
@@ -143,7 +145,8 @@ def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
     cores = [core_of(s) for s in shadows]
-    shape = [max(c.shape[d] for c in cores) for d in range(cores[0].dim())]
+    # an empty dim (no detections left) stays empty: there is nothing to relate along it
+    shape = [min(sizes) if 0 in sizes else max(sizes) for sizes in zip(*(c.shape for c in cores))]
     return tuple(c.expand(shape) for c in cores)
 
 
@@ -156,6 +159,6 @@ def varying_dims(shadow: torch.Tensor) -> list[int]:
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     """Label of each index of ``dim`` if labels are constant along other dims, else None."""
     core = core_of(shadow)
-    if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()):
-        return None
+    if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
+        return None  # mixed, or an empty tensor whose labels were not kept
     return core.reshape(-1).expand(shadow.shape[dim]).clone()

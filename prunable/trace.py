@@ -170,6 +170,9 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             self._shape_read(args, kwargs)
             return out
         outs = [out] if isinstance(out, torch.Tensor) else tensors_of(out)
+        if rule == "setitem":  # in place: no output
+            self._setitem(name, args, kwargs, out, outs)
+            return out
         if not outs:
             if rule == "block":
                 for t in self._tensors_in(args, kwargs):

@@ -19,52 +19,60 @@ True
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
-from .graph import Traced, meta_clone, trace_cut
+from .copies import meta_clone
+from .graph import Traced, trace_cut
+from .inputs import call_model, inputs_to
 from .meta import MetaShortcuts
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, apply_cuts
 
-__all__ = ["failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
+__all__ = ["cut_copy", "failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
 
 
-def _to_meta(inputs: Any) -> Any:
-    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)
+def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
+             real: str | None = None) -> nn.Module:
+    """A copy of ``model`` with ``cuts`` applied: ``clone`` (a copy to cut), else a meta copy,
+    else (``real`` says why the forward pass needs real values) a real one."""
+    if clone is None:
+        clone = meta_clone(model) if real is None else copy.deepcopy(model)
+    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
+    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
+    return clone
 
 
-def trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut], clone: nn.Module | None = None) -> str | None:
-    """Apply ``cuts`` to a meta copy of ``model`` (``clone``, or a fresh one) and run it.
+def trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], clone: nn.Module | None = None,
+          real: str | None = None) -> str | None:
+    """Apply ``cuts`` to a copy of ``model`` (see :func:`cut_copy`) and run it.
 
     Returns the error as one line of text, or None when the cut model runs.
     ``model`` is never touched.
     """
-    clone = meta_clone(model) if clone is None else clone
-    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
-    moved = [Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts]
     try:
-        apply_cuts(moved)
+        cut = cut_copy(model, cuts, clone, real)
         with torch.no_grad(), MetaShortcuts():
-            clone(*_to_meta(example_inputs))
+            call_model(cut, example_inputs if real is not None else inputs_to(example_inputs, "meta"))
     except Exception as exc:  # noqa: BLE001 - reported to the caller
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
-def trial_runner(model: nn.Module, example_inputs: tuple, cuts_of: Callable[[dict[str, list[int]]], list[Cut]],
-                 clone: nn.Module | None = None) -> Callable[[Mapping[str, Sequence[int]]], str | None]:
+def trial_runner(model: nn.Module, example_inputs: Any, cuts_of: Callable[[dict[str, list[int]]], list[Cut]],
+                 clone: nn.Module | None = None, real: str | None = None,
+                 ) -> Callable[[Mapping[str, Sequence[int]]], str | None]:
     """``removals → error or None``: a :func:`trial` of the cuts ``cuts_of(removals)``;
     ``clone``, a meta copy of ``model``, serves the first trial (it is cut there)."""
     spare = [clone] if clone is not None else []
 
     def run(removals: Mapping[str, Sequence[int]]) -> str | None:
         cuts = cuts_of({k: list(v) for k, v in removals.items()})
-        return trial(model, example_inputs, cuts, spare.pop() if spare else None)
+        return trial(model, example_inputs, cuts, spare.pop() if spare else None, real)
 
     return run
 
@@ -81,13 +89,13 @@ def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], s
     return out
 
 
-def traced_trial(model: nn.Module, example_inputs: tuple, cuts: list[Cut]) -> Traced | None:
+def traced_trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], real: str | None = None) -> Traced | None:
     """Trace ``model`` as ``cuts`` will leave it, on a meta copy; None if that fails.
 
     A success is the trial run of the cuts and the trace of the pruned model at once.
     """
     try:
-        return trace_cut(model, example_inputs, cuts)
+        return trace_cut(model, example_inputs, cuts, real=real)
     except Exception:  # noqa: BLE001 - failing_groups names the culprit
         return None
 

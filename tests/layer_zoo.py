@@ -154,19 +154,23 @@ def _kill_attention(model: nn.Module, dead: list[int]) -> None:
 
 
 class Windowed(nn.Module):
-    """Linear → torchvision's shifted-window attention (V1 or V2) → mean → Linear."""
+    """Linear → torchvision's shifted-window attention (V1, V2, or the video one) → mean → Linear."""
 
-    def __init__(self, v2: bool = False) -> None:
+    def __init__(self, v2: bool = False, video: bool = False) -> None:
         super().__init__()
         from torchvision.models import swin_transformer as swin
+        from torchvision.models.video import swin_transformer as swin3d
 
-        kind = swin.ShiftedWindowAttentionV2 if v2 else swin.ShiftedWindowAttention
         self.embed = nn.Linear(4, 8)
-        self.attn = kind(8, [2, 2], [1, 1], num_heads=2)
+        if video:
+            self.attn = swin3d.ShiftedWindowAttention3d(8, [2, 2, 2], [1, 1, 1], num_heads=2)
+        else:
+            kind = swin.ShiftedWindowAttentionV2 if v2 else swin.ShiftedWindowAttention
+            self.attn = kind(8, [2, 2], [1, 1], num_heads=2)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attn(self.embed(x)).mean((1, 2)))
+        return self.head(self.attn(self.embed(x)).flatten(1, -2).mean(1))
 
 
 def _kill_window(model: nn.Module, dead: list[int]) -> None:
@@ -360,6 +364,10 @@ ROWS: list[LayerCase] = [
     LayerCase("swin_attention_v2", "torchvision ShiftedWindowAttentionV2",
               ("torchvision.models.swin_transformer.ShiftedWindowAttentionV2",), lambda: Windowed(v2=True),
               _x(2, 4, 4, 4), _kill_window, "attn", (0, 7),
+              "input channels with q/k/v dims and the tied output projection", zeroed=False),
+    LayerCase("swin3d_attention", "torchvision ShiftedWindowAttention3d (video)",
+              ("torchvision.models.video.swin_transformer.ShiftedWindowAttention3d",), lambda: Windowed(video=True),
+              _x(2, 2, 4, 4, 4), _kill_window, "attn", (1, 5),
               "input channels with q/k/v dims and the tied output projection", zeroed=False),
     LayerCase("pixel_shuffle", "PixelShuffle(2) after a conv", (), lambda: _S(nn.Conv2d(3, 16, 3), nn.PixelShuffle(2),
               nn.Conv2d(4, 4, 1)), _x(2, 3, 6, 6), _kill_shuffle, "0", (1,),

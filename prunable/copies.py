@@ -1,0 +1,134 @@
+"""Meta copies of a model: a deep copy whose tensors live on the ``meta`` device.
+
+Tracing (:mod:`prunable.graph`), trial prunes and FLOPs counts (:mod:`prunable.flops`)
+run on such copies: no memory for the weights, no arithmetic, and the model
+itself is never touched.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(2, 3))
+>>> net.cache = [torch.ones(4)]          # a tensor a forward pass left in an attribute
+>>> clone = meta_clone(net)
+>>> clone[0].weight.is_meta, clone.cache[0].is_meta, net.cache[0].is_meta
+(True, True, False)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .surgery import handler_for
+
+__all__ = ["meta_clone"]
+
+
+def meta_clone(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose tensors live on ``meta``: parameters, buffers and
+    tensors held in plain attributes (anchor grids, strides, masks, rotary caches a
+    forward pass left behind), also inside lists, tuples and dicts held by a module."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        memo[id(t)] = _meta_tensor(t)
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if type(value) in _FLAT and id(value) not in memo:
+                copied = _flat_copy(value, memo)
+                if copied is not None:
+                    memo[id(value)] = copied
+                elif key not in _TABLES:
+                    _meta_attributes(value, memo)
+            elif type(value) not in _ATOMIC:
+                _meta_attributes(value, memo)
+    return _copy_module(model, memo)
+
+
+#: a module's own tables: parameters, buffers and submodules are copied by the loops above
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+
+
+def _meta_attributes(value: Any, memo: dict[int, Any], depth: int = 0) -> None:
+    """Put a meta twin in ``memo`` for every tensor in ``value`` (a tensor, or a list,
+    tuple or dict of them, nested), so ``deepcopy`` copies it onto ``meta``."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = _meta_tensor(value)
+    elif type(value) in (list, tuple, dict, OrderedDict) and depth < 8:
+        for item in value.values() if isinstance(value, dict) else value:
+            if type(item) not in _ATOMIC:
+                _meta_attributes(item, memo, depth + 1)
+
+
+#: values ``copy.deepcopy`` returns as they are
+_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                     torch.memory_format, type, range})
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)`` for plain modules, without deepcopy's per-attribute
+    dispatch for the atoms (ints, tuples of ints, strings …) that make up most of a
+    module's state; modules with their own copy protocol go through ``deepcopy``."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    handler = handler_for(module)
+    local = handler.meta_type(module) if handler is not None else None  # SyncBatchNorm → a BatchNorm
+    if local is None and any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _PROTOCOL):
+        return copy.deepcopy(module, memo)
+    cls = local or cls
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    dropped = getattr(local, "dropped_state", ())
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if key in dropped or key == "_compiled_call_impl":  # copies run eagerly (``module.compile()``)
+            state[key] = None
+            continue
+        if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
+            state[key] = value
+        elif key == "_modules" and kind in _FLAT:
+            state[key] = kind((k, None if m is None else _copy_module(m, memo)) for k, m in value.items())
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
+
+
+_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+
+
+_FLAT = (OrderedDict, dict, set)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without its slow path for plain tensors."""
+    if type(t) is nn.Parameter:
+        return True
+    if type(t) is torch.Tensor and not t.__dict__:
+        return False
+    return isinstance(t, nn.Parameter)
+
+
+def _flat_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """What ``copy.deepcopy(value, memo)`` returns, made directly, for a module's
+    tensor and hook tables and name sets (``deepcopy`` is slow on ``OrderedDict``
+    and ``set``); None for anything else."""
+    if type(value) in (OrderedDict, dict):
+        if all(type(k) is str and (v is None or id(v) in memo) for k, v in value.items()):
+            return type(value)((k, None if v is None else memo[id(v)]) for k, v in value.items())
+    elif type(value) is set and all(type(v) is str for v in value):
+        return set(value)
+    return None
