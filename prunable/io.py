@@ -94,20 +94,28 @@ def _seednet(arch: Mapping[str, Any]) -> nn.Module:
     return SeedNet(**arch)
 
 
+def _zoo_model(arch: Mapping[str, Any], family: str, build: Callable[[str, int], nn.Module],
+               unknown: type[Exception]) -> nn.Module:
+    """``build(model name, num_classes)`` for an architecture dict of a model family
+    (``{'name': family, 'model': NAME, 'num_classes': N}``), with errors naming the family."""
+    extra = set(arch) - {"model", "num_classes"}
+    if "model" not in arch or extra:
+        raise ModelFileError(
+            f"a {family} architecture is {{'name': '{family}', 'model': NAME, 'num_classes': N}}, "
+            f"got keys {sorted(arch)}")
+    try:
+        return build(arch["model"], arch.get("num_classes", 1000))
+    except unknown as exc:
+        raise ModelFileError(f"unknown {family} model {arch['model']!r}: {exc}") from exc
+
+
 def _torchvision(arch: Mapping[str, Any]) -> nn.Module:
     try:
         import torchvision
     except ImportError as exc:
         raise ModelFileError("this file holds a torchvision model: pip install torchvision") from exc
-    extra = set(arch) - {"model", "num_classes"}
-    if "model" not in arch or extra:
-        raise ModelFileError(
-            f"a torchvision architecture is {{'name': 'torchvision', 'model': NAME, 'num_classes': N}}, "
-            f"got keys {sorted(arch)}")
-    try:
-        return torchvision.models.get_model(arch["model"], weights=None, num_classes=arch.get("num_classes", 1000))
-    except ValueError as exc:
-        raise ModelFileError(f"unknown torchvision model {arch['model']!r}: {exc}") from exc
+    return _zoo_model(arch, "torchvision", lambda name, n: torchvision.models.get_model(
+        name, weights=None, num_classes=n), ValueError)
 
 
 def _timm(arch: Mapping[str, Any]) -> nn.Module:
@@ -115,14 +123,8 @@ def _timm(arch: Mapping[str, Any]) -> nn.Module:
         import timm
     except ImportError as exc:
         raise ModelFileError("this file holds a timm model: pip install timm") from exc
-    extra = set(arch) - {"model", "num_classes"}
-    if "model" not in arch or extra:
-        raise ModelFileError(
-            f"a timm architecture is {{'name': 'timm', 'model': NAME, 'num_classes': N}}, got keys {sorted(arch)}")
-    try:
-        return timm.create_model(arch["model"], pretrained=False, num_classes=arch.get("num_classes", 1000))
-    except RuntimeError as exc:
-        raise ModelFileError(f"unknown timm model {arch['model']!r}: {exc}") from exc
+    return _zoo_model(arch, "timm", lambda name, n: timm.create_model(
+        name, pretrained=False, num_classes=n), RuntimeError)
 
 
 #: Known architectures: ``architecture["name"]`` → builder taking the other keys.

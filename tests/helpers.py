@@ -75,3 +75,14 @@ def fraction_plan(pruner, fraction: float = 0.3) -> dict[str, list[int]]:
         if k <= 0:
             plan.pop(g.id, None)
     return plan
+
+
+def hand_per_example(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per example and channel: the mean over positions of ``a·g``, by explicit loops (the
+    paper's Eq. 8 before the absolute value), as the reference the criteria are tested against."""
+    n, c = a.shape[:2]
+    out = torch.zeros(n, c)
+    for i in range(n):
+        for k in range(c):
+            out[i, k] = float((a[i, k] * g[i, k]).sum()) / a[i, k].numel()
+    return out

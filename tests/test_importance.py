@@ -10,6 +10,8 @@ from prunable import (
 )
 from prunable.importance import ScoreAccumulator, l2_normalize, taylor_per_example
 
+from helpers import hand_per_example
+
 
 def net():
     return nn.Sequential(
@@ -202,29 +204,19 @@ def _normalized(values):
     return values / math.sqrt(sum(float(v) ** 2 for v in values))
 
 
-def _per_example(a, g):
-    """``mean over positions of a·g`` per example and channel, by loops over positions."""
-    n, c = a.shape[:2]
-    out = torch.zeros(n, c)
-    for i in range(n):
-        for k in range(c):
-            out[i, k] = float((a[i, k] * g[i, k]).sum()) / a[i, k].numel()
-    return out
-
-
 def _assert_mixed_signs(pairs):
     """The test only bites if some per-example products are negative (else abs is a no-op)."""
     for key, batches in pairs.items():
-        products = torch.cat([_per_example(a, g) for a, g in batches])
+        products = torch.cat([hand_per_example(a, g) for a, g in batches])
         assert (products < 0).any() and (products > 0).any(), f"{key}: a·g of one sign only"
 
 
 def _taylor_2017(batches):
-    return torch.cat([_per_example(a, g).abs() for a, g in batches]).mean(0)
+    return torch.cat([hand_per_example(a, g).abs() for a, g in batches]).mean(0)
 
 
 def _taylor_seed(batches):
-    total = sum(_per_example(a, g).mean(0).abs() * len(a) for a, g in batches)
+    total = sum(hand_per_example(a, g).mean(0).abs() * len(a) for a, g in batches)
     return total / sum(len(a) for a, _ in batches)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from prunable import PBatchNorm1d, PBatchNorm2d, PConv2d, PLinear, PruningValueError, convert
 from prunable.surgery import Cut, Role, apply_cuts, keep_indices
 from conftest import assert_state_equal, state_copy
+from helpers import hand_per_example
 
 
 def _seed_net():
@@ -43,22 +44,12 @@ def test_taylor_matches_hand_computation_with_mixed_signs(which):
     layer = net[which]
     batches = [(torch.randn(4, 2, 5, 5), torch.randint(0, 4, (4,))) for _ in range(2)]
     pairs = _cross_entropy_batches(net, [layer], batches)[id(layer)]
-    per_example = torch.cat([_hand_signed(a, g) for a, g in pairs])
+    per_example = torch.cat([hand_per_example(a, g) for a, g in pairs])
     assert (per_example < 0).any() and (per_example > 0).any(), "a·g of one sign: abs would not matter"
     expected = per_example.abs().mean(0)
     assert len(set(expected.tolist())) == len(expected)
     torch.testing.assert_close(layer.taylor_estimates, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(layer.normalized_estimates(), expected / math.sqrt(float((expected ** 2).sum())))
-
-
-def _hand_signed(a, g):
-    """Per example and channel: the mean over positions of a·g, by loops."""
-    n, c = a.shape[:2]
-    out = torch.zeros(n, c)
-    for i in range(n):
-        for k in range(c):
-            out[i, k] = float((a[i, k] * g[i, k]).sum()) / a[i, k].numel()
-    return out
 
 
 def test_two_batches_accumulate_like_combined_batch():
