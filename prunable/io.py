@@ -57,6 +57,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from .distributed import unwrap
 from .errors import PrunableError
 from .flops import count_flops, count_params
 from .importance import WeightNorm
@@ -220,6 +221,7 @@ def save(
     if architecture is not None and not (isinstance(architecture, Mapping) and "name" in architecture):
         raise ModelFileError(f"an architecture is a dict with a 'name' key, got {architecture!r}")
     shape = None if example_input_shape is None else [int(s) for s in example_input_shape]
+    model = unwrap(model)  # a compiled or (Distributed)DataParallel model is saved as the module it wraps
     state = model.state_dict()
     payload = {
         "format": FORMAT,
@@ -340,7 +342,8 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
     """
     payload = read(path)
     arch = payload["architecture"]
-    model = _fresh_model(arch, build, path)
+    given = _fresh_model(arch, build, path)
+    model = unwrap(given)  # a wrapped fresh model: the module it wraps is shrunk and filled
     if "sizes" in payload:
         try:
             shrink_to(model, payload["state_dict"], payload["sizes"], modules=payload.get("modules"),
@@ -355,7 +358,8 @@ def load(path: PathOrFile, build: Callable[[dict], nn.Module] | nn.Module | None
         raise ModelFileError(
             f"the weights in {_name(path)} do not fit architecture {(arch or {}).get('name')!r} after "
             f"{len(payload['plans'])} plans: {str(exc).splitlines()[-1].strip()}") from exc
-    return model.eval()
+    model.eval()
+    return given.eval()
 
 
 def _fresh_model(arch: dict | None, build: Callable[[dict], nn.Module] | nn.Module | None,

@@ -416,3 +416,17 @@ def test_hugging_face_llama_pruned_by_hand_round_trips(tmp_path):
     assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == [42, 43]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_wrapped_models_save_and_load_as_the_module_they_wrap(tmp_path, wrap):
+    x = torch.randn(2, 3, 8, 8)
+    pruned = _pruned(UserNet, x, 0.5)
+    io.save(wrap(pruned), tmp_path / "wrapped.pt")
+    assert set(io.read(tmp_path / "wrapped.pt")["state_dict"]) == set(pruned.state_dict())  # no wrapper prefix
+    fresh = wrap(UserNet())
+    loaded = io.load(tmp_path / "wrapped.pt", fresh)
+    assert loaded is fresh
+    inner = fresh.module if isinstance(fresh, torch.nn.DataParallel) else fresh._orig_mod
+    assert inner.gamma.shape == pruned.gamma.shape == (1, 6, 1, 1)
+    assert torch.equal(inner(x), pruned.eval()(x))
