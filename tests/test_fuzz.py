@@ -336,8 +336,11 @@ def prune_to_minimum(model: nn.Module, x: torch.Tensor) -> None:
             out = model(x)
         assert out.shape == shape and torch.isfinite(out).all()
     assert not pruner.groups, f"groups still prunable after the last step: {pruner.groups}"
-    channels = {g.id: g.channels for g in pruner.graph.groups}
-    left = {gid: channels.get(gid) for gid in prunable_ids if channels.get(gid) != 1}
+    # a group is named after its first producer; groups can merge on the way (a grouped conv that
+    # became depthwise ties its input and output), so find each starting group by its producer
+    owner = {m.target.name: g for g in pruner.graph.groups for m in g.producers}
+    assert prunable_ids <= set(owner), f"producers vanished: {prunable_ids - set(owner)}"
+    left = {owner[gid].id: owner[gid].channels for gid in prunable_ids if owner[gid].channels != 1}
     # a group tying several layers (a concat's branches) stops when each keeps one channel
     assert all(gid in pruner.skipped and pruner.skipped[gid].kind is SkipKind.LAST_CHANNEL for gid in left), (
         f"groups above min_channels=1: {left}, {pruner.skipped}")
