@@ -83,22 +83,34 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     hits = 0
     with torch.no_grad():
         for x, y in loader:
-            hits += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+            hits += int((model(_to(x, device)).argmax(1).cpu() == y).sum())
     return 100.0 * hits / len(loader.dataset)
 
 
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device`` in channels-last layout (about 1.2x faster convs on CPU, also on CUDA)."""
+    return x.to(device).contiguous(memory_format=torch.channels_last)
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, epochs: int, lr: float,
-          device: torch.device) -> None:
-    """``epochs`` epochs of SGD with a one-cycle schedule (the optimizer is reused across prunes)."""
+          device: torch.device, label: str = "train") -> None:
+    """``epochs`` epochs of SGD with a one-cycle schedule (the optimizer is reused across prunes).
+
+    Prints one line per epoch (its loss and time), so a long run shows where it is."""
     steps = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        t0, total, seen = time.perf_counter(), 0.0, 0
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            loss = nn.functional.cross_entropy(model(_to(x, device)), y.to(device))
+            loss.backward()
             opt.step()
             sched.step()
+            total, seen = total + float(loss.detach()) * len(y), seen + len(y)
+        print(f"{label} epoch {epoch + 1}/{epochs}: loss {total / max(1, seen):.4f}, "
+              f"{seen / (time.perf_counter() - t0):.0f} images/s", flush=True)
 
 
 def feature_maps(model: nn.Module) -> int:
@@ -145,7 +157,7 @@ def prune_to_maps(pruner: prunable.Pruner, model: nn.Module, opt: torch.optim.Op
                     batches = iter(loader)
                     x, y = next(batches)
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                nn.functional.cross_entropy(model(_to(x, device)), y.to(device)).backward()
                 opt.step()
         left = feature_maps(model) - round((1 - fraction) * start_maps)
         pruner.step(max(1, min(s.channels_per_step, left)))
@@ -165,7 +177,10 @@ def run(s: Settings, out: Path) -> dict:
     data_seconds = time.perf_counter() - data_t0
     loaders = {k: _loader(v, s, shuffle=k == "train") for k, v in sets.items()}
     classes = sets["train"].num_classes
-    model = prunable.CharNet(classes, config=list(s.config), input_size=s.size, hidden=s.hidden).to(device)
+    model = prunable.CharNet(classes, config=list(s.config), input_size=s.size, hidden=s.hidden)
+    model = model.to(device, memory_format=torch.channels_last)
+    print(f"{classes:,} classes, {len(sets['train']):,} training images ({data_seconds:.0f} s for the data); "
+          f"device {device}, {torch.get_num_threads()} threads", flush=True)
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     train(model, opt, loaders["train"], s.epochs, s.lr, device)
     start_maps = feature_maps(model)
@@ -175,8 +190,11 @@ def run(s: Settings, out: Path) -> dict:
     pruner = prunable.Pruner(model, example, criterion="taylor", optimizer=opt, ignored_layers=[classifier],
                              flops_regularization=s.flops_regularization)
     for fraction in s.milestones:
+        t_prune = time.perf_counter()
         steps = prune_to_maps(pruner, model, opt, loaders["train"], fraction, start_maps, s, device)
-        train(model, opt, loaders["train"], s.finetune_epochs, s.lr / 5, device)
+        print(f"pruned to {100 * (1 - feature_maps(model) / start_maps):.1f} % of the maps removed in {steps} steps "
+              f"({time.perf_counter() - t_prune:.0f} s)", flush=True)
+        train(model, opt, loaders["train"], s.finetune_epochs, s.lr / 5, device, f"fine-tune {fraction:.0%}")
         row = measure(model, s, loaders, start_maps, device)
         rows.append({"stage": f"CNet-{round(100 * fraction)}", "prune_steps": steps, **row})
         print(f"{rows[-1]['stage']}: {row['maps_removed']:.1f} % maps removed, test {row['test']:.2f} %, "
