@@ -9,7 +9,9 @@ removes the 50 % lowest-L1 channels of every group (prunable:
 ``plan(0.5, scope="layer")`` + ``prune(plan)``, which first runs the plan on a
 meta copy — that trial run is also the trace of the pruned model's new graph —
 then cuts the real tensors; Torch-Pruning: ``pruner.step()`` with
-``pruning_ratio=0.5``).
+``pruning_ratio=0.5``). The global-ranking variant removes the 50 % lowest
+channels of the whole model, ranked across layers (prunable:
+``plan(0.5, scope="global")``; Torch-Pruning: ``global_pruning=True``).
 The classifier's outputs are kept by both; Torch-Pruning's groups are counted
 outside the timed calls. Every time is the median of 3 runs (range in
 brackets), each on a fresh deep copy of the model, the two libraries
@@ -49,40 +51,42 @@ def _model(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, num_classes=NUM_CLASSES).eval()
 
 
-def _half_plan(pruner: Any) -> Any:
-    """Half of every group's channels, lowest L1 first (attention heads: half of each head)."""
-    return pruner.plan(0.5, scope="layer")
+def _half_plan(pruner: Any, scope: str) -> Any:
+    """Half of the channels, lowest L1 first: of every group (``"layer"``; attention heads:
+    half of each head) or of the whole model, ranked across layers (``"global"``)."""
+    return pruner.plan(0.5, scope=scope)
 
 
-def run_ours(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def run_ours(model: torch.nn.Module, x: torch.Tensor, scope: str = "layer") -> dict[str, Any]:
     from prunable import Pruner, WeightNorm
 
     with common.quiet():
         build, pruner = timed(lambda: Pruner(model, x, criterion=WeightNorm()))
         groups = len(pruner.groups)
-        step, _ = timed(lambda: pruner.prune(_half_plan(pruner)))
+        step, _ = timed(lambda: pruner.prune(_half_plan(pruner, scope)))
     return {"build": build, "step": step, "groups": groups}
 
 
-def run_theirs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def run_theirs(model: torch.nn.Module, x: torch.Tensor, scope: str = "layer") -> dict[str, Any]:
     import torch_pruning as tp
 
     with common.quiet():
         build, pruner = timed(lambda: common.tp_pruner(
-            model, x, tp.importance.MagnitudeImportance(p=1), 0.5, NUM_CLASSES))
+            model, x, tp.importance.MagnitudeImportance(p=1), 0.5, NUM_CLASSES,
+            global_pruning=scope == "global"))
         groups = sum(1 for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                           root_module_types=pruner.root_module_types))
         step, _ = timed(pruner.step)
     return {"build": build, "step": step, "groups": groups}
 
 
-def measure(src: torch.nn.Module, x: torch.Tensor, before: int, runner) -> dict[str, Any]:
+def measure(src: torch.nn.Module, x: torch.Tensor, before: int, runner, scope: str = "layer") -> dict[str, Any]:
     """Build + step with ``runner`` on a deep copy of ``src``; then check the forward pass and the FLOPs left."""
     from prunable import count_flops
 
     model = copy.deepcopy(src)
     try:
-        result = runner(model, x)
+        result = runner(model, x, scope)
         with torch.no_grad():
             shape = tuple(model(x).shape)
         result["flops_left"] = count_flops(model, x) / before
@@ -94,7 +98,7 @@ def measure(src: torch.nn.Module, x: torch.Tensor, before: int, runner) -> dict[
     return result
 
 
-def measure_both(name: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_both(name: str, size: int, scope: str = "layer") -> tuple[dict[str, Any], dict[str, Any]]:
     """``REPEATS`` runs of each library, alternating; build and step times as :class:`Runs`."""
     from prunable import count_flops
 
@@ -105,7 +109,7 @@ def measure_both(name: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     for _ in range(REPEATS):
         for runner, done in runs.items():
             if not done or "error" not in done[-1]:  # a library that failed is not run again
-                done.append(measure(src, x, before, runner))
+                done.append(measure(src, x, before, runner, scope))
     del src
     gc.collect()
     return _combine(runs[run_ours]), _combine(runs[run_theirs])
@@ -141,19 +145,27 @@ def _ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
     return fmt_ratio_runs(runs(ours), runs(theirs))
 
 
-def main(quick: bool = False) -> str:
-    common.setup(0)
-    warm_up()
+def _table(models: tuple[str, ...], scope: str) -> str:
     rows = []
-    for label in (QUICK if quick else MODELS):
+    for label in models:
         name, size = MODELS[label]
-        ours, theirs = measure_both(name, size)
+        ours, theirs = measure_both(name, size, scope)
         rows.append([f"{label} ({size}²)", *_cells(ours), *_cells(theirs),
                      _ratio(ours, theirs, "build"), _ratio(ours, theirs, "step"), _ratio(ours, theirs, "total")])
     headers = ["model", "ours build", "ours step", "ours total", "ours result",
                "TP build", "TP step", "TP total", "TP result",
                "build ours/TP", "step ours/TP", "total ours/TP"]
     return markdown_table(headers, rows)
+
+
+def main(quick: bool = False) -> str:
+    common.setup(0)
+    warm_up()
+    models = QUICK if quick else tuple(MODELS)
+    per_layer = _table(models, "layer")
+    ranked = _table(models, "global")
+    return (f"{per_layer}\n\n**Global ranking** (50 % of all channels, ranked across layers: "
+            f"ours `plan(0.5, scope=\"global\")`, TP `global_pruning=True`):\n\n{ranked}")
 
 
 if __name__ == "__main__":

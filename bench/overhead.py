@@ -14,6 +14,11 @@ backward → optimizer.step``. Configurations:
 - **TP Taylor, every step**: ``TaylorImportance`` called on every group after
   every backward and summed (a per-step accumulation like ours).
 
+The same timing runs on a small ViT (torchvision ``VisionTransformer``:
+64×64 images, 8×8 patches, 4 layers, 4 heads, width 192, MLP 768, 10
+classes; batch 32), whose estimation hooks sit on the Linear layers and
+attention blocks (time only; memory is measured on ResNet-18).
+
 Time: every configuration has its own copy of the model (same initial
 weights); steps are interleaved round-robin after warm-up; the median step
 time is reported with the range of the runs, and "time vs plain" is the median
@@ -50,14 +55,22 @@ LABELS = {
     "tp_every": "TP Taylor: importance every step",
 }
 BATCH, SIZE, CLASSES = 32, 64, 10
+#: model label → builder (random weights; seeded by :class:`Setup`)
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "ResNet-18": lambda: torchvision.models.resnet18(num_classes=CLASSES),
+    "ViT (64², patch 8, 4×192)": lambda: torchvision.models.VisionTransformer(
+        image_size=SIZE, patch_size=8, num_layers=4, num_heads=4, hidden_dim=192, mlp_dim=768,
+        num_classes=CLASSES),
+}
+RESNET, VIT = MODELS
 
 
 class Setup:
     """One configuration: its own model, optimizer, and per-step extra work."""
 
-    def __init__(self, config: str) -> None:
+    def __init__(self, config: str, model: str = RESNET) -> None:
         common.seed_all(0)
-        self.model = torchvision.models.resnet18(num_classes=CLASSES)
+        self.model = MODELS[model]()
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
         self.y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
@@ -122,9 +135,9 @@ class Setup:
         self.opt.step()
 
 
-def time_configs(warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
+def time_configs(warmup: int, repeats: int, model: str = RESNET) -> dict[str, dict[str, Any]]:
     """Step times per configuration (:class:`common.Runs`), steps interleaved round-robin."""
-    setups = {c: Setup(c) for c in CONFIGS}
+    setups = {c: Setup(c, model) for c in CONFIGS}
     runs = common.interleaved_runs([s.step for s in setups.values()], warmup, repeats)
     out = {}
     for (c, s), step in zip(setups.items(), runs):
@@ -150,6 +163,7 @@ def main(quick: bool = False) -> str:
     common.setup(0)
     warmup, repeats, mem_steps = (2, 5, 3) if quick else (2, 11, 4)
     timing = time_configs(warmup, repeats)
+    vit = time_configs(warmup, repeats, VIT)
     memory = {c: common.run_worker(__file__, ["--worker", c, "--steps", str(mem_steps)]) for c in CONFIGS}
     base_t, base_m = timing["plain"]["step"], memory["plain"]
     rows = []
@@ -163,9 +177,14 @@ def main(quick: bool = False) -> str:
     headers = ["configuration", "median step", "time vs plain", "peak RSS", "peak vs plain",
                "added by steps", "added vs plain", "note"]
     table = markdown_table(headers, rows)
+    vit_base = vit["plain"]["step"]
+    vit_rows = [[LABELS[c], common.fmt_runs(vit[c]["step"]), common.fmt_ratio_runs(vit[c]["step"], vit_base)]
+                for c in CONFIGS]
+    vit_table = markdown_table(["configuration", "median step", "time vs plain"], vit_rows)
     return (f"{table}\n\nResNet-18, batch {BATCH}×3×{SIZE}×{SIZE}, {repeats} timed steps per configuration "
             f"(median and range, after {warmup} warm-up), memory over {mem_steps} steps in a fresh process "
-            f"({memory['plain']['method']}).")
+            f"({memory['plain']['method']}).\n\n**{VIT}**, batch {BATCH}×3×{SIZE}×{SIZE}, time only, "
+            f"same protocol:\n\n{vit_table}")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .copies import meta_clone
 from .inputs import call_model, inputs_to
-from .meta import RNN_KERNELS, rnn_meta
+from .meta import RNN_KERNELS, call, rnn_meta
 
 __all__ = ["count_flops", "count_params", "module_flops", "measure_latency", "devices_to_sync"]
 
 
 class _RecurrentFlops(TorchFunctionMode):
     """Inside a ``FlopCounterMode``: a recurrent kernel on a padded meta sequence is counted from
-    its shapes (:func:`~prunable.meta.rnn_meta`: the same count, without running every time step)."""
+    its shapes (:func:`~prunable.meta.rnn_meta`: the same count, without running every time step);
+    FLOP-free operations on meta tensors skip their slow decomposed meta kernels
+    (:func:`~prunable.meta.call` with ``counted=True``)."""
 
     def __init__(self, counter: FlopCounterMode) -> None:
         super().__init__()
@@ -48,7 +50,7 @@ class _RecurrentFlops(TorchFunctionMode):
         kwargs = kwargs or {}
         fast = rnn_meta(func, args, kwargs) if func in RNN_KERNELS else None
         if fast is None:
-            return func(*args, **kwargs)
+            return call(func, args, kwargs, counted=True)
         for parent in set(self.counter.mod_tracker.parents):
             self.counter.flop_counts[parent][torch.ops.aten.addmm] += fast[1]
         return fast[0]

@@ -55,12 +55,19 @@ def broadcast(shapes: list[torch.Size]) -> torch.Size | None:
     return torch.Size(out)
 
 
-def call(func: Any, args: tuple, kwargs: dict) -> Any:
+def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
     """``func(*args, **kwargs)``, skipping the (slow, decomposed) arithmetic of
     normalisations, activations and ``linear`` on ``meta`` tensors, whose output
-    shapes follow from the input shapes."""
+    shapes follow from the input shapes.
+
+    ``counted=True`` (under a ``FlopCounterMode``) runs every operation that has
+    FLOPs (``linear``, convolutions, recurrent kernels) for real, so none is hidden
+    from the counter; only FLOP-free ones (norms, activations, elementwise
+    arithmetic, adaptive pooling) take the shortcut.
+    """
     name = getattr(func, "__name__", "")
-    fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or name == "linear") and func is getattr(F, name, None))
+    linear = name == "linear" and not counted
+    fast = name in _SAME_SHAPE or ((name in _ACTIVATIONS or linear) and func is getattr(F, name, None))
     if fast and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
         if name in _SAME_SHAPE:
             return _meta_norm(name, args, kwargs, func)
@@ -73,6 +80,8 @@ def call(func: Any, args: tuple, kwargs: dict) -> Any:
         return _meta_like(args[0])
     if func is F.adaptive_avg_pool2d and len(args) + len(kwargs) == 2 and _plain_meta(args[0]):
         return _meta_adaptive_pool(args, kwargs, func)
+    if counted:
+        return func(*args, **kwargs)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
     if func in RNN_KERNELS:

@@ -34,6 +34,7 @@ from torch import nn
 from . import schedule
 from .distributed import unwrap
 from .attention import AttentionHandler
+from .copies import meta_clone
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
@@ -125,6 +126,7 @@ class Pruner:
         self.history: list[Plan] = []
         self.log: list[dict[str, Any]] = []
         self._baseline: dict[str, int] | None = None
+        self._pristine: nn.Module | None = None  # a meta copy of the model before its first cut
         self._original: dict[str, int] | None = None  # channels of every group at creation
         self._failed: dict[str, SkipReason] = {}  # groups whose real cut failed: skipped from then on
         with _gc_paused():
@@ -299,10 +301,25 @@ class Pruner:
 
     @property
     def baseline(self) -> dict[str, int]:
-        """FLOPs and params of the model when the Pruner was created (counted before the first prune)."""
+        """FLOPs and params of the model when the Pruner was created (counted on a meta copy
+        kept at the first prune, or on the model itself before it)."""
+        if self._baseline is None and self._pristine is not None:
+            self._baseline = {"flops": count_flops(self._pristine, self.example_inputs),
+                              "params": count_params(self._pristine)}
+            self._pristine = None
         if self._baseline is None:
             self._baseline = self.measure()
         return self._baseline
+
+    def _keep_baseline(self) -> None:
+        """Before the first cut: keep what :attr:`baseline` needs (a meta copy of the model,
+        counted only when asked; the FLOPs themselves when the forward pass needs real values)."""
+        if self._baseline is not None or self._pristine is not None:
+            return
+        if self._real is None:
+            self._pristine = meta_clone(self.model)
+        else:
+            self.baseline  # noqa: B018 - counted now, on the model before the cut
 
     def prune(self, plan: Plan | Mapping[str, Iterable[int]]) -> None:
         """Apply ``plan`` (group id → channel indices) atomically.
@@ -329,7 +346,7 @@ class Pruner:
             raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
         vetted = self._vetted
         traced = vetted[1] if self.validate and vetted is not None and vetted[0] == plan else None
-        self.baseline  # noqa: B018 - counted before the first cut
+        self._keep_baseline()
         apply_cuts(self.graph.cuts(_lists(plan)), self.optimizer)
         self.history.append(plan)
         self.criterion.reset()
