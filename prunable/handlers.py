@@ -164,6 +164,7 @@ def register_handler(module_type: type | str, *, replace: bool = False) -> Calla
                 f"({type(_HANDLERS[module_type]).__name__}); pass replace=True"
             )
         _HANDLERS[module_type] = cls()
+        _FOUND.clear()
         return cls
 
     return decorate
@@ -171,13 +172,26 @@ def register_handler(module_type: type | str, *, replace: bool = False) -> Calla
 
 def handler_for(module: nn.Module) -> ModuleHandler | None:
     """The handler registered for ``type(module)`` or its nearest base class."""
-    for klass in type(module).__mro__:
+    cls = type(module)
+    try:
+        return _FOUND[cls]
+    except KeyError:
+        pass
+    found = None
+    for klass in cls.__mro__:
         if klass in _HANDLERS:
-            return _HANDLERS[klass]
+            found = _HANDLERS[klass]
+            break
         qualified = f"{klass.__module__}.{klass.__qualname__}"
         if qualified in _HANDLERS:
-            return _HANDLERS[qualified]
-    return None
+            found = _HANDLERS[qualified]
+            break
+    _FOUND[cls] = found
+    return found
+
+
+#: ``handler_for``'s answers by module class; emptied whenever the registry changes
+_FOUND: dict[type, ModuleHandler | None] = {}
 
 
 def unregister_handler(module_type: type | str) -> ModuleHandler:
@@ -187,6 +201,7 @@ def unregister_handler(module_type: type | str) -> ModuleHandler:
     """
     if module_type not in _HANDLERS:
         raise PruningValueError(f"no handler is registered for {module_type!r}")
+    _FOUND.clear()
     return _HANDLERS.pop(module_type)
 
 

@@ -53,9 +53,11 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
         Shape ``(N, C)`` in float32. Take ``abs()`` before averaging over N for
         the paper's Eq. 8.
     """
-    prod = activation.detach().float() * grad.detach().float()
-    prod = prod.movedim(channel_dim, 1)
-    return prod.flatten(2).mean(2) if prod.dim() > 2 else prod
+    a, g = activation.detach(), grad.detach()
+    if a.dtype != torch.float32 or g.dtype != torch.float32:
+        a, g = a.float(), g.float()
+    prod = (a * g).movedim(channel_dim, 1)
+    return prod.mean(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
 
 
 class ScoreAccumulator:
@@ -100,20 +102,26 @@ class ScoreAccumulator:
         n = per_example.shape[0]
         per_example = per_example.float()
         if self.abs_after_batch_mean:
-            batch = per_example.mean(0).abs() * n
+            batch = per_example.mean(0).abs_().mul_(n)
         else:
             batch = per_example.abs().sum(0)
         self.add_total(batch, n)
 
     def add_total(self, total: torch.Tensor, count: int) -> None:
-        """Accumulate an already summed score of ``count`` examples (non-Taylor criteria)."""
+        """Accumulate an already summed score of ``count`` examples (non-Taylor criteria).
+
+        In place and on the device: no host synchronisation, no new tensor per batch
+        once the first one is in.
+        """
         total = total.detach().float()
-        finite = torch.isfinite(total).all()
-        total = torch.where(finite, total, torch.zeros((), device=total.device))
-        bad = (~finite).long()
-        self.total = total if self.total is None else self.total + total
-        self._bad = bad * count if self._bad is None else self._bad + bad * count
-        self._bad_batches = bad if self._bad_batches is None else self._bad_batches + bad
+        bad = torch.isfinite(total).all().logical_not_()
+        if self.total is None:
+            self.total = torch.zeros_like(total)
+            self._bad = torch.zeros((), dtype=torch.long, device=total.device)
+            self._bad_batches = torch.zeros((), dtype=torch.long, device=total.device)
+        self.total.add_(total.masked_fill(bad, 0))
+        self._bad.add_(bad, alpha=count)
+        self._bad_batches.add_(bad)
         self._offered += count
 
     @property

@@ -103,3 +103,23 @@ def test_a_norm_left_at_the_old_width_fails_a_meta_run():
     model = nn.Sequential(nn.Conv2d(3, 7, 3), nn.BatchNorm2d(8)).eval().to("meta")
     with MetaShortcuts(), pytest.raises(RuntimeError, match="running_mean should contain 7 elements not 8"):
         model(_meta(1, 3, 6, 6))
+
+
+def test_count_flops_on_meta_equals_the_flop_counter_on_the_real_model():
+    """Under ``FlopCounterMode`` only FLOP-free operations take a meta shortcut
+    (``call(..., counted=True)``): convolutions, ``linear`` and matrix products are still
+    counted, so the count equals torch's counter run on the real model."""
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunable import count_flops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.GroupNorm(2, 8), nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16),
+                          nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    assert count_flops(model, x) == counter.get_total_flops() > 0
+    assert call(F.linear, (torch.empty(2, 16, device="meta"), torch.empty(4, 16, device="meta")), {},
+                counted=True).shape == (2, 4)
