@@ -17,9 +17,10 @@ tensor([0.6000, 0.8000])
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from .surgery import originals
 __all__ = [
     "taylor_per_example", "ScoreAccumulator", "l2_normalize", "Aggregation", "MeasurePoint", "Criterion",
     "TaylorActivation", "TaylorBN", "TaylorWeight", "WeightNorm", "BNScale", "MeanActivation", "APoZ", "Random",
-    "CRITERIA", "make_criterion",
+    "CRITERIA", "estimating", "make_criterion",
 ]
 
 
@@ -368,6 +369,32 @@ class TaylorBN(_ParamTaylor):
         if norm is None or getattr(norm, "weight", None) is None:
             return TaylorWeight.params(self, point)
         return [(t, None) for t in (norm.weight, norm.bias) if t is not None]
+
+
+@contextlib.contextmanager
+def estimating(criterion: Criterion, points: list[MeasurePoint]) -> Iterator[None]:
+    """``criterion``'s hooks on ``points`` while the block runs; removed on exit, also when it raises.
+
+    Raises :class:`EstimationError` up front if the criterion needs gradients and they are disabled.
+
+    Example
+    -------
+    >>> conv = nn.Conv2d(1, 2, 1)
+    >>> criterion = MeanActivation()
+    >>> with estimating(criterion, [MeasurePoint("conv", conv, 1, conv)]):
+    ...     _ = conv(torch.ones(1, 1, 2, 2))
+    >>> criterion.accumulators["conv"].count
+    1
+    """
+    if criterion.needs_grad and not torch.is_grad_enabled():
+        raise EstimationError(f"{type(criterion).__name__} needs gradients but they are "
+                              "disabled (torch.no_grad / inference_mode) around estimate()")
+    handles = criterion.attach(points)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 #: The one registry of criteria by name (the CLI's ``--criterion``, the demo, ``Pruner(criterion=...)``).
