@@ -40,11 +40,11 @@ from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, estimating, make_criterion
 from .inputs import input_tensors
 from .plan import Plan
-from .reasons import SkipKind, SkipReason
+from .reasons import SkipReason
 from .scoring import flops_per_channel, group_scores
 from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
-from .validation import Trials, invalid_groups
+from .validation import Trials, invalid_groups, trial_failed
 
 __all__ = ["Pruner", "Scope"]
 
@@ -237,8 +237,7 @@ class Pruner:
         self._all.check(plan.removals, self.skipped, self.min_channels)
         failing = self._trials.failing(plan)
         for gid, error in failing:
-            reason = SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}")
-            self._failed[gid] = self.skipped[gid] = reason
+            self._failed[gid] = self.skipped[gid] = trial_failed(error)
             warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
         self._selector = self._all.without(self.skipped)
         return failing

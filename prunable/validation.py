@@ -34,7 +34,8 @@ from .meta import MetaShortcuts
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, apply_cuts
 
-__all__ = ["Trials", "cut_copy", "failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
+__all__ = ["Trials", "cut_copy", "failing_groups", "invalid_groups", "trial", "trial_failed", "trial_runner",
+           "traced_trial"]
 
 
 def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
@@ -85,9 +86,13 @@ def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], s
     last one that can go (one per block) breaks the forward pass (``run``, bisected)."""
     probe, stuck = selector.probe()
     out = {gid: SkipReason(SkipKind.LAST_CHANNEL) for gid in stuck}
-    out.update((gid, SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}"))
-               for gid, error in failing_groups(run, probe))
+    out.update((gid, trial_failed(error)) for gid, error in failing_groups(run, probe))
     return out
+
+
+def trial_failed(error: str) -> SkipReason:
+    """The reason a group whose cut fails with ``error`` is skipped."""
+    return SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}")
 
 
 def traced_trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], real: str | None = None) -> Traced | None:
