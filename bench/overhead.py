@@ -62,7 +62,7 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
         image_size=SIZE, patch_size=8, num_layers=4, num_heads=4, hidden_dim=192, mlp_dim=768,
         num_classes=CLASSES),
 }
-RESNET, VIT = MODELS
+RESNET, VIT = tuple(MODELS)
 
 
 class Setup:
