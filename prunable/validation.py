@@ -163,10 +163,14 @@ class Trials:
                  real: str | None = None) -> None:
         self.model, self.example_inputs, self.cuts_of, self.real = model, example_inputs, cuts_of, real
         self._last: tuple[Any, Traced] | None = None
+        self._cuts: tuple[Any, list[Cut]] | None = None
 
     def cuts(self, plan: Any) -> list[Cut]:
-        """The cuts of ``plan`` (a :class:`~prunable.plan.Plan`)."""
-        return self.cuts_of({k: list(v) for k, v in plan.removals.items()})
+        """The cuts of ``plan`` (a :class:`~prunable.plan.Plan`); those of the last plan asked
+        are kept (its trial and its real prune cut the same channels)."""
+        if self._cuts is None or self._cuts[0] != plan:
+            self._cuts = (plan, self.cuts_of({k: list(v) for k, v in plan.removals.items()}))
+        return self._cuts[1]
 
     def runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Sequence[int]]], str | None]:
         """A :func:`trial_runner` for this graph."""
