@@ -1,0 +1,163 @@
+"""Plans made on a meta-device model, applied to the real weights (prunable.transfer)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunable import EstimationError, Pruner, PruningValueError, SurgeryError, apply_plan, export_plan
+from prunable.transfer import tensor_shapes
+from tests.helpers import randomize_bn, zero_plan
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c)
+        self.conv2, self.bn2 = nn.Conv2d(2 * c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def tiny_cnn(width: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), Block(width),
+                         Block(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
+
+
+def tiny_llama(intermediate: int = 48) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=intermediate,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def on_meta(build, *args):
+    with torch.device("meta"):
+        return build(*args)
+
+
+def real_copy(build, seed: int, *args) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build(*args).eval()
+    randomize_bn(model)
+    return model
+
+
+def half_plan(pruner: Pruner) -> dict:
+    plan = pruner.plan(0.5, scope="layer").to_dict()
+    assert plan, "nothing planned"
+    return plan
+
+
+def test_cnn_planned_on_meta_applies_to_real_weights():
+    planned = on_meta(tiny_cnn)
+    pruner = Pruner(planned, torch.empty(1, 3, 8, 8, device="meta"), criterion="random")
+    plan = half_plan(pruner)
+    record = json.loads(json.dumps(export_plan(pruner, plan)))
+    assert tensor_shapes(planned) == record["shapes"]  # the meta model is not pruned by export
+
+    real, x = real_copy(tiny_cnn, 0), torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(real)
+    zero_plan(reference, pruner.graph, plan)
+    apply_plan(real, record, x)
+    assert real[0].out_channels == 8 - len(plan["0"])
+    assert all(t.device.type == "cpu" for t in real.parameters())
+    torch.testing.assert_close(real(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_llama_planned_on_meta_applies_to_real_weights():
+    planned = on_meta(tiny_llama)
+    ids = torch.randint(0, 64, (2, 12))
+    pruner = Pruner(planned, ids.to("meta"), criterion="random")
+    plan = half_plan(pruner)
+    assert any("mlp" in gid for gid in plan)
+    record = export_plan(pruner, plan)
+
+    real = real_copy(tiny_llama, 0)
+    reference = copy.deepcopy(real)
+    zero_plan(reference, pruner.graph, plan)
+    apply_plan(real, record, ids)
+    assert real.model.layers[0].mlp.up_proj.out_features < 48
+    torch.testing.assert_close(real(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict) -> None:
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_another_width_is_refused_naming_module_and_shapes():
+    pruner = Pruner(on_meta(tiny_cnn), torch.empty(1, 3, 8, 8, device="meta"), criterion="random")
+    record = export_plan(pruner, {"0": [1, 2]})
+    wider = real_copy(tiny_cnn, 0, 12)
+    before = _state(wider)
+    with pytest.raises(PruningValueError, match=r"module '0': weight has shape \[12, 3, 3, 3\] in the model but "
+                                                r"\[8, 3, 3, 3\] in the plan's model"):
+        apply_plan(wider, record, torch.randn(1, 3, 8, 8))
+    _unchanged(wider, before)
+
+
+def test_another_architecture_is_refused():
+    pruner = Pruner(on_meta(tiny_cnn), torch.empty(1, 3, 8, 8, device="meta"), criterion="random")
+    record = export_plan(pruner, {"0": [1]})
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3))
+    before = _state(other)
+    with pytest.raises(PruningValueError, match="module '1': the model has no tensor 'weight'"):
+        apply_plan(other, record, torch.randn(1, 3, 8, 8))
+    _unchanged(other, before)
+    extra = tiny_cnn()
+    extra.add_module("head", nn.Linear(5, 2))
+    with pytest.raises(PruningValueError, match="tensors the plan's model lacks, e.g. 'head.weight'"):
+        apply_plan(extra, record, torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("plan,match", [
+    ({"nope": [0]}, "no such group|nope"),
+    ({"0": [8]}, "out of range|8"),
+    ({"format": "prunable-plan/0", "plan": {}, "shapes": {}}, "format 'prunable-plan/0'"),
+])
+def test_bad_plans_leave_the_model_unchanged(plan, match):
+    real = real_copy(tiny_cnn, 0)
+    before = _state(real)
+    with pytest.raises(PruningValueError, match=match):
+        apply_plan(real, plan, torch.randn(1, 3, 8, 8))
+    _unchanged(real, before)
+
+
+def test_a_plan_that_breaks_the_forward_pass_is_refused():
+    class Fixed(nn.Module):  # reads exactly 8 channels: cutting conv "0" breaks it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.scale = nn.Parameter(torch.ones(1, 8, 1, 1), requires_grad=False)
+
+        def forward(self, x):
+            return self.conv(x) * self.scale.view(8, 1, 1)
+
+    planned = on_meta(Fixed)
+    pruner = Pruner(planned, torch.empty(1, 3, 4, 4, device="meta"), criterion="random")
+    plans = [{g.id: [0]} for g in pruner.graph.groups if g.id not in pruner.skipped]
+    for plan in plans:  # any group the graph left prunable must fail its trial, never cut silently
+        with pytest.raises(SurgeryError):
+            export_plan(pruner, plan)
+    real = Fixed()
+    before = _state(real)
+    with pytest.raises((SurgeryError, PruningValueError)):
+        apply_plan(real, {"conv": [0]}, torch.randn(1, 3, 4, 4))
+    _unchanged(real, before)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "bn-scale"])
+def test_criteria_reading_values_say_why_on_meta(criterion):
+    pruner = Pruner(on_meta(tiny_cnn), torch.empty(1, 3, 8, 8, device="meta"), criterion=criterion)
+    with pytest.raises(EstimationError, match="meta device.*criterion='random'"):
+        pruner.plan(0.5)
