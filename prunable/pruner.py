@@ -153,7 +153,10 @@ class Pruner:
                 self.skipped[g.id] = reason
         self._select()
         if self.validate:
-            self.skipped.update(invalid_groups(self._selector, self._runner(traced.clone)))
+            invalid = invalid_groups(self._selector, self._runner(traced.clone))
+            # a group whose trial failed stays skipped (as after vet): not bisected again at every rebuild
+            self._failed.update((gid, r) for gid, r in invalid.items() if r.kind is SkipKind.TRIAL_FAILED)
+            self.skipped.update(invalid)
             self._select()
         for gid, reason in self.skipped.items() if warn else ():
             if not reason.kind.expected:

@@ -31,6 +31,7 @@ Example
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ from .importance import Random
 from .plan import Plan
 from .pruner import Pruner
 
-__all__ = ["PLAN_FORMAT", "apply_plan", "export_plan", "tensor_shapes"]
+__all__ = ["PLAN_FORMAT", "apply_plan", "check_shapes", "export_plan", "tensor_shapes"]
 
 #: The ``"format"`` value of a record written by :func:`export_plan`.
 PLAN_FORMAT = "prunable-plan/1"
@@ -143,7 +144,9 @@ def apply_plan(model: nn.Module, plan: Plan | Mapping[str, Any], example_inputs:
     target = unwrap(model)
     if shapes is not None:
         check_shapes(target, shapes)
-    pruner = Pruner(target, example_inputs, criterion=Random(), validate=False, optimizer=optimizer)
+    with warnings.catch_warnings():  # groups the plan leaves alone need no warning here
+        warnings.filterwarnings("ignore", message="prunable: group .* is not pruned")
+        pruner = Pruner(target, example_inputs, criterion=Random(), validate=False, optimizer=optimizer)
     failing = pruner.vet(plan)  # checks groups, ranges and minimums, then a trial run on a meta copy
     if failing:
         raise SurgeryError(f"the plan breaks the forward pass of {type(target).__name__}: {failing}; "

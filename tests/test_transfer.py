@@ -121,8 +121,8 @@ def test_another_architecture_is_refused():
 
 
 @pytest.mark.parametrize("plan,match", [
-    ({"nope": [0]}, "no such group|nope"),
-    ({"0": [8]}, "out of range|8"),
+    ({"nope": [0]}, "unknown group 'nope'"),
+    ({"0": [8]}, r"group 0: channel index 8 out of range \[0, 8\)"),
     ({"format": "prunable-plan/0", "plan": {}, "shapes": {}}, "format 'prunable-plan/0'"),
 ])
 def test_bad_plans_leave_the_model_unchanged(plan, match):
@@ -161,3 +161,33 @@ def test_criteria_reading_values_say_why_on_meta(criterion):
     pruner = Pruner(on_meta(tiny_cnn), torch.empty(1, 3, 8, 8, device="meta"), criterion=criterion)
     with pytest.raises(EstimationError, match="meta device.*criterion='random'"):
         pruner.plan(0.5)
+
+
+class Fragile(nn.Module):
+    """Its forward hard-codes a channel count: cutting `a` fails its trial run; `b` is prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1)
+        self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.c(y.reshape(y.shape[0], 8, y.shape[2], y.shape[3])) + self.d(self.b(x))
+
+
+def test_a_group_failing_its_trial_is_not_bisected_again_at_each_step(monkeypatch):
+    """Scale: with one failing group per layer, re-bisecting them at every rebuild costs
+    O(layers²) trial runs per step; once found, a failing group stays skipped."""
+    import prunable.validation as validation
+
+    with pytest.warns(UserWarning, match="trial prune failed"):
+        pruner = Pruner(Fragile(), torch.randn(1, 3, 4, 4), criterion="l1")
+    assert pruner.skipped["a"].kind.value == "trial prune failed"
+    calls = []
+    real_trial = validation.trial
+    monkeypatch.setattr(validation, "trial", lambda *a, **k: calls.append(1) or real_trial(*a, **k))
+    pruner.step(2)
+    assert pruner.model.b.out_channels == 4 and pruner.model.a.out_channels == 8
+    assert pruner.skipped["a"].kind.value == "trial prune failed"
+    assert len(calls) <= 1, f"{len(calls)} trial runs in one step"
