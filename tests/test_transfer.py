@@ -73,16 +73,35 @@ def test_llama_planned_on_meta_applies_to_real_weights():
     planned = on_meta(tiny_llama)
     ids = torch.randint(0, 64, (2, 12))
     pruner = Pruner(planned, ids.to("meta"), criterion="random")
-    plan = half_plan(pruner)
-    assert any("mlp" in gid for gid in plan)
+    mlp = [g.id for g in pruner.groups if ".mlp." in g.id]
+    assert len(mlp) == 2
+    # the feed-forward channels: removing them is zeroing them (no norm reads them)
+    plan = pruner.plan(0.5, scope="layer", groups=mlp).to_dict()
     record = export_plan(pruner, plan)
 
     real = real_copy(tiny_llama, 0)
     reference = copy.deepcopy(real)
     zero_plan(reference, pruner.graph, plan)
     apply_plan(real, record, ids)
-    assert real.model.layers[0].mlp.up_proj.out_features < 48
+    assert real.model.layers[0].mlp.up_proj.out_features == 24
     torch.testing.assert_close(real(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_whole_meta_plan_equals_the_same_plan_pruned_on_the_real_model():
+    """Every group, the residual stream (read by RMSNorms: removing is not zeroing there) too."""
+    planned = on_meta(tiny_llama)
+    ids = torch.randint(0, 64, (2, 12))
+    pruner = Pruner(planned, ids.to("meta"), criterion="random")
+    plan = half_plan(pruner)
+    assert "model.embed_tokens" in plan
+    record = export_plan(pruner, plan)
+    real = real_copy(tiny_llama, 0)
+    direct = copy.deepcopy(real)
+    apply_plan(real, record, ids)
+    Pruner(direct, ids, criterion="l1").prune(plan)
+    assert tensor_shapes(real) == tensor_shapes(direct) != record["shapes"]
+    assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), direct.state_dict().values()))
+    assert torch.equal(real(ids).logits, direct(ids).logits)
 
 
 def _state(model: nn.Module) -> dict:
@@ -116,7 +135,7 @@ def test_another_architecture_is_refused():
     _unchanged(other, before)
     extra = tiny_cnn()
     extra.add_module("head", nn.Linear(5, 2))
-    with pytest.raises(PruningValueError, match="tensors the plan's model lacks, e.g. 'head.weight'"):
+    with pytest.raises(PruningValueError, match=r"tensors the plan's model lacks, e.g. 'head\.(bias|weight)'"):
         apply_plan(extra, record, torch.randn(1, 3, 8, 8))
 
 
