@@ -153,7 +153,8 @@ def test_bad_plans_leave_the_model_unchanged(plan, match):
 
 
 class Sliced(nn.Module):
-    """Reads only `a`'s first 16 channels: cutting one of those breaks the forward pass (the slice then reads another channel)."""
+    """Reads only `a`'s first 16 channels: cutting one of those breaks the forward pass
+    (the slice then reads another channel)."""
 
     def __init__(self):
         super().__init__()
