@@ -14,12 +14,17 @@ under ``torch.device("meta")`` and never gets weights: criterion ``"random"``
 (values cannot be read on meta), input 1×128 token ids on meta; its "step" is
 the same call, cutting meta tensors — what a plan made for the real weights
 costs. Times are the median of up to 3 runs, each on a freshly built model
-(fewer when one run takes over 2 s; the cell says how many). Memory is the
+(one when a run takes over 1 s; the cell says how many). Memory is the
 peak resident set size of the first run's build + step, reset just before it
 (``/proc/self/clear_refs``): "added" is that peak minus the memory held before
 (imports, the model's own weights); "process peak" includes them. The fit
 line is a least-squares line of total time (build + step) against parameters,
-and one against modules with parameters, over every row, with R².
+and one against modules with parameters, over every row, with R². The build
+validates every group with a trial prune on a meta copy; groups whose trial
+fails are found by bisection, each trial a whole forward pass, so a model with
+one failing group per layer (the LLaMA-style model's key projections) pays
+about layers² trial layers at build; a failing group is not tried again at
+later steps.
 
 Run: ``python bench/scale.py [--quick]``
 """
@@ -49,7 +54,7 @@ MODELS = {
 }
 QUICK = {"ResNet-18": MODELS["ResNet-18"], "ResNet-50": MODELS["ResNet-50"], "ViT-S/16": MODELS["ViT-S/16"],
          "LLaMA, 2 layers (meta)": ("llama", 2)}
-SIDE, TOKENS, REPEATS, SLOW = 224, 128, 3, 2.0
+SIDE, TOKENS, REPEATS, SLOW = 224, 128, 3, 1.0
 
 
 def _vit_s() -> torch.nn.Module:
