@@ -136,6 +136,11 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return a, b, r2
 
 
+def _line(a: float, b: float) -> str:
+    """``a s ± |b| ms`` for a fitted line (seconds, seconds per unit)."""
+    return f"{a:.2f} s {'+' if b >= 0 else '−'} {abs(b) * 1e3:.2f} ms"
+
+
 def _runs(times: list[float]) -> str:
     return f"{fmt_seconds(statistics.median(times))} ({len(times)} run{'s' * (len(times) > 1)})"
 
@@ -169,9 +174,8 @@ def main(quick: bool = False) -> str:
         totals = [statistics.median(b + s for b, s in zip(r["build"], r["step"])) for r in ok]
         a, b, r2 = fit([r["params"] / 1e6 for r in ok], totals)
         am, bm, r2m = fit([float(r["modules"]) for r in ok], totals)
-        lines.append(f"Fit over the {len(ok)} rows, total time (build + step) = {a:.2f} s + {b * 1e3:.2f} ms × "
-                     f"M params (R² = {r2:.2f}); against modules with parameters: {am:.2f} s + "
-                     f"{bm * 1e3:.2f} ms × modules (R² = {r2m:.2f}).")
+        lines.append(f"Fit over the {len(ok)} rows, total time (build + step) = {_line(a, b)} × M params "
+                     f"(R² = {r2:.2f}); against modules with parameters: {_line(am, bm)} × modules (R² = {r2m:.2f}).")
     method = ok[0]["method"] if ok else "—"
     lines.append(f"Memory: {method}, in MiB; one fresh process per model.")
     return "\n".join(lines)
