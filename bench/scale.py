@@ -162,7 +162,8 @@ def main(quick: bool = False) -> str:
     results = {}
     for label in models:
         try:
-            results[label] = common.run_worker(__file__, ["--worker", label] + ["--quick"] * quick, timeout=600)
+            args = ["--worker", label] + ["--quick"] * quick
+            results[label] = common.run_worker(__file__, args, timeout=600)
         except Exception as exc:  # noqa: BLE001 - reported in the table
             results[label] = {"error": short_error(exc).replace("\n", " ")[-120:]}
     headers = ["model", "params", "FLOPs", "modules", "build", "step", "added memory (process peak)",
