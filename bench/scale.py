@@ -176,7 +176,8 @@ def main(quick: bool = False) -> str:
         a, b, r2 = fit([r["params"] / 1e6 for r in ok], totals)
         am, bm, r2m = fit([float(r["modules"]) for r in ok], totals)
         lines.append(f"Fit over the {len(ok)} rows, total time (build + step) = {_line(a, b)} × M params "
-                     f"(R² = {r2:.2f}); against modules with parameters: {_line(am, bm)} × modules (R² = {r2m:.2f}).")
+                     f"(R² = {r2:.2f}); against modules with parameters: {_line(am, bm)} × modules "
+                     f"(R² = {r2m:.2f}).")
     method = ok[0]["method"] if ok else "—"
     lines.append(f"Memory: {method}, in MiB; one fresh process per model.")
     return "\n".join(lines)
