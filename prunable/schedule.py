@@ -1,11 +1,14 @@
-"""Schedule: prune step by step to a FLOPs or parameter target, and report.
+"""Schedule: prune step by step to a FLOPs, parameter or latency target, and report.
 
 :func:`prune_to` alternates estimation (a few training batches) and pruning
 steps until the model is at most the target fraction of the FLOPs and/or
 parameters it had when its :class:`~prunable.Pruner` was created. The last steps
 are sized on meta copies (nothing is cut until the size is known) so the run
 ends at or under the target, within :data:`TOLERANCE` of it when one channel
-allows. Progress is a tqdm bar when stderr is a terminal, otherwise one
+allows. With ``latency=f`` the model's measured latency is the target instead:
+channels are ranked by importance per second of latency (HALP) from a
+:class:`~prunable.latency.LatencyTable`, and each step is sized from the table.
+Progress is a tqdm bar when stderr is a terminal, otherwise one
 ``logging`` line per step on the ``"prunable"`` logger.
 
 Example
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 
 from .errors import PruningValueError, SurgeryError
+from .latency import LatencyGoal
 from .plan import Plan
 
 __all__ = ["TOLERANCE", "Progress", "combination", "prune_to", "report", "stderr_is_terminal"]
@@ -45,15 +49,17 @@ _CANDIDATES = 32
 logger = logging.getLogger("prunable")
 #: FLOPs/params counted during one prune_to run, by (plans applied, plan or None for the model)
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: what ``cost=`` may be
+COSTS = (None, "latency")
 
 
 def prune_to(
-    pruner: Any, *, flops: float | None = None, params: float | None = None,
-    fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int | float = 8,
-    progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
+    pruner: Any, *, flops: float | None = None, params: float | None = None, latency: float | None = None,
+    cost: str | None = None, fine_tune: Callable[[], Any] | None = None, prune_every: int = 1,
+    channels_per_step: int | float = 8, progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Prune ``pruner.model`` step by step until FLOPs and/or params are at most the given
-    fractions of the model's when the Pruner was created.
+    fractions of the model's when the Pruner was created (or its measured latency, ``latency=``).
 
     Before each step, ``fine_tune()`` is called ``prune_every`` times inside
     :meth:`~prunable.Pruner.estimate` (a few training batches: forward, backward,
@@ -70,16 +76,36 @@ def prune_to(
     in, anything else as ``metric`` (a number or one-element tensor as a float,
     other values as they are).
 
+    ``latency=f`` (not with ``flops``/``params``): prune until the model's
+    measured latency on the example inputs, on the device it lives on, is at
+    most ``f`` times its latency when this call started (a copy taken then and
+    the model timed in alternation, :class:`prunable.latency.LatencyGoal`;
+    :func:`prunable.latency.measure`: median of repeats, CUDA synchronised).
+    A :class:`~prunable.latency.LatencyTable` is built first
+    (every layer timed alone on its real input for a grid of channel counts);
+    channels are ranked by importance per second of latency (HALP); each step is
+    sized so that the table predicts the target is not crossed by much, and the
+    whole model is measured after it (``latency`` in the record). Groups whose
+    time steps down at multiples of :data:`~prunable.latency.ALIGN` channels
+    keep such a multiple (rounded down) when their cap allows. ``cost="latency"``
+    ranks by importance per second with a FLOPs or params target too.
+
     Raises
     ------
     PruningValueError
         For a bad argument, before anything is run or changed.
     """
-    targets = _check(pruner, flops, params, fine_tune, prune_every, channels_per_step, progress, on_step)
+    targets = _check(pruner, flops, params, latency, cost, fine_tune, prune_every, channels_per_step, progress,
+                     on_step)
     start = pruner.baseline
     ratios = _ratios(pruner.measure(), start)
-    bar = Progress(progress)
+    goal = LatencyGoal(pruner, latency) if latency is not None or cost == "latency" else None
+    if latency is not None:
+        ratios["latency"] = goal.ratio
+    bar, hook = Progress(progress), pruner.ranking_cost
     try:
+        if goal is not None:
+            pruner.ranking_cost = goal.table.costs
         while not _met(ratios, targets):
             result = None
             if fine_tune is not None:
@@ -88,7 +114,8 @@ def prune_to(
                         result = fine_tune()
             before = len(pruner.history)
             try:
-                plan = pruner.step_with(lambda: _next_plan(pruner, channels_per_step, targets, start))
+                plan = pruner.step_with(lambda: goal.next_plan(channels_per_step) if latency is not None
+                                        else _next_plan(pruner, channels_per_step, targets, start))
             except PruningValueError:
                 warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=3)
                 break
@@ -97,12 +124,15 @@ def prune_to(
                 break
             _forget(pruner, before, plan)
             ratios = _ratios(_measured(pruner), start)
+            if latency is not None:
+                ratios["latency"] = goal.measured()
             record: dict[str, Any] = {"step": len(pruner.log) + 1, "removed": len(plan), **ratios}
             for value in (result, on_step(dict(record)) if on_step is not None else None):
                 record.update(_as_record(value))
             pruner.log.append(record)
             bar.update(record)
     finally:
+        pruner.ranking_cost = hook
         bar.close()
         _MEMO.pop(pruner, None)
     return pruner.log
@@ -288,18 +318,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check(pruner: Any, flops: Any, params: Any, fine_tune: Any, prune_every: Any, step: Any, progress: Any,
-           on_step: Any) -> dict[str, float]:
+def _check(pruner: Any, flops: Any, params: Any, latency: Any, cost: Any, fine_tune: Any, prune_every: Any,
+           step: Any, progress: Any, on_step: Any) -> dict[str, float]:
     """Every argument of :func:`prune_to`, checked before anything runs; the targets."""
     targets = {}
-    for key, value in (("flops", flops), ("params", params)):
+    for key, value in (("flops", flops), ("params", params), ("latency", latency)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
             raise PruningValueError(f"{key}={value!r}: a target is a fraction in (0, 1] of the model's {key}")
         targets[key] = float(value)
     if not targets:
-        raise PruningValueError("give a flops= or params= target (a fraction in (0, 1])")
+        raise PruningValueError("give a flops=, params= or latency= target (a fraction in (0, 1])")
+    if "latency" in targets and len(targets) > 1:
+        raise PruningValueError(f"latency={latency!r} cannot be combined with flops= or params=: give one kind "
+                                "of target (latency ranks by importance per second; add cost='latency' to a "
+                                "FLOPs target for that ranking)")
+    if cost not in COSTS:
+        raise PruningValueError(f"cost={cost!r}: None (the criterion's scores) or 'latency' (importance per second "
+                                "of latency, HALP) is allowed")
     for key, value in (("fine_tune", fine_tune), ("on_step", on_step)):
         if value is not None and not callable(value):
             raise PruningValueError(f"{key}={value!r}: a callable or None is allowed")

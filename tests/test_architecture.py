@@ -23,7 +23,7 @@ LAYERS = {
     "rules": 4, "nn": 4,
     "trace": 5,
     "graph": 6, "models": 6,
-    "flops": 7, "oracle": 7,
+    "flops": 7, "oracle": 7, "latency": 7,
     "selection": 8, "validation": 8, "schedule": 8, "scoring": 8,
     "pruner": 9,
     "io": 10, "lightning": 10, "data": 10, "demo_report": 10,
