@@ -26,8 +26,8 @@ Example
 >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
 >>> pruner = Pruner(model, torch.randn(1, 3, 16, 16), criterion="l1")
 >>> table = LatencyTable(model, pruner.example_inputs, pruner.groups)
->>> sorted(table.layers), table.predict(pruner.groups, {"0": 8}) < 0
-(['0', '1', '3'], True)
+>>> sorted(table.layers), table.untimed, sorted(table.costs(pruner.groups))
+(['0', '1', '3'], {}, ['0'])
 """
 
 from __future__ import annotations
@@ -224,17 +224,14 @@ class LatencyTable:
     # -- reading it ----------------------------------------------------------------
     def estimate(self, name: str, n_in: float, n_out: float) -> float:
         """Seconds of layer ``name`` at these counts, interpolated (bilinearly) in its grid."""
-        layer = self.layers[name]
-        if layer.tied:
-            n_in = n_out = n_out if len(layer.outs) > 1 else n_in
-        ins, outs = (layer.outs, layer.outs) if layer.tied else (layer.ins, layer.outs)
-        (i0, i1, wi), (o0, o1, wo) = _bracket(ins, n_in), _bracket(outs, n_out)
-        t = (lambda i, o: self.cache[(layer.key, o, o)]) if layer.tied else (
-            lambda i, o: self.cache[(layer.key, i, o)])
-        if layer.tied:
-            return max(0.0, (1 - wo) * t(o0, o0) + wo * t(o1, o1))
-        return max(0.0, (1 - wi) * ((1 - wo) * t(i0, o0) + wo * t(i0, o1))
-                   + wi * ((1 - wo) * t(i1, o0) + wo * t(i1, o1)))
+        layer, cache = self.layers[name], self.cache
+        if layer.tied:  # one count: the grid is along the outputs
+            lo, hi, w = _bracket(layer.outs, n_out)
+            return max(0.0, (1 - w) * cache[(layer.key, lo, lo)] + w * cache[(layer.key, hi, hi)])
+        (i0, i1, wi), (o0, o1, wo) = _bracket(layer.ins, n_in), _bracket(layer.outs, n_out)
+        low = (1 - wo) * cache[(layer.key, i0, o0)] + wo * cache[(layer.key, i0, o1)]
+        high = (1 - wo) * cache[(layer.key, i1, o0)] + wo * cache[(layer.key, i1, o1)]
+        return max(0.0, (1 - wi) * low + wi * high)
 
     def predict(self, groups: Iterable[Any], removals: Mapping[str, int | float],
                 exact: bool = False) -> float:

@@ -129,6 +129,8 @@ class Pruner:
         self._failed: dict[str, SkipReason] = {}  # groups whose real cut failed: skipped from then on
         #: groups → seconds one channel of each costs; scores are divided by it (``prune_to(cost="latency")``)
         self.ranking_cost: Callable[[list[ChannelGroup]], Mapping[str, float]] | None = None
+        #: the :class:`~prunable.latency.LatencyTable` of the last ``prune_to(latency=|cost="latency")``
+        self.latency_table: Any = None
         with _gc_paused():
             self._rebuild(warn=True)
         self.initial_widths = self.widths()

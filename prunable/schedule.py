@@ -105,7 +105,7 @@ def prune_to(
     bar, hook = Progress(progress), pruner.ranking_cost
     try:
         if goal is not None:
-            pruner.ranking_cost = goal.table.costs
+            pruner.ranking_cost, pruner.latency_table = goal.table.costs, goal.table
         while not _met(ratios, targets):
             result = None
             if fine_tune is not None:
