@@ -329,7 +329,7 @@ def _check(pruner: Any, flops: Any, params: Any, latency: Any, cost: Any, fine_t
             raise PruningValueError(f"{key}={value!r}: a target is a fraction in (0, 1] of the model's {key}")
         targets[key] = float(value)
     if not targets:
-        raise PruningValueError("give a flops=, params= or latency= target (a fraction in (0, 1])")
+        raise PruningValueError("give a flops= or params= target, or latency= (a fraction in (0, 1])")
     if "latency" in targets and len(targets) > 1:
         raise PruningValueError(f"latency={latency!r} cannot be combined with flops= or params=: give one kind "
                                 "of target (latency ranks by importance per second; add cost='latency' to a "
