@@ -34,6 +34,7 @@ from torch import nn
 from . import schedule
 from .distributed import unwrap
 from .attention import AttentionHandler
+from .configs import sync_config
 from .errors import EstimationError, PruningValueError, SurgeryError
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
@@ -331,6 +332,7 @@ class Pruner:
         traced = vetted[1] if self.validate and vetted is not None and vetted[0] == plan else None
         self.baseline  # noqa: B018 - counted before the first cut
         apply_cuts(self.graph.cuts(_lists(plan)), self.optimizer)
+        sync_config(unwrap(self.model))  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)

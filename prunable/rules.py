@@ -366,9 +366,10 @@ class ShapeRules:
         p = order[0]
         vary_p = set(varying_dims(full[p]))
         for i in order[1:]:
-            if bcast[i] & vary_p or bcast[p] & set(varying_dims(full[i])):
-                continue
-            self.trace.union(full[p], full[i])
+            vary_i = set(varying_dims(full[i]))
+            if (bcast[i] & vary_p or bcast[p] & vary_i) and not vary_i & vary_p:
+                continue  # a broadcast operand sharing no channel dim (a spatial map): not the same channels
+            self.trace.union(full[p], full[i])  # sharing one (a rotary table over head dims): every head's
         for t in outs:
             self.set_shadow(t, full[p])
 

@@ -61,6 +61,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         self._escaped: list[torch.Tensor] = []  # labels of layer outputs used beyond shape operations
         self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
         self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
+        self._scalars: list[tuple] = []  # (running module, Python number) scaling a tensor: derived scales
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:
