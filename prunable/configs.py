@@ -88,6 +88,8 @@ def _candidates(model: nn.Module, base: nn.Module, fields: dict[str, int], refer
     seen: dict[tuple[str, int], None] = {}
     built = dict(base.named_modules())
     for name, module in model.named_modules():
+        if module._parameters or module._buffers:  # a layer's own sizes (Linear.out_features): not a config's
+            continue
         old = vars(built[name]) if name in built else {}
         for k, v in vars(module).items():
             if type(v) is int and type(old.get(k)) is int and v != old[k] and not k.startswith("_"):

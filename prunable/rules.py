@@ -367,9 +367,11 @@ class ShapeRules:
         vary_p = set(varying_dims(full[p]))
         for i in order[1:]:
             vary_i = set(varying_dims(full[i]))
-            if (bcast[i] & vary_p or bcast[p] & vary_i) and not vary_i & vary_p:
-                continue  # a broadcast operand sharing no channel dim (a spatial map): not the same channels
-            self.trace.union(full[p], full[i])  # sharing one (a rotary table over head dims): every head's
+            clash, shared = bcast[i] & vary_p | bcast[p] & vary_i, vary_i & vary_p
+            if clash and not (shared and max(clash) < min(shared)):
+                continue  # broadcast over channels (a spatial map, a per-head scale): not the same channels
+            # one table for every head (rotary cos/sin over head dims): dim d of every head is its entry d
+            self.trace.union(full[p], full[i])
         for t in outs:
             self.set_shadow(t, full[p])
 
