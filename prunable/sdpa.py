@@ -177,6 +177,7 @@ class AttentionRules:
     _made_by: dict
     _shape_sizes: dict
     _scalars: list
+    _head_dims: set
     stack: list
     names: dict
     owners: dict
@@ -258,7 +259,8 @@ class AttentionRules:
         """After the forward pass: splits whose rows are attention heads, never merged out of order
         nor reduced across, record equal-size blocks; every other split couples its rows by position."""
         self._check_query_scales()
-        for labels, reason in derived_scales(self.trace.sizes, self._shape_sizes, self._scalars):
+        read = {n: labels for n, labels in self._shape_sizes.items() if n in self._head_dims}
+        for labels, reason in derived_scales(self.trace.sizes, read, self._scalars):
             self.trace.block(labels, reason)
         self._scalars.clear()
         shared = self._shared_attributes()
@@ -341,6 +343,7 @@ class AttentionRules:
     def _contract(self, a: torch.Tensor, b: torch.Tensor, batch: torch.Size) -> None:
         """Dim ``e`` of ``a``'s last axis and ``b``'s second last are one channel (per batch index)."""
         shape = (*batch, 1, a.shape[-1] if a.shape[-1] > 1 else b.shape[-2])
+        self._head_dims.add(int(shape[-1]))  # a scale computed from this size would be a temperature
         self.trace.union(a.expand(shape), b.transpose(-2, -1).expand(shape))
 
     def _keep_temperature(self, q: torch.Tensor, who: str, cores: tuple) -> None:

@@ -35,7 +35,8 @@ def _group(pruner, label: str):
 
 def _llama(**kw):
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      eos_token_id=None, **kw)  # no early stop: generate makes 5 tokens
     return transformers.LlamaForCausalLM(config).eval()
 
 
