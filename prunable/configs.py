@@ -122,12 +122,18 @@ def _copy_attributes(model: nn.Module, before: nn.Module, after: nn.Module) -> N
                 setattr(module, k, v)
 
 
+def _with(config: Any, fields: dict[str, int]) -> Any:
+    """A copy of ``config`` with ``fields`` set."""
+    out = copy.deepcopy(config)
+    for k, v in fields.items():
+        setattr(out, k, v)
+    return out
+
+
 def _own_config(model: nn.Module, config: Any, fields: dict[str, int]) -> None:
     """Give ``model`` its own copy of ``config`` with ``fields`` set: every module holding the
     shared object gets the copy (the caller's config, and other models built from it, keep theirs)."""
-    mine = copy.deepcopy(config)
-    for k, v in fields.items():
-        setattr(mine, k, v)
+    mine = _with(config, fields)  # accepted: they were set on a copy once already
     for module in model.modules():
         for k, v in list(vars(module).items()):
             if v is config:
@@ -163,11 +169,8 @@ def sync_config(model: nn.Module) -> list[str]:
     for field, value in _candidates(model, base, fields, reference, actual) if wrong else ():
         if field in accepted:
             continue
-        trial = copy.deepcopy(config)
-        for k, v in {**accepted, field: value}.items():
-            setattr(trial, k, v)
         try:
-            rebuilt = _build(model, trial)
+            rebuilt = _build(model, _with(config, {**accepted, field: value}))
         except Exception:  # noqa: BLE001 - the config refuses the value (heads must divide the width)
             continue
         shapes = _shapes(rebuilt)
