@@ -290,7 +290,7 @@ class Pruner:
         traced = self._trials.traced(plan) if self.validate else None
         self.baseline  # noqa: B018 - counted before the first cut
         apply_cuts(self._trials.cuts(plan), self.optimizer)
-        sync_config(unwrap(self.model))  # a Hugging Face config follows the new sizes
+        sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
