@@ -139,15 +139,15 @@ def test_vit_for_image_classification_prunes_attention_and_mlp():
     model = transformers.ViTForImageClassification(config).eval()
     inputs = {"pixel_values": torch.randn(2, 3, 16, 16)}
     pruner = _pruner(model, inputs)
-    attn = _group(pruner, "vit.encoder.layer.0.attention.q_proj.out")
-    assert "vit.encoder.layer.0.attention.o_proj.in" in {m.target.label() for m in attn.members}
+    attn = _group(pruner, "vit.layers.0.attention.q_proj.out")
+    assert "vit.layers.0.attention.o_proj.in" in {m.target.label() for m in attn.members}
     rows = attn.blocks if attn.blocks is not None else torch.arange(attn.channels)[None]
     plan = {attn.id: torch.cat([r[torch.randperm(len(r))[:2]] for r in rows]).tolist(),
-            "vit.encoder.layer.0.mlp.fc1": torch.randperm(48)[:16].tolist()}
+            "vit.layers.0.mlp.fc1": torch.randperm(48)[:16].tolist()}
     reference = copy.deepcopy(model)
     zero_producers(reference, pruner, plan)
     pruner.prune(plan)
-    assert model.vit.encoder.layer[0].attention.head_dim == 6 and model.config.head_dim == 6
+    assert model.vit.layers[0].attention.head_dim == 6 and model.config.head_dim == 6
     assert model.config.intermediate_size == 32 and model.config.num_attention_heads == 4
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-4)
