@@ -47,7 +47,6 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,7 +76,7 @@ LAYER_TYPES = "<!-- layer types:"  # bench/layer_table.py's section, always last
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One model of the table: how to build it and its inputs, and how TP is told about its attention."""
+    """One model of the table: how to build it and its inputs, what kind of model it is, how it is shown."""
 
     family: str
     name: str
@@ -159,9 +158,7 @@ HF_QUICK = [_hf("BERT", "BertForSequenceClassification", "hidden 32, 1 layer, 4 
 
 def ignored_layers(model: nn.Module, spec: Spec) -> list[nn.Module]:
     """The classifier: the layer with the 10 logits, or a language model's output embedding."""
-    if spec.kind == "hf-causal":
-        return [model.get_output_embeddings()]
-    return common.tp_ignored_layers(model, CLASSES)
+    return [model.get_output_embeddings()] if spec.kind == "hf-causal" else common.tp_ignored_layers(model, CLASSES)
 
 
 class Ours:
@@ -177,8 +174,11 @@ class Ours:
     def describe(pruner: Any) -> dict[str, str]:
         from prunable.reasons import SkipKind
 
-        reasons = Counter(str(r) for r in pruner.skipped.values() if r.kind is not SkipKind.IGNORED)
-        why = "; ".join(f"{n}: {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        by_kind: dict[SkipKind, list[str]] = {}  # per kind: its count and its first message ("…": others differ)
+        for reason in sorted(r for r in pruner.skipped.values() if r.kind is not SkipKind.IGNORED):
+            by_kind.setdefault(reason.kind, []).append(str(reason))
+        why = "; ".join(f"{len(v)}: {v[0][:100]}{' …' if len(set(v)) > 1 else ''}"
+                        for v in sorted(by_kind.values(), key=len, reverse=True))
         return {"groups": f"{len(pruner.groups)}/{len(pruner.graph.groups)}", "skipped": why or "—"}
 
     @staticmethod
