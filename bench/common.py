@@ -420,25 +420,6 @@ def train_epochs(model: nn.Module, data: Data, epochs: int, batch_size: int, see
 
 
 # -- pruning to a FLOPs target ------------------------------------------------------------------
-def flops_of_plan(pruner: Any, plan: Any) -> int:
-    """FLOPs ``pruner.model`` would have after ``plan``, computed on a meta copy (no weights touched).
-
-    Uses prunable internals (``graph.cuts``, ``surgery.apply_cuts``,
-    ``graph.meta_clone``), the same path as ``Pruner._trial``; prunable has no
-    public "FLOPs after this plan" call yet.
-    """
-    from prunable import Plan, count_flops
-    from prunable.graph import meta_clone
-    from prunable.surgery import Cut, apply_cuts
-
-    plan = Plan.coerce(plan)
-    clone = meta_clone(pruner.model)
-    twin = dict(zip((id(m) for m in pruner.model.modules()), clone.modules()))
-    cuts = pruner.graph.cuts({k: list(v) for k, v in plan.removals.items()})
-    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
-    return count_flops(clone, pruner.example_inputs)
-
-
 def ours_plan_for_flops(pruner: Any, target_flops: float) -> Any:
     """The smallest global plan ``pruner.plan(n)`` whose result has at most ``target_flops``.
 
@@ -448,14 +429,13 @@ def ours_plan_for_flops(pruner: Any, target_flops: float) -> Any:
     """
     from prunable import Plan
 
-    floor = pruner._floor  # noqa: SLF001 - the same per-group minimum as Pruner.plan
-    hi = sum(g.channels - floor(g.channels) for g in pruner.groups)
+    hi = pruner.available  # every channel the constraints (min_channels, round_to, max_ratio) let go
     cache: dict[int, tuple[Any, int]] = {}
 
     def evaluate(n: int) -> tuple[Any, int]:
         if n not in cache:
             plan = pruner.plan(n)
-            cache[n] = (plan, flops_of_plan(pruner, plan) if len(plan) else count_flops_model(pruner))
+            cache[n] = (plan, pruner.measure(plan if len(plan) else None)["flops"])
         return cache[n]
 
     if hi < 1 or evaluate(hi)[1] > target_flops:
@@ -486,17 +466,11 @@ def uniform_plan_for_flops(pruner: Any, target_flops: float, iterations: int = 1
     for _ in range(iterations):
         mid = (lo + hi) / 2
         plan = uniform_plan(pruner, mid)
-        if len(plan) and flops_of_plan(pruner, plan) <= target_flops:
+        if len(plan) and pruner.measure(plan)["flops"] <= target_flops:
             hi, best = mid, plan
         else:
             lo = mid
     return best
-
-
-def count_flops_model(pruner: Any) -> int:
-    from prunable import count_flops
-
-    return count_flops(pruner.model, pruner.example_inputs)
 
 
 # -- Torch-Pruning ----------------------------------------------------------------------------------

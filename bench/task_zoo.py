@@ -5,7 +5,7 @@ two-stage and dense detectors; YOLO from ultralytics' own yaml files, 64 px).
 The final predictors (class / box / mask / keypoint logits, the segmentation
 classifier) are ignored by both libraries: their output channels are fixed by
 the task. For each model and library, graph + pruning runs three times on
-fresh copies (median time reported; each run gets ``LIMIT`` seconds):
+fresh copies (median time reported; each run gets :data:`LIMIT` seconds):
 
 - **ours**: ``Pruner(model, inputs, criterion=WeightNorm(), ignored_layers=…)``,
   then 30 % of every prunable group (:func:`tests.helpers.fraction_plan`);
@@ -43,6 +43,7 @@ from helpers import fraction_plan  # noqa: E402
 
 FRACTION = 0.3
 LIMIT = 60  # seconds per run (graph + prune) and library
+__doc__ = __doc__.replace(":data:`LIMIT`", str(LIMIT))  # the page and --help say the real limit
 REPEATS = 3
 ZOO_DOC = REPO / "docs" / "zoo.md"
 START, END = "<!-- task models: bench/task_zoo.py -->", "<!-- end of task models -->"

@@ -34,17 +34,17 @@ from torch import nn
 from . import schedule
 from .distributed import unwrap
 from .attention import AttentionHandler
-from .errors import EstimationError, PruningValueError, SurgeryError
+from .errors import PruningValueError, SurgeryError
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
-from .importance import Aggregation, Criterion, MeasurePoint, make_criterion
+from .importance import Aggregation, Criterion, MeasurePoint, estimating, make_criterion
 from .inputs import input_tensors
 from .plan import Plan
-from .reasons import SkipKind, SkipReason
+from .reasons import SkipReason
 from .scoring import flops_per_channel, group_scores
 from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
-from .validation import cut_copy, failing_groups, invalid_groups, traced_trial, trial_runner
+from .validation import Trials, invalid_groups, trial_failed
 
 __all__ = ["Pruner", "Scope"]
 
@@ -140,50 +140,35 @@ class Pruner:
             warnings.warn(f"prunable: {type(self.model).__name__}'s forward pass cannot run on the meta device "
                           f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
-        self._vetted: tuple[Plan, Traced] | None = None
+        self._trials = Trials(self.model, self.example_inputs, self.graph.cuts, real=self._real)
         if self._original is None:
             self._original = {g.id: g.channels for g in self.graph.groups}
-        self._layouts = layouts_of(self.graph.groups)
-        self._caps = {g.id: self.constraints.cap(g.channels, self._original.get(g.id, g.channels),
-                                                 [m.target.name for m in g.members]) for g in self.graph.groups}
-        self.skipped: dict[str, SkipReason] = {}
-        for g in self.graph.groups:
-            reason = _skip_reason(g, self._failed, self.ignored, self.constraints, self._original.get(g.id, g.channels))
-            if reason is not None:
-                self.skipped[g.id] = reason
-        self._select()
+        caps, self.skipped = self.constraints.limits(self.graph.groups, self._original, self._failed, self.ignored)
+        layouts, sizes, labels = layouts_of(self.graph.groups)
+        self._all = Selector(layouts, sizes, caps, labels)  # every group: checks name the skipped ones
+        self._selector = self._all.without(self.skipped)
         if self.validate:
-            self.skipped.update(invalid_groups(self._selector, self._runner(traced.clone)))
-            self._select()
+            self.skipped.update(invalid_groups(self._selector, self._trials.runner(traced.clone)))
+            self._selector = self._all.without(self.skipped)
         for gid, reason in self.skipped.items() if warn else ():
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         self._points = _measure_points(self.model, self.groups)
 
-    def _floor(self, channels: int) -> int:
-        return self.constraints.floor(channels)
-
     @property
     def caps(self) -> dict[str, int]:
         """Group id → channels the group may still lose (``min_channels``, ``round_to``, ``max_ratio``)."""
-        return {g.id: self._caps[g.id] for g in self.groups}
+        return dict(self._selector.caps)
 
     @property
     def available(self) -> int:
         """Channels that may still be removed, over all prunable groups."""
         return self._selector.available()
 
-    def _select(self) -> None:
-        layouts, sizes, labels = self._layouts
-        self._selector = Selector([g for g in layouts if g.id not in self.skipped], sizes, self._caps, labels)
-
     @property
     def groups(self) -> list[ChannelGroup]:
         """Groups that can be pruned."""
         return [g for g in self.graph.groups if g.id not in self.skipped]
-
-    def _runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Any]], str | None]:
-        return trial_runner(self.model, self.example_inputs, self.graph.cuts, clone, real=self._real)
 
     # -- scores ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -192,15 +177,8 @@ class Pruner:
 
         Hooks are removed on exit, also when the block raises.
         """
-        if self.criterion.needs_grad and not torch.is_grad_enabled():
-            raise EstimationError(f"{type(self.criterion).__name__} needs gradients but they are "
-                                  "disabled (torch.no_grad / inference_mode) around estimate()")
-        handles = self.criterion.attach(list(self._points.values()))
-        try:
+        with estimating(self.criterion, list(self._points.values())):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Importance of every channel of every prunable group (lower = pruned first)."""
@@ -220,14 +198,7 @@ class Pruner:
         scope = parse_scope(scope)
         selector = self._selector
         if groups is not None:
-            wanted = {groups} if isinstance(groups, str) else set(groups)
-            unknown = sorted(wanted - {g.id for g in self.graph.groups})
-            if unknown:
-                known = [g.id for g in self.groups][:8]
-                raise PruningValueError(f"groups={unknown}: no such group; groups are {known}")
-            layouts, sizes, labels = self._layouts
-            selector = Selector([g for g in layouts if g.id in wanted and g.id not in self.skipped],
-                                sizes, self._caps, labels)
+            selector = selector.only(groups, known=self._all.layouts)
         scores = self.scores()
         return selector.plan({gid: scores[gid] for gid in selector.layouts}, n, scope, self.round_to)
 
@@ -263,23 +234,13 @@ class Pruner:
         """Try ``plan`` on a meta copy; the groups whose cut breaks the forward pass, with the
         error. Those groups are skipped from then on (:attr:`skipped` says why)."""
         plan = Plan.coerce(plan)
-        self._check(plan)
-        failing = self._trial(plan)
+        self._all.check(plan.removals, self.skipped, self.min_channels)
+        failing = self._trials.failing(plan)
         for gid, error in failing:
-            reason = SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}")
-            self._failed[gid] = self.skipped[gid] = reason
+            self._failed[gid] = self.skipped[gid] = trial_failed(error)
             warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
-        self._select()
+        self._selector = self._all.without(self.skipped)
         return failing
-
-    def _trial(self, plan: Plan) -> list[tuple[str, str]]:
-        """The trial run of ``plan`` (its traced meta copy kept in ``_vetted``), bisected on failure."""
-        if self._vetted is None or self._vetted[0] != plan:
-            traced = traced_trial(self.model, self.example_inputs, self.graph.cuts(_lists(plan)), real=self._real)
-            if traced is None:
-                return failing_groups(self._runner(), _lists(plan))
-            self._vetted = (plan, traced)
-        return []
 
     def measure(self, plan: Plan | Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
         """FLOPs (of the example inputs) and parameters of the model now, or once ``plan`` is
@@ -293,9 +254,7 @@ class Pruner:
         failing = self.vet(plan)
         if failing:
             raise SurgeryError(f"the plan breaks the forward pass: {failing}")
-        clone = self._vetted[1].clone if self._vetted is not None else None  # None: traced on a real copy
-        clone = cut_copy(self.model, self.graph.cuts(_lists(plan)), real=self._real) if clone is None else clone
-        return {"flops": count_flops(clone, self.example_inputs), "params": count_params(clone)}
+        return self._trials.measure(plan)
 
     @property
     def baseline(self) -> dict[str, int]:
@@ -316,28 +275,23 @@ class Pruner:
             raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
                                     "parameters could never be trained again; call it outside")
         plan = Plan.coerce(plan)
-        self._check(plan)
+        self._all.check(plan.removals, self.skipped, self.min_channels)
         with _gc_paused():
             self._prune(plan)
 
     def _prune(self, plan: Plan) -> None:
         """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
         so the graph of the pruned model needs no second trace."""
-        failing = self._trial(plan) if self.validate else []
+        failing = self._trials.failing(plan) if self.validate else []
         if failing:
             gid, error = failing[0]
             raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
-        vetted = self._vetted
-        traced = vetted[1] if self.validate and vetted is not None and vetted[0] == plan else None
+        traced = self._trials.traced(plan) if self.validate else None
         self.baseline  # noqa: B018 - counted before the first cut
-        apply_cuts(self.graph.cuts(_lists(plan)), self.optimizer)
+        apply_cuts(self._trials.cuts(plan), self.optimizer)
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
-
-    def _check(self, plan: Plan) -> None:
-        layouts, sizes, labels = self._layouts
-        Selector(layouts, sizes, self._caps, labels).check(plan.removals, self.skipped, self.min_channels)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(
@@ -361,31 +315,11 @@ class Pruner:
                 if not isinstance(handler_for(m.target.module), AttentionHandler)}
 
 
-def _skip_reason(g: ChannelGroup, failed: Mapping[str, SkipReason], ignored: set[str], constraints: Constraints,
-                 original: int) -> SkipReason | None:
-    """Why ``g`` is not pruned, or None if it is."""
-    if g.skip_reason:
-        return g.skip_reason
-    if g.id in failed:
-        return failed[g.id]
-    layer = next((m.target.name for m in g.producers if m.target.name in ignored), None)
-    if layer is not None:
-        return SkipReason(SkipKind.IGNORED, f"ignored layer {layer}")
-    reason = constraints.reason(g.channels, original, [m.target.name for m in g.members])
-    if reason is None:
-        return None
-    return SkipReason(SkipKind.MAX_RATIO if reason.startswith("max_ratio") else SkipKind.MIN_CHANNELS, reason)
-
-
 def _measure_points(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, MeasurePoint]:
     """Where the criterion observes each producer of ``groups``, by module name."""
     modules = dict(model.named_modules())
     return {name: MeasurePoint(name, modules[name], dim, member.target.module)
             for g in groups for (name, dim, _), member in zip(g.measure, g.producers) if dim is not None}
-
-
-def _lists(plan: Plan) -> dict[str, list[int]]:
-    return {k: list(v) for k, v in plan.removals.items()}
 
 
 @contextlib.contextmanager

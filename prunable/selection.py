@@ -23,15 +23,15 @@ Plan: 3 channels from 2 groups
 
 from __future__ import annotations
 
-import difflib
 import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .constraints import Constraints, capacity, resolve_max_ratio
 from .errors import PruningValueError
 from .graph import positions
 from .plan import Plan
@@ -127,73 +127,6 @@ def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], l
     return layouts, sizes, labels
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """How many channels a group may lose: it keeps ``min_channels`` (and ``round_to``
-    when it has that many), and loses at most ``max_ratio`` of its original channels,
-    the strictest of ``layer_ratios`` (layer name → ratio) of its layers.
-
-    Example
-    -------
-    >>> rules = Constraints(min_channels=2, layer_ratios={"conv": 0.25})
-    >>> rules.cap(16, 16, ["conv", "bn"]), rules.cap(16, 16, ["other"])
-    (4, 14)
-    >>> rules.reason(12, 16, ["conv"])
-    'max_ratio=0.25 of layer conv reached'
-    """
-
-    min_channels: int = 1
-    round_to: int | None = None
-    max_ratio: float = 1.0
-    layer_ratios: Mapping[str, float] = field(default_factory=dict)
-
-    def floor(self, channels: int) -> int:
-        """Channels a group of ``channels`` keeps at least."""
-        return max(self.min_channels, min(channels, self.round_to)) if self.round_to else self.min_channels
-
-    def ratio(self, names: Iterable[str]) -> tuple[float, str | None]:
-        """The strictest ratio of the layers ``names``, and the layer that sets it (None: the default)."""
-        own = [n for n in names if n in self.layer_ratios]
-        name = min(own, key=self.layer_ratios.__getitem__, default=None)
-        if name is not None and self.layer_ratios[name] < self.max_ratio:
-            return self.layer_ratios[name], name
-        return self.max_ratio, None
-
-    def cap(self, channels: int, original: int, names: Iterable[str] = ()) -> int:
-        """Channels a group of ``channels`` (``original`` at the start) of layers ``names`` may still lose."""
-        return capacity(channels, original, min_channels=self.min_channels, round_to=self.round_to,
-                        max_ratio=self.ratio(names)[0])
-
-    def reason(self, channels: int, original: int, names: Iterable[str] = ()) -> str | None:
-        """Why such a group may lose no channel (None if it may)."""
-        names = list(names)
-        if channels <= self.min_channels:
-            return f"{channels} channel(s) left, min_channels={self.min_channels}"
-        if self.cap(channels, original, names):
-            return None
-        if channels <= self.floor(channels):
-            return f"{channels} channel(s) left, round_to={self.round_to}"
-        ratio, layer = self.ratio(names)
-        return f"max_ratio={ratio:g}" + (f" of layer {layer}" if layer else "") + " reached"
-
-
-def capacity(channels: int, original: int, *, min_channels: int = 1, round_to: int | None = None,
-             max_ratio: float = 1.0) -> int:
-    """Channels a group of ``channels`` (``original`` at the start) may still lose.
-
-    It keeps ``min_channels`` (and ``round_to`` when it has that many) and loses
-    at most ``max_ratio`` of its original channels in all.
-
-    Example
-    -------
-    >>> capacity(10, 16, max_ratio=0.5), capacity(10, 16, min_channels=4), capacity(4, 4, max_ratio=0.0)
-    (2, 6, 0)
-    """
-    floor = max(min_channels, min(channels, round_to)) if round_to else min_channels
-    budget = math.floor(max_ratio * original + 1e-9) - (original - channels)
-    return max(0, min(channels - floor, budget))
-
-
 def removal_count(n: Any, scope: Scope, sizes: Sequence[int], available: int) -> Callable[[int], int]:
     """Validate ``n`` (a count, or a fraction in (0, 1)); channels to remove as a function
     of a group's size (with the global scope, the total whatever the size).
@@ -215,41 +148,6 @@ def removal_count(n: Any, scope: Scope, sizes: Sequence[int], available: int) ->
     if scope is Scope.GLOBAL and n > available:
         raise PruningValueError(f"n={n} exceeds the {available} channels that can still be pruned")
     return lambda channels: n
-
-
-def resolve_max_ratio(max_ratio: Any, modules: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
-    """``max_ratio`` (a float, or ``{layer name or module: float}``) as (default, per name).
-
-    Layers not in the mapping get 1.0 (no cap beyond ``min_channels``). Raises
-    :class:`PruningValueError` for a value outside [0, 1] or a key that is no
-    module of ``modules`` (name → module), listing close names.
-
-    Example
-    -------
-    >>> resolve_max_ratio({"conv": 0.5}, {"": None, "conv": None})
-    (1.0, {'conv': 0.5})
-    """
-    if isinstance(max_ratio, Mapping):
-        by_id = {id(m): name for name, m in modules.items()}
-        out = {}
-        for key, value in max_ratio.items():
-            name = key if isinstance(key, str) else by_id.get(id(key))
-            if name is None or name not in modules:
-                shown = key if isinstance(key, str) else type(key).__name__
-                close = difflib.get_close_matches(str(shown), [n for n in modules if n], n=5, cutoff=0.5)
-                hint = (f"; close names: {', '.join(close)}" if close
-                        else "; layers are named as in model.named_modules()")
-                raise PruningValueError(f"max_ratio key {shown!r} is not a module of the model{hint}")
-            out[name] = _ratio(value, f"max_ratio[{name!r}]")
-        return 1.0, out
-    return _ratio(max_ratio, "max_ratio"), {}
-
-
-def _ratio(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise PruningValueError(f"{what}={value!r}: a fraction in [0, 1] is allowed "
-                                "(0 = never pruned, 1 = no cap beyond min_channels)")
-    return float(value)
 
 
 class Selector:
@@ -289,6 +187,23 @@ class Selector:
     def available(self) -> int:
         """Channels that may still leave, over all groups."""
         return sum(self.caps.values())
+
+    def without(self, skipped: Iterable[str]) -> "Selector":
+        """This selector without the groups ``skipped`` (what was counted is shared)."""
+        skipped = set(skipped)
+        out = Selector([g for gid, g in self.layouts.items() if gid not in skipped], self.sizes, self.caps,
+                       self.labels)
+        out._counts = self._counts
+        return out
+
+    def only(self, wanted: Iterable[str] | str, known: Iterable[str]) -> "Selector":
+        """This selector restricted to the groups ``wanted``; a :class:`PruningValueError` for an id
+        not in ``known`` (every group of the model, skipped ones included, which are left out)."""
+        wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+        unknown = sorted(wanted - set(known))
+        if unknown:
+            raise PruningValueError(f"groups={unknown}: no such group; groups are {list(self.layouts)[:8]}")
+        return self.without(set(self.layouts) - wanted)
 
     def plan(self, scores: Mapping[str, torch.Tensor], n: int | float = 1, scope: Scope = Scope.GLOBAL,
              round_to: int | None = None) -> Plan:

@@ -27,13 +27,15 @@ import torch
 from torch import nn
 
 from .copies import meta_clone
+from .flops import count_flops, count_params
 from .graph import Traced, trace_cut
 from .inputs import call_model, inputs_to
 from .meta import MetaShortcuts
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, apply_cuts
 
-__all__ = ["cut_copy", "failing_groups", "invalid_groups", "trial", "trial_runner", "traced_trial"]
+__all__ = ["Trials", "cut_copy", "failing_groups", "invalid_groups", "trial", "trial_failed", "trial_runner",
+           "traced_trial"]
 
 
 def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
@@ -84,9 +86,13 @@ def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], s
     last one that can go (one per block) breaks the forward pass (``run``, bisected)."""
     probe, stuck = selector.probe()
     out = {gid: SkipReason(SkipKind.LAST_CHANNEL) for gid in stuck}
-    out.update((gid, SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}"))
-               for gid, error in failing_groups(run, probe))
+    out.update((gid, trial_failed(error)) for gid, error in failing_groups(run, probe))
     return out
+
+
+def trial_failed(error: str) -> SkipReason:
+    """The reason a group whose cut fails with ``error`` is skipped."""
+    return SkipReason(SkipKind.TRIAL_FAILED, f"trial prune failed: {error}")
 
 
 def traced_trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], real: str | None = None) -> Traced | None:
@@ -132,3 +138,62 @@ def failing_groups(
     if not first and not second:  # each half passes alone, not together: blame the second half's first
         return [(items[half][0], error)]
     return first + second
+
+
+class Trials:
+    """Trial runs of plans for one graph of ``model`` (``cuts_of``: its :meth:`~prunable.graph.
+    DependencyGraph.cuts`). The last plan that passed keeps its traced pruned meta copy, so
+    measuring a plan and then pruning it traces the pruned model once.
+
+    Example
+    -------
+    >>> import torch
+    >>> from torch import nn
+    >>> from prunable.graph import DependencyGraph
+    >>> from prunable.plan import Plan
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> trials = Trials(net, (x,), DependencyGraph(net, x).cuts)
+    >>> plan = Plan({"0": (1, 2)})
+    >>> trials.failing(plan), trials.pruned_copy(plan)[0].out_channels
+    ([], 6)
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, cuts_of: Callable[[dict[str, list[int]]], list[Cut]],
+                 real: str | None = None) -> None:
+        self.model, self.example_inputs, self.cuts_of, self.real = model, example_inputs, cuts_of, real
+        self._last: tuple[Any, Traced] | None = None
+
+    def cuts(self, plan: Any) -> list[Cut]:
+        """The cuts of ``plan`` (a :class:`~prunable.plan.Plan`)."""
+        return self.cuts_of({k: list(v) for k, v in plan.removals.items()})
+
+    def runner(self, clone: nn.Module | None = None) -> Callable[[Mapping[str, Sequence[int]]], str | None]:
+        """A :func:`trial_runner` for this graph."""
+        return trial_runner(self.model, self.example_inputs, self.cuts_of, clone, real=self.real)
+
+    def failing(self, plan: Any) -> list[tuple[str, str]]:
+        """The groups of ``plan`` whose cuts break the forward pass, with the error (bisected);
+        none when its traced trial passes (that trace is kept)."""
+        if self.traced(plan) is None:
+            traced = traced_trial(self.model, self.example_inputs, self.cuts(plan), real=self.real)
+            if traced is None:
+                return failing_groups(self.runner(), {k: list(v) for k, v in plan.removals.items()})
+            self._last = (plan, traced)
+        return []
+
+    def traced(self, plan: Any) -> Traced | None:
+        """The trace of the model pruned by ``plan``, if ``plan`` is the last that passed."""
+        return self._last[1] if self._last is not None and self._last[0] == plan else None
+
+    def measure(self, plan: Any) -> dict[str, int]:
+        """FLOPs (of the example inputs) and parameters of the model once ``plan`` is applied."""
+        clone = self.pruned_copy(plan)
+        return {"flops": count_flops(clone, self.example_inputs), "params": count_params(clone)}
+
+    def pruned_copy(self, plan: Any) -> nn.Module:
+        """A copy of the model with ``plan`` applied: the kept traced meta copy, else a fresh one."""
+        traced = self.traced(plan)
+        if traced is not None and traced.clone is not None:
+            return traced.clone
+        return cut_copy(self.model, self.cuts(plan), real=self.real)

@@ -8,7 +8,8 @@ from prunable import (
     APoZ, Aggregation, BNScale, EstimationError, MeanActivation, Pruner, Random, TaylorActivation,
     TaylorBN, TaylorWeight, WeightNorm,
 )
-from prunable.importance import ScoreAccumulator, l2_normalize, taylor_per_example
+from prunable.accumulate import ScoreAccumulator, taylor_per_example
+from prunable.importance import l2_normalize
 
 from helpers import hand_per_example
 
