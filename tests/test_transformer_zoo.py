@@ -36,8 +36,8 @@ def quick_run(tzoo, tmp_path_factory):
 
 
 def _rows(block: str) -> list[list[str]]:
-    lines = [line for line in block.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
 def _block(text: str, markers: tuple[str, str]) -> str:
