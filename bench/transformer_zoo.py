@@ -62,12 +62,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers import fraction_plan  # noqa: E402
 from prunable.inputs import call_model, input_tensors  # noqa: E402
 
-FRACTION = 0.3
 LIMIT = 30  # CPU seconds (all threads) per run (graph + prune) and library
 WALL_FACTOR = 4  # and a run is stopped after LIMIT * WALL_FACTOR seconds of wall time whatever its CPU time
 BUDGET = 540  # wall seconds: models not started by then are listed as not run
 NOT_RUN = f"not run (the run's {BUDGET} s were spent)"
-REPEATS, CLASSES = 3, 10
+FRACTION, REPEATS, CLASSES = 0.3, 3, 10
 ZOO_DOC = REPO / "docs" / "zoo.md"
 TIMM = ("<!-- timm models: bench/transformer_zoo.py -->", "<!-- end of timm models -->")
 HF = ("<!-- Hugging Face models: bench/transformer_zoo.py -->", "<!-- end of Hugging Face models -->")
@@ -396,17 +395,14 @@ def run_model(spec: Spec) -> dict[str, Any]:
     return {"spec": spec, "input": shapes, "before": before, **results}
 
 
-def not_run(spec: Spec) -> dict[str, Any]:
-    """The row of a model left out because the run had spent its ``BUDGET``."""
-    status = {"status": NOT_RUN}
+def not_run(spec: Spec, why: str) -> dict[str, Any]:
+    """The row of a model left out (the run had spent its ``BUDGET``, or the unpruned model fails)."""
+    status = {"status": why}
     return {"spec": spec, "input": "—", "before": {"flops": None}, "ours": status, "theirs": dict(status)}
 
 
-def _flops(n: int | None) -> str:
-    return "—" if n is None else f"{n / 1e6:,.1f} M"
-
-
 def table(results: list[dict[str, Any]]) -> str:
+    _flops = lambda n: "—" if n is None else f"{n / 1e6:,.1f} M"  # noqa: E731
     rows = []
     for r in results:
         o, t, spec = r["ours"], r["theirs"], r["spec"]
@@ -473,14 +469,17 @@ def kept_blocks(text: str) -> list[str]:
 
 def main(quick: bool = False, doc: Path | None = None) -> str:
     """Run the timm and the Hugging Face models; write their sections into ``doc``
-    (default: docs/zoo.md for a full run, nothing for ``quick``). Returns both sections."""
+    (default: docs/zoo.md for a full run, nothing for ``quick``); returns both."""
     common.setup(0)
     load_start, start = os.getloadavg(), datetime.datetime.now().timestamp()
     results: dict[str, list[dict[str, Any]]] = {"hf": [], "timm": []}
     for key, spec in [("hf", s) for s in (HF_QUICK if quick else HF_MODELS)] + \
             [("timm", s) for s in (TIMM_QUICK if quick else TIMM_MODELS)]:
         late = not quick and datetime.datetime.now().timestamp() - start > BUDGET
-        results[key].append(not_run(spec) if late else run_model(spec))
+        try:
+            results[key].append(not_run(spec, NOT_RUN) if late else run_model(spec))
+        except Exception as exc:  # noqa: BLE001 - the unpruned model's forward pass or FLOPs count failed
+            results[key].append(not_run(spec, f"not run: the unpruned model fails: {short_error(exc)}"))
         print(f"transformer_zoo: {spec.name}: ours {results[key][-1]['ours']['status']}, "
               f"TP {results[key][-1]['theirs']['status']}", file=sys.stderr, flush=True)
     info = run_info(load_start, datetime.datetime.now().timestamp() - start)
