@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Found", "Option", "search"]
 
 #: How far under a target a run may end (absolute fraction).
 TOLERANCE = 0.01
 #: Buckets the knapsack keeps at most (its resolution adapts to the amount to remove).
-_BUCKETS = 4000
+_BUCKETS = 1000
 
 
 @dataclass(frozen=True)
@@ -82,44 +83,58 @@ def search(options: Sequence[Option], now: Mapping[str, float], targets: Mapping
     the ``keep`` closest under the targets.
     """
     metrics = list(targets)
-    key = max(metrics, key=lambda m: now[m] - targets[m])  # the binding target
-    excess = now[key] - targets[key]
-    step = max(excess + tolerance, 1e-9) / _BUCKETS
+    key = max(range(len(metrics)), key=lambda i: now[metrics[i]] - targets[metrics[i]])  # the binding target
+    need = tuple(now[m] - targets[m] for m in metrics)  # how much each fraction must fall
+    top = need[key] + tolerance
     index = {o.group: i for i, o in enumerate(options)}
-    cross: list[list[tuple[int, Mapping[str, float]]]] = [[] for _ in options]  # (earlier option, terms)
+    cross: list[list[tuple[int, tuple[float, ...]]]] = [[] for _ in options]  # (earlier option, pair terms)
     for (g, h), terms in (pairs or {}).items():
         if g in index and h in index and g != h:
             first, last = sorted((index[g], index[h]))
-            cross[last].append((first, terms))
-    states = {0: (0.0, 0, (), tuple(0.0 for _ in metrics))}
+            cross[last].append((first, tuple(terms.get(m, 0.0) for m in metrics)))
+    states: dict[Any, _State] = {0: (0.0, 0, (), (0.0,) * len(metrics))}
     under: list[tuple[float, tuple[int, ...], tuple[float, ...]]] = []
     for i, option in enumerate(options):
-        grown: dict[int, tuple[float, int, tuple[int, ...], tuple[float, ...]]] = {}
-        for importance, channels, counts, falls in states.values():
-            for k in range(option.limit + 1):
-                new = tuple(f + option.fall(m, k) - k * sum(t.get(m, 0.0) * counts[j] for j, t in cross[i])
-                            for m, f in zip(metrics, falls))
-                if k and new[metrics.index(key)] > excess + tolerance:  # beyond the window: only more after
-                    if all(now[m] - v <= targets[m] for m, v in zip(metrics, new)):
-                        under.append((-min(targets[m] - now[m] + v for m, v in zip(metrics, new)),
-                                      counts + (k,) + (0,) * (len(options) - i - 1), new))
-                    break
-                entry = (importance + option.importance[k], channels + k * option.unit, counts + (k,), new)
-                bucket = round(new[metrics.index(key)] / step)
-                if bucket not in grown or entry[:2] < grown[bucket][:2]:
-                    grown[bucket] = entry
-        states = grown
-    met = [(s, min(targets[m] - now[m] + v for m, v in zip(metrics, s[3]))) for s in states.values()
-           if all(now[m] - v <= targets[m] for m, v in zip(metrics, s[3]))]
-    inside = sorted((s for s, gap in met if gap <= tolerance), key=lambda s: s[:2])[:keep]
-    if inside:
-        return _found(True, options, metrics, now, [(s[2], s[3]) for s in inside])
-    under += [(-gap, s[2], s[3]) for s, gap in met]
-    return _found(False, options, metrics, now, [(c, f) for _, c, f in sorted(under, reverse=True)[:keep]])
+        states = _grow(states, option, cross[i], metrics, need, key, top, max(top, 1e-9) / _BUCKETS, under)
+    width = len(options)
+    for _, _, counts, falls in states.values():
+        if all(f >= n for f, n in zip(falls, need)):
+            under.append((min(f - n for f, n in zip(falls, need)), counts + (0,) * (width - len(counts)), falls))
+    inside = sorted((u for u in under if u[0] <= tolerance), key=lambda u: _cost(options, u[1]))[:keep]
+    chosen = inside or sorted(under)[:keep]
+    counts = [{o.group: k for o, k in zip(options, c) if k} for _, c, _ in chosen]
+    ratios = [{m: now[m] - f for m, f in zip(metrics, falls)} for _, _, falls in chosen]
+    return Found(bool(inside), counts, ratios)
 
 
-def _found(inside: bool, options: Sequence[Option], metrics: list[str], now: Mapping[str, float],
-           chosen: list[tuple[tuple[int, ...], tuple[float, ...]]]) -> Found:
-    counts = [{o.group: k for o, k in zip(options, c) if k} for c, _ in chosen]
-    ratios = [{m: now[m] - v for m, v in zip(metrics, f)} for _, f in chosen]
-    return Found(inside, counts, ratios)
+#: A partial combination: importance removed, channels removed, units per option so far, falls.
+_State = tuple[float, int, tuple[int, ...], tuple[float, ...]]
+
+
+def _grow(states: dict[Any, _State], option: Option, cross: list[tuple[int, tuple[float, ...]]],
+          metrics: list[str], need: tuple[float, ...], key: int, top: float, step: float,
+          under: list[tuple[float, tuple[int, ...], tuple[float, ...]]]) -> dict[Any, _State]:
+    """``states`` with 0 … ``limit`` units of ``option`` added, one state per bucket of the binding
+    fall (and of which targets are met): the least importance. A combination past the window
+    goes to ``under`` (with its gap, if every target is met) and is not grown further."""
+    own = [tuple(option.fall(m, k) for m in metrics) for k in range(option.limit + 1)]
+    grown: dict[Any, _State] = {}
+    for importance, channels, counts, falls in states.values():
+        shared = tuple(sum(t[j] * counts[i] for i, t in cross) for j in range(len(metrics)))
+        for k, fall in enumerate(own):
+            new = tuple(f + o - k * c for f, o, c in zip(falls, fall, shared))
+            if k and new[key] > top:  # past the window; more units only fall further
+                if all(f >= n for f, n in zip(new, need)):
+                    under.append((min(f - n for f, n in zip(new, need)), counts + (k,), new))
+                break
+            entry = (importance + option.importance[k], channels + k * option.unit, counts + (k,), new)
+            bucket = (round(new[key] / step), tuple(f >= n for f, n in zip(new, need)))
+            if bucket not in grown or entry[:2] < grown[bucket][:2]:
+                grown[bucket] = entry
+    return grown
+
+
+def _cost(options: Sequence[Option], counts: tuple[int, ...]) -> tuple[float, int]:
+    """Importance and channels a combination removes."""
+    return (sum(o.importance[k] for o, k in zip(options, counts)),
+            sum(o.unit * k for o, k in zip(options, counts)))

@@ -29,10 +29,10 @@ def test_no_combination_lands_then_the_closest_under_the_target():
 
 def test_the_second_order_terms_make_the_prediction_exact():
     """Two groups meeting at a layer: cutting both removes less than the sum of the two."""
-    a, b = option("a", 0.04), option("b", 0.04)
-    # without the pair term 1·a + 2·b = 0.12 would land in [0.115, 0.125]; with it, it removes 0.12 - 2·0.01
+    a, b = option("a", 0.04, limit=1, importance=0.1), option("b", 0.04, limit=3)
+    # summed, 1·a + 2·b = 0.12 would land in [0.115, 0.125] for less importance than 3·b; it removes 0.10
     found = search([a, b], {"flops": 1.0}, {"flops": 0.885}, pairs={("a", "b"): {"flops": 0.01}})
-    assert found.inside and {"a": 1, "b": 2} not in found.counts
+    assert found.inside and found.counts[0] == {"b": 3}
     for counts, ratios in zip(found.counts, found.ratios):
         ka, kb = counts.get("a", 0), counts.get("b", 0)
         assert abs(ratios["flops"] - (1.0 - 0.04 * (ka + kb) + 0.01 * ka * kb)) < 1e-12
@@ -46,20 +46,25 @@ def test_a_bend_is_the_second_unit_costing_less():
 
 
 def test_it_finds_a_landing_whenever_brute_force_does():
-    drops = [0.031, 0.047, 0.113, 0.26]
-    options = [option(str(i), d, limit=3, importance=1 + i) for i, d in enumerate(drops)]
+    drops = [0.052, 0.087, 0.139, 0.26]
+    options = [option(str(i), d, limit=2, importance=1 + i) for i, d in enumerate(drops)]
+    falls = [sum(k * d for k, d in zip(ks, drops)) for ks in itertools.product(range(3), repeat=4)]
+    landed = missed = 0
     for target in [x / 100 for x in range(30, 100, 3)]:
-        falls = {sum(k * d for k, d in zip(ks, drops)) for ks in itertools.product(range(4), repeat=4)}
-        exists = any(1.0 - target <= f <= 1.0 - target + 0.01 for f in falls)
+        need = 1.0 - target
         found = search(options, {"flops": 1.0}, {"flops": target})
-        assert found.inside == exists, target
-        if exists:
-            assert target - 0.01 <= found.ratios[0]["flops"] <= target + 1e-12
+        if any(need + 1e-4 <= f <= need + 0.0099 for f in falls):  # clearly inside
+            assert found.inside and target - 0.01 <= found.ratios[0]["flops"] <= target, target
+            landed += 1
+        elif not any(need - 1e-4 <= f <= need + 0.0101 for f in falls):  # clearly none
+            assert not found.inside and found.ratios[0]["flops"] < target - 0.01, target
+            missed += 1
+    assert landed > 5 and missed > 5  # both cases occur
 
 
 def test_two_targets_both_met():
-    a = Option("a", 1, 4, {"flops": 0.05, "params": 0.01}, [0, 1, 2, 3, 4])
-    b = Option("b", 1, 4, {"flops": 0.01, "params": 0.05}, [0, 1, 2, 3, 4])
-    found = search([a, b], {"flops": 1.0, "params": 1.0}, {"flops": 0.885, "params": 0.885})
-    assert found.inside and found.counts[0] == {"a": 2, "b": 2}  # 3·a alone: params 0.97
-    assert abs(found.ratios[0]["flops"] - 0.88) < 1e-12 and abs(found.ratios[0]["params"] - 0.88) < 1e-12
+    a = Option("a", 1, 4, {"flops": 0.06, "params": 0.004}, [0, 1, 2, 3, 4])
+    b = Option("b", 1, 4, {"flops": 0.003, "params": 0.03}, [0, 1, 2, 3, 4])
+    found = search([a, b], {"flops": 1.0, "params": 1.0}, {"flops": 0.886, "params": 0.968})
+    assert found.inside and found.counts[0] == {"a": 2, "b": 1}  # 2·a alone: params 0.992
+    assert abs(found.ratios[0]["flops"] - 0.877) < 1e-12 and abs(found.ratios[0]["params"] - 0.962) < 1e-12
