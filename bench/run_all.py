@@ -31,9 +31,10 @@ TABLES = (
     ("accuracy", "Accuracy at equal FLOPs on real data"),
     ("zoo", "torchvision zoo coverage"),
     ("oracle_correlation", "Correlation with the oracle (Molchanov et al. 2017, Table 1)"),
+    ("scale", "Scale: build and step time and memory against model size"),
 )
 #: the zoo, the longest, runs last so an interrupted run keeps the other tables
-RUN_ORDER = ("graph_speed", "overhead", "speedup", "accuracy", "oracle_correlation", "zoo")
+RUN_ORDER = ("graph_speed", "overhead", "speedup", "accuracy", "oracle_correlation", "scale", "zoo")
 
 HOW_TO_READ = """\
 - **Ratios are ours ÷ Torch-Pruning (TP)** for times, so **below 1× means prunable is faster**;

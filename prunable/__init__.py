@@ -25,13 +25,14 @@ from .pruner import Pruner, Scope
 from .reasons import SkipKind, SkipReason
 from .recurrent import RecurrentCellHandler, RecurrentHandler
 from .selection import Constraints, Selector
+from .transfer import apply_plan, export_plan
 from .surgery import ModuleHandler, ParametrizationHandler, Role, register_handler, slice_optimizer_state
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aggregation", "APoZ", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Constraints", "convert",
-    "count_flops", "count_params", "CRITERIA", "Criterion", "DependencyGraph", "EstimationError", "load",
+    "Aggregation", "APoZ", "apply_plan", "AttentionHandler", "BNScale", "ChannelGroup", "CharNet", "Constraints", "convert",
+    "count_flops", "count_params", "CRITERIA", "Criterion", "DependencyGraph", "EstimationError", "export_plan", "load",
     "make_criterion", "MeanActivation", "measure_latency", "ModelFileError", "module_flops", "ModuleHandler",
     "oracle_importance", "ParametrizationHandler", "PBatchNorm1d", "PBatchNorm2d", "PConv2d", "Plan", "PLinear",
     "PrunableError", "Pruner", "PruningValueError", "Random", "RecurrentCellHandler", "RecurrentHandler",

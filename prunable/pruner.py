@@ -40,7 +40,7 @@ from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, estimating, make_criterion
 from .inputs import input_tensors
 from .plan import Plan
-from .reasons import SkipReason
+from .reasons import SkipKind, SkipReason
 from .scoring import flops_per_channel, group_scores
 from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
 from .surgery import apply_cuts, handler_for
@@ -148,7 +148,10 @@ class Pruner:
         self._all = Selector(layouts, sizes, caps, labels)  # every group: checks name the skipped ones
         self._selector = self._all.without(self.skipped)
         if self.validate:
-            self.skipped.update(invalid_groups(self._selector, self._trials.runner(traced.clone)))
+            invalid = invalid_groups(self._selector, self._trials.runner(traced.clone))
+            # a group whose trial failed stays skipped (as after vet): not bisected again at every rebuild
+            self._failed.update((gid, r) for gid, r in invalid.items() if r.kind is SkipKind.TRIAL_FAILED)
+            self.skipped.update(invalid)
             self._selector = self._all.without(self.skipped)
         for gid, reason in self.skipped.items() if warn else ():
             if not reason.kind.expected:

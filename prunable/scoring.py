@@ -57,7 +57,13 @@ def _group_score(g: Any, criterion: Criterion, points: Mapping[str, MeasurePoint
     for name, dim, index in g.measure:
         if dim is None:
             continue
-        s = criterion.scores(points[name]).detach().float().cpu()
+        s = criterion.scores(points[name]).detach()
+        if s.is_meta:
+            raise EstimationError(
+                f"group {g.id}: {type(criterion).__name__} read {name}'s values, but they are on the meta device "
+                "(a model built under torch.device('meta') has shapes, no values): plan with criterion='random' "
+                "or with explicit channel indices, and apply the plan to the real model (prunable.apply_plan)")
+        s = s.float().cpu()
         if not bool(torch.isfinite(s).all()):
             raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
         parts.append((l2_normalize(s) if criterion.normalize else s, index))

@@ -26,7 +26,7 @@ LAYERS = {
     "flops": 7, "oracle": 7,
     "selection": 8, "validation": 8, "schedule": 8, "scoring": 8,
     "pruner": 9,
-    "io": 10, "lightning": 10, "data": 10, "demo_report": 10,
+    "io": 10, "transfer": 10, "lightning": 10, "data": 10, "demo_report": 10,
     "demo": 11, "cli": 12, "__main__": 13, "__init__": 13,
 }
 

@@ -17,7 +17,7 @@ BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\n)?```python\n(?P<c
 #: pages and the packages their snippets import beyond torch and prunable
 NEEDS = {"lightning.md": ["lightning"], "timm.md": ["timm"], "huggingface.md": ["transformers"],
          "export.md": ["onnx", "onnxscript", "onnxruntime"], "save-load.md": ["torchvision"], "ddp.md": [],
-         "fsdp.md": []}
+         "fsdp.md": [], "large-models.md": ["transformers"]}
 
 
 def snippets(page: Path) -> list[tuple[str, str | None]]:
