@@ -17,9 +17,10 @@ costs. Times are the median of up to 3 runs, each on a freshly built model
 (one when a run takes over 1 s; the cell says how many). Memory is the
 peak resident set size of the first run's build + step, reset just before it
 (``/proc/self/clear_refs``): "added" is that peak minus the memory held before
-(imports, the model's own weights); "process peak" includes them. The fit
-line is a least-squares line of total time (build + step) against parameters,
-and one against modules with parameters, over every row, with R². The build
+(imports, the model's own weights); "process peak" includes them. The fits
+are least-squares lines of total time (build + step) against parameters and
+against modules with parameters, with R², over the real-weight rows and per
+family. The build
 validates every group with a trial prune on a meta copy; groups whose trial
 fails are found by bisection, each trial a whole forward pass, so a model with
 one failing group per layer (the LLaMA-style model's key projections) pays
@@ -136,6 +137,29 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return a, b, r2
 
 
+def _total(r: dict[str, Any]) -> float:
+    return statistics.median(b + s for b, s in zip(r["build"], r["step"]))
+
+
+def _fits(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Least-squares lines of total time against params: all real-weight rows, then each family of 3+."""
+    real = {label: r for label, r in results.items() if "error" not in r and not r["meta"]}
+    families: dict[str, list[dict[str, Any]]] = {"all real-weight rows": list(real.values())}
+    for label, r in real.items():
+        families.setdefault(label.split("-")[0], []).append(r)
+    out = []
+    for name, rows in families.items():
+        if len(rows) >= 3 and (name == "all real-weight rows" or len(rows) < len(real)):
+            a, b, r2 = fit([r["params"] / 1e6 for r in rows], [_total(r) for r in rows])
+            am, bm, r2m = fit([float(r["modules"]) for r in rows], [_total(r) for r in rows])
+            out.append(f"- {name} ({len(rows)}): total time = {_line(a, b)} × M params (R² = {r2:.2f}); "
+                       f"= {_line(am, bm)} × modules with parameters (R² = {r2m:.2f})")
+    if out:
+        out = ["Least-squares fits of total time (build + step); the meta row is left out (no weights are cut):",
+               "", *out, ""]
+    return out
+
+
 def _line(a: float, b: float) -> str:
     """``a s ± |b| ms`` for a fitted line (seconds, seconds per unit)."""
     return f"{a:.2f} s {'+' if b >= 0 else '−'} {abs(b) * 1e3:.2f} ms"
@@ -148,7 +172,7 @@ def _runs(times: list[float]) -> str:
 def _row(label: str, r: dict[str, Any]) -> list[str]:
     if "error" in r:
         return [label, "failed", "", "", "", "", "", "", "", r["error"]]
-    total = statistics.median(b + s for b, s in zip(r["build"], r["step"]))
+    total = _total(r)
     mp = r["params"] / 1e6
     where = "meta, no weights" if r["meta"] else "real weights"
     return [label, f"{mp:.1f} M", f"{r['flops'] / 1e9:.1f} G", str(r["modules"]), _runs(r["build"]),
@@ -170,14 +194,7 @@ def main(quick: bool = False) -> str:
                "time per M params", "result", "weights"]
     table = markdown_table(headers, [_row(label, r) for label, r in results.items()])
     ok = [r for r in results.values() if "error" not in r]
-    lines = [table, ""]
-    if len(ok) >= 3:
-        totals = [statistics.median(b + s for b, s in zip(r["build"], r["step"])) for r in ok]
-        a, b, r2 = fit([r["params"] / 1e6 for r in ok], totals)
-        am, bm, r2m = fit([float(r["modules"]) for r in ok], totals)
-        lines.append(f"Fit over the {len(ok)} rows, total time (build + step) = {_line(a, b)} × M params "
-                     f"(R² = {r2:.2f}); against modules with parameters: {_line(am, bm)} × modules "
-                     f"(R² = {r2m:.2f}).")
+    lines = [table, "", *_fits(results)]
     method = ok[0]["method"] if ok else "—"
     lines.append(f"Memory: {method}, in MiB; one fresh process per model.")
     return "\n".join(lines)
