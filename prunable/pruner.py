@@ -306,7 +306,7 @@ class Pruner:
     ) -> list[dict[str, Any]]:
         """Prune step by step until FLOPs and/or params are at most the given fractions of
         the model's when the Pruner was created, ending within 1 point under the target when
-        a channel allows; see :func:`prunable.schedule.prune_to` (and its example)."""
+        a combination of cuts allows; see :func:`prunable.schedule.prune_to` (and its example)."""
         return schedule.prune_to(self, flops=flops, params=params, fine_tune=fine_tune, prune_every=prune_every,
                                  channels_per_step=channels_per_step, progress=progress, on_step=on_step)
 
