@@ -34,6 +34,7 @@ from torch import nn
 from . import schedule
 from .distributed import unwrap
 from .attention import AttentionHandler
+from .configs import sync_config
 from .errors import PruningValueError, SurgeryError
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
@@ -298,6 +299,7 @@ class Pruner:
         traced = self._trials.traced(plan) if self.validate else None
         self.baseline  # noqa: B018 - counted before the first cut
         apply_cuts(self._trials.cuts(plan), self.optimizer)
+        sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
@@ -311,7 +313,8 @@ class Pruner:
     ) -> list[dict[str, Any]]:
         """Prune step by step until FLOPs and/or params (or the measured latency) are at most
         the given fractions of the model's when the Pruner was created, ending within 1 point
-        under a FLOPs/params target when a channel allows; see :func:`prunable.schedule.prune_to`."""
+        under a FLOPs/params target when a combination of cuts allows; see
+        :func:`prunable.schedule.prune_to`."""
         return schedule.prune_to(self, flops=flops, params=params, latency=latency, cost=cost, fine_tune=fine_tune,
                                  prune_every=prune_every, channels_per_step=channels_per_step, progress=progress,
                                  on_step=on_step)

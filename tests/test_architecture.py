@@ -16,10 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prunable"
 
 #: layer of each module: imports must point to a strictly lower layer
 LAYERS = {
-    "errors": 0, "reasons": 0, "accumulate": 0, "plan": 0, "meta": 0, "inputs": 0,
+    "errors": 0, "reasons": 0, "accumulate": 0, "landing": 0, "plan": 0, "meta": 0, "inputs": 0,
     "handlers": 1, "staging": 1, "distributed": 1, "recurrent": 2,
     "surgery": 2, "constraints": 1,
     "attention": 3, "shadow": 3, "sdpa": 4, "importance": 3, "restore": 3, "copies": 3,
+    "configs": 3, "temperature": 3,
     "rules": 4, "nn": 4,
     "trace": 5,
     "graph": 6, "models": 6,
