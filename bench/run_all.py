@@ -32,9 +32,10 @@ TABLES = (
     ("zoo", "torchvision zoo coverage"),
     ("oracle_correlation", "Correlation with the oracle (Molchanov et al. 2017, Table 1)"),
     ("scale", "Scale: build and step time and memory against model size"),
+    ("latency_target", "Latency as the pruning target (latency-targeted vs FLOPs-targeted prune)"),
 )
 #: the zoo, the longest, runs last so an interrupted run keeps the other tables
-RUN_ORDER = ("graph_speed", "overhead", "speedup", "accuracy", "oracle_correlation", "scale", "zoo")
+RUN_ORDER = ("graph_speed", "overhead", "speedup", "accuracy", "oracle_correlation", "scale", "latency_target", "zoo")
 
 HOW_TO_READ = """\
 - **Ratios are ours ÷ Torch-Pruning (TP)** for times, so **below 1× means prunable is faster**;

@@ -293,6 +293,8 @@ class DependencyGraph:
             group = owner.get(int(classes[0, 0]))
             if group is None:
                 continue
+            if bool((classes == classes[:1]).all()):  # rows coupled by position (one rotary table): equal anyway
+                continue
             position = {int(c): i for i, c in enumerate(group.classes.tolist())}
             rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():

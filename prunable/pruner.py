@@ -34,6 +34,7 @@ from torch import nn
 from . import schedule
 from .distributed import unwrap
 from .attention import AttentionHandler
+from .configs import sync_config
 from .copies import meta_clone
 from .errors import PruningValueError, SurgeryError
 from .flops import count_flops, count_params
@@ -129,6 +130,10 @@ class Pruner:
         self._pristine: nn.Module | None = None  # a meta copy of the model before its first cut
         self._original: dict[str, int] | None = None  # channels of every group at creation
         self._failed: dict[str, SkipReason] = {}  # groups whose real cut failed: skipped from then on
+        #: groups → seconds one channel of each costs; scores are divided by it (``prune_to(cost="latency")``)
+        self.ranking_cost: Callable[[list[ChannelGroup]], Mapping[str, float]] | None = None
+        #: the :class:`~prunable.latency.LatencyTable` of the last ``prune_to(latency=|cost="latency")``
+        self.latency_table: Any = None
         with _gc_paused():
             self._rebuild(warn=True)
         self.initial_widths = self.widths()
@@ -188,8 +193,10 @@ class Pruner:
     def scores(self) -> dict[str, torch.Tensor]:
         """Importance of every channel of every prunable group (lower = pruned first)."""
         penalty = flops_per_channel(self.model, self.example_inputs, self.groups) if self.flops_regularization else {}
+        cost = self.ranking_cost(self.groups) if self.ranking_cost is not None else None
         return group_scores(self.groups, self.criterion, self._points, self.aggregation, penalty,
-                            self.flops_regularization, device=next(self.model.parameters(), torch.empty(0)).device)
+                            self.flops_regularization, device=next(self.model.parameters(), torch.empty(0)).device,
+                            cost=cost)
 
     # -- pruning ---------------------------------------------------------------
     def plan(self, n: int | float = 1, scope: Scope | str = Scope.GLOBAL, *,
@@ -309,21 +316,25 @@ class Pruner:
         traced = self._trials.traced(plan) if self.validate else None
         self._keep_baseline()
         apply_cuts(self._trials.cuts(plan), self.optimizer)
+        sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
         self._rebuild(traced=traced)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(
-        self, flops: float | None = None, params: float | None = None, *,
-        fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int | float = 8,
-        progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
+        self, flops: float | None = None, params: float | None = None, *, latency: float | None = None,
+        cost: str | None = None, fine_tune: Callable[[], Any] | None = None, prune_every: int = 1,
+        channels_per_step: int | float = 8, progress: bool = True,
+        on_step: Callable[[dict[str, Any]], Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Prune step by step until FLOPs and/or params are at most the given fractions of
-        the model's when the Pruner was created, ending within 1 point under the target when
-        a channel allows; see :func:`prunable.schedule.prune_to` (and its example)."""
-        return schedule.prune_to(self, flops=flops, params=params, fine_tune=fine_tune, prune_every=prune_every,
-                                 channels_per_step=channels_per_step, progress=progress, on_step=on_step)
+        """Prune step by step until FLOPs and/or params (or the measured latency) are at most
+        the given fractions of the model's when the Pruner was created, ending within 1 point
+        under a FLOPs/params target when a combination of cuts allows; see
+        :func:`prunable.schedule.prune_to`."""
+        return schedule.prune_to(self, flops=flops, params=params, latency=latency, cost=cost, fine_tune=fine_tune,
+                                 prune_every=prune_every, channels_per_step=channels_per_step, progress=progress,
+                                 on_step=on_step)
 
     def report(self) -> str:
         """A markdown summary, measured now; see :func:`prunable.schedule.report`."""

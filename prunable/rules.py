@@ -366,8 +366,11 @@ class ShapeRules:
         p = order[0]
         vary_p = set(varying_dims(full[p]))
         for i in order[1:]:
-            if bcast[i] & vary_p or bcast[p] & set(varying_dims(full[i])):
-                continue
+            vary_i = set(varying_dims(full[i]))
+            clash, shared = bcast[i] & vary_p | bcast[p] & vary_i, vary_i & vary_p
+            if clash and not (shared and max(clash) < min(shared)):
+                continue  # broadcast over channels (a spatial map, a per-head scale): not the same channels
+            # one table for every head (rotary cos/sin over head dims): dim d of every head is its entry d
             self.trace.union(full[p], full[i])
         for t in outs:
             self.set_shadow(t, full[p])

@@ -1,11 +1,14 @@
-"""Schedule: prune step by step to a FLOPs or parameter target, and report.
+"""Schedule: prune step by step to a FLOPs, parameter or latency target, and report.
 
 :func:`prune_to` alternates estimation (a few training batches) and pruning
 steps until the model is at most the target fraction of the FLOPs and/or
 parameters it had when its :class:`~prunable.Pruner` was created. The last steps
 are sized on meta copies (nothing is cut until the size is known) so the run
-ends at or under the target, within :data:`TOLERANCE` of it when one channel
-allows. Progress is a tqdm bar when stderr is a terminal, otherwise one
+ends at or under the target, within :data:`TOLERANCE` of it whenever some
+combination of cuts allows (:mod:`prunable.landing`). With ``latency=f`` the model's
+measured latency is the target instead: channels are ranked by importance per second
+of latency (HALP) from a :class:`~prunable.latency.LatencyTable`, and each step is
+sized from the table. Progress is a tqdm bar when stderr is a terminal, otherwise one
 ``logging`` line per step on the ``"prunable"`` logger.
 
 Example
@@ -32,37 +35,49 @@ from typing import Any
 
 import torch
 
+from . import landing
 from .errors import PruningValueError, SurgeryError
+from .landing import TOLERANCE
+from .latency import LatencyGoal
 from .plan import Plan
 
-__all__ = ["TOLERANCE", "Progress", "combination", "prune_to", "report", "stderr_is_terminal"]
+__all__ = ["TOLERANCE", "Progress", "prune_to", "report", "stderr_is_terminal"]
 
-#: How far under a target :func:`prune_to` may end (absolute fraction) when one channel allows it.
-TOLERANCE = 0.01
-#: Groups tried, cheapest first, for a last step that a whole channel of the first group overshoots.
+#: Groups tried, least important first, for a last step that a whole channel of the first group overshoots.
 _CANDIDATES = 32
+#: Units of one group a last step may combine with others.
+_LIMIT = 16
 
 logger = logging.getLogger("prunable")
 #: FLOPs/params counted during one prune_to run, by (plans applied, plan or None for the model)
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Why the last step of a prune_to run could not end within TOLERANCE under the target
+_LANDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: what ``cost=`` may be
+COSTS = (None, "latency")
 
 
 def prune_to(
-    pruner: Any, *, flops: float | None = None, params: float | None = None,
-    fine_tune: Callable[[], Any] | None = None, prune_every: int = 1, channels_per_step: int | float = 8,
-    progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
+    pruner: Any, *, flops: float | None = None, params: float | None = None, latency: float | None = None,
+    cost: str | None = None, fine_tune: Callable[[], Any] | None = None, prune_every: int = 1,
+    channels_per_step: int | float = 8, progress: bool = True, on_step: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Prune ``pruner.model`` step by step until FLOPs and/or params are at most the given
-    fractions of the model's when the Pruner was created.
+    fractions of the model's when the Pruner was created (or its measured latency, ``latency=``).
 
     Before each step, ``fine_tune()`` is called ``prune_every`` times inside
     :meth:`~prunable.Pruner.estimate` (a few training batches: forward, backward,
     optimizer step). Each step removes ``channels_per_step`` channels (a count,
     or a fraction in (0, 1) of those left), except the last ones: they are sized
-    by bisection on meta copies so the run ends at or under the target, within
-    :data:`TOLERANCE` when a single channel allows it (else as close under as
-    one channel of some group gets). After each step, ``on_step(record)`` is
-    called outside the hooks (validate, checkpoint, log …).
+    on meta copies so the run ends at or under the target, within :data:`TOLERANCE`
+    whenever a combination of cuts allows it: a count of the least important
+    channels (bisection) or, when single channels are coarser than that, the
+    combination of cuts in several groups removing the least importance
+    (:func:`prunable.landing.search` over the 32 least important groups, up to
+    16 channels, or blocks, each). When none lands, the run ends at the closest
+    under the target that was measured (never above it), warns with the exact
+    fractions and says why in the last record's ``landing``. After each step,
+    ``on_step(record)`` is called outside the hooks (validate, checkpoint, log …).
 
     Returns (and appends to ``pruner.log``) one record per step: ``step``,
     ``removed`` channels, ``flops`` and ``params`` as exact fractions of the
@@ -70,16 +85,36 @@ def prune_to(
     in, anything else as ``metric`` (a number or one-element tensor as a float,
     other values as they are).
 
+    ``latency=f`` (not with ``flops``/``params``): prune until the model's
+    measured latency on the example inputs, on the device it lives on, is at
+    most ``f`` times its latency when this call started (a copy taken then and
+    the model timed in alternation, :class:`prunable.latency.LatencyGoal`;
+    :func:`prunable.latency.measure`: median of repeats, CUDA synchronised).
+    A :class:`~prunable.latency.LatencyTable` is built first
+    (every layer timed alone on its real input for a grid of channel counts);
+    channels are ranked by importance per second of latency (HALP); each step is
+    sized so that the table predicts the target is not crossed by much, and the
+    whole model is measured after it (``latency`` in the record). Groups whose
+    time steps down at multiples of :data:`~prunable.latency.ALIGN` channels
+    keep such a multiple (rounded down) when their cap allows. ``cost="latency"``
+    ranks by importance per second with a FLOPs or params target too.
+
     Raises
     ------
     PruningValueError
         For a bad argument, before anything is run or changed.
     """
-    targets = _check(pruner, flops, params, fine_tune, prune_every, channels_per_step, progress, on_step)
+    targets = _check(pruner, flops, params, latency, cost, fine_tune, prune_every, channels_per_step, progress,
+                     on_step)
     start = pruner.baseline
     ratios = _ratios(pruner.measure(), start)
-    bar = Progress(progress)
+    goal = LatencyGoal(pruner, latency) if latency is not None or cost == "latency" else None
+    if latency is not None:
+        ratios["latency"] = goal.ratio
+    bar, hook = Progress(progress), pruner.ranking_cost
     try:
+        if goal is not None:
+            pruner.ranking_cost, pruner.latency_table = goal.table.costs, goal.table
         while not _met(ratios, targets):
             result = None
             if fine_tune is not None:
@@ -88,7 +123,8 @@ def prune_to(
                         result = fine_tune()
             before = len(pruner.history)
             try:
-                plan = pruner.step_with(lambda: _next_plan(pruner, channels_per_step, targets, start))
+                plan = pruner.step_with(lambda: goal.next_plan(channels_per_step) if latency is not None
+                                        else _next_plan(pruner, channels_per_step, targets, start))
             except PruningValueError:
                 warnings.warn("prunable: every group is at its minimum; target not reached", stacklevel=3)
                 break
@@ -97,14 +133,22 @@ def prune_to(
                 break
             _forget(pruner, before, plan)
             ratios = _ratios(_measured(pruner), start)
+            if latency is not None:
+                ratios["latency"] = goal.measured()
             record: dict[str, Any] = {"step": len(pruner.log) + 1, "removed": len(plan), **ratios}
+            if latency is None and _met(ratios, targets) and _gap(ratios, targets) > TOLERANCE:
+                record["landing"] = _LANDING.pop(pruner, "no cut lands within 1 point under the target")
+                warnings.warn(f"prunable: {record['landing']}; ended at {_shown(ratios, targets)}, the closest "
+                              f"under {_shown(targets, targets)} that was found", stacklevel=3)
             for value in (result, on_step(dict(record)) if on_step is not None else None):
                 record.update(_as_record(value))
             pruner.log.append(record)
             bar.update(record)
     finally:
+        pruner.ranking_cost = hook
         bar.close()
         _MEMO.pop(pruner, None)
+        _LANDING.pop(pruner, None)
     return pruner.log
 
 
@@ -145,98 +189,97 @@ def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dic
 
 def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallback: Plan,
             closer: Plan | None) -> Plan:
-    """The last cut, when one channel of the least important group overshoots the window.
+    """The last cut, when no count of the least important channels lands within :data:`TOLERANCE`.
 
-    The smallest cut of each group is measured (least important groups first): the
-    first that lands within :data:`TOLERANCE` under the targets is taken; else a
-    combination of such cuts whose summed effect lands there (:func:`combination`;
-    if the exact count stays above the targets, the next step refines it); else
-    ``closer`` (the most channels in score order that stay above the targets), or
-    the first cut that stays above them and from which a combination can finish;
-    else the cut (or ``fallback``) closest under them.
+    The cuts of the :data:`_CANDIDATES` least important groups are measured
+    (:func:`_options`) and :func:`prunable.landing.search` combines them; the
+    combinations it predicts to land are measured, the first that does is taken.
+    Else ``closer`` (the most channels in score order that stay above the
+    targets) or a measured combination that stays above them: the next step
+    searches again from there; else the measured cut
+    closest under the targets (``fallback`` included), and :func:`prune_to`
+    warns with the exact fractions.
     """
     now = _ratios(_measured(pruner), start)
-    key = max(targets, key=lambda k: now[k] - targets[k])  # the binding target
-    cuts, above, below = [], [], [(fallback, _ratios(_measured(pruner, fallback), start))]
-    for gid, plan in _unit_cuts(pruner):
+    options, units, measured = _options(pruner, now, start)
+    found = landing.search(options, now, targets, pairs=_pairs(pruner, options, units, now, start))
+    for counts in found.counts if found.inside else ():
+        removals: dict[str, tuple[int, ...]] = {}
+        for option in options:
+            if counts.get(option.group):
+                removals.update(pruner.plan(option.unit * counts[option.group], groups=[option.group]).removals)
         try:
-            ratios = _ratios(_measured(pruner, plan), start)
-        except SurgeryError:
+            ratios = _ratios(_measured(pruner, Plan(removals)), start)
+        except (SurgeryError, PruningValueError):
             continue
         if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
-            return plan
-        (below if _met(ratios, targets) else above).append((plan, ratios))
-        cuts.append((gid, len(plan), now[key] - ratios[key]))
-    combined = _combined(pruner, cuts, now[key] - targets[key])
-    if combined is not None:
-        try:
-            ratios = _ratios(_measured(pruner, combined), start)
-        except (SurgeryError, PruningValueError):
-            ratios = None
-        if ratios is not None and (not _met(ratios, targets) or _gap(ratios, targets) <= TOLERANCE):
-            return combined
+            return Plan(removals)
+        if not _met(ratios, targets) and closer is None:  # a second-order miss: the next step goes on from it
+            closer = Plan(removals)
+        measured.append((Plan(removals), ratios))
     if closer is not None:
         return closer
-    for plan, ratios in above:
-        if _combined(pruner, cuts, ratios[key] - targets[key], build=False) is not None:
-            return plan
-    return min(below, key=lambda item: _gap(item[1], targets))[0]
+    measured.append((fallback, _ratios(_measured(pruner, fallback), start)))
+    _LANDING[pruner] = ("the combinations predicted to land within 1 point did not when measured" if found.inside
+                        else f"no combination of cuts of the {len(options)} least important groups lands within "
+                        "1 point under the target")
+    return min((item for item in measured if _met(item[1], targets)), key=lambda item: _gap(item[1], targets))[0]
 
 
-def _unit_cuts(pruner: Any) -> list[tuple[str, Plan]]:
-    """The smallest cut of each group (one channel, one per block), least important groups first."""
-    scores = pruner.scores()
-    blocks = {g.id: g.blocks for g in pruner.groups}
-    out = []
+def _options(pruner: Any, now: dict[str, float], start: dict[str, int],
+             ) -> tuple[list[landing.Option], dict[str, Plan], list[tuple[Plan, dict[str, float]]]]:
+    """The cuts of the least important groups for :func:`prunable.landing.search`: one unit
+    (a channel, one per block) measured, two units too where the group meets itself at a layer;
+    the unit plans; every plan measured, with its fractions."""
+    scores, caps = pruner.scores(), pruner.caps
+    groups = {g.id: g for g in pruner.groups}
+    options, units, measured = [], {}, []
     for gid in sorted(scores, key=lambda gid: float(scores[gid].min()))[:_CANDIDATES]:
-        plan = pruner.plan(1 if blocks[gid] is None else len(blocks[gid]), groups=[gid])
-        if len(plan):
-            out.append((gid, plan))
+        blocks = groups[gid].blocks
+        plan = pruner.plan(1 if blocks is None else len(blocks), groups=[gid])
+        try:
+            ratios = _ratios(_measured(pruner, plan), start) if len(plan) else None
+        except SurgeryError:
+            continue
+        if ratios is None:
+            continue
+        unit, drop, bend = len(plan), {k: now[k] - ratios[k] for k in now}, {}
+        limit = min(caps.get(gid, 0) // unit, _LIMIT)
+        layers = _layers(groups[gid])
+        if limit >= 2 and len(layers) != len(set(layers)):  # in and out of one layer: the fall may bend
+            try:
+                two = _ratios(_measured(pruner, pruner.plan(2 * unit, groups=[gid])), start)
+            except SurgeryError:
+                continue
+            bend = {k: drop[k] - (now[k] - two[k]) / 2 for k in now}
+        order = scores[gid].sort().values.tolist()
+        importance = [sum(order[:k * unit]) for k in range(limit + 1)]
+        options.append(landing.Option(gid, unit, limit, drop, importance, bend))
+        units[gid] = plan
+        measured.append((plan, ratios))
+    return options, units, measured
+
+
+def _pairs(pruner: Any, options: list[landing.Option], units: dict[str, Plan], now: dict[str, float],
+           start: dict[str, int]) -> dict[tuple[str, str], dict[str, float]]:
+    """For two groups that meet at a layer, how much less cutting a unit of each removes than the sum."""
+    layers = {g.id: set(_layers(g)) for g in pruner.groups}
+    out = {}
+    for i, a in enumerate(options):
+        for b in options[i + 1:]:
+            if a.unit and b.unit and layers[a.group] & layers[b.group] and a.limit and b.limit:
+                try:
+                    both = _ratios(_measured(pruner, Plan({**units[a.group].removals,
+                                                           **units[b.group].removals})), start)
+                except (SurgeryError, PruningValueError):
+                    continue
+                out[(a.group, b.group)] = {k: a.drop[k] + b.drop[k] - (now[k] - both[k]) for k in now}
     return out
 
 
-def _combined(pruner: Any, cuts: list[tuple[str, int, float]], excess: float, build: bool = True) -> Any:
-    """A plan of several cuts per group whose summed effects remove ``excess`` plus up to
-    :data:`TOLERANCE` (lowest-ranked groups preferred); None if no combination does
-    (with ``build=False``, the counts per cut instead of the plan)."""
-    caps = pruner.caps
-    counts = combination([c for _, _, c in cuts], [min(caps.get(g, 0) // u, 8) for g, u, _ in cuts],
-                         excess + 0.1 * TOLERANCE, excess + 0.9 * TOLERANCE)
-    if counts is None or not build:
-        return counts
-    removals = {}
-    for (gid, unit, _), k in zip(cuts, counts):
-        if k:
-            removals.update(pruner.plan(unit * k, groups=[gid]).removals)
-    return Plan(removals)
-
-
-def combination(costs: list[float], limits: list[int], low: float, high: float,
-                unit: float = 1e-4) -> list[int] | None:
-    """Counts ``k[i] <= limits[i]`` with ``low <= sum(k[i] * costs[i]) <= high``, preferring
-    the earliest items (the cost of a copy of item ``i`` is ``i + 1``); None if none.
-
-    Example
-    -------
-    >>> combination([0.06, 0.021], [4, 4], 0.100, 0.108)
-    [1, 2]
-    """
-    best: dict[int, tuple[int, tuple[int, ...]]] = {0: (0, ())}
-    top = int(high / unit)
-    for i, (cost, limit) in enumerate(zip(costs, limits)):
-        step = int(round(cost / unit))
-        grown: dict[int, tuple[int, tuple[int, ...]]] = {}
-        for total, (penalty, ks) in best.items():
-            for k in range(limit + 1 if step > 0 else 1):
-                t = total + k * step
-                if t > top:
-                    break
-                entry = (penalty + k * (i + 1), ks + (k,))
-                if t not in grown or entry < grown[t]:
-                    grown[t] = entry
-        best = grown
-    fits = [v for t, v in best.items() if low / unit <= t <= top]
-    return list(min(fits)[1]) if fits else None
+def _layers(group: Any) -> list[str]:
+    """Names of the layers a group's channels are inputs or outputs of (a name twice: both)."""
+    return [m.target.name for m in group.members if m.target.param is None]
 
 
 def _measured(pruner: Any, plan: Plan | None = None) -> dict[str, int]:
@@ -270,6 +313,11 @@ def _gap(ratios: dict[str, float], targets: dict[str, float]) -> float:
     return min(v - ratios[k] for k, v in targets.items())
 
 
+def _shown(ratios: Mapping[str, float], targets: Mapping[str, float]) -> str:
+    """``flops=0.48951`` for the targeted fractions, exactly enough to compare."""
+    return ", ".join(f"{k}={ratios[k]:.6g}" for k in targets)
+
+
 def _as_record(value: Any) -> dict[str, Any]:
     """What a callback returned, as record entries."""
     if value is None:
@@ -288,18 +336,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check(pruner: Any, flops: Any, params: Any, fine_tune: Any, prune_every: Any, step: Any, progress: Any,
-           on_step: Any) -> dict[str, float]:
+def _check(pruner: Any, flops: Any, params: Any, latency: Any, cost: Any, fine_tune: Any, prune_every: Any,
+           step: Any, progress: Any, on_step: Any) -> dict[str, float]:
     """Every argument of :func:`prune_to`, checked before anything runs; the targets."""
     targets = {}
-    for key, value in (("flops", flops), ("params", params)):
+    for key, value in (("flops", flops), ("params", params), ("latency", latency)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
             raise PruningValueError(f"{key}={value!r}: a target is a fraction in (0, 1] of the model's {key}")
         targets[key] = float(value)
     if not targets:
-        raise PruningValueError("give a flops= or params= target (a fraction in (0, 1])")
+        raise PruningValueError("give a flops= or params= target, or latency= (a fraction in (0, 1])")
+    if "latency" in targets and len(targets) > 1:
+        raise PruningValueError(f"latency={latency!r} cannot be combined with flops= or params=: give one kind "
+                                "of target (latency ranks by importance per second; add cost='latency' to a "
+                                "FLOPs target for that ranking)")
+    if cost not in COSTS:
+        raise PruningValueError(f"cost={cost!r}: None (the criterion's scores) or 'latency' (importance per second "
+                                "of latency, HALP) is allowed")
     for key, value in (("fine_tune", fine_tune), ("on_step", on_step)):
         if value is not None and not callable(value):
             raise PruningValueError(f"{key}={value!r}: a callable or None is allowed")

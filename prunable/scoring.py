@@ -34,10 +34,14 @@ __all__ = ["aggregate", "flops_per_channel", "group_scores"]
 
 def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[str, MeasurePoint],
                  aggregation: Aggregation, penalty: Mapping[str, float] | None = None,
-                 strength: float = 0.0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+                 strength: float = 0.0, device: torch.device | None = None,
+                 cost: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Score of every channel of every group (lower = pruned first), averaged over ranks.
 
     ``penalty[g]`` (MFLOPs per channel of group ``g``) times ``strength`` is subtracted.
+    ``cost[g]`` (> 0: the seconds one channel of ``g`` costs, from a
+    :class:`~prunable.latency.LatencyTable`) divides the score: channels are then
+    ranked by importance per unit of cost, as in HALP.
     Raises :class:`EstimationError` for a non-finite score, naming group and layer (under
     ``torch.distributed``, on every rank: see :func:`~prunable.distributed.reduce_scores`).
     """
@@ -45,6 +49,8 @@ def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[st
     for g in groups:
         try:
             out[g.id] = _group_score(g, criterion, points, aggregation, (penalty or {}).get(g.id, 0.0) * strength)
+            if cost is not None and g.id in cost:
+                out[g.id] = out[g.id] / cost[g.id]
         except EstimationError as exc:  # under torch.distributed: raised on every rank below
             error = error or str(exc)
             out[g.id] = torch.full((g.channels,), math.nan)

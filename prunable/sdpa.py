@@ -53,7 +53,6 @@ Example
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,60 +64,13 @@ from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
 from .shadow import Target, core_of, labels_along, varying_dims
 from .surgery import Role, handler_for, parametrized, resolve
+from .temperature import QueryScale, derived_scales, scalar_operand
 
-__all__ = ["QueryScale", "AttentionRules", "OuterSplit", "HOMOGENEOUS"]
+__all__ = ["QueryScale", "AttentionRules", "OuterSplit", "HOMOGENEOUS"]  # QueryScale: from prunable.temperature
 
 #: operations after which a layer's output, scaled by c, is still scaled by c (q's path to the attention)
 HOMOGENEOUS = {"dropout", "mul", "__mul__", "__rmul__", "div", "__truediv__", "mul_", "div_", "__imul__",
                "__itruediv__", "alpha_dropout", "feature_alpha_dropout"}
-
-
-@dataclass(frozen=True)
-class QueryScale:
-    """Rescales the query rows of a layer's outputs by ``sqrt(kept / before)`` after a cut.
-
-    ``rows`` is a boolean mask over the producing layer's output channels (before
-    the cut): True for the channels that become the queries of an attention with
-    the default scale ``1/sqrt(head_dim)``. Every head keeps as many dims as every
-    other, so ``kept / before`` (query rows) is ``head_dim' / head_dim``.
-
-    Example
-    -------
-    >>> lin = nn.Linear(2, 4, bias=False)
-    >>> _ = nn.init.ones_(lin.weight)
-    >>> from prunable.surgery import Cut, apply_cuts
-    >>> apply_cuts([Cut(lin, Role.OUT, torch.tensor([0, 2, 3]), rescale=QueryScale(torch.tensor([1, 1, 0, 0]).bool()))])
-    >>> lin.weight[:, 0].tolist()                      # one query row of two left: sqrt(1/2)
-    [0.7071067690849304, 1.0, 1.0]
-    """
-
-    rows: torch.Tensor
-
-    def bound(self, keep: torch.Tensor) -> "_Rescaler":
-        """What to do once the layer keeps output channels ``keep``."""
-        queries = self.rows[keep.cpu()]
-        return _Rescaler(queries, math.sqrt(int(queries.sum()) / max(int(self.rows.sum()), 1)))
-
-
-@dataclass(frozen=True)
-class _Rescaler:
-    queries: torch.Tensor  # over the kept output channels: True for query rows
-    factor: float
-
-    def resize(self, module: nn.Module, role: Role | None, n: int) -> None:
-        if self.factor == 1.0:
-            return
-        handler = handler_for(module)
-        with torch.no_grad():
-            for name, axis in handler.params(module, Role.OUT).items():
-                owner, attr = resolve(module, name)
-                t = getattr(owner, attr, None)  # len(queries) rows along axis: checked when traced
-                if not isinstance(t, torch.Tensor):
-                    continue
-                scale = torch.where(self.queries, self.factor, 1.0).to(t.device, t.dtype)
-                shape = [1] * t.dim()
-                shape[axis] = -1
-                t.mul_(scale.view(shape))
 
 
 #: operations whose output may merge channel dims of their input (checked against released heads)
@@ -155,7 +107,7 @@ def _row_ids(rows: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> t
     sorted_labels, row = rows
     if not len(sorted_labels):
         return torch.full(labels.shape, -1, dtype=torch.long)
-    at = torch.searchsorted(sorted_labels, labels).clamp(max=len(sorted_labels) - 1)
+    at = torch.searchsorted(sorted_labels, labels.contiguous()).clamp(max=len(sorted_labels) - 1)
     return torch.where(sorted_labels[at] == labels, row[at], -1)
 
 
@@ -224,6 +176,8 @@ class AttentionRules:
     _reshaped: list
     _made_by: dict
     _shape_sizes: dict
+    _scalars: list
+    _head_dims: set
     stack: list
     names: dict
     owners: dict
@@ -244,7 +198,11 @@ class AttentionRules:
 
     def after_rule(self, name: str, rule: str, args: tuple, kwargs: dict, outs: list) -> None:
         """Bookkeeping after every traced operation: the producing layer of shape operations'
-        outputs; reshapes and reductions that could merge the rows of a split (see :meth:`finish`)."""
+        outputs; reshapes and reductions that could merge the rows of a split (see :meth:`finish`);
+        Python numbers scaling tensors (:func:`prunable.temperature.derived_scales`)."""
+        value = scalar_operand(name, args, kwargs)
+        if value is not None:
+            self._scalars.append((self.stack[-1] if self.stack else None, value))
         if self._outer and rule == "reduce" and isinstance(args[0], torch.Tensor) and self.has_labels(args[0]):
             dim = arg(args, kwargs, 1, "dim")
             core = core_of(self.shadow(args[0]))
@@ -301,6 +259,10 @@ class AttentionRules:
         """After the forward pass: splits whose rows are attention heads, never merged out of order
         nor reduced across, record equal-size blocks; every other split couples its rows by position."""
         self._check_query_scales()
+        read = {n: labels for n, labels in self._shape_sizes.items() if n in self._head_dims}
+        for labels, reason in derived_scales(self.trace.sizes, read, self._scalars):
+            self.trace.block(labels, reason)
+        self._scalars.clear()
         shared = self._shared_attributes()
         for split in self._outer:
             if split.heads and self._free(split, shared):
@@ -381,6 +343,7 @@ class AttentionRules:
     def _contract(self, a: torch.Tensor, b: torch.Tensor, batch: torch.Size) -> None:
         """Dim ``e`` of ``a``'s last axis and ``b``'s second last are one channel (per batch index)."""
         shape = (*batch, 1, a.shape[-1] if a.shape[-1] > 1 else b.shape[-2])
+        self._head_dims.add(int(shape[-1]))  # a scale computed from this size would be a temperature
         self.trace.union(a.expand(shape), b.transpose(-2, -1).expand(shape))
 
     def _keep_temperature(self, q: torch.Tensor, who: str, cores: tuple) -> None:

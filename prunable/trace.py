@@ -61,6 +61,8 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         self._escaped: list[torch.Tensor] = []  # labels of layer outputs used beyond shape operations
         self._collapsed: list[tuple] = []  # (labels, dim, lowest, highest label) reduced over a channel dim
         self._reshaped: list[tuple] = []  # (labels, lowest, highest label) after reshapes
+        self._scalars: list[tuple] = []  # (running module, Python number) scaling a tensor: derived scales
+        self._head_dims: set[int] = set()  # sizes contracted by q @ kᵀ: scales derived from them
 
     # -- shadows -------------------------------------------------------------
     def shadow(self, t: torch.Tensor) -> torch.Tensor:

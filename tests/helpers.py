@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from prunable.graph import DependencyGraph
-from prunable.surgery import Role
+from prunable.surgery import Role, handler_for
 
 
 def zero_plan(model: nn.Module, graph: DependencyGraph, removals: dict) -> None:
@@ -86,3 +86,18 @@ def hand_per_example(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         for k in range(c):
             out[i, k] = float((a[i, k] * g[i, k]).sum()) / a[i, k].numel()
     return out
+
+
+def zero_producers(model: nn.Module, pruner, removals: dict) -> None:
+    """In ``model`` (a copy), zero the producer rows of the removed channels and every consumer column."""
+    modules = dict(model.named_modules())
+    by_id = {g.id: g for g in pruner.groups}
+    for gid, idx in removals.items():
+        removed = by_id[gid].classes[torch.as_tensor(idx)]
+        with torch.no_grad():
+            for m in by_id[gid].producers:
+                module = modules[m.target.name]
+                mask = torch.isin(m.classes, removed)
+                for name, axis in handler_for(module).params(module, Role.OUT).items():
+                    getattr(module, name).index_fill_(axis, torch.nonzero(mask).flatten(), 0.0)
+    zero_plan(model, pruner.graph, removals)

@@ -16,14 +16,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prunable"
 
 #: layer of each module: imports must point to a strictly lower layer
 LAYERS = {
-    "errors": 0, "reasons": 0, "accumulate": 0, "plan": 0, "meta": 0, "inputs": 0,
+    "errors": 0, "reasons": 0, "accumulate": 0, "landing": 0, "plan": 0, "meta": 0, "inputs": 0,
     "handlers": 1, "staging": 1, "distributed": 1, "recurrent": 2,
     "surgery": 2, "constraints": 1,
     "attention": 3, "shadow": 3, "sdpa": 4, "importance": 3, "restore": 3, "copies": 3,
+    "configs": 3, "temperature": 3,
     "rules": 4, "nn": 4,
     "trace": 5,
     "graph": 6, "models": 6,
-    "flops": 7, "oracle": 7,
+    "flops": 7, "oracle": 7, "latency": 7,
     "selection": 8, "validation": 8, "schedule": 8, "scoring": 8,
     "pruner": 9,
     "io": 10, "transfer": 10, "lightning": 10, "data": 10, "demo_report": 10,

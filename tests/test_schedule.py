@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from prunable import Pruner, PruningValueError, WeightNorm, count_flops, count_params
-from prunable.schedule import combination
 from conftest import assert_state_equal, state_copy
 
 
@@ -42,24 +41,66 @@ def test_prune_to_ends_within_one_point_under_the_target(dims, key, target):
     assert all(r["removed"] <= 8 for r in log) and log[0]["removed"] == 8
 
 
-def test_prune_to_combines_cuts_when_one_channel_is_two_points():
-    """A 3-D CNN where each conv channel is 2 to 6 points of the FLOPs: no count of the
-    least important channels lands within 1 point; a combination of cuts does."""
-    model = nn.Sequential(
-        nn.Conv3d(2, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
-        nn.Conv3d(16, 32, 3, padding=1, stride=2), nn.BatchNorm3d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 5),
+def coarse(dims):
+    """Each conv channel is 2 to 6 points of the FLOPs: no count of the least important
+    channels lands within 1 point of most targets; a combination of cuts does."""
+    conv, norm, pool = {2: (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d),
+                        3: (nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d)}[dims]
+    return nn.Sequential(
+        conv(2, 16, 3, padding=1), norm(16), nn.ReLU(),
+        conv(16, 32, 3, padding=1, stride=2), norm(32), nn.ReLU(),
+        pool(1), nn.Flatten(), nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 5),
     ).eval()
-    x = torch.randn(2, 2, 6, 6, 6)
+
+
+def huge():
+    """One 9×9 conv holds 78 % of the FLOPs and 80 % of the parameters: a channel on either
+    side of it is about 10 points; the 1×1 convs after it give sub-point channels."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 9, padding=4), nn.ReLU(),
+        nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    ).eval()
+
+
+LANDING = {
+    "coarse 2-D": (lambda: coarse(2), torch.randn(2, 2, 8, 8)),
+    "coarse 3-D": (lambda: coarse(3), torch.randn(2, 2, 6, 6, 6)),
+    "huge conv": (huge, torch.randn(2, 3, 8, 8)),
+}
+
+
+USED_UP = pytest.mark.xfail(strict=True, reason=(
+    "known limit: the importance-first steps of 8 use up both sub-point groups before the last step, "
+    "and no combination of 10-point channels lands (it ends 4.6 and 3.5 points under, and warns)"))
+
+
+@pytest.mark.parametrize("net, key, target", [
+    pytest.param(net, key, target, marks=USED_UP if net == "huge conv" and key == "flops" else ())
+    for net in LANDING for key, target in [("flops", 0.5), ("flops", 0.3), ("params", 0.5), ("params", 0.7)]])
+def test_prune_to_lands_within_one_point_on_coarse_nets(net, key, target):
+    build, x = LANDING[net]
+    torch.manual_seed(0)
+    model = build()
+    start = {"flops": count_flops(model, x), "params": count_params(model)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "closest under" warning: a combination lands
+        log = Pruner(model, x, criterion="l1").prune_to(**{key: target}, channels_per_step=8, progress=False)
+    reached = {"flops": count_flops(model, x) / start["flops"], "params": count_params(model) / start["params"]}
+    assert target - 0.01 <= reached[key] <= target
+    assert log[-1][key] == reached[key] and "landing" not in log[-1]
+
+
+def test_when_no_cut_lands_it_ends_at_the_closest_under_the_target_and_says_so():
+    model, x = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)), \
+        torch.randn(1, 1, 6, 6)
     start = count_flops(model, x)
-    log = Pruner(model, x, criterion="l1").prune_to(flops=0.5, channels_per_step=8, progress=False)
-    assert 0.49 <= count_flops(model, x) / start <= 0.5 and len(log) < 25
-
-
-def test_combination_finds_counts_in_the_window():
-    assert combination([0.06, 0.021], [4, 4], 0.100, 0.108) == [1, 2]
-    assert combination([0.06, 0.021], [4, 1], 0.100, 0.108) is None
-    assert combination([0.05, 0.05], [2, 2], 0.099, 0.101) == [2, 0]  # the earlier item is preferred
+    with pytest.warns(UserWarning, match=r"no combination of cuts .* lands within 1 point.*ended at flops=0\.5") \
+            as caught:
+        log = Pruner(model, x, criterion="l1").prune_to(flops=0.7, progress=False)
+    reached = count_flops(model, x) / start
+    assert model[0].out_channels == 1 and reached < 0.69 and log[-1]["flops"] == reached
+    assert "no combination" in log[-1]["landing"] and f"flops={reached:.6g}" in str(caught[0].message)
 
 
 def test_max_ratio_float_caps_every_group_of_its_original_channels():

@@ -1,6 +1,8 @@
 """Attention written with operations (prunable/sdpa.py): F.scaled_dot_product_attention and q @ kᵀ, softmax, @ v."""
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -9,9 +11,8 @@ from torch import nn
 
 from prunable import Pruner, count_flops
 from prunable.reasons import SkipKind
-from prunable.surgery import Role, handler_for
 
-from helpers import fraction_plan, zero_plan
+from helpers import fraction_plan, zero_producers
 
 
 class Block(nn.Module):
@@ -48,21 +49,6 @@ class Net(nn.Module):
 
 
 VARIANTS = {"sdpa": {}, "sdpa-scale": {"scale": True}, "manual": {"manual": True}}
-
-
-def _zero_producers(model: nn.Module, pruner: Pruner, removals: dict) -> None:
-    """In ``model`` (a copy), zero the producer rows of the removed channels and every consumer column."""
-    modules = dict(model.named_modules())
-    by_id = {g.id: g for g in pruner.groups}
-    for gid, idx in removals.items():
-        removed = by_id[gid].classes[torch.as_tensor(idx)]
-        with torch.no_grad():
-            for m in by_id[gid].producers:
-                module = modules[m.target.name]
-                mask = torch.isin(m.classes, removed)
-                for name, axis in handler_for(module).params(module, Role.OUT).items():
-                    getattr(module, name).index_fill_(axis, torch.nonzero(mask).flatten(), 0.0)
-    zero_plan(model, pruner.graph, removals)
 
 
 def _inner(pruner: Pruner):
@@ -121,7 +107,7 @@ def test_pruned_equals_zeroed_on_random_plans(variant):
         stream = next(g for g in pruner.groups if g is not inner)
         removals[stream.id] = torch.randperm(stream.channels)[:5].tolist()
         reference = copy.deepcopy(model)
-        _zero_producers(reference, pruner, removals)
+        zero_producers(reference, pruner, removals)
         pruner.prune(removals)
         with torch.no_grad():
             torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
@@ -168,7 +154,7 @@ def test_grouped_query_attention_keeps_shared_heads_consistent():
     assert inner.channels == 8 and inner.blocks.shape == (2, 4)
     removals = {inner.id: torch.cat([row[torch.randperm(4)[:1]] for row in inner.blocks]).tolist()}
     reference = copy.deepcopy(model)
-    _zero_producers(reference, pruner, removals)
+    zero_producers(reference, pruner, removals)
     pruner.prune(removals)
     assert model.q.out_features == 12 and model.kv.out_features == 12 and model.proj.in_features == 12
     with torch.no_grad():
@@ -228,7 +214,7 @@ def test_timm_vit_is_pruned_like_a_cnn():
     assert len(inner) == 2 and all(g.channels == 192 and g.blocks.shape == (3, 64) for g in inner)
     reference = copy.deepcopy(vit)
     removals = {g.id: torch.cat([row[torch.randperm(64)[:20]] for row in g.blocks]).tolist() for g in inner}
-    _zero_producers(reference, pruner, removals)
+    zero_producers(reference, pruner, removals)
     pruner.prune(removals)
     assert vit.blocks[0].attn.head_dim == 44 and vit.blocks[0].attn.attn_dim == 132
     with torch.no_grad():
@@ -295,7 +281,7 @@ def test_heads_are_free_only_where_positions_never_matter(attribute, merge, head
         rows = g.blocks if g.blocks is not None else torch.arange(g.channels)[None]
         removals[g.id] = torch.cat([row[torch.randperm(len(row))[: len(row) // 3]] for row in rows]).tolist()
     reference = copy.deepcopy(model)
-    _zero_producers(reference, pruner, removals)
+    zero_producers(reference, pruner, removals)
     pruner.prune(removals)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
@@ -318,3 +304,45 @@ def test_timm_hybrid_cnn_transformer():
     assert count_flops(model, x) < before / 1.15
     attn = model.blocks[0].attn
     assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (3, 45, 135) and model(x).shape == (2, 10)
+
+
+class ComputedScale(Block):
+    """Hand-written attention whose scale is computed in forward from ``self.head_dim`` (a size
+    attribute pruning rewrites) or from the queries' shape: pruning would change the temperature."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(manual=True)
+        self.source = source
+        if source != "stored":
+            del self.scale  # a stored float equal to the scale would make it a constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.source == "attribute":
+            attn = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        elif self.source == "shape":
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        else:  # stored in __init__: a constant
+            attn = q @ k.transpose(-2, -1) * self.scale
+        out = attn.softmax(dim=-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("source", ["attribute", "shape", "stored"])
+def test_scale_computed_in_forward_keeps_the_head_dims_with_a_reason(source):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 24), ComputedScale(source), nn.Linear(24, 4)).eval()
+    x = torch.randn(2, 6, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, x, criterion="l1")
+    reason = pruner.skipped.get("1.qkv")
+    if source == "stored":
+        assert reason is None
+    else:
+        assert reason.kind is SkipKind.SIZE_ATTRIBUTE and "computed in forward" in reason
+        assert "from head_dim" in reason or source == "shape"  # q.shape[-1] equals head_dim: either text
+    before = model(x)
+    pruner.prune(fraction_plan(pruner, 0.25))
+    assert (model[1].head_dim == 8) == (source != "stored") and model(x).shape == before.shape
