@@ -13,8 +13,8 @@ run on a meta copy, then the real tensors cut). The LLaMA-style model
 under ``torch.device("meta")`` and never gets weights: criterion ``"random"``
 (values cannot be read on meta), input 1×128 token ids on meta; its "step" is
 the same call, cutting meta tensors — what a plan made for the real weights
-costs. Times are the median of up to 3 runs, each on a freshly built model
-(one when a run takes over 1 s; the cell says how many). Memory is the
+costs. Times are the median of 3 runs, each on a freshly built model, with
+their range in brackets. Memory is the
 peak resident set size of the first run's build + step, reset just before it
 (``/proc/self/clear_refs``): "added" is that peak minus the memory held before
 (imports, the model's own weights); "process peak" includes them. The fits
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import common
-from common import fmt_seconds, markdown_table, short_error, timed
+from common import Runs, fmt_runs, markdown_table, short_error, timed
 
 #: label → (builder key, argument): torchvision name, or the LLaMA layer count
 MODELS = {
@@ -55,7 +55,7 @@ MODELS = {
 }
 QUICK = {"ResNet-18": MODELS["ResNet-18"], "ResNet-50": MODELS["ResNet-50"], "ViT-S/16": MODELS["ViT-S/16"],
          "LLaMA, 2 layers (meta)": ("llama", 2)}
-SIDE, TOKENS, REPEATS, SLOW = 224, 128, 3, 1.0
+SIDE, TOKENS, REPEATS = 224, 128, 3
 
 
 def _vit_s() -> torch.nn.Module:
@@ -118,7 +118,7 @@ def worker(label: str, quick: bool) -> dict[str, Any]:
     info.update(groups=len(pruner.groups), params_after=count_params(model))
     del pruner, model
     builds, steps = [build_s], [step_s]
-    while len(builds) < REPEATS and build_s + step_s < SLOW:
+    while len(builds) < REPEATS:
         b, s, _ = _run(kind, *build(kind, arg))
         builds.append(b)
         steps.append(s)
@@ -166,7 +166,7 @@ def _line(a: float, b: float) -> str:
 
 
 def _runs(times: list[float]) -> str:
-    return f"{fmt_seconds(statistics.median(times))} ({len(times)} run{'s' * (len(times) > 1)})"
+    return fmt_runs(Runs(tuple(times)))
 
 
 def _row(label: str, r: dict[str, Any]) -> list[str]:
