@@ -128,12 +128,46 @@ def main(quick: bool = False, output: Path | None = None) -> str:
     return page
 
 
+def rerun_one(name: str, page_path: Path) -> str:
+    """Rerun one table and put it in place of its section of the existing page.
+
+    The section says that it was regenerated, when, and the load average then; the rest
+    of the page (and its machine record) is kept as the full run wrote it.
+    """
+    if name not in dict(TABLES):
+        raise SystemExit(f"unknown table {name!r}; choose from {', '.join(dict(TABLES))}")
+    common.setup(0)
+    number = [n for n, _ in TABLES].index(name) + 1
+    title = dict(TABLES)[name]
+    old = page_path.read_text()
+    head = f"## {number}. {title}"
+    if head not in old:
+        raise SystemExit(f"{page_path} has no section {head!r}: run the whole page first")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    table, seconds = run_table(name, quick=False)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    description = _description(importlib.import_module(name))
+    section = "\n".join([head, "", f"Reproduce: `python bench/{name}.py` (wall time in this run: {seconds:.0f} s; "
+                         f"this table was regenerated alone with `python bench/run_all.py --only {name}` at {when}, "
+                         f"load average at its start {load})", "", description, "", table, ""])
+    start = old.index(head)
+    nxt = old.find("\n## ", start + len(head))
+    page = old[:start] + section + (old[nxt + 1:] if nxt >= 0 else "")
+    page_path.write_text(page)
+    return page
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run every benchmark and write docs/BENCHMARKS.md.")
     parser.add_argument("--quick", action="store_true", help="smoke configuration of every script")
     parser.add_argument("--output", type=Path, default=None,
                         help="where to write the page (default: docs/BENCHMARKS.md; none with --quick)")
+    parser.add_argument("--only", default=None, metavar="NAME",
+                        help="rerun one table and replace its section of the existing page")
     args = parser.parse_args()
+    if args.only:
+        rerun_one(args.only, args.output or REPO / "docs" / "BENCHMARKS.md")
+        raise SystemExit(0)
     out = args.output if args.output is not None else (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
     page = main(quick=args.quick, output=out)
     if out is None:
