@@ -14,6 +14,7 @@ silently stale.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def sections(page: str) -> dict[int, tuple[str, str]]:
 
 def first_table(body: str) -> list[dict[str, str]]:
     """Rows of the first markdown table of ``body``, as ``{header: cell}``."""
-    lines = [line for line in body.splitlines() if line.startswith("|")]
+    all_lines = body.splitlines()
+    start = next((i for i, line in enumerate(all_lines) if line.startswith("|")), len(all_lines))
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), all_lines[start:]))
     if len(lines) < 2:
         return []
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]

@@ -68,3 +68,8 @@ def test_update_rewrites_only_the_block(quoting, tmp_path):
     assert "0.4242×" in after and after.split(quoting.START)[0] == before.split(quoting.START)[0]
     assert after.split(quoting.END)[1] == before.split(quoting.END)[1]
     assert not quoting.update(readme, page)  # already current
+
+
+def test_first_table_stops_at_the_end_of_the_first_table(quoting):
+    body = ("text\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n**Second table:**\n\n| a | b |\n|---|---|\n| 3 | 4 |\n")
+    assert quoting.first_table(body) == [{"a": "1", "b": "2"}]
