@@ -353,22 +353,10 @@ def run_once(lib: type, spec: Spec, model: nn.Module, inputs: Any, describe: boo
 def attempt(lib: type, spec: Spec, src: nn.Module, inputs: Any, before: dict[str, Any],
             spent: list[float]) -> dict[str, Any]:
     """One more run of ``lib`` on a deep copy of ``src``; ``spent`` collects its times (the first run is checked)."""
-    from zoo import Timeout
+    from zoo import attempt_with
 
-    result: dict[str, Any] = {}
-    model = copy.deepcopy(src)
-    try:
-        seconds, result = run_once(lib, spec, model, inputs, describe=not spent)
-        spent.append(seconds)
-        if len(spent) == 1:
-            result.update(check(model, inputs, spec, before))
-    except Timeout:
-        result.update(status=f"timeout (> {LIMIT} CPU s)")
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        result.update(status=f"failed: {short_error(exc)}")
-    del model
-    gc.collect()
-    return result
+    return attempt_with(src, spent, lambda model, first: run_once(lib, spec, model, inputs, describe=first),
+                        lambda model: check(model, inputs, spec, before), f"timeout (> {LIMIT} CPU s)")
 
 
 def run_model(spec: Spec) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import signal
 import statistics
 import sys
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -155,15 +155,24 @@ def run_once(lib: type, model: torch.nn.Module, x: torch.Tensor, count: bool) ->
 def attempt(lib: type, src: torch.nn.Module, x: torch.Tensor, shape: tuple, before: dict[str, int],
             spent: list[float]) -> dict[str, Any]:
     """One more run of ``lib`` on a deep copy of ``src``; ``spent`` collects its times (first run checked)."""
+    return attempt_with(src, spent, lambda model, first: run_once(lib, model, x, count=first),
+                        lambda model: _check(model, x, shape, before), f"timeout (> {LIMIT} s)")
+
+
+def attempt_with(src: torch.nn.Module, spent: list[float],
+                 run: Callable[[torch.nn.Module, bool], tuple[float, dict[str, Any]]],
+                 check: Callable[[torch.nn.Module], dict[str, Any]], timeout_status: str) -> dict[str, Any]:
+    """``run(copy, first)`` on a deep copy of ``src``, its time appended to ``spent``; the first run is
+    also ``check``-ed. A :class:`Timeout` or any error becomes the result's ``status``."""
     result: dict[str, Any] = {}
     model = copy.deepcopy(src)
     try:
-        seconds, result = run_once(lib, model, x, count=not spent)
+        seconds, result = run(model, not spent)
         spent.append(seconds)
         if len(spent) == 1:
-            result.update(_check(model, x, shape, before))
+            result.update(check(model))
     except Timeout:
-        result.update(status=f"timeout (> {LIMIT} s)")
+        result.update(status=timeout_status)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         result.update(status=f"failed: {short_error(exc)}")
     del model
