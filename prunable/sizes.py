@@ -40,7 +40,7 @@ def sizes(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     -------
     >>> import torch
     >>> sizes(nn.Linear(3, 2), (torch.randn(1, 3),))
-    {'flops': 6, 'params': 8}
+    {'flops': 12, 'params': 8}
     """
     return {"flops": count_flops(model, example_inputs), "params": count_params(model)}
 
