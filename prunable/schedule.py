@@ -25,9 +25,8 @@ True
 
 from __future__ import annotations
 
-import logging
+import math
 import numbers
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -40,19 +39,22 @@ from .errors import PruningValueError, SurgeryError
 from .landing import TOLERANCE
 from .latency import LatencyGoal
 from .plan import Plan
+from .progress import Progress, stderr_is_terminal
+from .sizes import unit_costs, unit_of
 
 __all__ = ["TOLERANCE", "Progress", "prune_to", "report", "stderr_is_terminal"]
 
 #: Groups tried, least important first, for a last step that a whole channel of the first group overshoots.
 _CANDIDATES = 32
-#: Units of one group a last step may combine with others.
-_LIMIT = 16
+#: Units of one group a last step may combine with others: at least _LIMIT, more if the fall needs them, at most _MOST.
+_LIMIT, _MOST = 16, 256
 
-logger = logging.getLogger("prunable")
 #: FLOPs/params counted during one prune_to run, by (plans applied, plan or None for the model)
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Why the last step of a prune_to run could not end within TOLERANCE under the target
 _LANDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Whether a prune_to run's model had a coarse group (a channel over TOLERANCE) at its first step
+_COARSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: what ``cost=`` may be
 COSTS = (None, "latency")
 
@@ -74,7 +76,11 @@ def prune_to(
     channels (bisection) or, when single channels are coarser than that, the
     combination of cuts in several groups removing the least importance
     (:func:`prunable.landing.search` over the 32 least important groups, up to
-    16 channels, or blocks, each). When none lands, the run ends at the closest
+    16 channels, or blocks, of each, or as many as the fall needs, 256 at most).
+    Before that, each step leaves enough fine-grained channels (each under
+    :data:`TOLERANCE`) for the last one to fill the gaps between coarse ones
+    (:func:`prunable.landing.in_reserve`; coarse channels only when they would
+    run short); elsewhere the steps take the least important channels. When none lands, the run ends at the closest
     under the target that was measured (never above it), warns with the exact
     fractions and says why in the last record's ``landing``. After each step,
     ``on_step(record)`` is called outside the hooks (validate, checkpoint, log …).
@@ -149,6 +155,7 @@ def prune_to(
         bar.close()
         _MEMO.pop(pruner, None)
         _LANDING.pop(pruner, None)
+        _COARSE.pop(pruner, None)
     return pruner.log
 
 
@@ -163,12 +170,25 @@ def _next_plan(pruner: Any, step: int | float, targets: dict[str, float], start:
 
 
 def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dict[str, int]) -> Plan:
-    available = pruner.available
+    """The next step: ``step`` channels in importance order, unless that leaves the last step too
+    few fine-grained channels to land (then coarse channels only, :func:`_reserved`); a step that
+    would cross a target is sized by bisection on meta copies, then by :func:`_finest`."""
+    groups, available = None, pruner.available
     if not available:
         return Plan({})
     base = pruner.plan(step if isinstance(step, float) else min(step, available))
-    if not len(base) or not _met(_ratios(_measured(pruner, base), start), targets):
+    if len(base) and not _met(_ratios(_measured(pruner, base), start), targets):
+        reserved = _reserved(pruner, targets, start, base)
+        groups = [g.id for g in pruner.groups if g.id not in reserved] if reserved else None
+        available = sum(pruner.caps.get(gid, 0) for gid in groups) if groups is not None else 0
+        if available:
+            base = pruner.plan(step if isinstance(step, float) else min(step, available), groups=groups)
+        else:
+            groups = None
+    if not len(base):
         return base
+    if not _met(_ratios(_measured(pruner, base), start), targets):
+        return _still_lands(pruner, targets, start, base, groups)
     now, ratios = _ratios(_measured(pruner), start), _ratios(_measured(pruner, base), start)
     key = max(targets, key=lambda k: now[k] - targets[k])  # the binding target
     (lo, r_lo), (hi, r_hi), best = (0, now[key]), (len(base), ratios[key]), base
@@ -177,14 +197,76 @@ def _sized(pruner: Any, step: int | float, targets: dict[str, float], start: dic
         guess = lo + round((r_lo - targets[key]) / max(r_lo - r_hi, 1e-12) * (hi - lo))
         mid = (lo + hi) // 2 if bisect else min(max(guess, lo + 1), hi - 1)
         bisect = not bisect
-        plan = pruner.plan(mid)
+        plan = pruner.plan(mid, groups=groups)
         if _met(measured := _ratios(_measured(pruner, plan), start), targets):
             (hi, r_hi), best, ratios = (mid, measured[key]), plan, measured
         else:
             lo, r_lo = mid, measured[key]
     if _gap(ratios, targets) <= TOLERANCE:
         return best
-    return _finest(pruner, targets, start, best, pruner.plan(lo) if lo > 0 else None)
+    return _finest(pruner, targets, start, best, pruner.plan(lo, groups=groups) if lo > 0 else None)
+
+
+def _reserved(pruner: Any, targets: dict[str, float], start: dict[str, int], base: Plan) -> set[str]:
+    """The lookahead: the fine-grained groups the intermediate step ``base`` should leave alone so
+    that the last step can still land (:func:`prunable.landing.in_reserve`); none when the model had
+    no coarse group at the run's first step (a channel's share of the start only shrinks)."""
+    if _COARSE.get(pruner) is False:
+        return set()
+    costs = unit_costs(pruner.model, pruner.example_inputs, pruner.groups, {k: start[k] for k in targets})
+    coarse = _COARSE.setdefault(pruner, any(v >= TOLERANCE for c in costs.values() for v in c.values()))
+    if not coarse:
+        return set()
+    caps, removed = pruner.caps, {gid: len(idx) for gid, idx in base.removals.items()}
+    units = {g.id: (caps.get(g.id, 0) - removed.get(g.id, 0)) // unit_of(g) for g in pruner.groups}
+    after = _ratios(_measured(pruner, base), start)
+    return landing.in_reserve(costs, units, {k: after[k] - v for k, v in targets.items()}, limit=_MOST,
+                              before={g.id: caps.get(g.id, 0) // unit_of(g) for g in pruner.groups})
+
+
+def _still_lands(pruner: Any, targets: dict[str, float], start: dict[str, int], base: Plan,
+                 groups: list[str] | None) -> Plan:
+    """The lookahead, on a model with a coarse group: ``base`` if a combination of cuts taking at
+    least its units still lands within :data:`TOLERANCE` (predicted from the measured options),
+    else the most channels of the same choice that keep it so, else the combination that lands
+    now; ``base`` when none lands from here either or the prediction cannot cover it."""
+    if not _COARSE.get(pruner):
+        return base
+    now = _ratios(_measured(pruner), start)
+    options, units, _ = _options(pruner, now, targets, start)
+    pairs, unit = _pairs(pruner, options, units, now, start), {o.group: o.unit for o in options}
+
+    def lands(plan: Plan) -> bool:
+        least = {g: -(-len(idx) // unit[g]) for g, idx in plan.removals.items() if g in unit}
+        return len(least) < len(plan.removals) or landing.search(options, now, targets, pairs=pairs,
+                                                                 at_least=least).inside
+    found = landing.search(options, now, targets, pairs=pairs)
+    if not found.inside or lands(base):
+        return base
+    lo, hi = 0, len(base)  # lo channels keep a landing, hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if lands(pruner.plan(mid, groups=groups)) else (lo, mid)
+    if lo:
+        return pruner.plan(lo, groups=groups)
+    for counts in found.counts:
+        plan = _combination(pruner, options, counts)
+        try:
+            ratios = _ratios(_measured(pruner, plan), start)
+        except (SurgeryError, PruningValueError):
+            continue
+        if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
+            return plan
+    return base
+
+
+def _combination(pruner: Any, options: list[landing.Option], counts: Mapping[str, int]) -> Plan:
+    """The plan of ``counts`` units of each option's group, the least important channels of each."""
+    removals: dict[str, tuple[int, ...]] = {}
+    for option in options:
+        if counts.get(option.group):
+            removals.update(pruner.plan(option.unit * counts[option.group], groups=[option.group]).removals)
+    return Plan(removals)
 
 
 def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallback: Plan,
@@ -193,44 +275,55 @@ def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallb
 
     The cuts of the :data:`_CANDIDATES` least important groups are measured
     (:func:`_options`) and :func:`prunable.landing.search` combines them; the
-    combinations it predicts to land are measured, the first that does is taken.
+    combinations it predicts to land (else the closest under the targets) are measured,
+    the first that lands is taken.
     Else ``closer`` (the most channels in score order that stay above the
     targets) or a measured combination that stays above them: the next step
-    searches again from there; else the measured cut
+    searches again from there (unless every combination of every prunable group
+    was searched: then no later step could land either); else the measured cut
     closest under the targets (``fallback`` included), and :func:`prune_to`
     warns with the exact fractions.
     """
     now = _ratios(_measured(pruner), start)
-    options, units, measured = _options(pruner, now, start)
+    options, units, measured = _options(pruner, now, targets, start)
     found = landing.search(options, now, targets, pairs=_pairs(pruner, options, units, now, start))
-    for counts in found.counts if found.inside else ():
-        removals: dict[str, tuple[int, ...]] = {}
-        for option in options:
-            if counts.get(option.group):
-                removals.update(pruner.plan(option.unit * counts[option.group], groups=[option.group]).removals)
+    for counts in found.counts:  # those that land, else the closest under the targets
+        plan = _combination(pruner, options, counts)
+        if not len(plan):
+            continue
         try:
-            ratios = _ratios(_measured(pruner, Plan(removals)), start)
+            ratios = _ratios(_measured(pruner, plan), start)
         except (SurgeryError, PruningValueError):
             continue
         if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
-            return Plan(removals)
+            return plan
         if not _met(ratios, targets) and closer is None:  # a second-order miss: the next step goes on from it
-            closer = Plan(removals)
-        measured.append((Plan(removals), ratios))
-    if closer is not None:
+            closer = plan
+        measured.append((plan, ratios))
+    proven = not found.inside and _every_cut(pruner, options, found)  # then no later step could land either
+    if closer is not None and not proven:
         return closer
     measured.append((fallback, _ratios(_measured(pruner, fallback), start)))
+    searched = (f"the {len(options)} prunable group(s) (every count of each searched: none exists)" if proven
+                else f"the {len(options)} least important groups")
     _LANDING[pruner] = ("the combinations predicted to land within 1 point did not when measured" if found.inside
-                        else f"no combination of cuts of the {len(options)} least important groups lands within "
-                        "1 point under the target")
+                        else f"no combination of cuts of {searched} lands within 1 point under the target")
     return min((item for item in measured if _met(item[1], targets)), key=lambda item: _gap(item[1], targets))[0]
 
 
-def _options(pruner: Any, now: dict[str, float], start: dict[str, int],
+def _every_cut(pruner: Any, options: list[landing.Option], found: landing.Found) -> bool:
+    """Whether the search tried every combination of every count of every prunable group."""
+    caps = pruner.caps
+    return found.complete and len(options) == len(pruner.groups) and all(
+        o.limit == caps.get(o.group, 0) // o.unit for o in options)
+
+
+def _options(pruner: Any, now: dict[str, float], targets: dict[str, float], start: dict[str, int],
              ) -> tuple[list[landing.Option], dict[str, Plan], list[tuple[Plan, dict[str, float]]]]:
     """The cuts of the least important groups for :func:`prunable.landing.search`: one unit
     (a channel, one per block) measured, two units too where the group meets itself at a layer;
-    the unit plans; every plan measured, with its fractions."""
+    up to :data:`_LIMIT` units of each, or as many as the whole fall needs (:data:`_MOST` at
+    most); the unit plans; every plan measured, with its fractions."""
     scores, caps = pruner.scores(), pruner.caps
     groups = {g.id: g for g in pruner.groups}
     options, units, measured = [], {}, []
@@ -244,7 +337,8 @@ def _options(pruner: Any, now: dict[str, float], start: dict[str, int],
         if ratios is None:
             continue
         unit, drop, bend = len(plan), {k: now[k] - ratios[k] for k in now}, {}
-        limit = min(caps.get(gid, 0) // unit, _LIMIT)
+        reach = max(((now[k] - v + TOLERANCE) / drop[k] for k, v in targets.items() if drop[k] > 0), default=0)
+        limit = min(caps.get(gid, 0) // unit, max(_LIMIT, min(_MOST, math.ceil(reach))))
         layers = _layers(groups[gid])
         if limit >= 2 and len(layers) != len(set(layers)):  # in and out of one layer: the fall may bend
             try:
@@ -252,8 +346,8 @@ def _options(pruner: Any, now: dict[str, float], start: dict[str, int],
             except SurgeryError:
                 continue
             bend = {k: drop[k] - (now[k] - two[k]) / 2 for k in now}
-        order = scores[gid].sort().values.tolist()
-        importance = [sum(order[:k * unit]) for k in range(limit + 1)]
+        order = [0.0, *scores[gid].sort().values.double().cumsum(0).tolist()]
+        importance = [order[k * unit] for k in range(limit + 1)]
         options.append(landing.Option(gid, unit, limit, drop, importance, bend))
         units[gid] = plan
         measured.append((plan, ratios))
@@ -370,39 +464,6 @@ def _check(pruner: Any, flops: Any, params: Any, latency: Any, cost: Any, fine_t
         raise PruningValueError(f"{type(criterion).__name__} needs data: pass fine_tune= "
                                 "(or choose a data-free criterion such as 'l1')")
     return targets
-
-
-def stderr_is_terminal() -> bool:
-    """True when ``sys.stderr`` is an interactive terminal (progress bars belong there only)."""
-    stream = sys.stderr
-    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
-
-
-class Progress:
-    """A tqdm bar when ``enabled``, tqdm is installed and stderr is a terminal;
-    otherwise one INFO line per step on the ``"prunable"`` logger."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.bar = None
-        if enabled and stderr_is_terminal():
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(desc="pruning", unit="step", file=sys.stderr)
-
-    def update(self, record: dict[str, Any]) -> None:
-        numbers_ = {k: v for k, v in record.items() if k not in ("step", "removed") and isinstance(v, float)}
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in numbers_.items()})
-            return
-        logger.info("pruning step %d: %d channels removed; %s", record["step"], record["removed"],
-                    ", ".join(f"{k} {v:.4f}" for k, v in numbers_.items()))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def report(pruner: Any) -> str:

@@ -20,17 +20,17 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from .attention import AttentionHandler
 from .copies import meta_clone
-from .flops import count_flops, count_params
+from .flops import count_flops, count_params, module_flops
 from .surgery import handler_for
 
-__all__ = ["Baseline", "sizes", "widths"]
+__all__ = ["Baseline", "sizes", "unit_costs", "unit_of", "widths"]
 
 
 def sizes(model: nn.Module, example_inputs: Any) -> dict[str, int]:
@@ -83,3 +83,39 @@ def widths(groups: Iterable[Any]) -> dict[str, int]:
     by layer name; attention layers (whose channels are heads) are left out."""
     return {m.target.name: len(m.classes) for g in groups for m in g.producers
             if not isinstance(handler_for(m.target.module), AttentionHandler)}
+
+
+def unit_of(group: Any) -> int:
+    """Channels one unit of a group is: one, or one per block (heads, GroupNorm groups)."""
+    return 1 if group.blocks is None else len(group.blocks)
+
+
+def unit_costs(model: nn.Module, example_inputs: Any, groups: Iterable[Any],
+               start: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """First order: the fraction of ``start[m]`` (``"flops"``, ``"params"``) one unit of each group
+    costs now: the FLOPs and own parameters of its layers, divided by their widths.
+
+    Example
+    -------
+    >>> import torch
+    >>> from prunable.graph import DependencyGraph
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    >>> x = torch.randn(1, 3, 4, 4)
+    >>> costs = unit_costs(net, (x,), DependencyGraph(net, x).groups, sizes(net, (x,)))
+    >>> {k: round(v, 4) for k, v in costs["0"].items()}     # 1/8 of conv 0, 1/8 of conv 2
+    {'flops': 0.125, 'params': 0.125}
+    """
+    flops = module_flops(model, example_inputs) if "flops" in start else {}
+    out = {}
+    for g in groups:
+        cost = dict.fromkeys(start, 0.0)
+        for m in g.members:
+            if m.target.param is not None or m.target.module is None:
+                continue
+            width = max(len(m.classes), 1)
+            if "flops" in cost:
+                cost["flops"] += flops.get(m.target.name, 0) / width
+            if "params" in cost:
+                cost["params"] += sum(p.numel() for p in m.target.module.parameters(recurse=False)) / width
+        out[g.id] = {k: v * unit_of(g) / max(start[k], 1) for k, v in cost.items()}
+    return out

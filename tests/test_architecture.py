@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prunable"
 
 #: layer of each module: imports must point to a strictly lower layer
 LAYERS = {
-    "errors": 0, "reasons": 0, "accumulate": 0, "landing": 0, "plan": 0, "meta": 0, "inputs": 0,
+    "errors": 0, "reasons": 0, "accumulate": 0, "landing": 0, "progress": 0, "plan": 0, "meta": 0, "inputs": 0,
     "handlers": 1, "staging": 1, "distributed": 1, "recurrent": 2,
     "surgery": 2, "constraints": 1,
     "attention": 3, "shadow": 3, "sdpa": 4, "importance": 3, "restore": 3, "copies": 3,
@@ -25,11 +25,12 @@ LAYERS = {
     "trace": 5,
     "graph": 6, "models": 6,
     "flops": 7, "oracle": 7, "latency": 7,
-    "selection": 8, "validation": 8, "schedule": 8, "scoring": 8, "sizes": 8,
-    "admission": 9,
-    "pruner": 10,
-    "io": 11, "transfer": 11, "lightning": 11, "data": 11, "demo_report": 11,
-    "demo": 12, "cli": 13, "__main__": 14, "__init__": 14,
+    "sizes": 8,
+    "selection": 9, "validation": 9, "schedule": 9, "scoring": 9,
+    "admission": 10,
+    "pruner": 11,
+    "io": 12, "transfer": 12, "lightning": 12, "data": 12, "demo_report": 12,
+    "demo": 13, "cli": 14, "__main__": 15, "__init__": 15,
 }
 
 #: known exceptions, each with the reason it is still there

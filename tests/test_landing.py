@@ -2,7 +2,10 @@
 
 import itertools
 
-from prunable.landing import Option, search
+import pytest
+
+from prunable import landing
+from prunable.landing import Option, in_reserve, search
 
 
 def option(group, drop, limit=4, importance=1.0, bend=0.0, unit=1):
@@ -45,7 +48,9 @@ def test_a_bend_is_the_second_unit_costing_less():
     assert found.inside and found.counts[0] == {"a": 2} and abs(found.ratios[0]["flops"] - 0.84) < 1e-12
 
 
-def test_it_finds_a_landing_whenever_brute_force_does():
+@pytest.mark.parametrize("every", [landing._EVERY, 0], ids=["every combination", "knapsack"])
+def test_it_finds_a_landing_whenever_brute_force_does(every, monkeypatch):
+    monkeypatch.setattr(landing, "_EVERY", every)
     drops = [0.052, 0.087, 0.139, 0.26]
     options = [option(str(i), d, limit=2, importance=1 + i) for i, d in enumerate(drops)]
     falls = [sum(k * d for k, d in zip(ks, drops)) for ks in itertools.product(range(3), repeat=4)]
@@ -68,3 +73,35 @@ def test_two_targets_both_met():
     found = search([a, b], {"flops": 1.0, "params": 1.0}, {"flops": 0.886, "params": 0.968})
     assert found.inside and found.counts[0] == {"a": 2, "b": 1}  # 2·a alone: params 0.992
     assert abs(found.ratios[0]["flops"] - 0.877) < 1e-12 and abs(found.ratios[0]["params"] - 0.962) < 1e-12
+
+
+def test_at_least_keeps_only_combinations_that_take_those_units():
+    """Does a run that takes 2 units of a first still land? 3·a + ... no: only 0.2 more may go."""
+    a, b = option("a", 0.1, limit=4, importance=0.1), option("b", 0.006, limit=40, importance=1.0)
+    target = {"flops": 0.795}
+    assert search([a, b], {"flops": 1.0}, target).counts[0] == {"a": 2, "b": 1}  # 0.206
+    found = search([a, b], {"flops": 1.0}, target, at_least={"b": 5})
+    assert found.inside and found.counts[0] == {"a": 1, "b": 18}  # 0.1 + 0.108 = 0.208: 0.792
+    assert not search([a, b], {"flops": 1.0}, target, at_least={"a": 3}).inside  # 0.3 is past the window
+    assert found.complete
+
+
+@pytest.mark.parametrize("fine_units, before, kept", [
+    (30, None, set()),          # 30 · 0.5 = 15 points of fine channels: more than one coarse unit + 1
+    (20, None, {"fine"}),       # 10 points: a 10-point gap between coarse units could not be filled
+    (20, 24, {"fine"}),         # this step is what leaves too few (12 points before it)
+    (20, 20, set()),            # too few already before it: reserving would not help
+])
+def test_in_reserve_keeps_enough_fine_channels_to_fill_a_coarse_gap(fine_units, before, kept):
+    costs = {"coarse": {"flops": 0.1}, "fine": {"flops": 0.005}, "gone": {"flops": 0.001}}
+    units = {"coarse": 6, "fine": fine_units, "gone": 0}
+    prior = None if before is None else {"coarse": 6, "fine": before}
+    assert in_reserve(costs, units, {"flops": 0.3}, before=prior, limit=256) == kept
+
+
+def test_in_reserve_nothing_at_stake_without_coarse_groups_or_near_the_end():
+    fine = {"a": {"flops": 0.005}, "b": {"flops": 0.002}}
+    assert in_reserve(fine, {"a": 2, "b": 1}, {"flops": 0.5}) == set()  # every unit fine: any count lands
+    costs = {"coarse": {"flops": 0.1}, "fine": {"flops": 0.005}}
+    assert in_reserve(costs, {"coarse": 6, "fine": 5}, {"flops": 0.01}) == set()  # 2.5 points cover 0.01 + 0.01
+    assert in_reserve(costs, {"coarse": 6, "fine": 3}, {"flops": 0.01}) == {"fine"}
