@@ -106,7 +106,7 @@ def test_prune_to_lands_within_one_point_on_coarse_nets(net, key, target):
     assert log[-1][key] == reached[key] and "landing" not in log[-1]
 
 
-@pytest.mark.parametrize("net", ["huge conv", "fine"])
+@pytest.mark.parametrize("net", ["huge conv", "4-conv cnn"])
 def test_intermediate_steps_stay_importance_first_where_landing_is_not_at_stake(net):
     """The lookahead only reshapes a step that would leave the last one too few fine channels:
     on these runs every step but the last is the plain choice, the least important channels."""
