@@ -139,8 +139,10 @@ class Pruner:
         self.initial_widths = self.widths()
 
     # -- graph -----------------------------------------------------------------
-    def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
-        """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
+    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> None:
+        """Groups of the model from ``traced`` (a fresh trace when None), then validate them: groups
+        with no channel that can go are skipped; with ``probe``, also those whose trial run of
+        removing one channel fails (after a prune, such a group is found by the next plan's trial)."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         if traced.real is not None and self._real is None:
             self._real = traced.real
@@ -155,7 +157,7 @@ class Pruner:
         self._all = Selector(layouts, sizes, caps, labels)  # every group: checks name the skipped ones
         self._selector = self._all.without(self.skipped)
         if self.validate:
-            invalid = invalid_groups(self._selector, self._trials.runner(traced.clone))
+            invalid = invalid_groups(self._selector, self._trials.runner(traced.clone) if probe else None)
             # a group whose trial failed stays skipped (as after vet): not bisected again at every rebuild
             self._failed.update((gid, r) for gid, r in invalid.items() if r.kind is SkipKind.TRIAL_FAILED)
             self.skipped.update(invalid)
@@ -319,7 +321,9 @@ class Pruner:
         sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
-        self._rebuild(traced=traced)
+        # no probe trial: this plan's trial guarded the cut, and a group that can no longer lose a
+        # channel is found (bisected, skipped with its reason) by the trial of the next plan holding it
+        self._rebuild(traced=traced, probe=False)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(
