@@ -107,7 +107,9 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return new
 
 
-_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+#: a class overriding one of these copies itself; ``__setstate__`` alone (``Conv2d``'s) is honoured
+#: by :func:`_copy_module`, which calls it as ``deepcopy`` would
+_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
 
 
 _FLAT = (OrderedDict, dict, set)
