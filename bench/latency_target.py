@@ -16,7 +16,11 @@ Both with ``channels_per_step`` a fraction of the channels left (fewer,
 larger steps). Then the unpruned and the two pruned models run in alternation
 (eval mode, ``torch.set_num_threads(2)``): "latency ÷ original" is the median
 (range) of the run-by-run ratios, so background load affects all alike.
-"table" is the wall time of building the latency table (part of "prune time").
+Each prune is run ``REPEATS`` times from fresh copies, the two targets
+alternating (the latency table is measured anew each time); "table" (the wall
+time of building the latency table, part of "prune time") and "prune time" are
+medians (ranges) of those runs, and the latencies are measured on the first
+run's pruned models.
 The issue's claim: latency-targeted ≤ 0.55 (target + 0.05), and not above the
 FLOPs-targeted model's.
 
@@ -34,7 +38,7 @@ import torch
 import torchvision
 
 import common
-from common import markdown_table, short_error
+from common import Runs, markdown_table, short_error
 
 MODELS = {"ResNet-18": "resnet18", "MobileNetV2": "mobilenet_v2"}
 TARGET = 0.5
@@ -54,17 +58,30 @@ def _prune(model: torch.nn.Module, x: torch.Tensor, key: str, step: float) -> tu
     return pruned, {"seconds": seconds, "table": table}
 
 
+def _prunes(model: torch.nn.Module, x: torch.Tensor, step: float) -> dict[str, Any]:
+    """``REPEATS`` prunes to each target, alternating: the first run's models and the times of all runs."""
+    out: dict[str, Any] = {}
+    for _ in range(common.REPEATS):
+        for key in ("latency", "flops"):
+            if isinstance(out.get(key), Exception):
+                continue
+            try:
+                pruned, times = _prune(model, x, key, step)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                out[key] = exc
+                continue
+            _, runs = out.setdefault(key, (pruned, {"seconds": [], "table": []}))
+            for name, value in times.items():
+                runs[name].append(value)
+    return {k: v if isinstance(v, Exception) else (v[0], {n: Runs(tuple(t)) for n, t in v[1].items()})
+            for k, v in out.items()}
+
+
 def _row(label: str, side: int, model: torch.nn.Module, x: torch.Tensor, quick: bool) -> list[str]:
     from prunable import count_flops
 
     base = count_flops(model, x)
-    step = 0.2 if quick else 0.1
-    out: dict[str, Any] = {}
-    for key in ("latency", "flops"):
-        try:
-            out[key] = _prune(model, x, key, step)
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            out[key] = exc
+    out = _prunes(model, x, 0.2 if quick else 0.1)
     failed = [f"{k}: {short_error(v)}" for k, v in out.items() if isinstance(v, Exception)]
     if failed:
         return [label, f"{side}²", "; ".join(failed)] + [""] * 6
@@ -73,7 +90,7 @@ def _row(label: str, side: int, model: torch.nn.Module, x: torch.Tensor, quick: 
     return [label, f"{side}²", common.fmt_runs(runs[0]),
             common.fmt_ratio_runs(runs[1], runs[0]), f"{count_flops(lat_model, x) / base:.1%}",
             common.fmt_ratio_runs(runs[2], runs[0]), f"{count_flops(flops_model, x) / base:.1%}",
-            f"{lat['table']:.1f} s", f"{lat['seconds']:.0f} s / {flops['seconds']:.0f} s"]
+            common.fmt_runs(lat["table"]), f"{common.fmt_runs(lat['seconds'])} / {common.fmt_runs(flops['seconds'])}"]
 
 
 def main(quick: bool = False) -> str:

@@ -18,13 +18,11 @@ and its FLOPs and params are strictly lower. Only what a user calls is timed
 libraries alike. Each library gets ``LIMIT`` seconds per model for building
 its graph and pruning (a ``SIGALRM`` interrupts it: "timeout", counted apart
 from failures). A library that prunes a model is timed on ``REPEATS`` fresh
-deep copies, the libraries alternating, while its runs of that model total
-under ``LIMIT`` seconds (a slower model gets fewer runs, and the cell says
-so), for every model whose times appear in a table row (``--quick``: all;
-otherwise the models where the libraries differ); a cell is the median (range)
-of those runs. The summed time over the models both libraries prune uses one
-run per model (three would add about six minutes to ``make bench``); its
-spread is shown as the distribution of the per-model ratios.
+deep copies, the libraries alternating (each run again under ``LIMIT``), so
+every time shown, and the summed time over the models both libraries prune,
+is a median (range) of ``REPEATS`` runs: the summed time of run *i* is the sum
+of every model's run *i*, and ours/TP is the median (range) of those run-by-run
+ratios; the spread of the per-model ratios is shown too.
 Also writes ``docs/zoo.md``.
 
 Run: ``python bench/zoo.py [--quick]`` (``--quick``: the representative subset
@@ -48,7 +46,7 @@ import common
 import layer_table
 import task_zoo
 import transformer_zoo
-from common import REPEATS, REPO, Runs, fmt_ratio, fmt_runs, markdown_table, short_error, timed
+from common import REPEATS, REPO, Runs, fmt_ratio_runs, fmt_runs, markdown_table, short_error, timed
 
 sys.path.insert(0, str(REPO / "tests"))
 from helpers import fraction_plan  # noqa: E402
@@ -180,8 +178,9 @@ def attempt_with(src: torch.nn.Module, spent: list[float],
     return result
 
 
-def run_model(name: str, repeat_all: bool) -> dict[str, Any]:
-    """Both libraries on ``name``; repeated runs where a time will be shown in a table row (see ``main``)."""
+def run_model(name: str) -> dict[str, Any]:
+    """Both libraries on ``name``, ``REPEATS`` runs each, alternating (a library that fails or times out once
+    is not run again)."""
     from prunable import count_flops, count_params
 
     common.seed_all(0)
@@ -192,11 +191,12 @@ def run_model(name: str, repeat_all: bool) -> dict[str, Any]:
     libs = {"ours": Ours, "theirs": Theirs}
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     results = {who: attempt(lib, src, x, shape, before, times[who]) for who, lib in libs.items()}
-    if repeat_all or not results["ours"]["status"] == results["theirs"]["status"] == "ok":
-        for _ in range(REPEATS - 1):
-            for who, lib in libs.items():
-                if results[who]["status"] == "ok" and len(times[who]) and sum(times[who]) < LIMIT:
-                    attempt(lib, src, x, shape, before, times[who])
+    for _ in range(REPEATS - 1):
+        for who, lib in libs.items():
+            if results[who]["status"] == "ok":
+                later = attempt(lib, src, x, shape, before, times[who])
+                if "status" in later:  # a later run failed or timed out: the model's status says so
+                    results[who] = {**results[who], "status": later["status"]}
     del src
     gc.collect()
     for who, result in results.items():
@@ -240,7 +240,7 @@ def main(quick: bool = False) -> str:
     names = [n for n in all_models() if n in REPRESENTATIVE] if quick else all_models()
     results = []
     for name in names:
-        results.append(run_model(name, repeat_all=quick))
+        results.append(run_model(name))
         print(f"zoo: {name}: ours {results[-1]['ours']['status']}, TP {results[-1]['theirs']['status']}",
               file=sys.stderr, flush=True)
     count = lambda who, prefix: sum(r[who]["status"].startswith(prefix) for r in results)  # noqa: E731
@@ -262,18 +262,18 @@ def main(quick: bool = False) -> str:
 
 
 def _timing(both: list[dict[str, Any]]) -> str:
-    """Summed per-model medians over the models both libraries prune, and the spread of per-model ratios."""
+    """Summed time over the models both libraries prune, run by run, and the spread of per-model ratios."""
     if not both:
         return "No model is pruned by both libraries."
-    ours_s, theirs_s = (sum(r[w]["runs"].median for r in both) for w in ("ours", "theirs"))
+    runs = min(len(r[w]["runs"].times) for r in both for w in ("ours", "theirs"))
+    ours, theirs = (Runs(tuple(sum(r[w]["runs"].times[i] for r in both) for i in range(runs)))
+                    for w in ("ours", "theirs"))
     ratios = sorted(r["ours"]["runs"].median / r["theirs"]["runs"].median for r in both)
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-    runs = sorted({len(r[w]["runs"].times) for r in both for w in ("ours", "theirs")})
-    how = "one run" if runs == [1] else f"median of {'/'.join(map(str, runs))} runs"
-    return (f"Graph + prune time ({how} per model and library) summed over "
-            f"the {len(both)} models both libraries prune: ours {ours_s:.0f} s, Torch-Pruning {theirs_s:.0f} s "
-            f"(ours/TP {fmt_ratio(ours_s, theirs_s)}); per model, ours/TP is {quartiles[1]:.2f}× at the median "
-            f"(middle half {quartiles[0]:.2f}–{quartiles[2]:.2f}×, range {ratios[0]:.2f}–{ratios[-1]:.2f}×).")
+    return (f"Graph + prune time summed over the {len(both)} models both libraries prune, median (range) of "
+            f"{runs} runs: ours {fmt_runs(ours)}, Torch-Pruning {fmt_runs(theirs)} "
+            f"(ours/TP {fmt_ratio_runs(ours, theirs)}); per model (medians), ours/TP is {quartiles[1]:.2f}× at the "
+            f"median (middle half {quartiles[0]:.2f}–{quartiles[2]:.2f}×, range {ratios[0]:.2f}–{ratios[-1]:.2f}×).")
 
 
 if __name__ == "__main__":

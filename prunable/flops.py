@@ -60,14 +60,27 @@ def _count(model: nn.Module, inputs: Any) -> FlopCounterMode:
     """Count on a meta copy; on a real copy when the forward pass needs real values
     (data-dependent post-processing of a detector)."""
     try:
-        clone = meta_clone(model).eval()  # a copy: eval mode lets a batch of one through BatchNorm1d
+        clone = _frozen(meta_clone(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter, _RecurrentFlops(counter):
             call_model(clone, inputs_to(inputs, "meta"))
     except Exception:  # noqa: BLE001 - data-dependent code: count with real values
-        clone = copy.deepcopy(model).eval()
+        clone = _frozen(copy.deepcopy(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             call_model(clone, inputs)
     return counter
+
+
+def _frozen(clone: nn.Module) -> nn.Module:
+    """``clone`` (a copy of the user's model) in eval mode, its parameters not requiring grad.
+
+    Eval mode lets a batch of one through BatchNorm1d. Under ``no_grad`` a view of a
+    parameter (``self.cls_token.expand(n, -1, -1)``) still requires grad but has no
+    grad_fn, and the counter's module tracker asserts on such a module input; with the
+    copy's parameters frozen no input requires grad.
+    """
+    for param in clone.parameters():
+        param.requires_grad_(False)
+    return clone.eval()
 
 
 def count_flops(model: nn.Module, inputs: Any) -> int:

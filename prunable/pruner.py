@@ -32,21 +32,20 @@ import torch
 from torch import nn
 
 from . import schedule
+from .admission import Admission
 from .distributed import unwrap
-from .attention import AttentionHandler
 from .configs import sync_config
-from .copies import meta_clone
 from .errors import PruningValueError, SurgeryError
-from .flops import count_flops, count_params
 from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, estimating, make_criterion
 from .inputs import input_tensors
 from .plan import Plan
-from .reasons import SkipKind, SkipReason
+from .reasons import SkipReason
 from .scoring import flops_per_channel, group_scores
-from .selection import Constraints, Scope, Selector, layouts_of, parse_scope, resolve_max_ratio
-from .surgery import apply_cuts, handler_for
-from .validation import Trials, invalid_groups, trial_failed
+from .selection import Scope, parse_scope
+from .sizes import Baseline, sizes, widths
+from .surgery import apply_cuts
+from .validation import Trials, invalid_groups
 
 __all__ = ["Pruner", "Scope"]
 
@@ -120,16 +119,13 @@ class Pruner:
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
         self.max_ratio = max_ratio
-        ratios = resolve_max_ratio(max_ratio, dict(model.named_modules()))
-        self.constraints = Constraints(min_channels, round_to, *ratios)
-        self.ignored = _ignored_names(model, ignored_layers)
+        self._admission = Admission.of(model, min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
+                                       ignored=ignored_layers)  # caps, skipped groups and why
+        self.constraints, self.ignored = self._admission.constraints, self._admission.ignored
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
         self.log: list[dict[str, Any]] = []
-        self._baseline: dict[str, int] | None = None
-        self._pristine: nn.Module | None = None  # a meta copy of the model before its first cut
-        self._original: dict[str, int] | None = None  # channels of every group at creation
-        self._failed: dict[str, SkipReason] = {}  # groups whose real cut failed: skipped from then on
+        self._start = Baseline(model, self.example_inputs)  # the counts of :attr:`baseline`
         #: groups → seconds one channel of each costs; scores are divided by it (``prune_to(cost="latency")``)
         self.ranking_cost: Callable[[list[ChannelGroup]], Mapping[str, float]] | None = None
         #: the :class:`~prunable.latency.LatencyTable` of the last ``prune_to(latency=|cost="latency")``
@@ -150,32 +146,27 @@ class Pruner:
                           f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self._trials = Trials(self.model, self.example_inputs, self.graph.cuts, real=self._real)
-        if self._original is None:
-            self._original = {g.id: g.channels for g in self.graph.groups}
-        caps, self.skipped = self.constraints.limits(self.graph.groups, self._original, self._failed, self.ignored)
-        layouts, sizes, labels = layouts_of(self.graph.groups)
-        self._all = Selector(layouts, sizes, caps, labels)  # every group: checks name the skipped ones
-        self._selector = self._all.without(self.skipped)
-        if self.validate:
-            invalid = invalid_groups(self._selector, self._trials.runner(traced.clone) if probe else None)
-            # a group whose trial failed stays skipped (as after vet): not bisected again at every rebuild
-            self._failed.update((gid, r) for gid, r in invalid.items() if r.kind is SkipKind.TRIAL_FAILED)
-            self.skipped.update(invalid)
-            self._selector = self._all.without(self.skipped)
+        self._admission.update(self.graph.groups, (lambda selector: invalid_groups(
+            selector, self._trials.runner(traced.clone) if probe else None)) if self.validate else None)
         for gid, reason in self.skipped.items() if warn else ():
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         self._points = _measure_points(self.model, self.groups)
 
     @property
+    def skipped(self) -> dict[str, SkipReason]:
+        """Group id → why the group is not pruned (``str()`` it for the message; test ``.kind``)."""
+        return self._admission.skipped
+
+    @property
     def caps(self) -> dict[str, int]:
         """Group id → channels the group may still lose (``min_channels``, ``round_to``, ``max_ratio``)."""
-        return dict(self._selector.caps)
+        return dict(self._admission.selector.caps)
 
     @property
     def available(self) -> int:
         """Channels that may still be removed, over all prunable groups."""
-        return self._selector.available()
+        return self._admission.selector.available()
 
     @property
     def groups(self) -> list[ChannelGroup]:
@@ -210,9 +201,9 @@ class Pruner:
         layer scope). ``groups`` restricts the choice to those group ids.
         """
         scope = parse_scope(scope)
-        selector = self._selector
+        selector = self._admission.selector
         if groups is not None:
-            selector = selector.only(groups, known=self._all.layouts)
+            selector = selector.only(groups, known=self._admission.all.layouts)
         scores = self.scores()
         return selector.plan({gid: scores[gid] for gid in selector.layouts}, n, scope, self.round_to)
 
@@ -248,12 +239,9 @@ class Pruner:
         """Try ``plan`` on a meta copy; the groups whose cut breaks the forward pass, with the
         error. Those groups are skipped from then on (:attr:`skipped` says why)."""
         plan = Plan.coerce(plan)
-        self._all.check(plan.removals, self.skipped, self.min_channels)
+        self._admission.all.check(plan.removals, self.skipped, self.min_channels)
         failing = self._trials.failing(plan)
-        for gid, error in failing:
-            self._failed[gid] = self.skipped[gid] = trial_failed(error)
-            warnings.warn(f"prunable: group {gid} is not pruned: {self.skipped[gid]}", stacklevel=3)
-        self._selector = self._all.without(self.skipped)
+        self._admission.fail(failing, stacklevel=3)
         return failing
 
     def measure(self, plan: Plan | Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
@@ -263,7 +251,7 @@ class Pruner:
         Raises :class:`SurgeryError` (and skips the culprit groups) if ``plan`` breaks the model.
         """
         if plan is None:
-            return {"flops": count_flops(self.model, self.example_inputs), "params": count_params(self.model)}
+            return sizes(self.model, self.example_inputs)
         plan = Plan.coerce(plan)
         failing = self.vet(plan)
         if failing:
@@ -274,23 +262,7 @@ class Pruner:
     def baseline(self) -> dict[str, int]:
         """FLOPs and params of the model when the Pruner was created (counted on a meta copy
         kept at the first prune, or on the model itself before it)."""
-        if self._baseline is None and self._pristine is not None:
-            self._baseline = {"flops": count_flops(self._pristine, self.example_inputs),
-                              "params": count_params(self._pristine)}
-            self._pristine = None
-        if self._baseline is None:
-            self._baseline = self.measure()
-        return self._baseline
-
-    def _keep_baseline(self) -> None:
-        """Before the first cut: keep what :attr:`baseline` needs (a meta copy of the model,
-        counted only when asked; the FLOPs themselves when the forward pass needs real values)."""
-        if self._baseline is not None or self._pristine is not None:
-            return
-        if self._real is None:
-            self._pristine = meta_clone(self.model)
-        else:
-            self.baseline  # noqa: B018 - counted now, on the model before the cut
+        return self._start.counts()
 
     def prune(self, plan: Plan | Mapping[str, Iterable[int]]) -> None:
         """Apply ``plan`` (group id → channel indices) atomically.
@@ -300,11 +272,9 @@ class Pruner:
         ``max_ratio``), and :class:`SurgeryError` if the pruned model would not
         run; in both cases the model and optimizer are unchanged.
         """
-        if torch.is_inference_mode_enabled():
-            raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
-                                    "parameters could never be trained again; call it outside")
+        _check_grad_mode()
         plan = Plan.coerce(plan)
-        self._all.check(plan.removals, self.skipped, self.min_channels)
+        self._admission.all.check(plan.removals, self.skipped, self.min_channels)
         with _gc_paused():
             self._prune(plan)
 
@@ -316,7 +286,7 @@ class Pruner:
             gid, error = failing[0]
             raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
         traced = self._trials.traced(plan) if self.validate else None
-        self._keep_baseline()
+        self._start.keep(self._real)
         apply_cuts(self._trials.cuts(plan), self.optimizer)
         sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
@@ -346,8 +316,7 @@ class Pruner:
 
     def widths(self) -> dict[str, int]:
         """Output channels of every producing layer of the current graph."""
-        return {m.target.name: len(m.classes) for g in self.graph.groups for m in g.producers
-                if not isinstance(handler_for(m.target.module), AttentionHandler)}
+        return widths(self.graph.groups)
 
 
 def _measure_points(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, MeasurePoint]:
@@ -396,18 +365,11 @@ def _aggregation(value: Any) -> Aggregation:
         raise PruningValueError(f"aggregation={value!r}: choose one of {choices}") from None
 
 
-def _ignored_names(model: nn.Module, ignored: Iterable[nn.Module | str]) -> set[str]:
-    """Qualified names of ``ignored``; unknown entries raise."""
-    by_id = {id(m): n for n, m in model.named_modules()}
-    names = set(by_id.values())
-    out = set()
-    for item in ignored:
-        name = item if isinstance(item, str) else by_id.get(id(item))
-        if name is None or name not in names:
-            shown = item if isinstance(item, str) else type(item).__name__
-            raise PruningValueError(f"ignored_layers entry {shown!r} is not a module of the model")
-        out.add(name)
-    return out
+def _check_grad_mode() -> None:
+    """Pruning inside ``torch.inference_mode()`` is refused."""
+    if torch.is_inference_mode_enabled():
+        raise PruningValueError("prune() called inside torch.inference_mode(): the pruned "
+                                "parameters could never be trained again; call it outside")
 
 
 def _check_inputs(model: nn.Module, inputs: Any) -> None:

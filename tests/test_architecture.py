@@ -25,10 +25,11 @@ LAYERS = {
     "trace": 5,
     "graph": 6, "models": 6,
     "flops": 7, "oracle": 7, "latency": 7,
-    "selection": 8, "validation": 8, "schedule": 8, "scoring": 8,
-    "pruner": 9,
-    "io": 10, "transfer": 10, "lightning": 10, "data": 10, "demo_report": 10,
-    "demo": 11, "cli": 12, "__main__": 13, "__init__": 13,
+    "selection": 8, "validation": 8, "schedule": 8, "scoring": 8, "sizes": 8,
+    "admission": 9,
+    "pruner": 10,
+    "io": 11, "transfer": 11, "lightning": 11, "data": 11, "demo_report": 11,
+    "demo": 12, "cli": 13, "__main__": 14, "__init__": 14,
 }
 
 #: known exceptions, each with the reason it is still there
