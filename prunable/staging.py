@@ -54,8 +54,13 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: 
     on the way, moved to host memory: what :func:`unslice` needs to rebuild ``tensor``.
     With ``whole``, ``[tensor]`` itself instead of the removed slices (no copy)."""
     out, removed = tensor, []
-    if tensor.is_meta or whole:  # a meta tensor is its shape; a whole tensor is its own undo
-        removed = [tensor] if whole else removed
+    if tensor.is_meta:  # nothing to keep: a meta tensor is its shape
+        shape = list(tensor.shape)
+        for axis, keep in axes.items():
+            shape[axis] = len(keep)
+        return tensor.new_empty(shape), removed
+    if whole:  # a whole tensor is its own undo
+        removed = [tensor]
         for axis, keep in axes.items():
             out = out.index_select(axis, keep.to(tensor.device))
         return out.contiguous(), removed
