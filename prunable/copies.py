@@ -39,7 +39,7 @@ def meta_clone(model: nn.Module) -> nn.Module:
         memo[id(t)] = _meta_tensor(t)
     for module in model.modules():
         for key, value in vars(module).items():
-            if not value and key in _OWN_TABLES:  # an empty table (most hook tables): made afresh below
+            if key in _OWN_TABLES and not value:  # an empty table (most hook tables): made afresh below
                 continue
             if type(value) in _FLAT and id(value) not in memo:
                 copied = _flat_copy(value, memo)
