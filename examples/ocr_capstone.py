@@ -51,7 +51,7 @@ class Settings:
     train_per_class: int = 24
     eval_per_class: int = 4
     epochs: int = 6
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     batch_size: int = 128
     lr: float = 0.05
     channels_per_step: int = 32

@@ -18,13 +18,24 @@ torch.Size([3])
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["ScoreAccumulator", "taylor_per_example"]
 
 
+#: elements of ``activation * grad`` formed at a time: a block small enough to stay in the cache
+CHUNK_ELEMENTS = 1 << 18
+
+
 def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """Signed per-example, per-channel spatial mean of ``activation * grad``.
+
+    The product is formed a few examples at a time into one small buffer that
+    stays in the cache, and summed there without moving the channel dim (no
+    copy of a ``(N, T, C)`` token tensor), so the full-size product is never
+    allocated; the sums are divided by the number of positions at the end.
 
     Parameters
     ----------
@@ -39,12 +50,31 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     torch.Tensor
         Shape ``(N, C)`` in float32. Take ``abs()`` before averaging over N for
         the paper's Eq. 8.
+
+    Example
+    -------
+    >>> a = torch.ones(2, 3, 4); g = torch.full((2, 3, 4), 0.5)
+    >>> taylor_per_example(a, g, channel_dim=-1)
+    tensor([[0.5000, 0.5000, 0.5000, 0.5000],
+            [0.5000, 0.5000, 0.5000, 0.5000]])
     """
     a, g = activation.detach(), grad.detach()
-    if a.dtype != torch.float32 or g.dtype != torch.float32:
-        a, g = a.float(), g.float()
-    prod = (a * g).movedim(channel_dim, 1)
-    return prod.mean(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
+    if a.dim() <= 2:  # (N, C): nothing to average
+        return a.float() * g.float()
+    dim = channel_dim % a.dim()
+    reduced = tuple(d for d in range(1, a.dim()) if d != dim)
+    n, positions = a.shape[0], math.prod(a.shape[d] for d in reduced)
+    out = torch.empty(n, a.shape[dim], dtype=torch.float32, device=a.device)
+    step = max(1, CHUNK_ELEMENTS // max(positions * a.shape[dim], 1))
+    if step >= n or a.device.type != "cpu":  # one block (a GPU reads it in one kernel)
+        torch.sum(a.float() * g.float(), reduced, out=out)
+    else:
+        block = torch.empty((step,) + a.shape[1:], dtype=torch.float32, device=a.device)
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            torch.mul(a[i:j].float(), g[i:j].float(), out=block[: j - i])
+            torch.sum(block[: j - i], reduced, out=out[i:j])
+    return out.div_(positions)
 
 
 class ScoreAccumulator:

@@ -8,6 +8,7 @@ from prunable import (
     APoZ, Aggregation, BNScale, EstimationError, MeanActivation, Pruner, Random, TaylorActivation,
     TaylorBN, TaylorWeight, WeightNorm,
 )
+from prunable import accumulate
 from prunable.accumulate import ScoreAccumulator, taylor_per_example
 from prunable.importance import l2_normalize
 
@@ -41,6 +42,22 @@ def test_accumulator_two_batches_equal_combined():
     seed = ScoreAccumulator(abs_after_batch_mean=True)
     seed.add(taylor_per_example(a, g))
     torch.testing.assert_close(seed.value(), (a * g).mean((2, 3)).mean(0).abs())
+
+
+@pytest.mark.parametrize("shape, dim, dtype, channels_last", [
+    ((7, 5, 3, 3), 1, torch.float32, False), ((7, 5, 3, 3), 1, torch.float32, True),
+    ((7, 9, 6), -1, torch.float32, False), ((7, 4, 6), 1, torch.bfloat16, False),
+])
+def test_taylor_per_example_in_blocks_equals_the_mean_of_the_product(monkeypatch, shape, dim, dtype, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    a, g = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    if channels_last:
+        a = a.to(memory_format=torch.channels_last)
+    want = (a.float() * g.float()).movedim(dim, 1).flatten(2).mean(2)
+    torch.testing.assert_close(taylor_per_example(a, g, dim), want)  # one block
+    # blocks of two examples, the last one short
+    monkeypatch.setattr(accumulate, "CHUNK_ELEMENTS", 2 * math.prod(shape[1:]))
+    torch.testing.assert_close(taylor_per_example(a, g, dim), want)
 
 
 def test_l2_normalize_guards_zero():
