@@ -39,6 +39,8 @@ def meta_clone(model: nn.Module) -> nn.Module:
         memo[id(t)] = _meta_tensor(t)
     for module in model.modules():
         for key, value in vars(module).items():
+            if key in _OWN_TABLES and not value:  # an empty table (most hook tables): made afresh below
+                continue
             if type(value) in _FLAT and id(value) not in memo:
                 copied = _flat_copy(value, memo)
                 if copied is not None:
@@ -52,6 +54,8 @@ def meta_clone(model: nn.Module) -> nn.Module:
 
 #: a module's own tables: parameters, buffers and submodules are copied by the loops above
 _TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+#: every table ``nn.Module`` makes for itself (hooks, name sets): never shared with another module
+_OWN_TABLES = frozenset(k for k, v in vars(nn.Module()).items() if type(v) in (dict, OrderedDict, set))
 
 
 def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +103,8 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             continue
         if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
             state[key] = value
+        elif key in _OWN_TABLES and kind in _FLAT and not value:  # what deepcopy makes of an empty table
+            state[key] = kind()
         elif key == "_modules" and kind in _FLAT:
             state[key] = kind((k, None if m is None else _copy_module(m, memo)) for k, m in value.items())
         else:
@@ -107,7 +113,9 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return new
 
 
-_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+#: a class overriding one of these copies itself; ``__setstate__`` alone (``Conv2d``'s) is honoured
+#: by :func:`_copy_module`, which calls it as ``deepcopy`` would
+_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
 
 
 _FLAT = (OrderedDict, dict, set)

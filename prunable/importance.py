@@ -117,6 +117,54 @@ class _EagerStance:
             self._stance = None
 
 
+class KeptActivation:
+    """A measure point's activation, kept from the forward pass for the backward hook.
+
+    The model may change a layer's output in place after the layer (torchvision's
+    ResNet: ``out = self.bn2(out); out += identity; out = self.relu(out)`` with an
+    in-place ReLU) before the backward pass: the tensor the hook kept then holds
+    ``relu(y + identity)``, not ``y``, while the gradient is still ``dL/dy``.
+    Whether a point's output is changed so is learnt from its first backward: until
+    then the activation is copied and its version counter checked; afterwards it is
+    copied only where the model changes it. A batch whose uncopied activation was
+    changed anyway (the forward pass took another path) is left out with a warning,
+    never mixed into the scores.
+
+    Example
+    -------
+    >>> y = torch.ones(2, 3)
+    >>> keep = KeptActivation("bn")
+    >>> a = keep.hold(y)
+    >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
+    >>> keep.use(a, lambda x: float(x.sum()))
+    6.0
+    >>> keep.copies
+    True
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.copies: bool | None = None  # unknown until the first backward
+
+    def hold(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
+        return (a if self.copies is False else a.clone()), a, a._version
+
+    def use(self, held: tuple[torch.Tensor, torch.Tensor, int], add: Callable[[torch.Tensor], Any]) -> Any:
+        """``add(activation)`` with the activation as the layer produced it, or nothing if it was lost."""
+        kept, alias, version = held
+        changed = alias._version != version
+        if self.copies is None:
+            self.copies = changed
+        elif changed and not self.copies:
+            self.copies = True
+            warnings.warn(f"prunable: {self.name}'s output was changed in place after the layer in this batch "
+                          "only; the batch is left out of its estimate, and its output is copied from now on",
+                          stacklevel=2)
+            return None
+        return add(kept)
+
+
 class Criterion:
     """Base class of channel importance criteria.
 
@@ -155,14 +203,17 @@ class Criterion:
         if not self.needs_activations:
             return []
 
+        keep = KeptActivation(point.name)
+
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             output = point.activation(output)
             if output is None:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    a = point.view(output.detach())
-                    output.register_hook(lambda g: acc.add(self.per_example(a, point.view(g), point.dim)))
+                    a = keep.hold(point.view(output.detach()))
+                    output.register_hook(lambda g: keep.use(a, lambda x: acc.add(
+                        self.per_example(x, point.view(g), point.dim))))
             else:
                 acc.add(self.per_example(point.view(output.detach()), None, point.dim))
 

@@ -135,8 +135,10 @@ class Pruner:
         self.initial_widths = self.widths()
 
     # -- graph -----------------------------------------------------------------
-    def _rebuild(self, warn: bool = False, traced: Traced | None = None) -> None:
-        """Groups of the model from ``traced`` (a fresh trace when None), then validate them."""
+    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> None:
+        """Groups of the model from ``traced`` (a fresh trace when None), then validate them: groups
+        with no channel that can go are skipped; with ``probe``, also those whose trial run of
+        removing one channel fails (after a prune, such a group is found by the next plan's trial)."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         if traced.real is not None and self._real is None:
             self._real = traced.real
@@ -145,7 +147,7 @@ class Pruner:
         self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self._trials = Trials(self.model, self.example_inputs, self.graph.cuts, real=self._real)
         self._admission.update(self.graph.groups, (lambda selector: invalid_groups(
-            selector, self._trials.runner(traced.clone))) if self.validate else None)
+            selector, self._trials.runner(traced.clone) if probe else None)) if self.validate else None)
         for gid, reason in self.skipped.items() if warn else ():
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
@@ -289,7 +291,9 @@ class Pruner:
         sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
-        self._rebuild(traced=traced)
+        # no probe trial: this plan's trial guarded the cut, and a group that can no longer lose a
+        # channel is found (bisected, skipped with its reason) by the trial of the next plan holding it
+        self._rebuild(traced=traced, probe=False)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(

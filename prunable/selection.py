@@ -33,11 +33,10 @@ import torch
 
 from .constraints import Constraints, capacity, resolve_max_ratio
 from .errors import PruningValueError
-from .graph import positions
 from .plan import Plan
 
 __all__ = [
-    "Constraints", "GroupLayout", "Scope", "Selector", "capacity", "layouts_of", "parse_scope",
+    "Constraints", "GroupLayout", "Scope", "Selector", "capacity", "count_tables", "layouts_of", "parse_scope",
     "removal_count", "resolve_max_ratio",
 ]
 
@@ -89,21 +88,57 @@ class GroupLayout:
         return int(self.counts.shape[1]) if isinstance(self.counts, torch.Tensor) else 0
 
 
-def _counts_of(group: Any) -> Callable[[], torch.Tensor]:
-    done: list[torch.Tensor] = []
+def _counts_of(groups: Sequence[Any]) -> Callable[[int], Callable[[], torch.Tensor]]:
+    """``i → counts of groups[i]`` as a callable: the tables of every group are counted
+    together, once, the first time one is asked for (see :func:`count_tables`)."""
+    done: list[list[torch.Tensor]] = []
 
-    def count() -> torch.Tensor:
-        if done:
-            return done[0]
-        labels = [m.classes.reshape(-1) for m in group.members]
-        member = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-        at = positions(group.classes, torch.cat(labels))
-        ok = at >= 0
-        n = group.channels
-        done.append(torch.bincount(member[ok] * n + at[ok], minlength=len(labels) * n).view(len(labels), n))
-        return done[0]
+    def of(i: int) -> Callable[[], torch.Tensor]:
+        def count() -> torch.Tensor:
+            if not done:
+                done.append(count_tables(groups))
+            return done[0][i]
+        return count
 
-    return count
+    return of
+
+
+def count_tables(groups: Sequence[Any]) -> list[torch.Tensor]:
+    """``(members, channels)`` table of every group: how many indices of each member of a
+    :class:`~prunable.graph.ChannelGroup` hold each of its channels (labels of other groups,
+    and negative ones, count for none), all groups in one pass.
+
+    Example
+    -------
+    >>> from types import SimpleNamespace as NS
+    >>> g = NS(classes=torch.tensor([5, 7]), channels=2,
+    ...        members=[NS(classes=torch.tensor([5, 7])), NS(classes=torch.tensor([7, 7, 9, -1]))])
+    >>> count_tables([g])[0].tolist()
+    [[1, 1], [0, 2]]
+    """
+    if not groups:
+        return []
+    sizes = torch.tensor([g.channels for g in groups])
+    rows = torch.tensor([len(g.members) for g in groups])
+    classes = torch.cat([g.classes for g in groups])
+    channel = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)  # label → channel of all groups
+    channel[classes] = torch.arange(len(classes))
+    group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # channel → its group
+    labels = [m.classes.reshape(-1) for g in groups for m in g.members]
+    row = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
+    row_group = torch.repeat_interleave(torch.arange(len(groups)), rows)[row]  # group of each label's row
+    flat = torch.cat(labels)
+    inside = (flat >= 0) & (flat < len(channel))
+    at = torch.full_like(flat, -1)
+    at[inside] = channel[flat[inside]]
+    ok = at >= 0
+    ok[ok.clone()] = group_of[at[ok]] == row_group[ok]  # a label of another group counts for none
+    tables = rows * sizes
+    first_row, first_channel = torch.cumsum(rows, 0) - rows, torch.cumsum(sizes, 0) - sizes
+    g = row_group[ok]
+    index = (torch.cumsum(tables, 0) - tables)[g] + (row[ok] - first_row[g]) * sizes[g] + at[ok] - first_channel[g]
+    counts = torch.bincount(index, minlength=int(tables.sum()))
+    return [t.view(r, n) for t, r, n in zip(counts.split(tables.tolist()), rows.tolist(), sizes.tolist())]
 
 
 def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], list[str]]:
@@ -113,7 +148,9 @@ def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], l
     labels: list[str] = []
     index: dict[tuple, int] = {}
     layouts = []
-    for g in groups:
+    groups = list(groups)
+    counts = _counts_of(groups)
+    for i, g in enumerate(groups):
         slots = []
         for m in g.members:
             key = (m.target.uid, m.target.role, m.target.param, m.target.axis)
@@ -123,7 +160,7 @@ def layouts_of(groups: Iterable[Any]) -> tuple[list[GroupLayout], list[float], l
                 labels.append("")
             labels[index[key]] = m.target.label()
             slots.append(index[key])
-        layouts.append(GroupLayout(g.id, tuple(slots), _counts_of(g), g.channels, g.blocks, g.blocks_of))
+        layouts.append(GroupLayout(g.id, tuple(slots), counts(i), g.channels, g.blocks, g.blocks_of))
     return layouts, sizes, labels
 
 
@@ -316,11 +353,20 @@ class MemberGuard:
     def fits(self, removals: Mapping[str, Iterable[int]]) -> bool:
         """True if removing every channel of ``removals`` at once leaves each member
         at least one index (then no single removal on the way empties one either)."""
-        left = list(self.left)
+        return self._fits(self._taken_all(removals))
+
+    def _taken_all(self, removals: Mapping[str, Iterable[int]]) -> dict[int, int]:
+        """Member slot → indices ``removals`` takes from it."""
+        taken: dict[int, int] = {}
         for gid, idx in removals.items():
             for slot, k in self._taken(gid, idx):
-                left[slot] -= k
-        return all(v >= 1 for v in left)
+                taken[slot] = taken.get(slot, 0) + k
+        return taken
+
+    def _fits(self, taken: Mapping[int, int]) -> bool:
+        # every member holds one index at least (the guard never takes the last), so only those touched can fail
+        left = self.left
+        return all(left[slot] - k >= 1 for slot, k in taken.items())
 
     def take(self, gid: str, order: list[int], k: int) -> list[int]:
         """The first ``k`` channels of ``order`` that can go."""
@@ -344,10 +390,10 @@ class MemberGuard:
     def take_global(self, order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dict[str, list[int]]:
         """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
         chosen = _first(order, caps, n)
-        if self.fits(chosen):  # the usual case: no member emptied, no channel skipped
-            for gid, idx in chosen.items():
-                for slot, k in self._taken(gid, idx):
-                    self.left[slot] -= k
+        taken = self._taken_all(chosen)
+        if self._fits(taken):  # the usual case: no member emptied, no channel skipped
+            for slot, k in taken.items():
+                self.left[slot] -= k
             return chosen
         chosen = {}
         for gid, i in order:

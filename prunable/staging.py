@@ -13,7 +13,9 @@ out of memory, an exotic tensor subclass) is undone: for every tensor swapped
 the *removed* slices are kept in host memory (:class:`Undo`), and the old
 tensor is rebuilt by putting kept and removed slices back in place, bitwise.
 The undo log costs the removed channels only, and no device memory: a GPU
-holds at most one module's new tensors beyond the model's own.
+holds at most one module's new tensors beyond the model's own. A tensor that
+lives in host memory is kept whole instead (``whole=True``: no copy and no
+slicing of what goes; its memory is released when the cut is done).
 
 Example
 -------
@@ -46,11 +48,19 @@ def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: bool = False,
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``tensor`` keeping ``axes[a]`` along each axis ``a`` (in order), and the slices removed
-    on the way, moved to host memory: what :func:`unslice` needs to rebuild ``tensor``."""
+    on the way, moved to host memory: what :func:`unslice` needs to rebuild ``tensor``.
+    With ``whole``, ``[tensor]`` itself instead of the removed slices (no copy)."""
     out, removed = tensor, []
     if tensor.is_meta:  # nothing to keep: a meta tensor is its shape
+        shape = list(tensor.shape)
+        for axis, keep in axes.items():
+            shape[axis] = len(keep)
+        return tensor.new_empty(shape), removed
+    if whole:  # a whole tensor is its own undo
+        removed = [tensor]
         for axis, keep in axes.items():
             out = out.index_select(axis, keep.to(tensor.device))
         return out.contiguous(), removed
@@ -62,8 +72,11 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor]) -> tupl
 
 
 def unslice(new: torch.Tensor, axes: dict[int, torch.Tensor], removed: list[torch.Tensor],
-            shape: torch.Size) -> torch.Tensor:
-    """The tensor of ``shape`` that :func:`slice_with_undo` cut into ``new`` and ``removed``."""
+            shape: torch.Size, whole: bool = False) -> torch.Tensor:
+    """The tensor of ``shape`` that :func:`slice_with_undo` cut into ``new`` and ``removed``
+    (``whole``: ``removed`` holds that tensor itself)."""
+    if whole:
+        return removed[0]
     if new.is_meta:
         return new.new_empty(shape)
     out = new
@@ -90,6 +103,8 @@ class Undo:
     removed: list[torch.Tensor]
     grad_removed: list[torch.Tensor] | None = None
     state_removed: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: ``removed`` (and the gradient's and state's) hold the old tensors whole (host memory)
+    whole: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -130,18 +145,19 @@ def nbytes(*parts: torch.Tensor | None) -> int:
 
 def stage(entry: Any, optimizer: torch.optim.Optimizer | None) -> tuple:
     """The new tensors of one entry and the undo record that rebuilds the old ones."""
+    whole = entry.tensor.device.type == "cpu"  # host memory already: keep the old tensors, copy nothing
     try:
-        new, removed = slice_with_undo(entry.tensor.detach(), entry.axes)
-        log = Undo(entry, entry.tensor.shape, removed)
+        new, removed = slice_with_undo(entry.tensor.detach(), entry.axes, whole)
+        log = Undo(entry, entry.tensor.shape, removed, whole=whole)
         grad, new_grad = entry.tensor.grad, None
         if grad is not None:
-            new_grad, log.grad_removed = slice_with_undo(grad, entry.axes)
+            new_grad, log.grad_removed = slice_with_undo(grad, entry.axes, whole)
         state = None
         if optimizer is not None and entry.tensor in optimizer.state:
             state = dict(optimizer.state[entry.tensor])
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.shape == entry.tensor.shape:
-                    state[k], log.state_removed[k] = slice_with_undo(v, entry.axes)
+                    state[k], log.state_removed[k] = slice_with_undo(v, entry.axes, whole)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise SurgeryError(f"{type(entry.owner).__name__}.{entry.attr}: slicing failed: {exc}") from exc
     return entry, new, new_grad, state, log
@@ -152,14 +168,15 @@ def roll_back(undo: list[Undo], optimizer: torch.optim.Optimizer | None) -> None
     for log in reversed(undo):
         entry, axes, tensor = log.entry, log.entry.axes, log.entry.tensor
         current = tensor if isinstance(tensor, nn.Parameter) else entry.owner._buffers[entry.attr]
-        old = unslice(current.detach(), axes, log.removed, log.shape)
+        old = unslice(current.detach(), axes, log.removed, log.shape, log.whole)
         grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
-        old_grad = unslice(grad, axes, log.grad_removed, log.shape) if log.grad_removed is not None else None
+        old_grad = (unslice(grad, axes, log.grad_removed, log.shape, log.whole)
+                    if log.grad_removed is not None else None)
         state = None
         if optimizer is not None and tensor in optimizer.state:
             state = dict(optimizer.state[tensor])
             for k, gone in log.state_removed.items():
-                state[k] = unslice(state[k], axes, gone, log.shape)
+                state[k] = unslice(state[k], axes, gone, log.shape, log.whole)
         swap(entry, old, old_grad, state, optimizer)
 
 

@@ -79,14 +79,16 @@ def trial_runner(model: nn.Module, example_inputs: Any, cuts_of: Callable[[dict[
     return run
 
 
-def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], str | None],
+def invalid_groups(selector: Any, run: Callable[[Mapping[str, Sequence[int]]], str | None] | None,
                    ) -> dict[str, SkipReason]:
     """Groups of ``selector`` (a :class:`~prunable.selection.Selector`) that cannot lose a
     channel, with the reason: every channel is the last of some layer, or removing the
-    last one that can go (one per block) breaks the forward pass (``run``, bisected)."""
+    last one that can go (one per block) breaks the forward pass (``run``, bisected; not
+    tried when ``run`` is None)."""
     probe, stuck = selector.probe()
     out = {gid: SkipReason(SkipKind.LAST_CHANNEL) for gid in stuck}
-    out.update((gid, trial_failed(error)) for gid, error in failing_groups(run, probe))
+    if run is not None:
+        out.update((gid, trial_failed(error)) for gid, error in failing_groups(run, probe))
     return out
 
 

@@ -304,3 +304,66 @@ def test_random_criterion_draws_from_its_seeded_generator_in_group_order():
     expected = {"0": torch.rand(6, generator=generator), "3": torch.rand(4, generator=generator)}
     for gid, values in expected.items():
         torch.testing.assert_close(scores[gid], values)  # Random is not normalised
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision's residual tail: the BN output is changed in place (``+= identity``, ``relu_``)
+    after the layer, before the backward pass reads it; ``branch`` takes the in-place path or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+        self.in_place = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        out = self.bn(self.conv(s))
+        if self.in_place:
+            out += s
+            out = torch.relu_(out)
+        else:
+            out = torch.relu(out + s)
+        return self.head(out.mean((2, 3)))
+
+
+def _in_place_run(paths: list[bool]):
+    """TaylorActivation at the BN of :class:`InPlaceResidual` over one batch per entry of ``paths``,
+    and the BN outputs and their gradients ``dL/dy`` seen by a separate hook that copies ``y``."""
+    from prunable.importance import MeasurePoint
+
+    torch.manual_seed(0)
+    model = InPlaceResidual()
+    criterion = TaylorActivation()
+    point = MeasurePoint("conv", model.bn, 1, model.conv)
+    handles = criterion.attach([point])
+    seen = []
+
+    def copy_hook(module, inputs, y):
+        seen.append([y.detach().clone(), None])
+        y.register_hook(lambda g, i=len(seen) - 1: seen[i].__setitem__(1, g.clone()))
+
+    hand = model.bn.register_forward_hook(copy_hook)
+    for in_place in paths:
+        model.in_place = in_place
+        x, target = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
+        nn.functional.cross_entropy(model(x), target).backward()
+    hand.remove()
+    for handle in handles:
+        handle.remove()
+    return criterion.scores(point), seen
+
+
+def test_taylor_reads_the_activation_as_the_layer_produced_it_when_the_model_changes_it_in_place():
+    scores, seen = _in_place_run([True, True])
+    assert not torch.equal(seen[0][0], torch.relu(seen[0][0]))  # y has negative values the ReLU changes
+    torch.testing.assert_close(scores, _taylor_2017([tuple(s) for s in seen]), rtol=1e-5, atol=1e-8)
+
+
+def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning():
+    with pytest.warns(UserWarning, match="changed in place after the layer in this batch only"):
+        scores, seen = _in_place_run([False, True, True])
+    # batch 2 is left out; batch 3 is copied (the point copies from then on)
+    torch.testing.assert_close(scores, _taylor_2017([tuple(seen[0]), tuple(seen[2])]), rtol=1e-5, atol=1e-8)

@@ -123,3 +123,16 @@ def test_count_flops_on_meta_equals_the_flop_counter_on_the_real_model():
     assert count_flops(model, x) == counter.get_total_flops() > 0
     assert call(F.linear, (torch.empty(2, 16, device="meta"), torch.empty(4, 16, device="meta")), {},
                 counted=True).shape == (2, 4)
+
+
+def test_meta_clone_keeps_a_table_shared_by_two_modules_shared_and_hook_tables_apart():
+    from torch import nn
+
+    from prunable.copies import meta_clone
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    net[0].cache = net[1].cache = {}  # one registry for both layers, empty for now
+    clone = meta_clone(net)
+    assert clone[0].cache is clone[1].cache and clone[0].cache is not net[0].cache
+    assert clone[0]._forward_hooks is not net[0]._forward_hooks
+    assert clone[0]._forward_hooks is not clone[1]._forward_hooks

@@ -140,6 +140,41 @@ def test_group_breaking_the_forward_is_skipped_and_plan_refused():
     assert torch.equal(opt.state[model.a.weight]["momentum_buffer"], momentum)
 
 
+class NarrowLimit(nn.Module):
+    """Its forward refuses fewer than 6 channels of `a`: the build's probe (8 → 7) passes,
+    a later cut below 6 fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1)
+        self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.shape[1] < 6:
+            raise ValueError(f"a has {y.shape[1]} channels, at least 6 needed")
+        return self.c(y) + self.d(self.b(x))
+
+
+def test_a_group_that_breaks_after_a_prune_is_found_by_the_next_plans_trial():
+    torch.manual_seed(0)
+    model = NarrowLimit()
+    with torch.no_grad():
+        model.a.weight *= 1e-3  # a's channels rank first
+    pruner = Pruner(model, X, criterion=WeightNorm())
+    pruner.prune({"a": [0, 1]})  # 6 left: no probe trial after a prune, so a is still a group
+    assert model.a.out_channels == 6 and "a" in {g.id for g in pruner.groups}
+    before = state_copy(model)
+    with pytest.raises(SurgeryError, match="group a"):
+        pruner.prune({"a": [0]})  # the plan's own trial refuses the cut
+    assert_state_equal(model, before)
+    with pytest.warns(UserWarning, match="group a is not pruned: trial prune failed"):
+        plan = pruner.step(1)  # a's channels still rank first: its trial fails, b loses one
+    assert set(plan.removals) == {"b"} and model.a.out_channels == 6 and model.b.out_channels == 5
+    assert pruner.skipped["a"].kind.value == "trial prune failed"
+    assert model(X).shape == (4, 2, 8, 8)
+
+
 def test_plan_json_replays_on_fresh_copy():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)

@@ -135,3 +135,18 @@ def test_bisection_blames_a_group_that_fails_only_with_another():
 
     found = failing_groups(run, {"a": [0], "b": [0], "c": [0], "d": [0]})
     assert [gid for gid, _ in found] == ["d"]
+
+
+def test_count_tables_of_all_groups_at_once_equal_counting_each_member():
+    import torchvision
+
+    from prunable import Pruner, WeightNorm
+    from prunable.selection import count_tables
+
+    model = torchvision.models.squeezenet1_1(num_classes=10).eval()  # concats: members span several groups
+    groups = Pruner(model, torch.randn(1, 3, 64, 64), criterion=WeightNorm()).graph.groups
+    tables = count_tables(groups)
+    assert len(tables) == len(groups) > 10
+    for g, table in zip(groups, tables):
+        expected = [[int((m.classes.reshape(-1) == c).sum()) for c in g.classes.tolist()] for m in g.members]
+        assert table.tolist() == expected, g.id

@@ -119,3 +119,12 @@ def test_unslice_rebuilds_the_tensor(axes):
     assert torch.equal(new, expected)
     assert sum(r.numel() for r in removed) == t.numel() - new.numel()
     assert torch.equal(unslice(new, axes, removed, t.shape), t)
+
+
+def test_a_host_tensor_is_its_own_undo_record_without_a_copy():
+    t = torch.randn(4, 5)
+    axes = {0: torch.tensor([0, 3]), 1: torch.tensor([1, 2, 4])}
+    new, removed = slice_with_undo(t, axes, whole=True)
+    assert torch.equal(new, t[[0, 3]][:, [1, 2, 4]])
+    assert len(removed) == 1 and removed[0].data_ptr() == t.data_ptr()  # the tensor itself, not a copy
+    assert unslice(new, axes, removed, t.shape, whole=True) is t
