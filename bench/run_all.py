@@ -23,6 +23,8 @@ from pathlib import Path
 import common
 from common import REPO, markdown_table
 
+#: the published page, which the README quotes
+PAGE = REPO / "docs" / "BENCHMARKS.md"
 #: (script module, table title), in the page's order (the issue's numbering)
 TABLES = (
     ("graph_speed", "Graph build + one 50 % pruning step"),
@@ -121,10 +123,8 @@ def main(quick: bool = False, output: Path | None = None) -> str:
             output.write_text(page)
     if output is not None:
         print(f"[run_all] wrote {output}", file=sys.stderr)
-    if output == REPO / "docs" / "BENCHMARKS.md" and not quick:  # the README quotes the full run's page
-        import readme_results
-        if readme_results.update():
-            print("[run_all] README.md results block rewritten from the page", file=sys.stderr)
+    if not quick:
+        quote_in_readme(output)
     return page
 
 
@@ -154,7 +154,18 @@ def rerun_one(name: str, page_path: Path) -> str:
     nxt = old.find("\n## ", start + len(head))
     page = old[:start] + section + (old[nxt + 1:] if nxt >= 0 else "")
     page_path.write_text(page)
+    quote_in_readme(page_path)
     return page
+
+
+def quote_in_readme(page_path: Path | None) -> None:
+    """Rewrite the README's results block from ``page_path`` when that is the published page
+    (``PAGE``), after a full run or a one-table rerun alike."""
+    if page_path != PAGE:
+        return
+    import readme_results
+    if readme_results.update(page=page_path):
+        print("[run_all] README.md results block rewritten from the page", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -166,9 +177,9 @@ if __name__ == "__main__":
                         help="rerun one table and replace its section of the existing page")
     args = parser.parse_args()
     if args.only:
-        rerun_one(args.only, args.output or REPO / "docs" / "BENCHMARKS.md")
+        rerun_one(args.only, args.output or PAGE)
         raise SystemExit(0)
-    out = args.output if args.output is not None else (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
+    out = args.output if args.output is not None else (None if args.quick else PAGE)
     page = main(quick=args.quick, output=out)
     if out is None:
         print(page)

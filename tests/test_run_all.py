@@ -55,3 +55,20 @@ def test_only_refuses_an_unknown_table_or_a_page_without_it(run_all, tmp_path):
     with pytest.raises(SystemExit, match="no section"):
         run_all.rerun_one(run_all.TABLES[0][0], path)
     assert path.read_text() == "# Benchmarks\n"
+
+
+def test_only_on_the_published_page_rewrites_the_readme_quote_too(run_all, tmp_path, monkeypatch):
+    import readme_results
+
+    name = run_all.TABLES[1][0]
+    monkeypatch.setattr(run_all, "run_table", lambda module, quick: ("| new | table |", 3.0))
+    quoted = []
+    monkeypatch.setattr(readme_results, "update", lambda page: quoted.append(page) or True)
+    elsewhere, published = tmp_path / "other.md", tmp_path / "BENCHMARKS.md"
+    for path in (elsewhere, published):
+        path.write_text(_page(run_all, {}))
+    monkeypatch.setattr(run_all, "PAGE", published)
+    run_all.rerun_one(name, elsewhere)
+    assert quoted == []  # a page written elsewhere is not the README's
+    run_all.rerun_one(name, published)
+    assert quoted == [published]
