@@ -251,13 +251,18 @@ def _still_lands(pruner: Any, targets: dict[str, float], start: dict[str, int], 
         return pruner.plan(lo, groups=groups)
     for counts in found.counts:
         plan = _combination(pruner, options, counts)
-        try:
-            ratios = _ratios(_measured(pruner, plan), start)
-        except (SurgeryError, PruningValueError):
-            continue
-        if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
+        ratios = _ratios_of(pruner, plan, start)
+        if ratios is not None and _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
             return plan
     return base
+
+
+def _ratios_of(pruner: Any, plan: Plan, start: dict[str, int]) -> dict[str, float] | None:
+    """The fractions of ``start`` left after ``plan``, measured on a meta copy; None if it cannot be cut."""
+    try:
+        return _ratios(_measured(pruner, plan), start)
+    except (SurgeryError, PruningValueError):
+        return None
 
 
 def _combination(pruner: Any, options: list[landing.Option], counts: Mapping[str, int]) -> Plan:
@@ -289,11 +294,8 @@ def _finest(pruner: Any, targets: dict[str, float], start: dict[str, int], fallb
     found = landing.search(options, now, targets, pairs=_pairs(pruner, options, units, now, start))
     for counts in found.counts:  # those that land, else the closest under the targets
         plan = _combination(pruner, options, counts)
-        if not len(plan):
-            continue
-        try:
-            ratios = _ratios(_measured(pruner, plan), start)
-        except (SurgeryError, PruningValueError):
+        ratios = _ratios_of(pruner, plan, start) if len(plan) else None
+        if ratios is None:
             continue
         if _met(ratios, targets) and _gap(ratios, targets) <= TOLERANCE:
             return plan
