@@ -42,6 +42,7 @@ from common import Runs, markdown_table, short_error
 
 MODELS = {"ResNet-18": "resnet18", "MobileNetV2": "mobilenet_v2"}
 TARGET = 0.5
+TARGETS = ("latency", "flops")  # the two prunes, in the order they alternate
 
 
 def _prune(model: torch.nn.Module, x: torch.Tensor, key: str, step: float) -> tuple[torch.nn.Module, dict]:
@@ -59,22 +60,24 @@ def _prune(model: torch.nn.Module, x: torch.Tensor, key: str, step: float) -> tu
 
 
 def _prunes(model: torch.nn.Module, x: torch.Tensor, step: float) -> dict[str, Any]:
-    """``REPEATS`` prunes to each target, alternating: the first run's models and the times of all runs."""
-    out: dict[str, Any] = {}
+    """``REPEATS`` prunes to each target, alternating: per target, the first run's model and the
+    times of all runs, or the error that stopped it."""
+    first: dict[str, Any] = {}  # target → the first run's pruned model, or the exception
+    times: dict[str, dict[str, list[float]]] = {key: {"seconds": [], "table": []} for key in TARGETS}
     for _ in range(common.REPEATS):
-        for key in ("latency", "flops"):
-            if isinstance(out.get(key), Exception):
+        for key in TARGETS:
+            if isinstance(first.get(key), Exception):
                 continue
             try:
-                pruned, times = _prune(model, x, key, step)
+                pruned, spent = _prune(model, x, key, step)
             except Exception as exc:  # noqa: BLE001 - reported in the table
-                out[key] = exc
+                first[key] = exc
                 continue
-            _, runs = out.setdefault(key, (pruned, {"seconds": [], "table": []}))
-            for name, value in times.items():
-                runs[name].append(value)
-    return {k: v if isinstance(v, Exception) else (v[0], {n: Runs(tuple(t)) for n, t in v[1].items()})
-            for k, v in out.items()}
+            first.setdefault(key, pruned)
+            for name, value in spent.items():
+                times[key][name].append(value)
+    return {key: found if isinstance(found, Exception) else (found, {n: Runs(tuple(t)) for n, t in times[key].items()})
+            for key, found in first.items()}
 
 
 def _row(label: str, side: int, model: torch.nn.Module, x: torch.Tensor, quick: bool) -> list[str]:

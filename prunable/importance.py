@@ -136,7 +136,7 @@ class KeptActivation:
     >>> keep = KeptActivation("bn")
     >>> a = keep.hold(y)
     >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
-    >>> keep.use(a, lambda x: float(x.sum()))
+    >>> float(keep.use(a).sum())
     6.0
     >>> keep.copies
     True
@@ -150,8 +150,8 @@ class KeptActivation:
         """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
         return (a if self.copies is False else a.clone()), a, a._version
 
-    def use(self, held: tuple[torch.Tensor, torch.Tensor, int], add: Callable[[torch.Tensor], Any]) -> Any:
-        """``add(activation)`` with the activation as the layer produced it, or nothing if it was lost."""
+    def use(self, held: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor | None:
+        """The activation as the layer produced it, or None if it was lost."""
         kept, alias, version = held
         changed = alias._version != version
         if self.copies is None:
@@ -162,7 +162,7 @@ class KeptActivation:
                           "only; the batch is left out of its estimate, and its output is copied from now on",
                           stacklevel=2)
             return None
-        return add(kept)
+        return kept
 
 
 class Criterion:
@@ -211,9 +211,14 @@ class Criterion:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    a = keep.hold(point.view(output.detach()))
-                    output.register_hook(lambda g: keep.use(a, lambda x: acc.add(
-                        self.per_example(x, point.view(g), point.dim))))
+                    held = keep.hold(point.view(output.detach()))
+
+                    def backward_hook(g: torch.Tensor) -> None:
+                        a = keep.use(held)
+                        if a is not None:
+                            acc.add(self.per_example(a, point.view(g), point.dim))
+
+                    output.register_hook(backward_hook)
             else:
                 acc.add(self.per_example(point.view(output.detach()), None, point.dim))
 
