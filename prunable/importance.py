@@ -130,30 +130,56 @@ class KeptActivation:
     changed anyway (the forward pass took another path) is left out with a warning,
     never mixed into the scores.
 
+    On the CPU every activation is copied (:data:`COPY_ALWAYS_ON`), into a buffer
+    reused for the next batch of the same shape: keeping the layer's own output
+    until the backward pass instead holds memory the allocator would otherwise
+    reuse, and on the CPU that costs page faults on every step, more than the
+    copy (``bench/overhead.py``). A copy is reused only once its batch is scored;
+    if a retained graph is run backward again after a later forward pass reused
+    its copy, that batch is left out with a warning. Copies are freed with the
+    hooks, when estimation stops.
+
     Example
     -------
     >>> y = torch.ones(2, 3)
     >>> keep = KeptActivation("bn")
-    >>> a = keep.hold(y)
+    >>> held = keep.hold(y)
     >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
-    >>> float(keep.use(a).sum())
+    >>> float(keep.use(held).sum())
     6.0
     >>> keep.copies
     True
     """
 
+    #: device types where every activation is copied, whether or not the model changes it in place
+    COPY_ALWAYS_ON: tuple[str, ...] = ("cpu",)
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.copies: bool | None = None  # unknown until the first backward
+        self._spare: _Held | None = None  # a copy whose batch was scored, free for the next hold
 
-    def hold(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def hold(self, a: torch.Tensor) -> "_Held":
         """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
-        return (a if self.copies is False else a.clone()), a, a._version
+        if self.copies is None and a.device.type in self.COPY_ALWAYS_ON:
+            self.copies = True
+        if self.copies is False:
+            return _Held(a, a)
+        alias = None if self.copies else a  # the output itself is kept only to learn whether it changes
+        spare, self._spare = self._spare, None
+        if spare is not None and (spare.kept.shape, spare.kept.stride(), spare.kept.dtype, spare.kept.device) == (
+                a.shape, a.stride(), a.dtype, a.device):
+            return _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
+        return _Held(a.clone(), alias)
 
-    def use(self, held: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor | None:
+    def use(self, held: "_Held") -> torch.Tensor | None:
         """The activation as the layer produced it, or None if it was lost."""
-        kept, alias, version = held
-        changed = alias._version != version
+        if held.owner[0] is not held.token:
+            warnings.warn(f"prunable: {self.name}'s kept activation was reused by a later forward pass before "
+                          "this backward (a retained graph run backward again?); the batch is left out",
+                          stacklevel=2)
+            return None
+        changed = held.alias is not None and held.alias._version != held.version
         if self.copies is None:
             self.copies = changed
         elif changed and not self.copies:
@@ -162,7 +188,29 @@ class KeptActivation:
                           "only; the batch is left out of its estimate, and its output is copied from now on",
                           stacklevel=2)
             return None
-        return kept
+        return held.kept
+
+    def release(self, held: "_Held") -> None:
+        """The batch of ``held`` is scored: its copy may be reused by the next :meth:`hold`."""
+        if held.kept is not held.alias and self.copies:
+            held.alias = None  # the spare must not keep the layer's output alive
+            self._spare = held
+
+
+class _Held:
+    """A kept activation, the output it was read from (None when not needed) and its version then.
+
+    ``owner`` is shared by every hold of the same copy; it holds the ``token``
+    of the hold whose activation the copy holds now."""
+
+    __slots__ = ("kept", "alias", "version", "owner", "token")
+
+    def __init__(self, kept: torch.Tensor, alias: torch.Tensor | None, owner: list | None = None) -> None:
+        self.kept, self.alias = kept, alias
+        self.version = alias._version if alias is not None else None
+        self.token = object()
+        self.owner = owner if owner is not None else [None]
+        self.owner[0] = self.token
 
 
 class Criterion:
@@ -217,6 +265,7 @@ class Criterion:
                         a = keep.use(held)
                         if a is not None:
                             acc.add(self.per_example(a, point.view(g), point.dim))
+                            keep.release(held)
 
                     output.register_hook(backward_hook)
             else:
