@@ -130,14 +130,11 @@ class KeptActivation:
     changed anyway (the forward pass took another path) is left out with a warning,
     never mixed into the scores.
 
-    On the CPU every activation is copied (:data:`COPY_ALWAYS_ON`), into a buffer
-    reused for the next batch of the same shape: keeping the layer's own output
-    until the backward pass instead holds memory the allocator would otherwise
-    reuse, and on the CPU that costs page faults on every step, more than the
-    copy (``bench/overhead.py``). A copy is reused only once its batch is scored;
-    if a retained graph is run backward again after a later forward pass reused
-    its copy, that batch is left out with a warning. Copies are freed with the
-    hooks, when estimation stops.
+    A copy whose batch has been scored is reused for the next batch of the same
+    shape, so a copied point allocates no new memory per step (fresh copies cost
+    page faults on every CPU step). If a retained graph is run backward again
+    after a later forward pass reused its copy, that batch is left out with a
+    warning. The copy is freed with the hooks, when estimation stops.
 
     Example
     -------
@@ -151,9 +148,6 @@ class KeptActivation:
     True
     """
 
-    #: device types where every activation is copied, whether or not the model changes it in place
-    COPY_ALWAYS_ON: tuple[str, ...] = ("cpu",)
-
     def __init__(self, name: str) -> None:
         self.name = name
         self.copies: bool | None = None  # unknown until the first backward
@@ -161,8 +155,6 @@ class KeptActivation:
 
     def hold(self, a: torch.Tensor) -> "_Held":
         """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
-        if self.copies is None and a.device.type in self.COPY_ALWAYS_ON:
-            self.copies = True
         if self.copies is False:
             return _Held(a, a)
         alias = None if self.copies else a  # the output itself is kept only to learn whether it changes

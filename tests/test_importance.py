@@ -363,25 +363,13 @@ def _in_place_run(paths: list[bool]):
     return criterion.scores(point), seen
 
 
-@pytest.fixture(params=["copy always", "copy where changed"])
-def copy_policy(request, monkeypatch):
-    """The CPU's policy (every activation copied) and the other devices' (copied where the model changes it)."""
-    from prunable.importance import KeptActivation
-
-    monkeypatch.setattr(KeptActivation, "COPY_ALWAYS_ON", ("cpu",) if request.param == "copy always" else ())
-    return request.param
-
-
-def test_taylor_reads_the_activation_as_the_layer_produced_it_when_the_model_changes_it_in_place(copy_policy):
+def test_taylor_reads_the_activation_as_the_layer_produced_it_when_the_model_changes_it_in_place():
     scores, seen = _in_place_run([True, True, False, True])
     assert not torch.equal(seen[0][0], torch.relu(seen[0][0]))  # y has negative values the ReLU changes
     torch.testing.assert_close(scores, _taylor_2017([tuple(s) for s in seen]), rtol=1e-5, atol=1e-8)
 
 
-def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning(monkeypatch):
-    from prunable.importance import KeptActivation
-
-    monkeypatch.setattr(KeptActivation, "COPY_ALWAYS_ON", ())  # the policy off the CPU
+def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning():
     with pytest.warns(UserWarning, match="changed in place after the layer in this batch only"):
         scores, seen = _in_place_run([False, True, True])
     # batch 2 is left out; batch 3 is copied (the point copies from then on)
