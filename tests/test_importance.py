@@ -377,7 +377,7 @@ def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning
 
 
 def test_a_scored_copy_is_reused_for_the_next_batch_and_never_read_by_an_older_one():
-    from prunable.importance import KeptActivation
+    from prunable.accumulate import KeptActivation
 
     keep = KeptActivation("bn")
     y1 = torch.arange(6.0).view(2, 3)
@@ -411,3 +411,17 @@ def test_taylor_over_a_retained_graph_run_backward_twice_counts_the_batch_twice(
         handle.remove()
     assert criterion.accumulators["conv"].count == 12
     torch.testing.assert_close(criterion.scores(point), once)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2, 2), (1, 40), (12, 1)])
+def test_l1_norm_in_blocks_of_rows_equals_the_sum_of_abs(monkeypatch, shape):
+    from prunable import importance
+    from prunable.importance import MeasurePoint
+
+    monkeypatch.setattr(importance, "L1_BLOCK", 8)  # a few rows per block, the last one short
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).reshape(shape[0], -1)
+    assert torch.allclose(importance.l1_rows(w), w.abs().sum(1), rtol=1e-6, atol=0)
+    conv = nn.Conv2d(3, 9, 2)
+    monkeypatch.setattr(importance, "L1_BLOCK", 13)
+    point = MeasurePoint("c", conv, 1, conv)
+    assert torch.allclose(WeightNorm(1).scores(point), _l1_rows(conv), rtol=1e-6, atol=0)
