@@ -267,7 +267,8 @@ def main(quick: bool = False) -> str:
     vit_table = markdown_table(["configuration", *time_headers], [[LABELS[c], *_time_cells(vit, c)] for c in TIMED])
     return (f"{table}\n\nResNet-18, batch {BATCH}×3×{SIZE}×{SIZE}, {rounds} rounds after {warmup} warm-up, "
             f"{TIMED_THREADS} torch thread while timed. \"time vs plain\" is CPU time (process_time), "
-            f"\"wall vs plain\" wall time: median of the round-by-round ratios (in brackets: the 95 % bootstrap interval of that median). "
+            f"\"wall vs plain\" wall time: median of the round-by-round ratios (in brackets: the 95 % "
+            f"bootstrap interval of that median). "
             f"Memory over {mem_steps} steps in a fresh process ({memory['plain']['method']}).\n\n**{VIT}**, "
             f"batch {BATCH}×3×{SIZE}×{SIZE}, time only, same protocol:\n\n{vit_table}")
 

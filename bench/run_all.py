@@ -48,7 +48,8 @@ HOW_TO_READ = """\
 - The machine may be shared: the load average at the start and end of the run is recorded above.
   Absolute seconds move with that load. Every time is the median of at least 3 runs with their range
   in brackets (e.g. `0.53× (0.50–0.57)`); ratios are the median (range) of run-by-run ratios of
-  **interleaved** runs (overhead: steps round-robin; speed-up: pruned and unpruned forwards
+  **interleaved** runs (overhead: one step of each configuration per round, in shuffled order, its
+  brackets a 95 % bootstrap interval of the median ratio, see table 2; speed-up: pruned and unpruned forwards
   alternated; graph speed and zoo: the two libraries alternating on fresh copies of the model).
 - `OMP_WAIT_POLICY=PASSIVE` is set by the scripts (unless you set a policy yourself): with the
   default spinning policy two OpenMP threads on a loaded 2-core machine slow a training step down
