@@ -82,6 +82,8 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
         return _meta_adaptive_pool(args, kwargs, func)
     if counted:
         return func(*args, **kwargs)
+    if func is F.multi_head_attention_forward and args and _plain_meta(args[0]):
+        return _meta_mha(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
     if func in RNN_KERNELS:
@@ -154,6 +156,48 @@ def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     if not ok or min(size) < 1:
         return func(*args, **kwargs)
     return torch.empty(x.shape[0], w.shape[0], *size, dtype=x.dtype, device="meta")
+
+
+#: arguments of ``F.multi_head_attention_forward`` and the values :func:`_meta_mha` takes the shortcut for
+#: (None: any value; a tuple: one of those values)
+_MHA_ARGS = (("query", None), ("key", None), ("value", None), ("embed_dim_to_check", None), ("num_heads", None),
+             ("in_proj_weight", None), ("in_proj_bias", None), ("bias_k", (None,)), ("bias_v", (None,)),
+             ("add_zero_attn", (False,)), ("dropout_p", None), ("out_proj_weight", None), ("out_proj_bias", None),
+             ("training", None), ("key_padding_mask", (None,)), ("need_weights", (True, False)),
+             ("attn_mask", (None,)), ("use_separate_proj_weight", (False,)), ("q_proj_weight", (None,)),
+             ("k_proj_weight", (None,)), ("v_proj_weight", (None,)), ("static_k", (None,)), ("static_v", (None,)),
+             ("average_attn_weights", (True, False)), ("is_causal", (False,)))
+
+
+def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``multi_head_attention_forward`` of batched meta inputs with one packed in-projection and no
+    masks, from the shapes alone (its meta run decomposes every kernel); anything else runs for real."""
+    names = [n for n, _ in _MHA_ARGS]
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return func(*args, **kwargs)
+    values = {n: arg(args, kwargs, i, n, False if allowed and False in allowed else None)
+              for i, (n, allowed) in enumerate(_MHA_ARGS)}
+    if any(allowed is not None and not any(values[n] is a for a in allowed) for n, allowed in _MHA_ARGS):
+        return func(*args, **kwargs)
+    q, k, v, w, b, out_w, out_b = (values[n] for n in ("query", "key", "value", "in_proj_weight", "in_proj_bias",
+                                                        "out_proj_weight", "out_proj_bias"))
+    heads, width = values["num_heads"], values["embed_dim_to_check"]
+    tensors = [t for t in (q, k, v, w, out_w) if _plain_meta(t) and t.dtype == q.dtype]
+    ok = (len(tensors) == 5 and q.dim() == k.dim() == v.dim() == 3 and type(heads) is int and type(width) is int
+          and heads > 0 and width % heads == 0 and q.shape[2] == k.shape[2] == v.shape[2] == width
+          and k.shape == v.shape and q.shape[1] == k.shape[1] and min(q.shape) > 0 and k.shape[0] > 0
+          and w.shape == (3 * width, width) and out_w.dim() == 2 and out_w.shape[1] == width and out_w.shape[0] > 0)
+    for bias, n in ((b, 3 * width), (out_b, out_w.shape[0] if ok else 0)):
+        ok = ok and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_meta and bias.dtype == q.dtype
+                                      and bias.shape == (n,)))
+    if not ok:
+        return func(*args, **kwargs)
+    (tgt, batch, _), src = q.shape, k.shape[0]
+    out = torch.empty(tgt, batch, out_w.shape[0], dtype=q.dtype, device="meta")
+    if not values["need_weights"]:
+        return out, None
+    shape = (batch, tgt, src) if values["average_attn_weights"] else (batch, heads, tgt, src)
+    return out, torch.empty(shape, dtype=q.dtype, device="meta")
 
 
 def _plain_meta(x: Any) -> bool:

@@ -113,8 +113,10 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
         self.stack.pop()
         if module is self._opaque:
-            try:  # still opaque: the handler's bookkeeping must not be traced itself
-                handler_for(module).trace_module(self, module, args, kwargs, output)
+            # the handler's bookkeeping on shadows must not be traced itself (nor pay for dispatch)
+            try:
+                with torch._C.DisableTorchFunction():
+                    handler_for(module).trace_module(self, module, args, kwargs, output)
             finally:
                 self._opaque = None
 
