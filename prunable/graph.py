@@ -37,6 +37,7 @@ from .attention import AttentionHandler
 from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
+from .shadow import distinct
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
@@ -100,12 +101,46 @@ class ChannelGroup:
 
 
 def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
-    """Connected-component representative (smallest id) of each of ``n`` nodes."""
+    """Connected-component representative (smallest id) of each of ``n`` nodes.
+
+    A node on one edge only (a slot of a parameter such as a position embedding, tied
+    to one channel) is left out of the propagation and joins its neighbour's component
+    at the end: most of a transformer's edges are such leaves.
+    """
     label = torch.arange(n)
     if not edges or n == 0:
         return label
     e = torch.cat(edges)
     u, v = e[:, 0], e[:, 1]
+    degree = torch.bincount(e.reshape(-1), minlength=n)
+    leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
+    attached = leaf_u | leaf_v
+    if not bool(attached.any()):
+        return _propagate(label, u, v)
+    core = ~attached
+    label = _propagate(label, u[core], v[core])
+    leaf, other = torch.where(leaf_u, u, v)[attached], torch.where(leaf_u, v, u)[attached]
+    low = label.clone()  # component root → smallest id among it and its leaves
+    low.scatter_reduce_(0, label[other], leaf, reduce="amin")
+    out = low[label]
+    out[leaf] = low[label[other]]
+    return out
+
+
+def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Smallest id reachable over edges ``u[i]``–``v[i]``, from the initial ``label`` (``arange``).
+    Runs over the nodes on an edge only, renumbered in order (so the smallest stays the smallest)."""
+    if not len(u):
+        return label
+    on = torch.zeros(len(label), dtype=torch.bool)
+    on[u] = True
+    on[v] = True
+    nodes = torch.nonzero(on).flatten()
+    if len(nodes) < len(label):
+        local = torch.cumsum(on, 0) - 1
+        label = label.clone()
+        label[nodes] = nodes[_propagate(torch.arange(len(nodes)), local[u], local[v])]
+        return label
     while True:
         m = torch.minimum(label[u], label[v])
         new = label.clone()
@@ -268,7 +303,7 @@ class DependencyGraph:
         root = _components(trace.n_slots, trace.edges)
         blocked: dict[int, SkipReason] = {}
         for labels, reason in trace.blocked:
-            for r in torch.unique(root[labels]).tolist():
+            for r in distinct(root[labels]).tolist():
                 blocked.setdefault(r, reason)
         cls = lambda labels: torch.where(labels >= 0, root[labels.clamp(min=0)], labels)  # noqa: E731
         members: list[Member] = []
@@ -287,16 +322,18 @@ class DependencyGraph:
         """Record each equal-size partition (attention heads, GroupNorm groups) on its group."""
         if not trace.blocks:  # most CNNs: skip the per-channel table below
             return
-        owner = {int(c): g for g in self.groups for c in g.classes.tolist()}
+        owner = torch.full((len(root),), -1, dtype=torch.long)  # class → index of its group
+        for i, g in enumerate(self.groups):
+            owner[g.classes] = i
         for slots, what in trace.blocks:
             classes = root[slots]
-            group = owner.get(int(classes[0, 0]))
-            if group is None:
+            at = int(owner[classes[0, 0]])
+            if at < 0:
                 continue
+            group = self.groups[at]
             if bool((classes == classes[:1]).all()):  # rows coupled by position (one rotary table): equal anyway
                 continue
-            position = {int(c): i for i, c in enumerate(group.classes.tolist())}
-            rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
+            rows = positions(group.classes, classes)
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
                 group.skip_reason = group.skip_reason or SkipReason(
                     SkipKind.BLOCKS, f"{what} share channels with each other")
@@ -308,16 +345,18 @@ class DependencyGraph:
 
     def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
-        produced = set(torch.cat([root[s] for _, s in trace.producers.values()]).tolist()) if trace.producers else set()
+        produced = torch.zeros(len(root), dtype=torch.bool)
+        if trace.producers:
+            produced[torch.cat([root[s] for _, s in trace.producers.values()])] = True
         out = []
         for t, slots in trace.params.values():
             classes = root[slots]
-            linked = [r for r in classes.unique().tolist() if r in produced]
-            if not linked:
+            if not bool(produced[classes].any()):
                 continue
             axis = next((d for d in range(classes.dim()) if _only_varies_along(classes, d)), None)
             if axis is None:
-                for r in linked:
+                present = distinct(classes)
+                for r in present[produced[present]].tolist():
                     blocked.setdefault(r, SkipReason(SkipKind.MIXED, f"{t.label()} mixes channels over several axes"))
                 continue
             line = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)[:, 0]
@@ -362,10 +401,10 @@ class DependencyGraph:
         """Group (component) → the members holding one of its classes, in member order."""
         flat = torch.cat([m.classes.reshape(-1) for m in members])
         owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
-        inside = (flat >= 0) & (flat < len(lookup))
-        index = lookup[flat[inside]]
-        known = index >= 0
-        pairs = torch.unique(owner[inside][known] * len(comp) + comp[index[known]]).tolist()
+        index = lookup[flat.clamp(0, len(lookup) - 1)]
+        known = (flat >= 0) & (flat < len(lookup)) & (index >= 0)  # no boolean indexing: masks are slow
+        pairs = distinct(torch.where(known, owner * len(comp) + comp[index.clamp(min=0)], -1)).tolist()
+        pairs = pairs[1:] if pairs and pairs[0] < 0 else pairs
         by_group: dict[int, list[Member]] = {}
         for pair in pairs:
             by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])

@@ -17,8 +17,8 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "canonical", "core_of", "core_view", "expand_shadow", "varying_dims",
-    "labels_along",
+    "FREE", "FIXED", "Target", "Trace", "canonical", "core_of", "core_view", "distinct", "expand_core", "expand_shadow",
+    "varying_dims", "labels_along",
 ]
 
 FREE, FIXED = -1, -2
@@ -68,6 +68,10 @@ class Trace:
     def union(self, a: torch.Tensor, b: torch.Tensor,
               reason: SkipReason = SkipReason(SkipKind.FIXED_INPUT, "fixed-size operand")) -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
+        if a.dim() == 1 and a.shape == b.shape and a.numel():  # two label vectors: nothing to narrow or deduplicate
+            if int(torch.minimum(a.min(), b.min())) >= 0:
+                self.edges.append(torch.stack([a, b], 1))
+                return
         a, b = _compress(a, b)
         labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
         both = None if labelled else (a >= 0) & (b >= 0)
@@ -75,7 +79,7 @@ class Trace:
             x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
             if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
                 base = int(y.max()) + 1
-                key = torch.unique(x * base + y)
+                key = distinct(x * base + y)
                 x, y = key // base, key % base
             self.edges.append(torch.stack([x, y], 1))
         for x, y in ((a, b), (b, a)) if not labelled else ():
@@ -90,7 +94,24 @@ class Trace:
         labels = core_of(labels) if labels.dim() else labels
         labels = labels[labels >= 0]
         if labels.numel():
-            self.blocked.append((torch.unique(labels), reason))
+            self.blocked.append((distinct(labels), reason))
+
+
+def distinct(values: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(values)`` (sorted, flattened); a run of equal or increasing values (slots
+    in creation order, labels constant along rows) skips the sort.
+
+    Example
+    -------
+    >>> distinct(torch.tensor([[3, 3, 5], [5, 7, 7]])).tolist(), distinct(torch.tensor([4, 1, 4])).tolist()
+    ([3, 5, 7], [1, 4])
+    """
+    if values.numel() < 4096:  # small: one sort is cheaper than the check
+        return torch.unique(values)
+    runs = torch.unique_consecutive(values.reshape(-1))
+    if len(runs) < 2 or bool((runs[1:] > runs[:-1]).all()):
+        return runs
+    return torch.unique(runs)
 
 
 #: attribute of a canonical shadow holding its core (shadows are never modified in place)
@@ -123,6 +144,14 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
         if core.shape[d] > 1 and torch.equal(core, core.narrow(d, 0, 1).expand(core.shape)):
             core = core.narrow(d, 0, 1)
     out = core.expand(shadow.shape)
+    out.__dict__[_CORE] = core
+    return out
+
+
+def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``core.expand(shape)`` as a canonical shadow, for a ``core`` known to be the smallest
+    (labels that differ along each of its dims longer than one: a layer's fresh slots)."""
+    out = core.expand(shape)
     out.__dict__[_CORE] = core
     return out
 
