@@ -82,6 +82,8 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
         return _meta_adaptive_pool(args, kwargs, func)
     if counted:
         return func(*args, **kwargs)
+    if func in _CATS and args and isinstance(args[0], (list, tuple)) and args[0]:
+        return _meta_cat(args, kwargs, func)
     if func is F.multi_head_attention_forward and args and _plain_meta(args[0]):
         return _meta_mha(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
@@ -156,6 +158,31 @@ def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     if not ok or min(size) < 1:
         return func(*args, **kwargs)
     return torch.empty(x.shape[0], w.shape[0], *size, dtype=x.dtype, device="meta")
+
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _meta_cat(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``torch.cat`` of contiguous meta tensors of one dtype and rank whose other sizes match,
+    without its meta kernel; anything else (and every invalid call) runs for real."""
+    parts, dim = args[0], arg(args, kwargs, 1, "dim", 0)
+    if len(args) > 2 or set(kwargs) - {"dim"} or type(dim) is not int or not _plain_meta(parts[0]):
+        return func(*args, **kwargs)
+    first = parts[0]
+    rank, dtype = first.dim(), first.dtype
+    if not -rank <= dim < rank or rank == 0:
+        return func(*args, **kwargs)
+    dim %= rank
+    shape = list(first.shape)
+    for t in parts[1:]:
+        if not (_plain_meta(t) and t.dtype == dtype and t.dim() == rank):
+            return func(*args, **kwargs)
+        for d in range(rank):
+            if d != dim and t.shape[d] != shape[d]:
+                return func(*args, **kwargs)
+        shape[dim] += t.shape[dim]
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 #: arguments of ``F.multi_head_attention_forward`` and the values :func:`_meta_mha` takes the shortcut for
