@@ -157,6 +157,16 @@ def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
         label = new
 
 
+def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The class (component root) of every label of each of ``labels``; labels below zero
+    (``FREE``, ``FIXED``) are kept. One pass over all of them instead of one per member."""
+    if not labels:
+        return []
+    flat = torch.cat([x.reshape(-1) for x in labels])
+    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
+    return [c.view(x.shape) for c, x in zip(torch.split(classes, [x.numel() for x in labels]), labels)]
+
+
 def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
@@ -305,16 +315,14 @@ class DependencyGraph:
         for labels, reason in trace.blocked:
             for r in distinct(root[labels]).tolist():
                 blocked.setdefault(r, reason)
-        cls = lambda labels: torch.where(labels >= 0, root[labels.clamp(min=0)], labels)  # noqa: E731
-        members: list[Member] = []
-        for t, slots in trace.producers.values():
-            members.append(Member(self._retarget(t, mapping), root[slots], True))
-        for t, labels in trace.consumers.values():
-            members.append(Member(self._retarget(t, mapping), cls(labels), False))
+        producers, consumers = list(trace.producers.values()), list(trace.consumers.values())
+        members = [Member(self._retarget(t, mapping), c, True)
+                   for (t, _), c in zip(producers, _classes(root, [s for _, s in producers]))]
+        members += [Member(self._retarget(t, mapping), c, False)
+                    for (t, _), c in zip(consumers, _classes(root, [labels for _, labels in consumers]))]
         members += self._param_members(trace, root, mapping, blocked)
-        for module, name, attr, labels in trace.sizes:
-            target = Target(module, name, None, attr, 0, id(module))
-            members.append(Member(self._retarget(target, mapping), cls(labels), False))
+        for (module, name, attr, _), c in zip(trace.sizes, _classes(root, [entry[3] for entry in trace.sizes])):
+            members.append(Member(self._retarget(Target(module, name, None, attr, 0, id(module)), mapping), c, False))
         self.groups = self._group(members, blocked, trace, root, mapping)
         self._attach_blocks(trace, root)
 

@@ -289,10 +289,13 @@ class AttentionRules:
 
     def _check_query_scales(self) -> None:
         """Rescaled query rows must feed the attention only: any other use of them would change."""
+        rescaled = [(target, slots) for target, slots in self.trace.producers.values() if target.rescale is not None]
+        if not rescaled:  # no attention with the default scale: nothing to check
+            return
         used = [core[core >= 0] for core in self._escaped]
         used = torch.cat(used) if used else torch.empty(0, dtype=torch.long)
-        for target, slots in list(self.trace.producers.values()):
-            if target.rescale is not None and bool(torch.isin(slots[target.rescale.rows], used).any()):
+        for target, slots in rescaled:
+            if bool(torch.isin(slots[target.rescale.rows], used).any()):
                 self.trace.block(slots, _attention_reason(
                     f"{target.name}: queries of an attention with the default scale are also read by a layer "
                     "or an operation (rescaling them to keep the softmax temperature would change it)"))
