@@ -63,7 +63,7 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
     ``counted=True`` (under a ``FlopCounterMode``) runs every operation that has
     FLOPs (``linear``, convolutions, recurrent kernels) for real, so none is hidden
     from the counter; only FLOP-free ones (norms, activations, elementwise
-    arithmetic, adaptive pooling) take the shortcut.
+    arithmetic, adaptive pooling, concatenation) take the shortcut.
     """
     name = getattr(func, "__name__", "")
     linear = name == "linear" and not counted
@@ -80,11 +80,11 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
         return _meta_like(args[0])
     if func is F.adaptive_avg_pool2d and len(args) + len(kwargs) == 2 and _plain_meta(args[0]):
         return _meta_adaptive_pool(args, kwargs, func)
-    if counted:
-        return func(*args, **kwargs)
     if func in _CATS and args and isinstance(args[0], (list, tuple)) and args[0]:
         return _meta_cat(args, kwargs, func)
-    if func is F.multi_head_attention_forward and args and _plain_meta(args[0]):
+    if counted:
+        return func(*args, **kwargs)
+    if func is F.multi_head_attention_forward and args and _plain_meta(args[0]):  # has FLOPs: not when counted
         return _meta_mha(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
