@@ -84,7 +84,8 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
         return _meta_cat(args, kwargs, func)
     if counted:
         return func(*args, **kwargs)
-    if func is F.multi_head_attention_forward and args and _plain_meta(args[0]):  # has FLOPs: not when counted
+    if func is F.multi_head_attention_forward and args and isinstance(args[0], torch.Tensor) and args[0].is_meta \
+            and args[0].is_floating_point():  # it has FLOPs: not when counted
         return _meta_mha(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
@@ -209,8 +210,9 @@ def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
     q, k, v, w, b, out_w, out_b = (values[n] for n in ("query", "key", "value", "in_proj_weight", "in_proj_bias",
                                                         "out_proj_weight", "out_proj_bias"))
     heads, width = values["num_heads"], values["embed_dim_to_check"]
-    tensors = [t for t in (q, k, v, w, out_w) if _plain_meta(t) and t.dtype == q.dtype]
-    ok = (len(tensors) == 5 and q.dim() == k.dim() == v.dim() == 3 and type(heads) is int and type(width) is int
+    inputs = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
+    tensors = [t for t in (w, out_w) if _plain_meta(t) and t.dtype == q.dtype]  # inputs may be transposed
+    ok = (len(inputs) == 3 and len(tensors) == 2 and q.dim() == k.dim() == v.dim() == 3 and type(heads) is int and type(width) is int
           and heads > 0 and width % heads == 0 and q.shape[2] == k.shape[2] == v.shape[2] == width
           and k.shape == v.shape and q.shape[1] == k.shape[1] and min(q.shape) > 0 and k.shape[0] > 0
           and w.shape == (3 * width, width) and out_w.dim() == 2 and out_w.shape[1] == width and out_w.shape[0] > 0)
