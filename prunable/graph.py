@@ -379,8 +379,10 @@ class DependencyGraph:
         values, inverse = torch.unique(produced, return_inverse=True)
         lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
         lookup[values] = torch.arange(len(values))
-        edges = [torch.stack([lookup[m.classes[:1]].expand(len(m.classes)), lookup[m.classes]], 1) for m in producers]
-        comp = _components(len(values), edges)
+        # every class of a producer is joined to its first class (``inverse`` is ``lookup[produced]``)
+        counts = torch.tensor([len(m.classes) for m in producers], dtype=torch.long)
+        firsts = inverse[(torch.cumsum(counts, 0) - counts)[counts > 0]]
+        comp = _components(len(values), [torch.stack([firsts.repeat_interleave(counts[counts > 0]), inverse], 1)])
         by_group = self._members_by_group(members, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)

@@ -212,8 +212,8 @@ def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
     heads, width = values["num_heads"], values["embed_dim_to_check"]
     inputs = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
     tensors = [t for t in (w, out_w) if _plain_meta(t) and t.dtype == q.dtype]  # inputs may be transposed
-    ok = (len(inputs) == 3 and len(tensors) == 2 and q.dim() == k.dim() == v.dim() == 3 and type(heads) is int and type(width) is int
-          and heads > 0 and width % heads == 0 and q.shape[2] == k.shape[2] == v.shape[2] == width
+    ok = (len(inputs) == 3 and len(tensors) == 2 and q.dim() == k.dim() == v.dim() == 3
+          and type(heads) is int and type(width) is int and heads > 0 and width % heads == 0 and q.shape[2] == k.shape[2] == v.shape[2] == width
           and k.shape == v.shape and q.shape[1] == k.shape[1] and min(q.shape) > 0 and k.shape[0] > 0
           and w.shape == (3 * width, width) and out_w.dim() == 2 and out_w.shape[1] == width and out_w.shape[0] > 0)
     for bias, n in ((b, 3 * width), (out_b, out_w.shape[0] if ok else 0)):
