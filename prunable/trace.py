@@ -229,8 +229,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         if problem is not None:  # the layer is known but cannot be cut: its channels are a skipped group
             target = Target(module, mname, role, uid=id(module))
             return target, SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
-        known = {**handler.params(module, Role.IN), **handler.params(module, Role.OUT), "weight": 0}
-        if attr not in known:
+        if attr != "weight" and all(attr not in handler.params(module, side) for side in (Role.IN, Role.OUT)):
             return None, unsupported(f"{mname}.{attr} is used outside its module")
         return Target(module, mname, role, uid=id(module)), None
 
