@@ -100,7 +100,7 @@ class ChannelGroup:
     __repr__ = __str__
 
 
-def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
     """Connected-component representative (smallest id) of each of ``n`` nodes.
 
     A node on one edge only (a slot of a parameter such as a position embedding, tied
@@ -310,7 +310,7 @@ class DependencyGraph:
         return Target(module, t.name, t.role, t.param, t.axis, id(module), t.rescale)
 
     def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
-        root = _components(trace.n_slots, trace.edges)
+        root = components(trace.n_slots, trace.edges)
         blocked: dict[int, SkipReason] = {}
         for labels, reason in trace.blocked:
             for r in distinct(root[labels]).tolist():
@@ -382,7 +382,7 @@ class DependencyGraph:
         # every class of a producer is joined to its first class (``inverse`` is ``lookup[produced]``)
         counts = torch.tensor([len(m.classes) for m in producers], dtype=torch.long)
         firsts = inverse[(torch.cumsum(counts, 0) - counts)[counts > 0]]
-        comp = _components(len(values), [torch.stack([firsts.repeat_interleave(counts[counts > 0]), inverse], 1)])
+        comp = components(len(values), [torch.stack([firsts.repeat_interleave(counts[counts > 0]), inverse], 1)])
         by_group = self._members_by_group(members, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)
