@@ -367,6 +367,11 @@ class ShapeRules:
         ins = self._tensors_in(args, kwargs)
         if not ins:
             return
+        if len(ins) == 1 and all(t.shape == ins[0].shape for t in outs):  # unary (activations): input labels
+            s = self.shadow(ins[0])
+            for t in outs:
+                self.set_shadow(t, s)
+            return
         shape = broadcast([t.shape for t in ins])
         if shape is not None and all(t.shape == shape for t in outs):
             return self._elementwise(ins, outs, shape)
