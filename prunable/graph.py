@@ -106,6 +106,11 @@ def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
     A node on one edge only (a slot of a parameter such as a position embedding, tied
     to one channel) is left out of the propagation and joins its neighbour's component
     at the end: most of a transformer's edges are such leaves.
+
+    Example
+    -------
+    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
+    [0, 1, 2, 2, 1, 1]
     """
     label = torch.arange(n)
     if not edges or n == 0:

@@ -150,7 +150,14 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
 
 def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``core.expand(shape)`` as a canonical shadow, for a ``core`` known to be the smallest
-    (labels that differ along each of its dims longer than one: a layer's fresh slots)."""
+    (labels that differ along each of its dims longer than one: a layer's fresh slots).
+
+    Example
+    -------
+    >>> s = expand_core(torch.arange(3).view(1, 3, 1), torch.Size([2, 3, 4]))
+    >>> tuple(s.shape), core_of(s).shape == (1, 3, 1)
+    ((2, 3, 4), True)
+    """
     out = core.expand(shape)
     out.__dict__[_CORE] = core
     return out
