@@ -253,9 +253,7 @@ class Selector:
             chosen = {gid: guard.take(gid, order[gid], min(per_group(self.layouts[gid].size), self.caps[gid]))
                       for gid in order}
         else:
-            flat = sorted((float(v), gid, i) for gid, s in scores.items() if gid in order
-                          for i, v in enumerate(s.tolist()))
-            chosen = guard.take_global([(gid, i) for _, gid, i in flat], self.caps, per_group(0))
+            chosen = guard.take_ranked({gid: scores[gid] for gid in order}, self.caps, per_group(0))
         if round_to:
             for gid, idx in list(chosen.items()):
                 target = self._rounded(gid, len(idx), round_to) if idx else 0
@@ -363,6 +361,15 @@ class MemberGuard:
                 taken[slot] = taken.get(slot, 0) + k
         return taken
 
+    def _admit(self, chosen: Mapping[str, Iterable[int]]) -> bool:
+        """Take ``chosen`` at once if that empties no member (True); else change nothing (False)."""
+        taken = self._taken_all(chosen)
+        if not self._fits(taken):
+            return False
+        for slot, k in taken.items():
+            self.left[slot] -= k
+        return True
+
     def _fits(self, taken: Mapping[int, int]) -> bool:
         # every member holds one index at least (the guard never takes the last), so only those touched can fail
         left = self.left
@@ -370,6 +377,11 @@ class MemberGuard:
 
     def take(self, gid: str, order: list[int], k: int) -> list[int]:
         """The first ``k`` channels of ``order`` that can go."""
+        if k <= 0:
+            return []
+        first = {gid: list(order[:k])}
+        if self._admit(first):  # the usual case: the first k empty no member
+            return first[gid]
         return self.take_global([(gid, i) for i in order], {gid: k}, k).get(gid, [])
 
     def take_per_block(self, gid: str, blocks: torch.Tensor, order: list[int], k: int) -> list[int]:
@@ -387,13 +399,21 @@ class MemberGuard:
             k -= 1
         return []
 
+    def take_ranked(self, scores: Mapping[str, torch.Tensor], caps: Mapping[str, int], n: int,
+                    ) -> dict[str, list[int]]:
+        """:meth:`take_global` over every channel of ``scores`` (group id → scores), lowest score
+        first; ties in group-id order, then channel order."""
+        ranked = _ranked(scores)
+        chosen = _first_ranked(*ranked, caps, n)
+        if self._admit(chosen):  # the usual case: no member emptied, no channel skipped
+            return chosen
+        gids, owner, channel = ranked
+        return self.take_global([(gids[g], c) for g, c in zip(owner.tolist(), channel.tolist())], caps, n)
+
     def take_global(self, order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dict[str, list[int]]:
         """Walk ``order``; take up to ``n`` channels, at most ``caps[g]`` per group."""
         chosen = _first(order, caps, n)
-        taken = self._taken_all(chosen)
-        if self._fits(taken):  # the usual case: no member emptied, no channel skipped
-            for slot, k in taken.items():
-                self.left[slot] -= k
+        if self._admit(chosen):  # the usual case: no member emptied, no channel skipped
             return chosen
         chosen = {}
         for gid, i in order:
@@ -404,6 +424,37 @@ class MemberGuard:
                 chosen[gid].append(i)
                 n -= 1
         return {gid: idx for gid, idx in chosen.items() if idx}
+
+
+def _ranked(scores: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every channel of ``scores``, lowest score first (ties: group id, then channel):
+    the group ids, and per channel its group's position among them and its index."""
+    gids = sorted(scores)
+    values = [scores[g].detach().float().cpu().flatten() for g in gids]
+    sizes = torch.tensor([len(v) for v in values], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(gids)), sizes)
+    channel = torch.cat([torch.arange(len(v)) for v in values]) if values else owner
+    perm = torch.sort(torch.cat(values) if values else owner.float(), stable=True).indices
+    return gids, owner[perm], channel[perm]
+
+
+def _first_ranked(gids: list[str], owner: torch.Tensor, channel: torch.Tensor, caps: Mapping[str, int], n: int,
+                  ) -> dict[str, list[int]]:
+    """:func:`_first` of the order ``zip(owner, channel)`` (``owner``: positions in ``gids``), vectorised."""
+    if n <= 0 or not len(owner):
+        return {}
+    by_group = torch.sort(owner, stable=True)  # each group's entries together, in order
+    starts = torch.cumsum(torch.bincount(owner, minlength=len(gids)), 0) - torch.bincount(owner, minlength=len(gids))
+    rank = torch.empty_like(owner)  # how many entries of its group come before each entry
+    rank[by_group.indices] = torch.arange(len(owner)) - starts[by_group.values]
+    cap = torch.tensor([caps.get(g, 0) for g in gids], dtype=torch.long)
+    picked = (rank < cap[owner]).nonzero().flatten()[:n]
+    owner, channel = owner[picked], channel[picked]
+    out: dict[str, list[int]] = {}
+    for g in torch.unique_consecutive(owner).tolist():  # groups in the order of their first pick
+        if gids[g] not in out:
+            out[gids[g]] = channel[owner == g].tolist()
+    return out
 
 
 def _first(order: list[tuple[str, int]], caps: Mapping[str, int], n: int) -> dict[str, list[int]]:

@@ -57,8 +57,8 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: 
     if tensor.is_meta:  # nothing to keep: a meta tensor is its shape
         shape = list(tensor.shape)
         for axis, keep in axes.items():
-            shape[axis] = len(keep)
-        return tensor.new_empty(shape), removed
+            shape[axis] = keep.shape[0]
+        return torch.empty(shape, dtype=tensor.dtype, device="meta"), removed
     if whole:  # a whole tensor is its own undo
         removed = [tensor]
         for axis, keep in axes.items():
@@ -200,6 +200,9 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
     still alive from before the cut cannot poison the next backward with the old
     shape. Falls back to ``.data`` assignment when swapping is impossible.
     """
+    if param.is_meta and new.is_meta and not param._backward_hooks and param.grad is None:
+        param.data = new  # a shape without values: no autograd history or hooks to carry over
+        return
     replacement = nn.Parameter(new, requires_grad=param.requires_grad)
     replacement.__dict__.update(param.__dict__)
     try:

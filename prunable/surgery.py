@@ -157,7 +157,8 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
     (and the parametrization's own state). Raises :class:`SurgeryError` naming
     the cut when it would leave nothing or an index is out of range.
     """
-    if len(cut.keep) == 0:
+    kept = cut.keep.shape[0]
+    if kept == 0:
         raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
     resizes: list[tuple] = []
     if cut.param is None:
@@ -166,10 +167,11 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
             raise SurgeryError(f"{cut.label()}: no handler for {type(cut.module).__name__}; "
                                "register one with prunable.register_handler")
         names = handler.params(cut.module, cut.role)
-        resizes.append((handler, cut.module, cut.role, len(cut.keep)))
+        resizes.append((handler, cut.module, cut.role, kept))
     else:
         handler, names = ModuleHandler(), {cut.param: cut.axis}
     out: list[TensorSlice] = []
+    top = int(cut.keep.max())  # the largest index kept, checked against each tensor
     for name, axis in names.items():
         keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
         owner, attr = resolve(cut.module, name)
@@ -178,11 +180,12 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
             continue
         tensor = getattr(owner, attr, None)
         if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
-            resizes.append((_AttributeSize(attr), owner, cut.role, len(keep)))  # a size attribute
+            resizes.append((_AttributeSize(attr), owner, cut.role, keep.shape[0]))  # a size attribute
         elif tensor is not None:
-            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
+            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep,
+                                top if keep is cut.keep else None))
     if cut.rescale is not None:
-        resizes.append((cut.rescale.bound(cut.keep), cut.module, cut.role, len(cut.keep)))
+        resizes.append((cut.rescale.bound(cut.keep), cut.module, cut.role, kept))
     return out, resizes
 
 
@@ -203,9 +206,13 @@ def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]
     return [(t, axis, idx) for _, _, t, axis, idx in slices if isinstance(t, nn.Parameter)]
 
 
-def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor) -> TensorSlice:
-    if len(keep) and int(keep.max()) >= tensor.shape[axis]:
-        raise SurgeryError(f"{cut.label()}: index {int(keep.max())} out of range for "
+def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor,
+             top: int | None = None) -> TensorSlice:
+    """The slice, once every index of ``keep`` (largest: ``top`` when known) is in range."""
+    if keep.shape[0] and top is None:
+        top = int(keep.max())
+    if keep.shape[0] and top >= tensor.shape[axis]:
+        raise SurgeryError(f"{cut.label()}: index {top} out of range for "
                            f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}")
     return owner, attr, tensor, axis, keep
 

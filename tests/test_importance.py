@@ -367,3 +367,17 @@ def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning
         scores, seen = _in_place_run([False, True, True])
     # batch 2 is left out; batch 3 is copied (the point copies from then on)
     torch.testing.assert_close(scores, _taylor_2017([tuple(seen[0]), tuple(seen[2])]), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2, 2), (1, 40), (12, 1)])
+def test_l1_norm_in_blocks_of_rows_equals_the_sum_of_abs(monkeypatch, shape):
+    from prunable import importance
+    from prunable.importance import MeasurePoint
+
+    monkeypatch.setattr(importance, "L1_BLOCK", 8)  # a few rows per block, the last one short
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).reshape(shape[0], -1)
+    assert torch.allclose(importance.l1_rows(w), w.abs().sum(1), rtol=1e-6, atol=0)
+    conv = nn.Conv2d(3, 9, 2)
+    monkeypatch.setattr(importance, "L1_BLOCK", 13)
+    point = MeasurePoint("c", conv, 1, conv)
+    assert torch.allclose(WeightNorm(1).scores(point), _l1_rows(conv), rtol=1e-6, atol=0)

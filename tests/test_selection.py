@@ -150,3 +150,33 @@ def test_count_tables_of_all_groups_at_once_equal_counting_each_member():
     for g, table in zip(groups, tables):
         expected = [[int((m.classes.reshape(-1) == c).sum()) for c in g.classes.tolist()] for m in g.members]
         assert table.tolist() == expected, g.id
+
+
+def _first_by_tuple_sort(scores, caps, n):
+    """The global order spelled out: (score, group id, channel) ascending, the first n under the caps."""
+    chosen = {}
+    for _, gid, i in sorted((float(v), gid, i) for gid, s in scores.items() for i, v in enumerate(s.tolist())):
+        if n <= 0:
+            break
+        if len(chosen.setdefault(gid, [])) < caps.get(gid, 0):
+            chosen[gid].append(i)
+            n -= 1
+    return {gid: idx for gid, idx in chosen.items() if idx}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_global_ranking_in_one_sort_equals_the_tuple_order_with_ties_and_caps(seed):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.0, -0.0, 1.0, 0.5, 2.0])  # few distinct values: many ties across groups
+    scores = {f"g{int(torch.randint(0, 50, (1,), generator=gen))}":
+              values[torch.randint(0, 5, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen)]
+              for _ in range(int(torch.randint(1, 6, (1,), generator=gen)))}
+    caps = {g: int(torch.randint(0, len(s) + 1, (1,), generator=gen)) for g, s in scores.items()}
+    n = int(torch.randint(1, sum(len(s) for s in scores.values()) + 2, (1,), generator=gen))
+    layouts = [own(g, slot, len(s)) for slot, (g, s) in enumerate(scores.items())]
+    sel = Selector(layouts, sizes=[len(s) + 1 for s in scores.values()], caps=caps)  # no member can empty
+    expected = _first_by_tuple_sort(scores, caps, n)
+    if n <= sel.available():  # plan refuses more than the caps allow
+        assert sel.plan(scores, n) == Plan({g: tuple(sorted(idx)) for g, idx in expected.items()})
+    chosen = sel.guard().take_ranked(scores, caps, n)
+    assert chosen == expected and list(chosen) == list(expected)  # same channels, same order
