@@ -87,6 +87,8 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
     if func is F.multi_head_attention_forward and args and isinstance(args[0], torch.Tensor) and args[0].is_meta \
             and args[0].is_floating_point():  # it has FLOPs: not when counted
         return _meta_mha(args, kwargs, func)
+    if func is F.scaled_dot_product_attention and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        return _meta_sdpa(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
     if func in RNN_KERNELS:
@@ -227,6 +229,28 @@ def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
         return out, None
     shape = (batch, tgt, src) if values["average_attn_weights"] else (batch, heads, tgt, src)
     return out, torch.empty(shape, dtype=q.dtype, device="meta")
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _meta_sdpa(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``scaled_dot_product_attention`` of meta q, k, v of one floating dtype whose batch and head
+    sizes match, without a mask, dropout or grouped-query heads, from the shapes alone (its meta
+    run decomposes the whole attention); anything else runs for real."""
+    if len(args) > len(_SDPA_ARGS) or set(kwargs) - set(_SDPA_ARGS):
+        return func(*args, **kwargs)
+    q, k, v, mask, dropout, causal, scale, gqa = (arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(
+        zip(_SDPA_ARGS, (None, None, None, None, 0.0, False, None, False))))
+    tensors = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
+    ok = (len(tensors) == 3 and q.is_floating_point() and q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)
+          and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] == v.shape[-2]
+          and q.shape[-1] == k.shape[-1] and min(*q.shape, *k.shape, *v.shape) > 0 and mask is None
+          and type(dropout) in (int, float) and dropout == 0 and causal is False and gqa is False
+          and (scale is None or type(scale) in (int, float)))
+    if not ok:
+        return func(*args, **kwargs)
+    return torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device="meta")
 
 
 def _plain_meta(x: Any) -> bool:

@@ -184,3 +184,26 @@ def test_multi_head_attention_errors_and_masks_run_the_kernel():
     got = call(F.multi_head_attention_forward, (q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None),
                {"attn_mask": mask})
     assert [t.shape for t in got] == [t.shape for t in expected]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed", "transposed"])
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.3}, {"dropout_p": 0.0}, {"is_causal": True}, {"enable_gqa": True}])
+def test_scaled_dot_product_attention_gives_the_kernels_output(layout, kwargs):
+    """Contiguous, packed (``qkv.reshape(...).permute(...)``, as timm does) and transposed inputs."""
+    if layout == "packed":
+        q, k, v = _meta(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "transposed":
+        q, k, v = (_meta(2, 7, 4, 8).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = _meta(2, 4, 7, 8), _meta(2, 4, 5, 8), _meta(2, 4, 5, 6)
+    _same(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    _same(F.scaled_dot_product_attention, q.half(), k.half(), v.half(), **kwargs)
+
+
+def test_scaled_dot_product_attention_errors_and_masks_run_the_kernel():
+    q, v = _meta(3, 5, 8), _meta(3, 6, 8)
+    _same(F.scaled_dot_product_attention, q, _meta(3, 6, 7), v)  # head sizes differ: the real error
+    _same(F.scaled_dot_product_attention, q, _meta(3, 6, 8), _meta(3, 7, 8))  # key and value lengths differ
+    _same(F.scaled_dot_product_attention, q, q, q, torch.ones(5, 5, dtype=torch.bool, device="meta"))
+    _same(F.scaled_dot_product_attention, _meta(2, 4, 5, 8), _meta(2, 2, 5, 8), _meta(2, 2, 5, 8), enable_gqa=True)
+    _same(F.scaled_dot_product_attention, q, q.half(), q)
