@@ -43,7 +43,9 @@ _RULE_OF: dict[Any, tuple[str, str]] = {}
 
 def _remember(func: Any, name: str, rule: str) -> None:
     """Remember the rule of ``func`` when it is a stable, hashable function (not a bound method
-    of a temporary object, whose ``id`` could be reused)."""
+    of a temporary object); a bounded table (functions made afresh per call are not kept forever)."""
+    if len(_RULE_OF) >= 4096:
+        return
     if getattr(func, "__self__", None) is None or name.startswith("property:") or isinstance(func.__self__, type):
         try:
             _RULE_OF[func] = (name, rule)
