@@ -172,10 +172,12 @@ def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tenso
     return [c.view(x.shape) for c, x in zip(torch.split(classes, [x.numel() for x in labels]), labels)]
 
 
-def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+def _owners(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
+    """Module names by id, and the owner ``(module, module name, attribute)`` of each tensor,
+    from ``named_modules(remove_duplicate=False)``."""
+    names = {id(m): n for n, m in named}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for mname, module in named:
         for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
             if t is not None:
                 owners.setdefault(id(t), (module, mname, attr))
@@ -188,11 +190,11 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     ``example_inputs`` follows :func:`prunable.inputs.split_inputs` (a tensor, a tuple
     of positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair).
     """
-    names, owners = _owners(model)
+    named = list(model.named_modules(remove_duplicate=False))  # one walk of the module tree
+    names, owners = _owners(named)
     tracer = ChannelTracer(names, owners)
     hooks = []
-
-    for module in model.modules():
+    for module in {id(m): m for _, m in named}.values():  # model.modules(): each module once, in order
         hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
     try:
