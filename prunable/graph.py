@@ -162,6 +162,29 @@ def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
         label = new
 
 
+def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
+    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
+    instead of over every class."""
+    p = len(counts)
+    owner = torch.repeat_interleave(torch.arange(p), counts)
+    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
+    parent = list(range(p))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
+        a, b = find(link // p), find(link % p)
+        parent[max(a, b)] = min(a, b)
+    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
+    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    return smallest[group]  # the smallest class of its component, as components() labels it
+
+
 def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
     """The class (component root) of every label of each of ``labels``; labels below zero
     (``FREE``, ``FIXED``) are kept. One pass over all of them instead of one per member."""
@@ -386,10 +409,7 @@ class DependencyGraph:
         values, inverse = torch.unique(produced, return_inverse=True)
         lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
         lookup[values] = torch.arange(len(values))
-        # every class of a producer is joined to its first class (``inverse`` is ``lookup[produced]``)
-        counts = torch.tensor([len(m.classes) for m in producers], dtype=torch.long)
-        firsts = inverse[(torch.cumsum(counts, 0) - counts)[counts > 0]]
-        comp = components(len(values), [torch.stack([firsts.repeat_interleave(counts[counts > 0]), inverse], 1)])
+        comp = _producer_components(inverse, torch.tensor([len(m.classes) for m in producers]), len(values))
         by_group = self._members_by_group(members, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)
