@@ -305,3 +305,23 @@ def test_a_module_traced_as_one_operation_is_labelled_with_torch_functions_off()
         unregister_handler(Scaled)
     assert seen == [False]
     assert [str(g) for g in graph.groups][0] == "0.out ⇄ 2.in  (4 channels)"
+
+
+class SplitPartners(nn.Module):
+    """``x(img) + cat(a(img), b(img))``: x's channels are a's then b's, so all three are one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.x = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 5, 1)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, img):
+        return self.head(self.x(img) + torch.cat([self.a(img), self.b(img)], 1))
+
+
+def test_a_producer_whose_channels_belong_to_two_others_joins_them_in_one_group():
+    groups = DependencyGraph(SplitPartners(), torch.randn(1, 3, 4, 4)).groups
+    assert str(groups[0]) == "a.out ⇄ b.out ⇄ x.out ⇄ head.in  (5 channels)" and len(groups) == 2
+    assert [m.classes.tolist() for m in groups[0].producers] == [groups[0].classes[:2].tolist(),
+                                                                  groups[0].classes[2:].tolist(),
+                                                                  groups[0].classes.tolist()]
