@@ -308,7 +308,7 @@ def test_a_module_traced_as_one_operation_is_labelled_with_torch_functions_off()
 
 
 class SplitPartners(nn.Module):
-    """``x(img) + cat(a(img), b(img))``: x's channels are a's then b's, so all three are one group."""
+    """``cat(a(img), b(img)) + x(img)``: x's channels are a's then b's, so all three are one group."""
 
     def __init__(self):
         super().__init__()
@@ -316,7 +316,7 @@ class SplitPartners(nn.Module):
         self.head = nn.Conv2d(5, 2, 1)
 
     def forward(self, img):
-        return self.head(self.x(img) + torch.cat([self.a(img), self.b(img)], 1))
+        return self.head(torch.cat([self.a(img), self.b(img)], 1) + self.x(img))
 
 
 def test_a_producer_whose_channels_belong_to_two_others_joins_them_in_one_group():
