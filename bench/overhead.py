@@ -13,6 +13,9 @@ backward → optimizer.step``. Configurations:
   the end (that one-off call is timed separately, in the note column).
 - **TP Taylor, every step**: ``TaylorImportance`` called on every group after
   every backward and summed (a per-step accumulation like ours).
+- **plain, a second copy**: the plain step again on its own copy of the model
+  (an A/A comparison): its ratio to plain shows how small a difference this
+  run can resolve; it should read 1.00× with a narrow interval.
 
 The same timing runs on a small ViT (torchvision ``VisionTransformer``:
 64×64 images, 8×8 patches, 4 layers, 4 heads, width 192, MLP 768, 10
@@ -20,11 +23,20 @@ classes; batch 32), whose estimation hooks sit on the Linear layers and
 attention blocks (time only; memory is measured on ResNet-18).
 
 Time: every configuration has its own copy of the model (same initial
-weights); steps are interleaved round-robin after warm-up; the median step
-time is reported with the range of the runs, and "time vs plain" is the median
-(range) of the step-by-step ratios to the plain step of the same round.
-Memory: each configuration runs again in a fresh Python process; the kernel's
-peak-RSS mark (``VmHWM``) is reset just before the training steps
+weights). After warm-up, each round runs one step of every configuration, in
+an order shuffled per round (seeded), with torch pinned to **one thread**
+during the timed steps: the CPU time of the process (``time.process_time``,
+user + system time of every thread, so page faults count) then measures the
+step's work, and barely depends on what else the machine runs; with two
+threads it also counts the threads' waiting, which the load changes. Each
+step's wall time is measured too. "median step" is the median wall time with
+the range of the rounds; "time vs plain" (CPU time) and "wall vs plain" are the
+median of the round-by-round ratios to the plain step of the same round, with
+a 95 % bootstrap confidence interval of that median in brackets (2000
+resamples of the rounds). A ratio whose interval lies below 1.03 meets a
+≤ 1.03× goal.
+Memory: each configuration runs again in a fresh Python process (two threads);
+the kernel's peak-RSS mark (``VmHWM``) is reset just before the training steps
 (``/proc/self/clear_refs``) and read after them, so "peak" excludes imports and
 graph building; "added" is peak minus the resident size before the steps.
 
@@ -35,8 +47,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import random
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,12 +64,19 @@ import common
 from common import fmt_ratio, fmt_seconds, markdown_table
 
 CONFIGS = ("plain", "ours", "tp_sum", "tp_every")
+#: the timed configurations: CONFIGS and the A/A control (a second plain copy, time only)
+TIMED = (*CONFIGS, "plain_again")
 LABELS = {
     "plain": "plain training step",
     "ours": "ours: TaylorActivation estimate() on",
     "tp_sum": "TP Taylor: grads summed per step",
     "tp_every": "TP Taylor: importance every step",
+    "plain_again": "plain, a second copy (A/A: the resolution)",
 }
+#: torch threads during the timed steps (CPU time is stable with one; see the module docstring)
+TIMED_THREADS = 1
+#: bootstrap resamples of the rounds for the confidence interval of a median ratio
+RESAMPLES = 2000
 BATCH, SIZE, CLASSES = 32, 64, 10
 #: model label → builder (random weights; seeded by :class:`Setup`)
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
@@ -82,6 +105,8 @@ class Setup:
 
     def _setup_plain(self) -> None:
         pass
+
+    _setup_plain_again = _setup_plain
 
     def _setup_ours(self) -> None:
         from prunable import Pruner, TaylorActivation
@@ -135,16 +160,78 @@ class Setup:
         self.opt.step()
 
 
-def time_configs(warmup: int, repeats: int, model: str = RESNET) -> dict[str, dict[str, Any]]:
-    """Step times per configuration (:class:`common.Runs`), steps interleaved round-robin."""
-    setups = {c: Setup(c, model) for c in CONFIGS}
-    runs = common.interleaved_runs([s.step for s in setups.values()], warmup, repeats)
+class Steps:
+    """Wall and CPU seconds of one configuration's timed steps, one entry per round."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def run(self, step: Callable[[], None]) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        self.cpu.append(time.process_time() - cpu)
+        self.wall.append(time.perf_counter() - wall)
+
+
+def paired_ratio(num: list[float], den: list[float], *, resamples: int = RESAMPLES,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Median of the round-by-round ratios ``num[i] / den[i]`` and a 95 % bootstrap CI of that median.
+
+    Example
+    -------
+    >>> paired_ratio([2.0, 2.2, 1.8], [1.0, 1.1, 0.9])
+    (2.0, 2.0, 2.0)
+    """
+    ratios = [a / b for a, b in zip(num, den) if b > 0]
+    if not ratios:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def fmt_paired(num: list[float], den: list[float]) -> str:
+    """``1.02× (1.01–1.03)``: :func:`paired_ratio`'s median and 95 % interval."""
+    mid, low, high = paired_ratio(num, den)
+    return "—" if mid != mid else f"{mid:.2f}× ({low:.2f}–{high:.2f})"
+
+
+def time_configs(warmup: int, rounds: int, model: str = RESNET, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Wall and CPU time of every step of every configuration (:class:`Steps`), one step each per round.
+
+    The order of the configurations is shuffled every round; torch runs
+    :data:`TIMED_THREADS` threads and the garbage collector is paused while steps are timed.
+    """
+    setups = {c: Setup(c, model) for c in TIMED}
+    steps = {c: Steps() for c in TIMED}
+    order, rng, threads = list(TIMED), random.Random(seed), torch.get_num_threads()
+    torch.set_num_threads(TIMED_THREADS)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            for s in setups.values():
+                s.step()
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for c in order:
+                steps[c].run(setups[c].step)
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
     out = {}
-    for (c, s), step in zip(setups.items(), runs):
+    for c, s in setups.items():
         finish, _ = common.timed(s.finish)
         s.context.close()
-        out[c] = {"step": step, "finish": finish}
+        out[c] = {"steps": steps[c], "finish": finish}
     return out
+
+
+def _time_cells(timing: dict[str, dict[str, Any]], config: str) -> list[str]:
+    """median step (wall, range), CPU time vs plain, wall vs plain."""
+    s, base = timing[config]["steps"], timing["plain"]["steps"]
+    return [common.fmt_runs(common.Runs(tuple(s.wall))), fmt_paired(s.cpu, base.cpu), fmt_paired(s.wall, base.wall)]
 
 
 def worker(config: str, steps: int) -> dict[str, float]:
@@ -161,30 +248,28 @@ def worker(config: str, steps: int) -> dict[str, float]:
 
 def main(quick: bool = False) -> str:
     common.setup(0)
-    warmup, repeats, mem_steps = (2, 5, 3) if quick else (2, 11, 4)
-    timing = time_configs(warmup, repeats)
-    vit = time_configs(warmup, repeats, VIT)
+    warmup, rounds, mem_steps = (1, 4, 3) if quick else (2, 24, 4)
+    timing = time_configs(warmup, rounds)
+    vit = time_configs(warmup, rounds, VIT)
     memory = {c: common.run_worker(__file__, ["--worker", c, "--steps", str(mem_steps)]) for c in CONFIGS}
-    base_t, base_m = timing["plain"]["step"], memory["plain"]
+    base_m = memory["plain"]
     rows = []
-    for c in CONFIGS:
-        t, m = timing[c], memory[c]
-        note = {"ours": f"scores(): {fmt_seconds(t['finish'])}",
-                "tp_sum": f"one importance call at the end: {fmt_seconds(t['finish'])}"}.get(c, "")
-        rows.append([LABELS[c], common.fmt_runs(t["step"]), common.fmt_ratio_runs(t["step"], base_t),
-                     f"{m['peak']:.0f} MiB", fmt_ratio(m["peak"], base_m["peak"]),
-                     f"{m['delta']:.0f} MiB", fmt_ratio(m["delta"], base_m["delta"]), note])
-    headers = ["configuration", "median step", "time vs plain", "peak RSS", "peak vs plain",
-               "added by steps", "added vs plain", "note"]
+    for c in TIMED:
+        m = memory.get(c)
+        note = {"ours": f"scores(): {fmt_seconds(timing[c]['finish'])}",
+                "tp_sum": f"one importance call at the end: {fmt_seconds(timing[c]['finish'])}"}.get(c, "")
+        mem = ([f"{m['peak']:.0f} MiB", fmt_ratio(m["peak"], base_m["peak"]), f"{m['delta']:.0f} MiB",
+                fmt_ratio(m["delta"], base_m["delta"])] if m is not None else ["—"] * 4)
+        rows.append([LABELS[c], *_time_cells(timing, c), *mem, note])
+    time_headers = ["median step", "time vs plain", "wall vs plain"]
+    headers = ["configuration", *time_headers, "peak RSS", "peak vs plain", "added by steps", "added vs plain", "note"]
     table = markdown_table(headers, rows)
-    vit_base = vit["plain"]["step"]
-    vit_rows = [[LABELS[c], common.fmt_runs(vit[c]["step"]), common.fmt_ratio_runs(vit[c]["step"], vit_base)]
-                for c in CONFIGS]
-    vit_table = markdown_table(["configuration", "median step", "time vs plain"], vit_rows)
-    return (f"{table}\n\nResNet-18, batch {BATCH}×3×{SIZE}×{SIZE}, {repeats} timed steps per configuration "
-            f"(median and range, after {warmup} warm-up), memory over {mem_steps} steps in a fresh process "
-            f"({memory['plain']['method']}).\n\n**{VIT}**, batch {BATCH}×3×{SIZE}×{SIZE}, time only, "
-            f"same protocol:\n\n{vit_table}")
+    vit_table = markdown_table(["configuration", *time_headers], [[LABELS[c], *_time_cells(vit, c)] for c in TIMED])
+    return (f"{table}\n\nResNet-18, batch {BATCH}×3×{SIZE}×{SIZE}, {rounds} rounds after {warmup} warm-up, "
+            f"{TIMED_THREADS} torch thread while timed. \"time vs plain\" is CPU time (process_time), "
+            f"\"wall vs plain\" wall time: median of the round-by-round ratios (in brackets: the 95 % bootstrap interval of that median). "
+            f"Memory over {mem_steps} steps in a fresh process ({memory['plain']['method']}).\n\n**{VIT}**, "
+            f"batch {BATCH}×3×{SIZE}×{SIZE}, time only, same protocol:\n\n{vit_table}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The per-batch machinery behind the data-driven criteria of
 :mod:`prunable.importance` and the seed's layers (:mod:`prunable.nn`):
 :func:`taylor_per_example` turns an activation and its gradient into signed
 per-example, per-channel values, and a :class:`ScoreAccumulator` keeps their
-running mean in float32, leaving out batches whose scores are not finite.
+running mean in float32, leaving out batches whose scores are not finite;
+a :class:`KeptActivation` keeps a measured activation from the forward pass
+for the backward hook, as the layer produced it.
 
 Example
 -------
@@ -19,10 +21,11 @@ torch.Size([3])
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-__all__ = ["ScoreAccumulator", "taylor_per_example"]
+__all__ = ["KeptActivation", "ScoreAccumulator", "taylor_per_example"]
 
 
 #: elements of ``activation * grad`` formed at a time: a block small enough to stay in the cache
@@ -169,3 +172,91 @@ class ScoreAccumulator:
         """Drop the entries of removed channels, keeping indices ``keep``."""
         if self.total is not None:
             self.total = self.total.index_select(0, keep.to(self.total.device))
+
+
+class KeptActivation:
+    """A measure point's activation, kept from the forward pass for the backward hook.
+
+    The model may change a layer's output in place after the layer (torchvision's
+    ResNet: ``out = self.bn2(out); out += identity; out = self.relu(out)`` with an
+    in-place ReLU) before the backward pass: the tensor the hook kept then holds
+    ``relu(y + identity)``, not ``y``, while the gradient is still ``dL/dy``.
+    Whether a point's output is changed so is learnt from its first backward: until
+    then the activation is copied and its version counter checked; afterwards it is
+    copied only where the model changes it. A batch whose uncopied activation was
+    changed anyway (the forward pass took another path) is left out with a warning,
+    never mixed into the scores.
+
+    A copy whose batch has been scored is reused for the next batch of the same
+    shape, so a copied point allocates no new memory per step (fresh copies cost
+    page faults on every CPU step). If a retained graph is run backward again
+    after a later forward pass reused its copy, that batch is left out with a
+    warning. The copy is freed with the hooks, when estimation stops.
+
+    Example
+    -------
+    >>> y = torch.ones(2, 3)
+    >>> keep = KeptActivation("bn")
+    >>> held = keep.hold(y)
+    >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
+    >>> float(keep.use(held).sum())
+    6.0
+    >>> keep.copies
+    True
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.copies: bool | None = None  # unknown until the first backward
+        self._spare: _Held | None = None  # a copy whose batch was scored, free for the next hold
+
+    def hold(self, a: torch.Tensor) -> "_Held":
+        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
+        if self.copies is False:
+            return _Held(a, a)
+        alias = None if self.copies else a  # the output itself is kept only to learn whether it changes
+        spare, self._spare = self._spare, None
+        if spare is not None and (spare.kept.shape, spare.kept.stride(), spare.kept.dtype, spare.kept.device) == (
+                a.shape, a.stride(), a.dtype, a.device):
+            return _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
+        return _Held(a.clone(), alias)
+
+    def use(self, held: "_Held") -> torch.Tensor | None:
+        """The activation as the layer produced it, or None if it was lost."""
+        if held.owner[0] is not held.token:
+            warnings.warn(f"prunable: {self.name}'s kept activation was reused by a later forward pass before "
+                          "this backward (a retained graph run backward again?); the batch is left out",
+                          stacklevel=2)
+            return None
+        changed = held.alias is not None and held.alias._version != held.version
+        if self.copies is None:
+            self.copies = changed
+        elif changed and not self.copies:
+            self.copies = True
+            warnings.warn(f"prunable: {self.name}'s output was changed in place after the layer in this batch "
+                          "only; the batch is left out of its estimate, and its output is copied from now on",
+                          stacklevel=2)
+            return None
+        return held.kept
+
+    def release(self, held: "_Held") -> None:
+        """The batch of ``held`` is scored: its copy may be reused by the next :meth:`hold`."""
+        if held.kept is not held.alias and self.copies:
+            held.alias = None  # the spare must not keep the layer's output alive
+            self._spare = held
+
+
+class _Held:
+    """A kept activation, the output it was read from (None when not needed) and its version then.
+
+    ``owner`` is shared by every hold of the same copy; it holds the ``token``
+    of the hold whose activation the copy holds now."""
+
+    __slots__ = ("kept", "alias", "version", "owner", "token")
+
+    def __init__(self, kept: torch.Tensor, alias: torch.Tensor | None, owner: list | None = None) -> None:
+        self.kept, self.alias = kept, alias
+        self.version = alias._version if alias is not None else None
+        self.token = object()
+        self.owner = owner if owner is not None else [None]
+        self.owner[0] = self.token

@@ -35,9 +35,12 @@ def meta_clone(model: nn.Module) -> nn.Module:
     tensors held in plain attributes (anchor grids, strides, masks, rotary caches a
     forward pass left behind), also inside lists, tuples and dicts held by a module."""
     memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        memo[id(t)] = _meta_tensor(t)
-    for module in model.modules():
+    modules = list(model.modules())  # one walk of the tree serves both loops
+    for module in modules:
+        for t in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if t is not None and id(t) not in memo:
+                memo[id(t)] = _meta_tensor(t)
+    for module in modules:
         for key, value in vars(module).items():
             if key in _OWN_TABLES and not value:  # an empty table (most hook tables): made afresh below
                 continue

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import ScoreAccumulator, taylor_per_example
+from .accumulate import KeptActivation, ScoreAccumulator, taylor_per_example
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
@@ -117,54 +117,6 @@ class _EagerStance:
             self._stance = None
 
 
-class KeptActivation:
-    """A measure point's activation, kept from the forward pass for the backward hook.
-
-    The model may change a layer's output in place after the layer (torchvision's
-    ResNet: ``out = self.bn2(out); out += identity; out = self.relu(out)`` with an
-    in-place ReLU) before the backward pass: the tensor the hook kept then holds
-    ``relu(y + identity)``, not ``y``, while the gradient is still ``dL/dy``.
-    Whether a point's output is changed so is learnt from its first backward: until
-    then the activation is copied and its version counter checked; afterwards it is
-    copied only where the model changes it. A batch whose uncopied activation was
-    changed anyway (the forward pass took another path) is left out with a warning,
-    never mixed into the scores.
-
-    Example
-    -------
-    >>> y = torch.ones(2, 3)
-    >>> keep = KeptActivation("bn")
-    >>> a = keep.hold(y)
-    >>> _ = y.add_(1.0)  # the model changes the output in place after the hook
-    >>> float(keep.use(a).sum())
-    6.0
-    >>> keep.copies
-    True
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.copies: bool | None = None  # unknown until the first backward
-
-    def hold(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
-        return (a if self.copies is False else a.clone()), a, a._version
-
-    def use(self, held: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor | None:
-        """The activation as the layer produced it, or None if it was lost."""
-        kept, alias, version = held
-        changed = alias._version != version
-        if self.copies is None:
-            self.copies = changed
-        elif changed and not self.copies:
-            self.copies = True
-            warnings.warn(f"prunable: {self.name}'s output was changed in place after the layer in this batch "
-                          "only; the batch is left out of its estimate, and its output is copied from now on",
-                          stacklevel=2)
-            return None
-        return kept
-
-
 class Criterion:
     """Base class of channel importance criteria.
 
@@ -217,6 +169,7 @@ class Criterion:
                         a = keep.use(held)
                         if a is not None:
                             acc.add(self.per_example(a, point.view(g), point.dim))
+                            keep.release(held)
 
                     output.register_hook(backward_hook)
             else:

@@ -93,9 +93,12 @@ def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Ag
             ok = index >= 0
             out.scatter_reduce_(0, index[ok], s[ok], reduce="amax")
         return torch.where(torch.isinf(out), torch.zeros_like(out), out)
-    out, count = torch.zeros(size), torch.zeros(size)
+    out = torch.zeros(size)
+    count = torch.zeros(size) if how is Aggregation.MEAN else None  # a sum needs no count
     for s, index in parts:
         ok = index >= 0
-        out.index_add_(0, index[ok], s[ok])
-        count.index_add_(0, index[ok], torch.ones(int(ok.sum())))
-    return out / count.clamp(min=1) if how is Aggregation.MEAN else out
+        index = index[ok]
+        out.index_add_(0, index, s[ok])
+        if count is not None:
+            count.index_add_(0, index, torch.ones(index.shape[0]))
+    return out / count.clamp(min=1) if count is not None else out

@@ -341,8 +341,11 @@ class MemberGuard:
             self.left[slot] -= sign * counts[i]
 
     def release(self, gid: str, idx: Iterable[int]) -> None:
-        for i in idx:
-            self.remove(gid, i, -1)
+        """Give back channels ``idx`` of ``gid`` taken before."""
+        idx = list(idx)
+        if idx:
+            for slot, k in self._taken(gid, idx):
+                self.left[slot] += k
 
     def _taken(self, gid: str, idx: Iterable[int]) -> list[tuple[int, int]]:
         taken = self.selector.counts(gid)[:, torch.as_tensor(list(idx), dtype=torch.long)].sum(1)

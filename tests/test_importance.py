@@ -22,8 +22,10 @@ def net():
     )
 
 
-X = torch.randn(8, 3, 5, 5)
-Y = torch.randint(0, 3, (8,))
+# seeded here: drawn from the global generator, the data (and any tie between scores) depended on test order
+_DATA = torch.Generator().manual_seed(0)
+X = torch.randn(8, 3, 5, 5, generator=_DATA)
+Y = torch.randint(0, 3, (8,), generator=_DATA)
 
 
 def _run(pruner, model, batches=2):
@@ -204,8 +206,13 @@ def _hand_run(criterion):
     torch.manual_seed(0)
     model = net()
     with torch.no_grad():  # γ of both signs, β away from zero: every term of every formula matters
-        model[1].weight.copy_(torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0]))
-        model[1].bias.uniform_(-0.5, 0.5)
+        gamma = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0])
+        model[1].weight.copy_(gamma)
+        # y = γ·x̂ + β is positive where x̂ > -β/γ (γ > 0) or x̂ < -β/γ (γ < 0): thresholds chosen so the
+        # six channels' positive fractions lie about 0.12 apart (≈ 3 std of a fraction over 200 values),
+        # and APoZ's scores (multiples of 1/200) cannot tie
+        threshold = torch.tensor([-0.9, 0.5, -0.15, -0.55, 0.2, 0.85])  # fractions ≈ .82 .69 .56 .29 .42 .20
+        model[1].bias.copy_(-threshold * gamma)
     pruner = Pruner(model, X, criterion=criterion)
     seen, grads = _capture(model), []
     with pruner.estimate():
@@ -357,7 +364,7 @@ def _in_place_run(paths: list[bool]):
 
 
 def test_taylor_reads_the_activation_as_the_layer_produced_it_when_the_model_changes_it_in_place():
-    scores, seen = _in_place_run([True, True])
+    scores, seen = _in_place_run([True, True, False, True])
     assert not torch.equal(seen[0][0], torch.relu(seen[0][0]))  # y has negative values the ReLU changes
     torch.testing.assert_close(scores, _taylor_2017([tuple(s) for s in seen]), rtol=1e-5, atol=1e-8)
 
@@ -367,6 +374,43 @@ def test_a_batch_changed_in_place_on_an_uncopied_path_is_left_out_with_a_warning
         scores, seen = _in_place_run([False, True, True])
     # batch 2 is left out; batch 3 is copied (the point copies from then on)
     torch.testing.assert_close(scores, _taylor_2017([tuple(seen[0]), tuple(seen[2])]), rtol=1e-5, atol=1e-8)
+
+
+def test_a_scored_copy_is_reused_for_the_next_batch_and_never_read_by_an_older_one():
+    from prunable.accumulate import KeptActivation
+
+    keep = KeptActivation("bn")
+    y1 = torch.arange(6.0).view(2, 3)
+    first = keep.hold(y1)
+    y1.zero_()  # changed in place after the layer: the copy still holds the output
+    assert keep.use(first).sum() == 15
+    keep.release(first)
+    second = keep.hold(torch.ones(2, 3))
+    assert second.kept.data_ptr() == first.kept.data_ptr()  # the same buffer, no new memory
+    assert keep.use(second).sum() == 6
+    with pytest.warns(UserWarning, match="reused by a later forward pass"):
+        assert keep.use(first) is None  # a retained graph run backward again: its copy was overwritten
+    third = keep.hold(torch.ones(3, 3))  # another shape: a new copy
+    assert third.kept.data_ptr() != second.kept.data_ptr() and keep.use(third).sum() == 9
+
+
+def test_taylor_over_a_retained_graph_run_backward_twice_counts_the_batch_twice():
+    from prunable.importance import MeasurePoint
+
+    torch.manual_seed(0)
+    model = InPlaceResidual()
+    point = MeasurePoint("conv", model.bn, 1, model.conv)
+    criterion = TaylorActivation()
+    handles = criterion.attach([point])
+    x, target = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward(retain_graph=True)
+    once = criterion.scores(point).clone()
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert criterion.accumulators["conv"].count == 12
+    torch.testing.assert_close(criterion.scores(point), once)
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (9, 3, 2, 2), (1, 40), (12, 1)])

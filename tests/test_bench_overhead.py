@@ -1,0 +1,67 @@
+"""bench/overhead.py: round-by-round paired ratios with a bootstrap interval, shuffled rounds, pinned threads."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture()
+def overhead(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import overhead as module
+
+    yield module
+    sys.modules.pop("overhead", None)
+
+
+def test_the_ratio_pairs_steps_of_the_same_round(overhead):
+    # the load changes 16-fold between rounds; ours is 1.5× plain within every round
+    plain = [1.0, 2.0, 4.0, 8.0, 16.0]
+    ours = [1.5 * p for p in plain]
+    assert overhead.paired_ratio(ours, plain) == (1.5, 1.5, 1.5)
+    assert overhead.paired_ratio(ours, plain[1:] + plain[:1])[0] == 0.75  # paired with the wrong rounds
+
+
+def test_the_interval_is_a_bootstrap_interval_of_the_median(overhead):
+    ratios = [1.0, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.2, 0.8]
+    mid, low, high = overhead.paired_ratio(ratios, [1.0] * len(ratios))
+    assert mid == statistics.median(ratios)
+    assert min(ratios) <= low < mid < high <= max(ratios)
+    assert (low, high) != (min(ratios), max(ratios))  # narrower than the range: outliers barely move it
+    assert overhead.paired_ratio(ratios, [1.0] * len(ratios)) == (mid, low, high)  # seeded
+    assert overhead.fmt_paired(ratios, [1.0] * len(ratios)) == f"{mid:.2f}× ({low:.2f}–{high:.2f})"
+    assert overhead.fmt_paired([], []) == "—"
+
+
+def test_rounds_are_shuffled_and_timed_on_one_thread(overhead, monkeypatch):
+    calls: list[tuple[str, int]] = []
+
+    class FakeSetup:
+        def __init__(self, config, model):
+            self.config, self.finish = config, lambda: None
+            self.context = overhead.contextlib.ExitStack()
+
+        def step(self):
+            calls.append((self.config, torch.get_num_threads()))
+
+    monkeypatch.setattr(overhead, "Setup", FakeSetup)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(overhead.TIMED_THREADS + 1)
+    try:
+        out = overhead.time_configs(warmup=1, rounds=6)
+        assert torch.get_num_threads() == overhead.TIMED_THREADS + 1  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert {t for _, t in calls} == {overhead.TIMED_THREADS}
+    timed = [c for c, _ in calls[len(overhead.TIMED):]]
+    rounds = [timed[i:i + len(overhead.TIMED)] for i in range(0, len(timed), len(overhead.TIMED))]
+    assert len(rounds) == 6 and all(sorted(r) == sorted(overhead.TIMED) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+    assert all(len(out[c]["steps"].cpu) == len(out[c]["steps"].wall) == 6 for c in overhead.TIMED)
