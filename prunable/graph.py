@@ -37,7 +37,7 @@ from .attention import AttentionHandler
 from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
-from .shadow import distinct
+from .shadow import components, distinct
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
@@ -98,68 +98,6 @@ class ChannelGroup:
         return f"{text}  ({self.channels} channels{note})"
 
     __repr__ = __str__
-
-
-def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
-    """Connected-component representative (smallest id) of each of ``n`` nodes.
-
-    A node on one edge only (a slot of a parameter such as a position embedding, tied
-    to one channel) is left out of the propagation and joins its neighbour's component
-    at the end: most of a transformer's edges are such leaves.
-
-    Example
-    -------
-    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
-    [0, 1, 2, 2, 1, 1]
-    """
-    label = torch.arange(n)
-    if not edges or n == 0:
-        return label
-    e = torch.cat(edges)
-    u, v = e[:, 0], e[:, 1]
-    degree = torch.bincount(e.reshape(-1), minlength=n)
-    leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
-    attached = leaf_u | leaf_v
-    if not bool(attached.any()):
-        return _propagate(label, u, v)
-    core = ~attached
-    label = _propagate(label, u[core], v[core])
-    leaf, other = torch.where(leaf_u, u, v)[attached], torch.where(leaf_u, v, u)[attached]
-    low = label.clone()  # component root → smallest id among it and its leaves
-    low.scatter_reduce_(0, label[other], leaf, reduce="amin")
-    out = low[label]
-    out[leaf] = low[label[other]]
-    return out
-
-
-def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Smallest id reachable over edges ``u[i]``–``v[i]``, from the initial ``label`` (``arange``).
-    Runs over the nodes on an edge only, renumbered in order (so the smallest stays the smallest)."""
-    if not len(u):
-        return label
-    on = torch.zeros(len(label), dtype=torch.bool)
-    on[u] = True
-    on[v] = True
-    nodes = torch.nonzero(on).flatten()
-    if len(nodes) < len(label):
-        local = torch.cumsum(on, 0) - 1
-        label = label.clone()
-        label[nodes] = nodes[_propagate(torch.arange(len(nodes)), local[u], local[v])]
-        return label
-    while True:
-        m = torch.minimum(label[u], label[v])
-        new = label.clone()
-        new.scatter_reduce_(0, u, m, reduce="amin")
-        new.scatter_reduce_(0, v, m, reduce="amin")
-        new = new[new]
-        while True:
-            jumped = new[new]
-            if torch.equal(jumped, new):
-                break
-            new = jumped
-        if torch.equal(new, label):
-            return label
-        label = new
 
 
 def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Channel labels ("shadows") and the raw record of a trace.
+"""Channel labels ("shadows"), the raw record of a trace, and the components of its union edges.
 
 A shadow is an integer tensor shaped like an activation whose entries name the
 channel each element belongs to. Shadows are stored as broadcast views of the
@@ -17,8 +17,8 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "canonical", "core_of", "core_view", "distinct", "expand_core", "expand_shadow",
-    "varying_dims", "labels_along",
+    "FREE", "FIXED", "Target", "Trace", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
+    "expand_shadow", "varying_dims", "labels_along",
 ]
 
 FREE, FIXED = -1, -2
@@ -198,3 +198,65 @@ def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
         return None  # mixed, or an empty tensor whose labels were not kept
     return core.reshape(-1).expand(shadow.shape[dim]).clone()
+
+
+def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+    """Connected-component representative (smallest id) of each of ``n`` nodes.
+
+    A node on one edge only (a slot of a parameter such as a position embedding, tied
+    to one channel) is left out of the propagation and joins its neighbour's component
+    at the end: most of a transformer's edges are such leaves.
+
+    Example
+    -------
+    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
+    [0, 1, 2, 2, 1, 1]
+    """
+    label = torch.arange(n)
+    if not edges or n == 0:
+        return label
+    e = torch.cat(edges)
+    u, v = e[:, 0], e[:, 1]
+    degree = torch.bincount(e.reshape(-1), minlength=n)
+    leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
+    attached = leaf_u | leaf_v
+    if not bool(attached.any()):
+        return _propagate(label, u, v)
+    core = ~attached
+    label = _propagate(label, u[core], v[core])
+    leaf, other = torch.where(leaf_u, u, v)[attached], torch.where(leaf_u, v, u)[attached]
+    low = label.clone()  # component root → smallest id among it and its leaves
+    low.scatter_reduce_(0, label[other], leaf, reduce="amin")
+    out = low[label]
+    out[leaf] = low[label[other]]
+    return out
+
+
+def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Smallest id reachable over edges ``u[i]``–``v[i]``, from the initial ``label`` (``arange``).
+    Runs over the nodes on an edge only, renumbered in order (so the smallest stays the smallest)."""
+    if not len(u):
+        return label
+    on = torch.zeros(len(label), dtype=torch.bool)
+    on[u] = True
+    on[v] = True
+    nodes = torch.nonzero(on).flatten()
+    if len(nodes) < len(label):
+        local = torch.cumsum(on, 0) - 1
+        label = label.clone()
+        label[nodes] = nodes[_propagate(torch.arange(len(nodes)), local[u], local[v])]
+        return label
+    while True:
+        m = torch.minimum(label[u], label[v])
+        new = label.clone()
+        new.scatter_reduce_(0, u, m, reduce="amin")
+        new.scatter_reduce_(0, v, m, reduce="amin")
+        new = new[new]
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, label):
+            return label
+        label = new

@@ -257,7 +257,7 @@ def _smallest_per_component(n, pairs):
 def test_components_are_the_smallest_node_of_each_component(case):
     """Leaves (nodes on one edge), stars, chains, self-loops and repeated edges: the labels equal a
     plain union-find's, whichever way the propagation takes (leaves joined at the end, nodes renumbered)."""
-    from prunable.graph import components
+    from prunable.shadow import components
 
     n, parts = case
     edges = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
