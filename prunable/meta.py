@@ -188,26 +188,27 @@ def _meta_cat(args: tuple, kwargs: dict, func: Any) -> Any:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-#: arguments of ``F.multi_head_attention_forward`` and the values :func:`_meta_mha` takes the shortcut for
-#: (None: any value; a tuple: one of those values)
-_MHA_ARGS = (("query", None), ("key", None), ("value", None), ("embed_dim_to_check", None), ("num_heads", None),
-             ("in_proj_weight", None), ("in_proj_bias", None), ("bias_k", (None,)), ("bias_v", (None,)),
-             ("add_zero_attn", (False,)), ("dropout_p", None), ("out_proj_weight", None), ("out_proj_bias", None),
-             ("training", None), ("key_padding_mask", (None,)), ("need_weights", (True, False)),
-             ("attn_mask", (None,)), ("use_separate_proj_weight", (False,)), ("q_proj_weight", (None,)),
-             ("k_proj_weight", (None,)), ("v_proj_weight", (None,)), ("static_k", (None,)), ("static_v", (None,)),
-             ("average_attn_weights", (True, False)), ("is_causal", (False,)))
+#: arguments of ``F.multi_head_attention_forward``: name, default (None for the required ones) and the values
+#: :func:`_meta_mha` takes the shortcut for (None: any value)
+_MHA_ARGS = (("query", None, None), ("key", None, None), ("value", None, None), ("embed_dim_to_check", None, None),
+             ("num_heads", None, None), ("in_proj_weight", None, None), ("in_proj_bias", None, None),
+             ("bias_k", None, (None,)), ("bias_v", None, (None,)), ("add_zero_attn", None, (False,)),
+             ("dropout_p", None, None), ("out_proj_weight", None, None), ("out_proj_bias", None, None),
+             ("training", True, None), ("key_padding_mask", None, (None,)), ("need_weights", True, (True, False)),
+             ("attn_mask", None, (None,)), ("use_separate_proj_weight", False, (False,)),
+             ("q_proj_weight", None, (None,)), ("k_proj_weight", None, (None,)), ("v_proj_weight", None, (None,)),
+             ("static_k", None, (None,)), ("static_v", None, (None,)), ("average_attn_weights", True, (True, False)),
+             ("is_causal", False, (False,)))
 
 
 def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
     """``multi_head_attention_forward`` of batched meta inputs with one packed in-projection and no
     masks, from the shapes alone (its meta run decomposes every kernel); anything else runs for real."""
-    names = [n for n, _ in _MHA_ARGS]
+    names = [n for n, _, _ in _MHA_ARGS]
     if len(args) > len(names) or set(kwargs) - set(names):
         return func(*args, **kwargs)
-    values = {n: arg(args, kwargs, i, n, False if allowed and False in allowed else None)
-              for i, (n, allowed) in enumerate(_MHA_ARGS)}
-    if any(allowed is not None and not any(values[n] is a for a in allowed) for n, allowed in _MHA_ARGS):
+    values = {n: arg(args, kwargs, i, n, default) for i, (n, default, _) in enumerate(_MHA_ARGS)}
+    if any(allowed is not None and not any(values[n] is a for a in allowed) for n, _, allowed in _MHA_ARGS):
         return func(*args, **kwargs)
     q, k, v, w, b, out_w, out_b = (values[n] for n in ("query", "key", "value", "in_proj_weight", "in_proj_bias",
                                                         "out_proj_weight", "out_proj_bias"))
@@ -215,7 +216,8 @@ def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
     inputs = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
     tensors = [t for t in (w, out_w) if _plain_meta(t) and t.dtype == q.dtype]  # inputs may be transposed
     ok = (len(inputs) == 3 and len(tensors) == 2 and q.dim() == k.dim() == v.dim() == 3
-          and type(heads) is int and type(width) is int and heads > 0 and width % heads == 0 and q.shape[2] == k.shape[2] == v.shape[2] == width
+          and type(heads) is int and type(width) is int and heads > 0 and width % heads == 0
+          and q.shape[2] == k.shape[2] == v.shape[2] == width
           and k.shape == v.shape and q.shape[1] == k.shape[1] and min(q.shape) > 0 and k.shape[0] > 0
           and w.shape == (3 * width, width) and out_w.dim() == 2 and out_w.shape[1] == width and out_w.shape[0] > 0)
     for bias, n in ((b, 3 * width), (out_b, out_w.shape[0] if ok else 0)):

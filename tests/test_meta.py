@@ -207,3 +207,11 @@ def test_scaled_dot_product_attention_errors_and_masks_run_the_kernel():
     _same(F.scaled_dot_product_attention, q, q, q, torch.ones(5, 5, dtype=torch.bool, device="meta"))
     _same(F.scaled_dot_product_attention, _meta(2, 4, 5, 8), _meta(2, 2, 5, 8), _meta(2, 2, 5, 8), enable_gqa=True)
     _same(F.scaled_dot_product_attention, q, q.half(), q)
+
+
+def test_multi_head_attention_called_with_its_defaults():
+    """``need_weights`` and ``average_attn_weights`` left out default to True, as in the kernel."""
+    q, kv, w, out_w = _meta(5, 2, 8), _meta(7, 2, 8), _meta(24, 8), _meta(8, 8)
+    args = (q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None)
+    expected, got = F.multi_head_attention_forward(*args), call(F.multi_head_attention_forward, args, {})
+    assert [(t.shape, t.stride()) for t in got] == [(t.shape, t.stride()) for t in expected]
