@@ -37,6 +37,7 @@ from .attention import AttentionHandler
 from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
+from .shadow import components, distinct
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
@@ -99,33 +100,45 @@ class ChannelGroup:
     __repr__ = __str__
 
 
-def _components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
-    """Connected-component representative (smallest id) of each of ``n`` nodes."""
-    label = torch.arange(n)
-    if not edges or n == 0:
-        return label
-    e = torch.cat(edges)
-    u, v = e[:, 0], e[:, 1]
-    while True:
-        m = torch.minimum(label[u], label[v])
-        new = label.clone()
-        new.scatter_reduce_(0, u, m, reduce="amin")
-        new.scatter_reduce_(0, v, m, reduce="amin")
-        new = new[new]
-        while True:
-            jumped = new[new]
-            if torch.equal(jumped, new):
-                break
-            new = jumped
-        if torch.equal(new, label):
-            return label
-        label = new
+def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
+    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
+    instead of over every class."""
+    p = len(counts)
+    owner = torch.repeat_interleave(torch.arange(p), counts)
+    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
+    parent = list(range(p))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
+        a, b = find(link // p), find(link % p)
+        parent[max(a, b)] = min(a, b)
+    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
+    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    return smallest[group]  # the smallest class of its component, as components() labels it
 
 
-def _owners(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The class (component root) of every label of each of ``labels``; labels below zero
+    (``FREE``, ``FIXED``) are kept. One pass over all of them instead of one per member."""
+    if not labels:
+        return []
+    flat = torch.cat([x.reshape(-1) for x in labels])
+    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
+    return [c.view(x.shape) for c, x in zip(torch.split(classes, [x.numel() for x in labels]), labels)]
+
+
+def _owners(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
+    """Module names by id, and the owner ``(module, module name, attribute)`` of each tensor,
+    from ``named_modules(remove_duplicate=False)``."""
+    names = {id(m): n for n, m in named}
     owners: dict[int, tuple[nn.Module, str, str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for mname, module in named:
         for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
             if t is not None:
                 owners.setdefault(id(t), (module, mname, attr))
@@ -138,11 +151,11 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     ``example_inputs`` follows :func:`prunable.inputs.split_inputs` (a tensor, a tuple
     of positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair).
     """
-    names, owners = _owners(model)
+    named = list(model.named_modules(remove_duplicate=False))  # one walk of the module tree
+    names, owners = _owners(named)
     tracer = ChannelTracer(names, owners)
     hooks = []
-
-    for module in model.modules():
+    for module in {id(m): m for _, m in named}.values():  # model.modules(): each module once, in order
         hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
     try:
@@ -265,21 +278,19 @@ class DependencyGraph:
         return Target(module, t.name, t.role, t.param, t.axis, id(module), t.rescale)
 
     def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
-        root = _components(trace.n_slots, trace.edges)
+        root = components(trace.n_slots, trace.edges)
         blocked: dict[int, SkipReason] = {}
         for labels, reason in trace.blocked:
-            for r in torch.unique(root[labels]).tolist():
+            for r in distinct(root[labels]).tolist():
                 blocked.setdefault(r, reason)
-        cls = lambda labels: torch.where(labels >= 0, root[labels.clamp(min=0)], labels)  # noqa: E731
-        members: list[Member] = []
-        for t, slots in trace.producers.values():
-            members.append(Member(self._retarget(t, mapping), root[slots], True))
-        for t, labels in trace.consumers.values():
-            members.append(Member(self._retarget(t, mapping), cls(labels), False))
+        producers, consumers = list(trace.producers.values()), list(trace.consumers.values())
+        members = [Member(self._retarget(t, mapping), c, True)
+                   for (t, _), c in zip(producers, _classes(root, [s for _, s in producers]))]
+        members += [Member(self._retarget(t, mapping), c, False)
+                    for (t, _), c in zip(consumers, _classes(root, [labels for _, labels in consumers]))]
         members += self._param_members(trace, root, mapping, blocked)
-        for module, name, attr, labels in trace.sizes:
-            target = Target(module, name, None, attr, 0, id(module))
-            members.append(Member(self._retarget(target, mapping), cls(labels), False))
+        for (module, name, attr, _), c in zip(trace.sizes, _classes(root, [entry[3] for entry in trace.sizes])):
+            members.append(Member(self._retarget(Target(module, name, None, attr, 0, id(module)), mapping), c, False))
         self.groups = self._group(members, blocked, trace, root, mapping)
         self._attach_blocks(trace, root)
 
@@ -287,16 +298,18 @@ class DependencyGraph:
         """Record each equal-size partition (attention heads, GroupNorm groups) on its group."""
         if not trace.blocks:  # most CNNs: skip the per-channel table below
             return
-        owner = {int(c): g for g in self.groups for c in g.classes.tolist()}
+        owner = torch.full((len(root),), -1, dtype=torch.long)  # class → index of its group
+        for i, g in enumerate(self.groups):
+            owner[g.classes] = i
         for slots, what in trace.blocks:
             classes = root[slots]
-            group = owner.get(int(classes[0, 0]))
-            if group is None:
+            at = int(owner[classes[0, 0]])
+            if at < 0:
                 continue
+            group = self.groups[at]
             if bool((classes == classes[:1]).all()):  # rows coupled by position (one rotary table): equal anyway
                 continue
-            position = {int(c): i for i, c in enumerate(group.classes.tolist())}
-            rows = torch.tensor([[position.get(int(c), -1) for c in row] for row in classes.tolist()])
+            rows = positions(group.classes, classes)
             if bool((rows < 0).any()) or len(rows.unique()) != rows.numel():
                 group.skip_reason = group.skip_reason or SkipReason(
                     SkipKind.BLOCKS, f"{what} share channels with each other")
@@ -308,16 +321,18 @@ class DependencyGraph:
 
     def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
-        produced = set(torch.cat([root[s] for _, s in trace.producers.values()]).tolist()) if trace.producers else set()
+        produced = torch.zeros(len(root), dtype=torch.bool)
+        if trace.producers:
+            produced[torch.cat([root[s] for _, s in trace.producers.values()])] = True
         out = []
         for t, slots in trace.params.values():
             classes = root[slots]
-            linked = [r for r in classes.unique().tolist() if r in produced]
-            if not linked:
+            if not bool(produced[classes].any()):
                 continue
             axis = next((d for d in range(classes.dim()) if _only_varies_along(classes, d)), None)
             if axis is None:
-                for r in linked:
+                present = distinct(classes)
+                for r in present[produced[present]].tolist():
                     blocked.setdefault(r, SkipReason(SkipKind.MIXED, f"{t.label()} mixes channels over several axes"))
                 continue
             line = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)[:, 0]
@@ -332,8 +347,7 @@ class DependencyGraph:
         values, inverse = torch.unique(produced, return_inverse=True)
         lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
         lookup[values] = torch.arange(len(values))
-        edges = [torch.stack([lookup[m.classes[:1]].expand(len(m.classes)), lookup[m.classes]], 1) for m in producers]
-        comp = _components(len(values), edges)
+        comp = _producer_components(inverse, torch.tensor([len(m.classes) for m in producers]), len(values))
         by_group = self._members_by_group(members, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)
@@ -362,10 +376,10 @@ class DependencyGraph:
         """Group (component) → the members holding one of its classes, in member order."""
         flat = torch.cat([m.classes.reshape(-1) for m in members])
         owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
-        inside = (flat >= 0) & (flat < len(lookup))
-        index = lookup[flat[inside]]
-        known = index >= 0
-        pairs = torch.unique(owner[inside][known] * len(comp) + comp[index[known]]).tolist()
+        index = lookup[flat.clamp(0, len(lookup) - 1)]
+        known = (flat >= 0) & (flat < len(lookup)) & (index >= 0)  # no boolean indexing: masks are slow
+        pairs = distinct(torch.where(known, owner * len(comp) + comp[index.clamp(min=0)], -1)).tolist()
+        pairs = pairs[1:] if pairs and pairs[0] < 0 else pairs
         by_group: dict[int, list[Member]] = {}
         for pair in pairs:
             by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])

@@ -63,7 +63,7 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
     ``counted=True`` (under a ``FlopCounterMode``) runs every operation that has
     FLOPs (``linear``, convolutions, recurrent kernels) for real, so none is hidden
     from the counter; only FLOP-free ones (norms, activations, elementwise
-    arithmetic, adaptive pooling) take the shortcut.
+    arithmetic, adaptive pooling, concatenation) take the shortcut.
     """
     name = getattr(func, "__name__", "")
     linear = name == "linear" and not counted
@@ -80,8 +80,15 @@ def call(func: Any, args: tuple, kwargs: dict, *, counted: bool = False) -> Any:
         return _meta_like(args[0])
     if func is F.adaptive_avg_pool2d and len(args) + len(kwargs) == 2 and _plain_meta(args[0]):
         return _meta_adaptive_pool(args, kwargs, func)
+    if func in _CATS and args and isinstance(args[0], (list, tuple)) and args[0]:
+        return _meta_cat(args, kwargs, func)
     if counted:
         return func(*args, **kwargs)
+    if func is F.multi_head_attention_forward and args and isinstance(args[0], torch.Tensor) and args[0].is_meta \
+            and args[0].is_floating_point():  # it has FLOPs: not when counted
+        return _meta_mha(args, kwargs, func)
+    if func is F.scaled_dot_product_attention and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+        return _meta_sdpa(args, kwargs, func)
     if func is torch.conv2d and args and _plain_meta(args[0]):
         return _meta_conv2d(args, kwargs, func)
     if func in RNN_KERNELS:
@@ -154,6 +161,98 @@ def _meta_conv2d(args: tuple, kwargs: dict, func: Any) -> torch.Tensor:
     if not ok or min(size) < 1:
         return func(*args, **kwargs)
     return torch.empty(x.shape[0], w.shape[0], *size, dtype=x.dtype, device="meta")
+
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _meta_cat(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``torch.cat`` of contiguous meta tensors of one dtype and rank whose other sizes match,
+    without its meta kernel; anything else (and every invalid call) runs for real."""
+    parts, dim = args[0], arg(args, kwargs, 1, "dim", 0)
+    if len(args) > 2 or set(kwargs) - {"dim"} or type(dim) is not int or not _plain_meta(parts[0]):
+        return func(*args, **kwargs)
+    first = parts[0]
+    rank, dtype = first.dim(), first.dtype
+    if not -rank <= dim < rank or rank == 0:
+        return func(*args, **kwargs)
+    dim %= rank
+    shape = list(first.shape)
+    for t in parts[1:]:
+        if not (_plain_meta(t) and t.dtype == dtype and t.dim() == rank):
+            return func(*args, **kwargs)
+        for d in range(rank):
+            if d != dim and t.shape[d] != shape[d]:
+                return func(*args, **kwargs)
+        shape[dim] += t.shape[dim]
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+#: arguments of ``F.multi_head_attention_forward``: name, default (None for the required ones) and the values
+#: :func:`_meta_mha` takes the shortcut for (None: any value)
+_MHA_ARGS = (("query", None, None), ("key", None, None), ("value", None, None), ("embed_dim_to_check", None, None),
+             ("num_heads", None, None), ("in_proj_weight", None, None), ("in_proj_bias", None, None),
+             ("bias_k", None, (None,)), ("bias_v", None, (None,)), ("add_zero_attn", None, (False,)),
+             ("dropout_p", None, None), ("out_proj_weight", None, None), ("out_proj_bias", None, None),
+             ("training", True, None), ("key_padding_mask", None, (None,)), ("need_weights", True, (True, False)),
+             ("attn_mask", None, (None,)), ("use_separate_proj_weight", False, (False,)),
+             ("q_proj_weight", None, (None,)), ("k_proj_weight", None, (None,)), ("v_proj_weight", None, (None,)),
+             ("static_k", None, (None,)), ("static_v", None, (None,)), ("average_attn_weights", True, (True, False)),
+             ("is_causal", False, (False,)))
+
+
+def _meta_mha(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``multi_head_attention_forward`` of batched meta inputs with one packed in-projection and no
+    masks, from the shapes alone (its meta run decomposes every kernel); anything else runs for real."""
+    names = [n for n, _, _ in _MHA_ARGS]
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return func(*args, **kwargs)
+    values = {n: arg(args, kwargs, i, n, default) for i, (n, default, _) in enumerate(_MHA_ARGS)}
+    if any(allowed is not None and not any(values[n] is a for a in allowed) for n, _, allowed in _MHA_ARGS):
+        return func(*args, **kwargs)
+    q, k, v, w, b, out_w, out_b = (values[n] for n in ("query", "key", "value", "in_proj_weight", "in_proj_bias",
+                                                        "out_proj_weight", "out_proj_bias"))
+    heads, width = values["num_heads"], values["embed_dim_to_check"]
+    inputs = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
+    tensors = [t for t in (w, out_w) if _plain_meta(t) and t.dtype == q.dtype]  # inputs may be transposed
+    ok = (len(inputs) == 3 and len(tensors) == 2 and q.dim() == k.dim() == v.dim() == 3
+          and type(heads) is int and type(width) is int and heads > 0 and width % heads == 0
+          and q.shape[2] == k.shape[2] == v.shape[2] == width
+          and k.shape == v.shape and q.shape[1] == k.shape[1] and min(q.shape) > 0 and k.shape[0] > 0
+          and w.shape == (3 * width, width) and out_w.dim() == 2 and out_w.shape[1] == width and out_w.shape[0] > 0)
+    for bias, n in ((b, 3 * width), (out_b, out_w.shape[0] if ok else 0)):
+        ok = ok and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_meta and bias.dtype == q.dtype
+                                      and bias.shape == (n,)))
+    if not ok:
+        return func(*args, **kwargs)
+    (tgt, batch, _), src = q.shape, k.shape[0]
+    out = torch.empty(tgt, batch, out_w.shape[0], dtype=q.dtype, device="meta")
+    if not values["need_weights"]:
+        return out, None
+    shape = (batch, tgt, src) if values["average_attn_weights"] else (batch, heads, tgt, src)
+    return out, torch.empty(shape, dtype=q.dtype, device="meta")
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _meta_sdpa(args: tuple, kwargs: dict, func: Any) -> Any:
+    """``scaled_dot_product_attention`` of meta q, k, v of one floating dtype whose batch and head
+    sizes match, without a mask, dropout or grouped-query heads, from the shapes alone (its meta
+    run decomposes the whole attention); anything else runs for real."""
+    if len(args) > len(_SDPA_ARGS) or set(kwargs) - set(_SDPA_ARGS):
+        return func(*args, **kwargs)
+    q, k, v, mask, dropout, causal, scale, gqa = (arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(
+        zip(_SDPA_ARGS, (None, None, None, None, 0.0, False, None, False))))
+    tensors = [t for t in (q, k, v) if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype]
+    ok = (len(tensors) == 3 and q.is_floating_point() and q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)
+          and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and k.shape[-2] == v.shape[-2]
+          and q.shape[-1] == k.shape[-1] and min(*q.shape, *k.shape, *v.shape) > 0 and mask is None
+          and type(dropout) in (int, float) and dropout == 0 and causal is False and gqa is False
+          and (scale is None or type(scale) in (int, float)))
+    if not ok:
+        return func(*args, **kwargs)
+    return torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device="meta")
 
 
 def _plain_meta(x: Any) -> bool:

@@ -106,7 +106,10 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     dim %= parts[0].dim()
     cores = [core_of(p) for p in parts]
     small = [1 if all(c.shape[d] == 1 for c in cores) else parts[0].shape[d] for d in range(parts[0].dim())]
-    pieces = [c.expand([p.shape[d] if d == dim else small[d] for d in range(p.dim())]) for c, p in zip(cores, parts)]
+    pieces = []
+    for c, p in zip(cores, parts):
+        size = [p.shape[d] if d == dim else small[d] for d in range(p.dim())]
+        pieces.append(c if list(c.shape) == size else c.expand(size))
     out = torch.cat(pieces, dim)
     return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
 
@@ -164,7 +167,26 @@ class ShapeRules:
             if a.device.type == "meta":
                 raise RuntimeError("index tensor without data")
             return a.cpu()
-        sargs = (*tree_map(lambda a: convert(a, True), args[:1]), *tree_map(convert, args[1:]))
+        first = args[:1]
+        if first and type(first[0]) in (list, tuple) and all(isinstance(t, torch.Tensor) for t in first[0]):
+            first = (type(first[0])(self.shadow(t) for t in first[0]),)  # cat, stack: tree_map's answer, faster
+        elif not first or not isinstance(first[0], _CONTAINERS):
+            first = tuple(convert(a, True) for a in first)
+        else:
+            first = tree_map(lambda a: convert(a, True), first)
+        rest = args[1:]
+        if any(isinstance(a, _CONTAINERS) for a in (*rest, *kwargs.values())):
+            return self._convert_tree(first, rest, kwargs, convert)
+        sargs = (*first, *(convert(a) for a in rest))
+        skwargs = {k: convert(a) for k, a in kwargs.items()}
+        if "value" in skwargs:
+            skwargs["value"] = FREE
+        return sargs, skwargs
+
+    @staticmethod
+    def _convert_tree(first: tuple, rest: tuple, kwargs: dict, convert: Any) -> tuple[tuple, dict]:
+        """:meth:`_shadow_args` of arguments holding containers (index lists, sizes)."""
+        sargs = (*first, *tree_map(convert, rest))
         skwargs = tree_map(convert, kwargs)
         if "value" in skwargs:
             skwargs["value"] = FREE
@@ -289,10 +311,10 @@ class ShapeRules:
         parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
         if not _same_rank(parts):  # the legacy empty 1-d part (a key/value cache's first step)
             return sout
-        firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         varying = [varying_dims(p) for p in parts]
-        if len(firsts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
+        if sum(p.shape[dim] > 0 for p in parts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
             return sout
+        firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         if any(not bool((core_view(f) >= 0).any()) for f in firsts):
             return sout
         for f in firsts[1:]:
@@ -344,6 +366,11 @@ class ShapeRules:
     def _generic(self, name: str, args: tuple, kwargs: dict, out: Any, outs: list) -> None:
         ins = self._tensors_in(args, kwargs)
         if not ins:
+            return
+        if len(ins) == 1 and all(t.shape == ins[0].shape for t in outs):  # unary (activations): input labels
+            s = self.shadow(ins[0])
+            for t in outs:
+                self.set_shadow(t, s)
             return
         shape = broadcast([t.shape for t in ins])
         if shape is not None and all(t.shape == shape for t in outs):

@@ -117,21 +117,28 @@ def _span(core: torch.Tensor) -> tuple[int, int]:
     return (int(labels.min()), int(labels.max())) if labels.numel() else (0, -1)
 
 
+def _lines(rows: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row ids (-1 outside dropped) of every line along ``dim``, all lines at once: the ids in
+    line order, the line of each, and how many distinct ids each line holds."""
+    lines = rows.movedim(dim, -1).reshape(-1, rows.shape[dim])
+    line, at = torch.nonzero(lines >= 0, as_tuple=True)  # row-major: each line's ids stay in order
+    ids = lines[line, at]
+    width = int(ids.max()) + 1 if len(ids) else 1
+    pairs = torch.unique(line * width + ids)
+    return ids, line, torch.bincount(pairs // width, minlength=len(lines))
+
+
 def _contiguous(rows: torch.Tensor, dim: int) -> bool:
     """Along ``dim`` of ``rows`` (row ids, -1 outside), does every row occupy one run?"""
-    for line in rows.movedim(dim, -1).reshape(-1, rows.shape[dim]):
-        line = line[line >= 0]
-        if len(line) > 1 and int((line[1:] != line[:-1]).sum()) != len(line.unique()) - 1:
-            return False
-    return True
+    ids, line, distinct_ids = _lines(rows, dim)
+    changes = (ids[1:] != ids[:-1]) & (line[1:] == line[:-1])  # a new run inside a line
+    runs = torch.bincount(line[1:][changes], minlength=len(distinct_ids)) + (distinct_ids > 0).long()
+    return bool((runs == distinct_ids).all())
 
 
 def _mixes_rows(rows: torch.Tensor, dim: int) -> bool:
     """Does a line along ``dim`` hold more than one row (a reduction over it combines heads)?"""
-    for line in rows.movedim(dim, -1).reshape(-1, rows.shape[dim]):
-        if len(line[line >= 0].unique()) > 1:
-            return True
-    return False
+    return bool((_lines(rows, dim)[2] > 1).any())
 
 
 def _query_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> int | None:
@@ -289,10 +296,13 @@ class AttentionRules:
 
     def _check_query_scales(self) -> None:
         """Rescaled query rows must feed the attention only: any other use of them would change."""
+        rescaled = [(target, slots) for target, slots in self.trace.producers.values() if target.rescale is not None]
+        if not rescaled:  # no attention with the default scale: nothing to check
+            return
         used = [core[core >= 0] for core in self._escaped]
         used = torch.cat(used) if used else torch.empty(0, dtype=torch.long)
-        for target, slots in list(self.trace.producers.values()):
-            if target.rescale is not None and bool(torch.isin(slots[target.rescale.rows], used).any()):
+        for target, slots in rescaled:
+            if bool(torch.isin(slots[target.rescale.rows], used).any()):
                 self.trace.block(slots, _attention_reason(
                     f"{target.name}: queries of an attention with the default scale are also read by a layer "
                     "or an operation (rescaling them to keep the softmax temperature would change it)"))

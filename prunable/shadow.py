@@ -1,4 +1,4 @@
-"""Channel labels ("shadows") and the raw record of a trace.
+"""Channel labels ("shadows"), the raw record of a trace, and the components of its union edges.
 
 A shadow is an integer tensor shaped like an activation whose entries name the
 channel each element belongs to. Shadows are stored as broadcast views of the
@@ -17,8 +17,8 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "canonical", "core_of", "core_view", "expand_shadow", "varying_dims",
-    "labels_along",
+    "FREE", "FIXED", "Target", "Trace", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
+    "expand_shadow", "varying_dims", "labels_along",
 ]
 
 FREE, FIXED = -1, -2
@@ -68,6 +68,10 @@ class Trace:
     def union(self, a: torch.Tensor, b: torch.Tensor,
               reason: SkipReason = SkipReason(SkipKind.FIXED_INPUT, "fixed-size operand")) -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
+        if a.dim() == 1 and a.shape == b.shape and a.numel():  # two label vectors: nothing to narrow or deduplicate
+            if int(torch.minimum(a.min(), b.min())) >= 0:
+                self.edges.append(torch.stack([a, b], 1))
+                return
         a, b = _compress(a, b)
         labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
         both = None if labelled else (a >= 0) & (b >= 0)
@@ -75,7 +79,7 @@ class Trace:
             x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
             if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
                 base = int(y.max()) + 1
-                key = torch.unique(x * base + y)
+                key = distinct(x * base + y)
                 x, y = key // base, key % base
             self.edges.append(torch.stack([x, y], 1))
         for x, y in ((a, b), (b, a)) if not labelled else ():
@@ -90,7 +94,24 @@ class Trace:
         labels = core_of(labels) if labels.dim() else labels
         labels = labels[labels >= 0]
         if labels.numel():
-            self.blocked.append((torch.unique(labels), reason))
+            self.blocked.append((distinct(labels), reason))
+
+
+def distinct(values: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(values)`` (sorted, flattened); a run of equal or increasing values (slots
+    in creation order, labels constant along rows) skips the sort.
+
+    Example
+    -------
+    >>> distinct(torch.tensor([[3, 3, 5], [5, 7, 7]])).tolist(), distinct(torch.tensor([4, 1, 4])).tolist()
+    ([3, 5, 7], [1, 4])
+    """
+    if values.numel() < 4096:  # small: one sort is cheaper than the check
+        return torch.unique(values)
+    runs = torch.unique_consecutive(values.reshape(-1))
+    if len(runs) < 2 or bool((runs[1:] > runs[:-1]).all()):
+        return runs
+    return torch.unique(runs)
 
 
 #: attribute of a canonical shadow holding its core (shadows are never modified in place)
@@ -123,6 +144,21 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
         if core.shape[d] > 1 and torch.equal(core, core.narrow(d, 0, 1).expand(core.shape)):
             core = core.narrow(d, 0, 1)
     out = core.expand(shadow.shape)
+    out.__dict__[_CORE] = core
+    return out
+
+
+def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``core.expand(shape)`` as a canonical shadow, for a ``core`` known to be the smallest
+    (labels that differ along each of its dims longer than one: a layer's fresh slots).
+
+    Example
+    -------
+    >>> s = expand_core(torch.arange(3).view(1, 3, 1), torch.Size([2, 3, 4]))
+    >>> tuple(s.shape), core_of(s).shape == (1, 3, 1)
+    ((2, 3, 4), True)
+    """
+    out = core.expand(shape)
     out.__dict__[_CORE] = core
     return out
 
@@ -162,3 +198,65 @@ def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
         return None  # mixed, or an empty tensor whose labels were not kept
     return core.reshape(-1).expand(shadow.shape[dim]).clone()
+
+
+def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+    """Connected-component representative (smallest id) of each of ``n`` nodes.
+
+    A node on one edge only (a slot of a parameter such as a position embedding, tied
+    to one channel) is left out of the propagation and joins its neighbour's component
+    at the end: most of a transformer's edges are such leaves.
+
+    Example
+    -------
+    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
+    [0, 1, 2, 2, 1, 1]
+    """
+    label = torch.arange(n)
+    if not edges or n == 0:
+        return label
+    e = torch.cat(edges)
+    u, v = e[:, 0], e[:, 1]
+    degree = torch.bincount(e.reshape(-1), minlength=n)
+    leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
+    attached = leaf_u | leaf_v
+    if not bool(attached.any()):
+        return _propagate(label, u, v)
+    core = ~attached
+    label = _propagate(label, u[core], v[core])
+    leaf, other = torch.where(leaf_u, u, v)[attached], torch.where(leaf_u, v, u)[attached]
+    low = label.clone()  # component root → smallest id among it and its leaves
+    low.scatter_reduce_(0, label[other], leaf, reduce="amin")
+    out = low[label]
+    out[leaf] = low[label[other]]
+    return out
+
+
+def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Smallest id reachable over edges ``u[i]``–``v[i]``, from the initial ``label`` (``arange``).
+    Runs over the nodes on an edge only, renumbered in order (so the smallest stays the smallest)."""
+    if not len(u):
+        return label
+    on = torch.zeros(len(label), dtype=torch.bool)
+    on[u] = True
+    on[v] = True
+    nodes = torch.nonzero(on).flatten()
+    if len(nodes) < len(label):
+        local = torch.cumsum(on, 0) - 1
+        label = label.clone()
+        label[nodes] = nodes[_propagate(torch.arange(len(nodes)), local[u], local[v])]
+        return label
+    while True:
+        m = torch.minimum(label[u], label[v])
+        new = label.clone()
+        new.scatter_reduce_(0, u, m, reduce="amin")
+        new.scatter_reduce_(0, v, m, reduce="amin")
+        new = new[new]
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, label):
+            return label
+        label = new

@@ -31,10 +31,26 @@ from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
 from .rules import ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
-from .shadow import FIXED, FREE, Target, Trace, canonical, labels_along
+from .shadow import FIXED, FREE, Target, Trace, canonical, expand_core, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
 __all__ = ["ChannelTracer", "Target", "Trace"]
+
+
+#: ``(name, rule)`` of each operation seen (``func_name`` and ``rule_of`` cost more than the lookup)
+_RULE_OF: dict[Any, tuple[str, str]] = {}
+
+
+def _remember(func: Any, name: str, rule: str) -> None:
+    """Remember the rule of ``func`` when it is a stable, hashable function (not a bound method
+    of a temporary object); a bounded table (functions made afresh per call are not kept forever)."""
+    if len(_RULE_OF) >= 4096:
+        return
+    if getattr(func, "__self__", None) is None or name.startswith("property:") or isinstance(func.__self__, type):
+        try:
+            _RULE_OF[func] = (name, rule)
+        except TypeError:
+            pass
 
 
 class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
@@ -113,8 +129,10 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
         self.stack.pop()
         if module is self._opaque:
-            try:  # still opaque: the handler's bookkeeping must not be traced itself
-                handler_for(module).trace_module(self, module, args, kwargs, output)
+            # the handler's bookkeeping on shadows must not be traced itself (nor pay for dispatch)
+            try:
+                with torch._C.DisableTorchFunction():
+                    handler_for(module).trace_module(self, module, args, kwargs, output)
             finally:
                 self._opaque = None
 
@@ -164,8 +182,12 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         out = call(func, args, kwargs)
         if self._opaque is not None:
             return out
-        name = func_name(func)
-        rule = rule_of(name)
+        try:
+            name, rule = _RULE_OF[func]
+        except (KeyError, TypeError):  # first call of ``func`` (or an unhashable callable)
+            name = func_name(func)
+            rule = rule_of(name)
+            _remember(func, name, rule)
         if rule == "ignore":
             return out
         if rule == "shape_read":
@@ -209,8 +231,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         if problem is not None:  # the layer is known but cannot be cut: its channels are a skipped group
             target = Target(module, mname, role, uid=id(module))
             return target, SkipReason(SkipKind.UNSUPPORTED_LAYER, f"{mname}: {problem}")
-        known = {**handler.params(module, Role.IN), **handler.params(module, Role.OUT), "weight": 0}
-        if attr not in known:
+        if attr != "weight" and all(attr not in handler.params(module, side) for side in (Role.IN, Role.OUT)):
             return None, unsupported(f"{mname}.{attr} is used outside its module")
         return Target(module, mname, role, uid=id(module)), None
 
@@ -239,10 +260,13 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             self.trace.block(s, mixed(f"{who}: input channels are mixed with other dimensions"))
         return labels
 
-    def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int) -> None:
+    def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int, fresh: bool = False) -> None:
+        """``out`` holds labels ``slots`` along ``dim``; ``fresh`` slots (distinct: a layer's outputs)
+        are known to be the shadow's smallest core."""
         shape = [1] * out.dim()
         shape[dim] = -1
-        self.set_shadow(out, slots.view(shape).expand(out.shape))
+        core = slots.view(shape)
+        self.set_shadow(out, expand_core(core, out.shape) if fresh else core.expand(out.shape))
 
     def _conv(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         """conv1d/2d/3d and conv_transpose1d/2d/3d: ``groups`` is argument 6 of both."""
@@ -278,7 +302,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
                 self.trace.union(slots, labels.repeat_interleave(mult))
         self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), ch)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
-        self._out_shadow(out, slots, ch)
+        self._out_shadow(out, slots, ch, fresh=True)
 
     def _unprunable(self, target: Target, why: SkipReason, x: torch.Tensor | None, out: torch.Tensor, dim: int) -> None:
         """A known layer that cannot be cut (an unsupported parametrization): its output channels
@@ -287,7 +311,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         self.trace.block(slots, why)
         if x is not None:
             self.trace.block(self.shadow(x), why)
-        self._out_shadow(out, slots, dim)
+        self._out_shadow(out, slots, dim, fresh=True)
 
     def _linear(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         x, weight = args[0], arg(args, kwargs, 1, "weight")
@@ -302,7 +326,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         self._consume(Target(target.module, target.name, Role.IN, uid=target.uid), labels)
         self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), out.dim() - 1)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
-        self._out_shadow(out, slots, out.dim() - 1)
+        self._out_shadow(out, slots, out.dim() - 1, fresh=True)
 
     def _channelwise(self, name: str, x: torch.Tensor, weight: Any, out: torch.Tensor, dim: int) -> None:
         """A per-channel module (norm, PReLU): consumer of its input, output = input labels."""
@@ -356,7 +380,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         if target is None:
             return self.mark_input(outs[0])
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, -1)
-        self._out_shadow(outs[0], self._produce(target, outs[0].shape[-1]), outs[0].dim() - 1)
+        self._out_shadow(outs[0], self._produce(target, outs[0].shape[-1]), outs[0].dim() - 1, fresh=True)
 
     def _pixel_shuffle(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         """Channel ``c`` of the output is input channels ``c·r² … c·r² + r² − 1``: those leave together."""

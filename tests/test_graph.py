@@ -5,7 +5,10 @@ import torch
 import torchvision
 from torch import nn
 
+from hypothesis import given, settings, strategies as st
+
 from prunable import DependencyGraph, ModuleHandler, Pruner, SkipKind, WeightNorm, register_handler
+from prunable.handlers import unregister_handler
 from helpers import Opaque, randomize_bn, zero_plan
 
 
@@ -230,3 +233,95 @@ def test_group_skipped_for_a_value_not_its_text():
     graph = DependencyGraph(model, torch.randn(1, 3, 6, 6))
     reason = graph.groups[-1].skip_reason
     assert reason.kind is SkipKind.MODEL_OUTPUT and str(reason) == "model output" and "output" in reason
+
+
+def _smallest_per_component(n, pairs):
+    """Plain union-find: the smallest node of each node's component (the oracle)."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return [find(a) for a in range(n)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 40).flatmap(lambda n: st.tuples(st.just(n), st.lists(
+    st.lists(st.tuples(st.integers(0, max(n - 1, 0)), st.integers(0, max(n - 1, 0))), max_size=12), max_size=4))))
+def test_components_are_the_smallest_node_of_each_component(case):
+    """Leaves (nodes on one edge), stars, chains, self-loops and repeated edges: the labels equal a
+    plain union-find's, whichever way the propagation takes (leaves joined at the end, nodes renumbered)."""
+    from prunable.shadow import components
+
+    n, parts = case
+    edges = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
+    expected = _smallest_per_component(n, [tuple(e) for p in parts for e in p] if n else [])
+    assert components(n, edges).tolist() == expected
+
+
+@given(st.lists(st.integers(-3, 50), max_size=60), st.booleans(), st.integers(1, 3))
+def test_distinct_is_torch_unique(values, ordered, repeat):
+    from prunable.shadow import distinct
+
+    t = torch.tensor(sorted(values) if ordered else values, dtype=torch.long).repeat_interleave(repeat)
+    big = t.repeat(4096 // max(len(t), 1) + 1)  # above the size where increasing runs skip the sort
+    big = big.sort().values if ordered else big
+    for x in (t, big):
+        assert torch.equal(distinct(x), torch.unique(x))
+
+
+class Scaled(nn.Module):
+    """Runs as one operation through its handler's ``trace_module``."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+def test_a_module_traced_as_one_operation_is_labelled_with_torch_functions_off():
+    """The handler's bookkeeping on shadows is not dispatched through the tracer (it cost
+    ViT-B/16 3,600 extra dispatched calls): torch function modes are off in ``trace_module``."""
+    seen = []
+
+    @register_handler(Scaled)
+    class ScaledHandler(ModuleHandler):
+        def params(self, module, role):
+            return {}
+
+        def trace_module(self, tracer, module, args, kwargs, output):
+            seen.append(torch._C._is_torch_function_mode_enabled())
+            labels = tracer.input_labels(args[0], 1, tracer.name_of(module))
+            tracer.label_output(output, labels + 0, 1)
+
+    try:
+        graph = DependencyGraph(nn.Sequential(nn.Conv2d(3, 4, 1), Scaled(), nn.Conv2d(4, 2, 1)),
+                                torch.randn(1, 3, 4, 4))
+    finally:
+        unregister_handler(Scaled)
+    assert seen == [False]
+    assert [str(g) for g in graph.groups][0] == "0.out ⇄ 2.in  (4 channels)"
+
+
+class SplitPartners(nn.Module):
+    """``cat(a(img), b(img)) + x(img)``: x's channels are a's then b's, so all three are one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.x = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 5, 1)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, img):
+        return self.head(torch.cat([self.a(img), self.b(img)], 1) + self.x(img))
+
+
+def test_a_producer_whose_channels_belong_to_two_others_joins_them_in_one_group():
+    groups = DependencyGraph(SplitPartners(), torch.randn(1, 3, 4, 4)).groups
+    assert str(groups[0]) == "a.out ⇄ b.out ⇄ x.out ⇄ head.in  (5 channels)" and len(groups) == 2
+    assert [m.classes.tolist() for m in groups[0].producers] == [groups[0].classes[:2].tolist(),
+                                                                  groups[0].classes[2:].tolist(),
+                                                                  groups[0].classes.tolist()]

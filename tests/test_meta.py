@@ -136,3 +136,82 @@ def test_meta_clone_keeps_a_table_shared_by_two_modules_shared_and_hook_tables_a
     assert clone[0].cache is clone[1].cache and clone[0].cache is not net[0].cache
     assert clone[0]._forward_hooks is not net[0]._forward_hooks
     assert clone[0]._forward_hooks is not clone[1]._forward_hooks
+
+
+@pytest.mark.parametrize("func", [torch.cat, torch.concat, torch.concatenate])
+def test_cat_gives_the_kernels_shape_strides_dtype_and_errors(func):
+    _same(func, [_meta(2, 3, 4), _meta(2, 5, 4)], 1)
+    _same(func, [_meta(2, 3, 4), _meta(2, 5, 4)], dim=-2)
+    _same(func, [_meta(2, 3), _meta(4, 3), _meta(0, 3)])
+    _same(func, (_meta(2, 3),), -1)
+    _same(func, [_meta(2, 3), _meta(2, 4)], 0)  # sizes differ off the cat dim: the real error
+    _same(func, [_meta(2, 3), _meta(2, 3)], 2)  # dim out of range: the real error
+    _same(func, [_meta(2, 3), _meta(0)], 0)  # the legacy empty 1-D part: the real kernel
+    _same(func, [_meta(2, 3), _meta(2, 3).half()], 0)  # dtypes promoted by the kernel
+    _same(func, [_meta(3, 2).t(), _meta(2, 3)], 0)  # a non-contiguous part: the real kernel
+
+
+@pytest.mark.parametrize("batch_first,need_weights,average,bias,kdim", list(itertools.product(
+    [True, False], [True, False], [True, False], [True, False], [None, 6])))
+def test_multi_head_attention_gives_the_kernels_outputs(batch_first, need_weights, average, bias, kdim):
+    """``nn.MultiheadAttention`` on meta: the shortcut of ``F.multi_head_attention_forward``
+    (packed projection, no masks) gives the real meta run's outputs; anything else runs for real."""
+    from torch import nn
+
+    from prunable.meta import MetaShortcuts
+
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias, kdim=kdim, vdim=kdim).to("meta")
+    q = _meta(*((2, 5) if batch_first else (5, 2)), 8)
+    kv = _meta(*((2, 7) if batch_first else (7, 2)), kdim or 8)
+    expected = mha(q, kv, kv, need_weights=need_weights, average_attn_weights=average)
+    with MetaShortcuts():
+        got = mha(q, kv, kv, need_weights=need_weights, average_attn_weights=average)
+    for a, b in zip(expected, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+
+
+def test_multi_head_attention_errors_and_masks_run_the_kernel():
+    w, out_w = _meta(24, 8), _meta(8, 8)
+    q, kv = _meta(5, 2, 8), _meta(7, 3, 8)  # batch sizes differ: the real error
+    _same(F.multi_head_attention_forward, q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None)
+    kv = _meta(7, 2, 8)
+    _same(F.multi_head_attention_forward, q, kv, kv, 8, 3, w, None, None, None, False, 0.0, out_w, None)
+    mask = torch.zeros(5, 7, dtype=torch.bool, device="meta")
+    expected = F.multi_head_attention_forward(q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None,
+                                              attn_mask=mask)
+    got = call(F.multi_head_attention_forward, (q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None),
+               {"attn_mask": mask})
+    assert [t.shape for t in got] == [t.shape for t in expected]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed", "transposed"])
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.3}, {"dropout_p": 0.0}, {"is_causal": True}, {"enable_gqa": True}])
+def test_scaled_dot_product_attention_gives_the_kernels_output(layout, kwargs):
+    """Contiguous, packed (``qkv.reshape(...).permute(...)``, as timm does) and transposed inputs."""
+    if layout == "packed":
+        q, k, v = _meta(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "transposed":
+        q, k, v = (_meta(2, 7, 4, 8).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = _meta(2, 4, 7, 8), _meta(2, 4, 5, 8), _meta(2, 4, 5, 6)
+    _same(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    _same(F.scaled_dot_product_attention, q.half(), k.half(), v.half(), **kwargs)
+
+
+def test_scaled_dot_product_attention_errors_and_masks_run_the_kernel():
+    q, v = _meta(3, 5, 8), _meta(3, 6, 8)
+    _same(F.scaled_dot_product_attention, q, _meta(3, 6, 7), v)  # head sizes differ: the real error
+    _same(F.scaled_dot_product_attention, q, _meta(3, 6, 8), _meta(3, 7, 8))  # key and value lengths differ
+    _same(F.scaled_dot_product_attention, q, q, q, torch.ones(5, 5, dtype=torch.bool, device="meta"))
+    _same(F.scaled_dot_product_attention, _meta(2, 4, 5, 8), _meta(2, 2, 5, 8), _meta(2, 2, 5, 8), enable_gqa=True)
+    _same(F.scaled_dot_product_attention, q, q.half(), q)
+
+
+def test_multi_head_attention_called_with_its_defaults():
+    """``need_weights`` and ``average_attn_weights`` left out default to True, as in the kernel."""
+    q, kv, w, out_w = _meta(5, 2, 8), _meta(7, 2, 8), _meta(24, 8), _meta(8, 8)
+    args = (q, kv, kv, 8, 2, w, None, None, None, False, 0.0, out_w, None)
+    expected, got = F.multi_head_attention_forward(*args), call(F.multi_head_attention_forward, args, {})
+    assert [(t.shape, t.stride()) for t in got] == [(t.shape, t.stride()) for t in expected]
