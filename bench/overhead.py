@@ -28,7 +28,9 @@ an order shuffled per round (seeded), with torch pinned to **one thread**
 during the timed steps: the CPU time of the process (``time.process_time``,
 user + system time of every thread, so page faults count) then measures the
 step's work, and barely depends on what else the machine runs; with two
-threads it also counts the threads' waiting, which the load changes. Each
+threads it also counts the threads' waiting, which the load changes. (With two
+threads the hooks' small operations gain less from the second thread than the
+step does, so the wall-time overhead a two-thread user sees can be larger.) Each
 step's wall time is measured too. "median step" is the median wall time with
 the range of the rounds; "time vs plain" (CPU time) and "wall vs plain" are the
 median of the round-by-round ratios to the plain step of the same round, with
