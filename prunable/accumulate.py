@@ -28,7 +28,8 @@ import torch
 __all__ = ["KeptActivation", "ScoreAccumulator", "taylor_per_example"]
 
 
-#: elements of ``activation * grad`` formed at a time: a block small enough to stay in the cache
+#: elements of ``activation * grad`` formed at a time per torch thread: a share small enough to stay
+#: in a core's cache (one block per thread count: smaller blocks cost a parallel region each)
 CHUNK_ELEMENTS = 1 << 18
 
 
@@ -68,7 +69,7 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     reduced = tuple(d for d in range(1, a.dim()) if d != dim)
     n, positions = a.shape[0], math.prod(a.shape[d] for d in reduced)
     out = torch.empty(n, a.shape[dim], dtype=torch.float32, device=a.device)
-    step = max(1, CHUNK_ELEMENTS // max(positions * a.shape[dim], 1))
+    step = max(1, CHUNK_ELEMENTS * torch.get_num_threads() // max(positions * a.shape[dim], 1))
     if step >= n or a.device.type != "cpu":  # one block (a GPU reads it in one kernel)
         torch.sum(a.float() * g.float(), reduced, out=out)
     else:

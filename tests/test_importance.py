@@ -57,9 +57,11 @@ def test_taylor_per_example_in_blocks_equals_the_mean_of_the_product(monkeypatch
         a = a.to(memory_format=torch.channels_last)
     want = (a.float() * g.float()).movedim(dim, 1).flatten(2).mean(2)
     torch.testing.assert_close(taylor_per_example(a, g, dim), want)  # one block
-    # blocks of two examples, the last one short
-    monkeypatch.setattr(accumulate, "CHUNK_ELEMENTS", 2 * math.prod(shape[1:]))
-    torch.testing.assert_close(taylor_per_example(a, g, dim), want)
+    # blocks of two examples (one thread) and of three (three threads: a block per thread count), the last short
+    monkeypatch.setattr(accumulate, "CHUNK_ELEMENTS", math.prod(shape[1:]))
+    for threads in (2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        torch.testing.assert_close(taylor_per_example(a, g, dim), want)
 
 
 def test_l2_normalize_guards_zero():
