@@ -40,7 +40,7 @@ def test_the_interval_is_a_bootstrap_interval_of_the_median(overhead):
     assert overhead.fmt_paired([], []) == "—"
 
 
-def test_rounds_are_shuffled_and_timed_on_one_thread(overhead, monkeypatch):
+def test_rounds_are_shuffled_and_timed_on_one_thread_then_two(overhead, monkeypatch):
     calls: list[tuple[str, int]] = []
 
     class FakeSetup:
@@ -52,16 +52,19 @@ def test_rounds_are_shuffled_and_timed_on_one_thread(overhead, monkeypatch):
             calls.append((self.config, torch.get_num_threads()))
 
     monkeypatch.setattr(overhead, "Setup", FakeSetup)
+    assert overhead.THREAD_COUNTS == (1, 2)
     threads = torch.get_num_threads()
-    torch.set_num_threads(overhead.TIMED_THREADS + 1)
+    torch.set_num_threads(3)
     try:
         out = overhead.time_configs(warmup=1, rounds=6)
-        assert torch.get_num_threads() == overhead.TIMED_THREADS + 1  # restored
+        assert torch.get_num_threads() == 3  # restored
     finally:
         torch.set_num_threads(threads)
-    assert {t for _, t in calls} == {overhead.TIMED_THREADS}
-    timed = [c for c, _ in calls[len(overhead.TIMED):]]
-    rounds = [timed[i:i + len(overhead.TIMED)] for i in range(0, len(timed), len(overhead.TIMED))]
-    assert len(rounds) == 6 and all(sorted(r) == sorted(overhead.TIMED) for r in rounds)
-    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
-    assert all(len(out[c]["steps"].cpu) == len(out[c]["steps"].wall) == 6 for c in overhead.TIMED)
+    n = len(overhead.TIMED)
+    timed = calls[2 * n:]  # after one warm-up step of each on each thread count
+    groups = [timed[i:i + n] for i in range(0, len(timed), n)]
+    assert [{t for _, t in g} for g in groups] == [{1}, {2}] * 6
+    assert all(sorted(c for c, _ in g) == sorted(overhead.TIMED) for g in groups)
+    assert len({tuple(c for c, _ in g) for g in groups}) > 1  # the order changes
+    for c in overhead.TIMED:
+        assert all(len(out[c]["steps"][t].cpu) == len(out[c]["steps"][t].wall) == 6 for t in (1, 2))
