@@ -276,23 +276,25 @@ class WeightNorm(Criterion):
         return torch.linalg.vector_norm(w, ord=self.p, dim=1)
 
 
-#: elements of one block of :func:`l1_rows` (256 KiB of float32: stays in the CPU's cache)
-L1_BLOCK = 2**16
+#: elements of one block of :func:`l1_rows` per torch thread (2 MiB of float32)
+L1_BLOCK = 2**19
 
 
 def l1_rows(w: torch.Tensor) -> torch.Tensor:
     """``||row||_1`` of every row of the 2-D ``w``: the sum of ``|w|`` a few rows at a time.
 
-    The same sum as ``w.abs().sum(1)``, without a full-size ``|w|``: on CPU, the block
-    stays in cache and no fresh memory is touched (4-7× faster on large weights than one
-    ``abs().sum()``, and than ``vector_norm(ord=1)``).
+    The same sum as ``w.abs().sum(1)``, without a full-size ``|w|`` when ``w`` is large:
+    on CPU a fresh temporary of a large weight costs page faults every time (a 37 MB
+    weight: 23 ms in one piece, 3-4 ms in blocks); blocks of :data:`L1_BLOCK`
+    elements per thread keep the number of parallel regions small (each wakes the
+    other threads).
 
     Example
     -------
     >>> l1_rows(torch.tensor([[1.0, -2.0], [-3.0, 0.5]]))
     tensor([3.0000, 3.5000])
     """
-    rows = max(1, L1_BLOCK // max(w.shape[1], 1))
+    rows = max(1, L1_BLOCK * torch.get_num_threads() // max(w.shape[1], 1))
     if w.device.type != "cpu" or rows >= w.shape[0]:
         return w.abs().sum(1)
     out = w.new_empty(w.shape[0])
