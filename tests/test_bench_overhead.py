@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture()
-def overhead(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import overhead as module
-
-    yield module
-    sys.modules.pop("overhead", None)
+def overhead(bench_script):
+    return bench_script("overhead")
 
 
 def test_the_ratio_pairs_steps_of_the_same_round(overhead):

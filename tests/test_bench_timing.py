@@ -12,12 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture()
-def zoo(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import zoo as module
-
-    yield module
-    sys.modules.pop("zoo", None)
+def zoo(bench_script):
+    return bench_script("zoo")
 
 
 def _fake_lib(calls: list[str], name: str, seconds: list[float], fail_on: int | None = None):
