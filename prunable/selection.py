@@ -336,9 +336,9 @@ class MemberGuard:
         return next((self.selector.labels[slot] for slot, counts in self.hits(gid)
                      if counts[i] and left[slot] - counts[i] < 1), None)
 
-    def remove(self, gid: str, i: int, sign: int = 1) -> None:
+    def remove(self, gid: str, i: int) -> None:
         for slot, counts in self.hits(gid):
-            self.left[slot] -= sign * counts[i]
+            self.left[slot] -= counts[i]
 
     def release(self, gid: str, idx: Iterable[int]) -> None:
         """Give back channels ``idx`` of ``gid`` taken before."""
@@ -447,7 +447,8 @@ def _first_ranked(gids: list[str], owner: torch.Tensor, channel: torch.Tensor, c
     if n <= 0 or not len(owner):
         return {}
     by_group = torch.sort(owner, stable=True)  # each group's entries together, in order
-    starts = torch.cumsum(torch.bincount(owner, minlength=len(gids)), 0) - torch.bincount(owner, minlength=len(gids))
+    sizes = torch.bincount(owner, minlength=len(gids))
+    starts = torch.cumsum(sizes, 0) - sizes
     rank = torch.empty_like(owner)  # how many entries of its group come before each entry
     rank[by_group.indices] = torch.arange(len(owner)) - starts[by_group.values]
     cap = torch.tensor([caps.get(g, 0) for g in gids], dtype=torch.long)
