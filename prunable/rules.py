@@ -175,19 +175,11 @@ class ShapeRules:
         else:
             first = tree_map(lambda a: convert(a, True), first)
         rest = args[1:]
-        if any(isinstance(a, _CONTAINERS) for a in (*rest, *kwargs.values())):
-            return self._convert_tree(first, rest, kwargs, convert)
-        sargs = (*first, *(convert(a) for a in rest))
-        skwargs = {k: convert(a) for k, a in kwargs.items()}
-        if "value" in skwargs:
-            skwargs["value"] = FREE
-        return sargs, skwargs
-
-    @staticmethod
-    def _convert_tree(first: tuple, rest: tuple, kwargs: dict, convert: Any) -> tuple[tuple, dict]:
-        """:meth:`_shadow_args` of arguments holding containers (index lists, sizes)."""
-        sargs = (*first, *tree_map(convert, rest))
-        skwargs = tree_map(convert, kwargs)
+        if any(isinstance(a, _CONTAINERS) for a in (*rest, *kwargs.values())):  # index lists, sizes
+            sargs, skwargs = (*first, *tree_map(convert, rest)), tree_map(convert, kwargs)
+        else:
+            sargs = (*first, *(convert(a) for a in rest))
+            skwargs = {k: convert(a) for k, a in kwargs.items()}
         if "value" in skwargs:
             skwargs["value"] = FREE
         return sargs, skwargs
