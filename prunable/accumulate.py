@@ -92,9 +92,9 @@ class ScoreAccumulator:
 
     A batch whose contribution is not finite (``inf``/``NaN`` gradients from an
     overflowed mixed-precision backward, which ``GradScaler`` skips too) is left
-    out and counted in :attr:`skipped`. The check runs on the device: adding a
-    batch never waits for the GPU; only reading :attr:`count`, :attr:`skipped`
-    or :meth:`value` does. Scores are summed in float32 whatever the model's
+    out and counted in :attr:`skipped`. On a GPU the check runs on the device:
+    adding a batch never waits for the GPU; only reading :attr:`count`,
+    :attr:`skipped` or :meth:`value` does. Scores are summed in float32 whatever the model's
     dtype, so half-precision models neither overflow nor lose small scores.
 
     Loss scaling: gradients of a loss scaled by ``S`` are ``S`` times larger, so
@@ -125,35 +125,46 @@ class ScoreAccumulator:
         if self.abs_after_batch_mean:
             batch = per_example.mean(0).abs_().mul_(n)
         else:
-            batch = per_example.abs().sum(0)
+            batch = torch.sum(per_example.abs(), 0)
         self.add_total(batch, n)
 
     def add_total(self, total: torch.Tensor, count: int) -> None:
         """Accumulate an already summed score of ``count`` examples (non-Taylor criteria).
 
-        In place and on the device: no host synchronisation, and no new running
-        tensors per batch once the first batch is in.
+        In place, with no new running tensors per batch once the first batch is
+        in. On a GPU the finiteness check stays on the device (no host
+        synchronisation); on the CPU, where nothing waits, it is decided on the
+        host in fewer operations: a finite sum of the entries proves them all
+        finite, and only a sum that is not finite looks at every entry.
         """
         total = total.detach().float()
-        bad = torch.isfinite(total).all().logical_not_()
         if self.total is None:
             self.total = torch.zeros_like(total)
+        self._offered += count
+        if total.device.type == "cpu":
+            if math.isfinite(float(total.sum())) or bool(torch.isfinite(total).all()):
+                self.total.add_(total)
+            else:
+                self._bad_host += count
+                self._bad_batches_host += 1
+            return
+        bad = torch.isfinite(total).all().logical_not_()
+        if self._bad is None:
             self._bad = torch.zeros((), dtype=torch.long, device=total.device)
             self._bad_batches = torch.zeros((), dtype=torch.long, device=total.device)
         self.total.add_(total.masked_fill(bad, 0))
         self._bad.add_(bad, alpha=count)
         self._bad_batches.add_(bad)
-        self._offered += count
 
     @property
     def count(self) -> int:
         """Examples accumulated (those of skipped batches not included)."""
-        return self._offered - (int(self._bad) if self._bad is not None else 0)
+        return self._offered - self._bad_host - (int(self._bad) if self._bad is not None else 0)
 
     @property
     def skipped(self) -> int:
         """Batches left out because their scores were not finite."""
-        return int(self._bad_batches) if self._bad_batches is not None else 0
+        return self._bad_batches_host + (int(self._bad_batches) if self._bad_batches is not None else 0)
 
     def value(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
         """Mean score per channel; zeros of length ``size`` when nothing was seen."""
@@ -166,7 +177,8 @@ class ScoreAccumulator:
         """Forget everything accumulated."""
         self.total: torch.Tensor | None = None
         self._offered = 0
-        self._bad: torch.Tensor | None = None
+        self._bad_host = self._bad_batches_host = 0  # skipped examples and batches, counted on the host (CPU)
+        self._bad: torch.Tensor | None = None  # the same, counted on the device (GPU)
         self._bad_batches: torch.Tensor | None = None
 
     def keep(self, keep: torch.Tensor) -> None:
