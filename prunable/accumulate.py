@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-__all__ = ["KeptActivation", "ScoreAccumulator", "taylor_per_example"]
+__all__ = ["KeptActivation", "ScoreAccumulator", "Scratch", "taylor_per_example"]
 
 
 #: elements of ``activation * grad`` formed at a time per torch thread: a share small enough to stay
@@ -33,7 +33,8 @@ __all__ = ["KeptActivation", "ScoreAccumulator", "taylor_per_example"]
 CHUNK_ELEMENTS = 1 << 18
 
 
-def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1, *,
+                       scratch: "Scratch | None" = None) -> torch.Tensor:
     """Signed per-example, per-channel spatial mean of ``activation * grad``.
 
     The product is formed a few examples at a time into one small buffer that
@@ -48,6 +49,9 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
         channels. Every other dimension is averaged (spatial positions, tokens).
     channel_dim
         The channel dimension.
+    scratch
+        Where the CPU blocks are formed, reused from call to call (a fresh
+        block of a megabyte costs page faults on every call); default: a new one.
 
     Returns
     -------
@@ -70,15 +74,65 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     n, positions = a.shape[0], math.prod(a.shape[d] for d in reduced)
     out = torch.empty(n, a.shape[dim], dtype=torch.float32, device=a.device)
     step = max(1, CHUNK_ELEMENTS * torch.get_num_threads() // max(positions * a.shape[dim], 1))
-    if step >= n or a.device.type != "cpu":  # one block (a GPU reads it in one kernel)
+    if a.device.type != "cpu" or (step >= n and not (a.is_contiguous() and g.is_contiguous())):
+        # one block (a GPU reads it in one kernel); a strided one keeps the layout the product takes
         torch.sum(a.float() * g.float(), reduced, out=out)
-    else:
-        block = torch.empty((step,) + a.shape[1:], dtype=torch.float32, device=a.device)
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            torch.mul(a[i:j].float(), g[i:j].float(), out=block[: j - i])
-            torch.sum(block[: j - i], reduced, out=out[i:j])
+        return out.div_(positions)
+    step, size = min(step, n), math.prod(a.shape[1:])
+    flat = (scratch or Scratch()).take(step * size, a.device)
+    block = flat[: step * size].view((step,) + a.shape[1:])
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        _product(a[i:j], g[i:j], block[: j - i])
+        torch.sum(block[: j - i], reduced, out=out[i:j])
+    if scratch is not None:
+        scratch.give(flat)
     return out.div_(positions)
+
+
+def _product(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = float(a) * float(g)`` without a float32 copy of either (a product in the
+    inputs' lower precision would round before the cast)."""
+    if a.dtype == g.dtype == torch.float32:
+        torch.mul(a, g, out=out)
+    else:
+        out.copy_(a).mul_(g)  # in place: computed in out's float32, ``g`` widened exactly
+
+
+class Scratch:
+    """A float32 buffer that :func:`taylor_per_example` reuses for its blocks.
+
+    :meth:`take` hands the buffer out (a fresh one if it is in use, too small
+    or on another device) and :meth:`give` returns it, so two threads never
+    share it. :meth:`remove` frees it (a hook handle's interface: a criterion
+    frees its scratch with its hooks).
+
+    Example
+    -------
+    >>> scratch = Scratch()
+    >>> buf = scratch.take(8, torch.device("cpu"))
+    >>> scratch.give(buf)
+    >>> scratch.take(4, torch.device("cpu")) is buf
+    True
+    """
+
+    def __init__(self) -> None:
+        self._free: torch.Tensor | None = None
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of at least ``numel`` elements on ``device``, now the caller's."""
+        buf, self._free = self._free, None
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return ``buf`` for the next :meth:`take`."""
+        self._free = buf
+
+    def remove(self) -> None:
+        """Free the buffer."""
+        self._free = None
 
 
 class ScoreAccumulator:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import KeptActivation, ScoreAccumulator, taylor_per_example
+from .accumulate import KeptActivation, ScoreAccumulator, Scratch, taylor_per_example
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
@@ -133,6 +133,8 @@ class Criterion:
     def __init__(self) -> None:
         self.accumulators: dict[str, ScoreAccumulator] = {}
         self._warned_skips = False
+        #: where activation criteria form their products, reused by every point; freed with the hooks
+        self.scratch = Scratch()
 
     def attach(self, points: list[MeasurePoint]) -> list[Any]:
         """Install hooks on ``points``; returns removable handles.
@@ -148,7 +150,7 @@ class Criterion:
             acc = self.accumulators.setdefault(point.name, ScoreAccumulator())
             handles += self._hooks(point, acc)
         if handles:
-            handles.append(_EagerStance())
+            handles += [_EagerStance(), self.scratch]
         return handles
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
@@ -239,7 +241,7 @@ class TaylorActivation(Criterion):
         return super().attach(points)
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-        return taylor_per_example(a, g, dim)
+        return taylor_per_example(a, g, dim, scratch=self.scratch)
 
 
 class MeanActivation(Criterion):
@@ -248,7 +250,7 @@ class MeanActivation(Criterion):
     needs_activations = True
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-        return taylor_per_example(a.relu(), torch.ones_like(a), dim)
+        return taylor_per_example(a.relu(), torch.ones_like(a), dim, scratch=self.scratch)
 
 
 class APoZ(Criterion):
@@ -257,7 +259,7 @@ class APoZ(Criterion):
     needs_activations = True
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-        return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim)
+        return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim, scratch=self.scratch)
 
 
 class WeightNorm(Criterion):
