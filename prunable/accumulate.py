@@ -20,6 +20,7 @@ torch.Size([3])
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -69,16 +70,14 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     a, g = activation.detach(), grad.detach()
     if a.dim() <= 2:  # (N, C): nothing to average
         return a.float() * g.float()
-    dim = channel_dim % a.dim()
-    reduced = tuple(d for d in range(1, a.dim()) if d != dim)
-    n, positions = a.shape[0], math.prod(a.shape[d] for d in reduced)
-    out = torch.empty(n, a.shape[dim], dtype=torch.float32, device=a.device)
-    step = max(1, CHUNK_ELEMENTS * torch.get_num_threads() // max(positions * a.shape[dim], 1))
+    reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+    n = a.shape[0]
+    out = torch.empty(n, a.shape[channel_dim], dtype=torch.float32, device=a.device)
     if a.device.type != "cpu" or (step >= n and not (a.is_contiguous() and g.is_contiguous())):
         # one block (a GPU reads it in one kernel); a strided one keeps the layout the product takes
         torch.sum(a.float() * g.float(), reduced, out=out)
         return out.div_(positions)
-    step, size = min(step, n), math.prod(a.shape[1:])
+    step = min(step, n)
     flat = (scratch or Scratch()).take(step * size, a.device)
     block = flat[: step * size].view((step,) + a.shape[1:])
     for i in range(0, n, step):
@@ -88,6 +87,17 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     if scratch is not None:
         scratch.give(flat)
     return out.div_(positions)
+
+
+@functools.lru_cache(maxsize=256)
+def _blocking(shape: torch.Size, channel_dim: int, budget: int) -> tuple[tuple[int, ...], int, int, int]:
+    """For :func:`taylor_per_example` (the same for every batch of a shape): the averaged dims, their
+    number of positions, the examples per block (``budget`` elements, at least one example) and
+    the elements per example."""
+    dim = channel_dim % len(shape)
+    reduced = tuple(d for d in range(1, len(shape)) if d != dim)
+    positions, size = math.prod(shape[d] for d in reduced), math.prod(shape[1:])
+    return reduced, positions, max(1, budget // max(size, 1)), size
 
 
 def _product(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -175,12 +185,13 @@ class ScoreAccumulator:
     def add(self, per_example: torch.Tensor) -> None:
         """Accumulate a batch of signed per-example scores of shape ``(N, C)``."""
         n = per_example.shape[0]
-        per_example = per_example.float()
+        if per_example.requires_grad or per_example.dtype != torch.float32:
+            per_example = per_example.detach().float()
         if self.abs_after_batch_mean:
             batch = per_example.mean(0).abs_().mul_(n)
         else:
             batch = torch.sum(per_example.abs(), 0)
-        self.add_total(batch, n)
+        self._add(batch, n)
 
     def add_total(self, total: torch.Tensor, count: int) -> None:
         """Accumulate an already summed score of ``count`` examples (non-Taylor criteria).
@@ -191,7 +202,10 @@ class ScoreAccumulator:
         host in fewer operations: a finite sum of the entries proves them all
         finite, and only a sum that is not finite looks at every entry.
         """
-        total = total.detach().float()
+        self._add(total.detach().float(), count)
+
+    def _add(self, total: torch.Tensor, count: int) -> None:
+        """:meth:`add_total` of a float32 tensor outside autograd."""
         if self.total is None:
             self.total = torch.zeros_like(total)
         self._offered += count

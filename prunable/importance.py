@@ -158,24 +158,27 @@ class Criterion:
             return []
 
         keep = KeptActivation(point.name)
+        # bound once: a hook runs on every step, where each Python call costs (its caches are cold)
+        handler, dim, per_example = handler_for(point.module) or ModuleHandler(), point.dim, self.per_example
+        activation, view = handler.activation, handler.channel_view
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            output = point.activation(output)
+            output = activation(module, output)
             if output is None:
                 return
             if self.needs_grad:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    held = keep.hold(point.view(output.detach()))
+                    held = keep.hold(view(module, output.detach(), dim))
 
                     def backward_hook(g: torch.Tensor) -> None:
                         a = keep.use(held)
                         if a is not None:
-                            acc.add(self.per_example(a, point.view(g), point.dim))
+                            acc.add(per_example(a, view(module, g, dim), dim))
                             keep.release(held)
 
                     output.register_hook(backward_hook)
             else:
-                acc.add(self.per_example(point.view(output.detach()), None, point.dim))
+                acc.add(per_example(view(module, output.detach(), dim), None, dim))
 
         return [point.module.register_forward_hook(forward_hook)]
 
