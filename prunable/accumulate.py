@@ -158,8 +158,9 @@ class ScoreAccumulator:
     overflowed mixed-precision backward, which ``GradScaler`` skips too) is left
     out and counted in :attr:`skipped`. On a GPU the check runs on the device:
     adding a batch never waits for the GPU; only reading :attr:`count`,
-    :attr:`skipped` or :meth:`value` does. Scores are summed in float32 whatever the model's
-    dtype, so half-precision models neither overflow nor lose small scores.
+    :attr:`skipped` or :meth:`value` does. Scores are summed in float32 whatever
+    the model's dtype, so half-precision models neither overflow nor lose small
+    scores.
 
     Loss scaling: gradients of a loss scaled by ``S`` are ``S`` times larger, so
     every Taylor score of a layer is ``S`` (activation criteria) or ``S²``
