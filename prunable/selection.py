@@ -125,19 +125,20 @@ def count_tables(groups: Sequence[Any]) -> list[torch.Tensor]:
     channel[classes] = torch.arange(len(classes))
     group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # channel → its group
     labels = [m.classes.reshape(-1) for g in groups for m in g.members]
-    row = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-    row_group = torch.repeat_interleave(torch.arange(len(groups)), rows)[row]  # group of each label's row
-    flat = torch.cat(labels)
-    inside = (flat >= 0) & (flat < len(channel))
-    at = torch.full_like(flat, -1)
-    at[inside] = channel[flat[inside]]
-    ok = at >= 0
-    ok[ok.clone()] = group_of[at[ok]] == row_group[ok]  # a label of another group counts for none
+    lengths = torch.tensor([len(x) for x in labels])
+    group_of_row = torch.repeat_interleave(torch.arange(len(groups)), rows)
     tables = rows * sizes
-    first_row, first_channel = torch.cumsum(rows, 0) - rows, torch.cumsum(sizes, 0) - sizes
-    g = row_group[ok]
-    index = (torch.cumsum(tables, 0) - tables)[g] + (row[ok] - first_row[g]) * sizes[g] + at[ok] - first_channel[g]
-    counts = torch.bincount(index, minlength=int(tables.sum()))
+    # where row r's table starts in the flat counts, less its group's first channel (per row, then per label)
+    offset = ((torch.cumsum(tables, 0) - tables - torch.cumsum(sizes, 0) + sizes)[group_of_row]
+              + (torch.arange(len(labels)) - (torch.cumsum(rows, 0) - rows)[group_of_row]) * sizes[group_of_row])
+    flat = torch.cat(labels)
+    # no boolean-mask indexing (each costs a nonzero and a gather): a label that counts for none
+    # (negative, of no group, of another group) is sent to one spare slot past the tables
+    at = torch.where((flat >= 0) & (flat < len(channel)), channel[flat.clamp(0, len(channel) - 1)], -1)
+    ok = (at >= 0) & (group_of[at.clamp(min=0)] == torch.repeat_interleave(group_of_row, lengths))
+    total = int(tables.sum())
+    index = torch.where(ok, torch.repeat_interleave(offset, lengths) + at, total)
+    counts = torch.bincount(index, minlength=total + 1)[:total]
     return [t.view(r, n) for t, r, n in zip(counts.split(tables.tolist()), rows.tolist(), sizes.tolist())]
 
 
