@@ -300,9 +300,9 @@ class Selector:
         than ``min_channels``, exceeds a cap or empties a member."""
         for gid, idx in removals.items():
             _check_group(self.layouts.get(gid), gid, idx, skipped or {}, min_channels, list(self.layouts))
-            if len(list(idx)) > self.caps.get(gid, 0):
+            if len(idx) > self.caps.get(gid, 0):
                 raise PruningValueError(
-                    f"group {gid}: removing {len(list(idx))} channels exceeds the {self.caps.get(gid, 0)} it may "
+                    f"group {gid}: removing {len(idx)} channels exceeds the {self.caps.get(gid, 0)} it may "
                     "still lose (min_channels, round_to, max_ratio)")
         guard = self.guard()
         if guard.fits(removals):
@@ -481,9 +481,9 @@ def _check_group(g: GroupLayout | None, gid: str, idx: Sequence[int], skipped: M
         raise PruningValueError(f"unknown group {gid!r}; groups are {known[:8]}...")
     if gid in skipped:
         raise PruningValueError(f"group {gid} cannot be pruned: {skipped[gid]}")
-    bad = [i for i in idx if not 0 <= i < g.size]
-    if bad:
-        raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {g.size})")
+    if idx and not (0 <= min(idx) and max(idx) < g.size):
+        bad = next(i for i in idx if not 0 <= i < g.size)
+        raise PruningValueError(f"group {gid}: channel index {bad} out of range [0, {g.size})")
     if g.size - len(idx) < min_channels:
         raise PruningValueError(f"group {gid}: removing {len(idx)} of {g.size} channels leaves fewer than "
                                 f"min_channels={min_channels}")
