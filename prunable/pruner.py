@@ -89,7 +89,9 @@ class Pruner:
         λ of Molchanov et al.'s Eq. 9: scores become ``θ − λ·MFLOPs(channel)``, the
         FLOPs one channel costs per example, in millions; ``True`` means λ = 1e-3.
     validate
-        Check each group and each plan on a meta copy before touching the model.
+        Try each plan on a meta copy before touching the model, and at build, each group
+        (removing one channel) when the forward pass holds an operation through which a cut could
+        fail unseen by the graph (a reshape with sizes, a read channel count, a fixed-size operand).
 
     Attributes
     ----------
@@ -139,7 +141,10 @@ class Pruner:
     def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them: groups
         with no channel that can go are skipped; with ``probe``, also those whose trial run of
-        removing one channel fails (after a prune, such a group is found by the next plan's trial)."""
+        removing one channel fails (after a prune, such a group is found by the next plan's trial).
+        That trial is left out when every operation the trace saw on channels is one whose effect
+        the graph follows exactly (:attr:`~prunable.shadow.Trace.fragile` is None): no cut the
+        graph allows can break such a forward pass, and every plan is still tried before a cut."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         if traced.real is not None and self._real is None:
             self._real = traced.real
@@ -147,6 +152,8 @@ class Pruner:
                           f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
         self._graph = graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
         self._trials_of = trials = Trials(self.model, self.example_inputs, graph.cuts, real=self._real)
+        # the probe trial runs when some operation could break a cut unseen by the graph (trace.fragile)
+        probe = probe and (traced.real is not None or traced.trace.fragile is not None)
         self._adm.update(graph.groups, (lambda selector: invalid_groups(
             selector, trials.runner(traced.clone) if probe else None)) if self.validate else None)
         for gid, reason in self._adm.skipped.items() if warn else ():
