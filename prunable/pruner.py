@@ -134,17 +134,20 @@ class Pruner:
         #: the :class:`~prunable.latency.LatencyTable` of the last ``prune_to(latency=|cost="latency")``
         self.latency_table: Any = None
         with _gc_paused():
-            self._rebuild(warn=True)
+            spare = self._rebuild(warn=True)
+        if spare is not None:  # the build's traced meta copy served no trial: it is the model as created
+            self._start.offer(spare)
         self.initial_widths = self.widths()
 
     # -- graph -----------------------------------------------------------------
-    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> None:
+    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> nn.Module | None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them: groups
         with no channel that can go are skipped; with ``probe``, also those whose trial run of
         removing one channel fails (after a prune, such a group is found by the next plan's trial).
         That trial is left out when every operation the trace saw on channels is one whose effect
         the graph follows exactly (:attr:`~prunable.shadow.Trace.fragile` is None): no cut the
-        graph allows can break such a forward pass, and every plan is still tried before a cut."""
+        graph allows can break such a forward pass, and every plan is still tried before a cut.
+        Returns the traced meta copy when no trial used it (else None)."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         if traced.real is not None and self._real is None:
             self._real = traced.real
@@ -160,6 +163,7 @@ class Pruner:
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
         self._points_of = _measure_points(self.model, [g for g in graph.groups if g.id not in self._adm.skipped])
+        return traced.clone if not (probe and self.validate) else None  # the traced meta copy, when no trial used it
 
     def _sync(self) -> None:
         """Rebuild the graph after a prune, the first time it is needed: from the trace the

@@ -297,11 +297,20 @@ def test_measure_of_a_plan_equals_the_pruned_model_and_touches_nothing():
     assert predicted == {"flops": count_flops(model, X), "params": count_params(model)} == pruner.measure()
 
 
-def test_baseline_after_prunes_is_the_model_before_the_first_one():
-    """The baseline is counted lazily, on a meta copy kept at the first prune: asked only after
-    two prunes, it still gives the unpruned model's FLOPs and params, and the model runs."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 6, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+class _ReadsWidth(nn.Module):
+    """Reads its input's channel count (which makes the trace fragile: the build runs its probe trial)."""
+
+    def forward(self, x):
+        return x * (x.size(1) > 0)
+
+
+@pytest.mark.parametrize("reader", [nn.Identity, _ReadsWidth], ids=["build-copy", "copy-at-first-prune"])
+def test_baseline_after_prunes_is_the_model_before_the_first_one(reader):
+    """The baseline is counted lazily, on a meta copy (the build's traced copy when no probe trial used
+    it, else one made at the first prune): asked only after two prunes, it still gives the unpruned
+    model's FLOPs and params, and the model runs."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 6, 3), reader(),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
     x = torch.randn(1, 3, 9, 9)
     before = {"flops": count_flops(model, x), "params": sum(p.numel() for p in model.parameters())}
     pruner = Pruner(model, x, criterion=WeightNorm())
