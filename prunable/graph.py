@@ -403,20 +403,23 @@ class DependencyGraph:
         members: dict[tuple, Member] = {}
         for gid in removals:
             for m in by_id[gid].members:
-                members.setdefault((m.target.uid, m.target.role, m.target.param, m.target.axis), m)
+                t = m.target  # the role by identity: an enum member's hash is a Python call
+                members.setdefault((t.uid, id(t.role), t.param, t.axis), m)
         if not members:
             return []
         labels = [m.classes.reshape(-1) for m in members.values()]
-        sizes = torch.tensor([len(x) for x in labels])
-        owner = torch.repeat_interleave(torch.arange(len(labels)), sizes)
+        sizes = torch.tensor([x.numel() for x in labels])
+        ends = torch.cumsum(sizes, 0)
         flat = torch.cat(labels)
         drop = gone[(flat + 1).clamp(0, len(gone) - 1)]
-        dropped = torch.bincount(owner[drop], minlength=len(labels))
-        kept = torch.nonzero(~drop).flatten()
-        keeps = torch.split(kept - (torch.cumsum(sizes, 0) - sizes)[owner[kept]], (sizes - dropped).tolist())
+        # per member: indices dropped (a difference of running counts), and the indices kept, in order
+        running = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(drop, 0)])
+        dropped = (running[ends] - running[ends - sizes]).tolist()
+        local = torch.arange(len(flat)) - torch.repeat_interleave(ends - sizes, sizes)
+        keeps = torch.split(local[~drop], [n - d for n, d in zip(sizes.tolist(), dropped)])
         return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label(),
                     m.target.rescale)
-                for m, n, keep in zip(members.values(), dropped.tolist(), keeps) if n]
+                for m, n, keep in zip(members.values(), dropped, keeps) if n]
 
 
 def _mask(classes: torch.Tensor) -> torch.Tensor:
