@@ -60,10 +60,10 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: 
             shape[axis] = keep.shape[0]
         return torch.empty(shape, dtype=tensor.dtype, device="meta"), removed
     if whole:  # a whole tensor is its own undo
-        removed = [tensor]
+        device = tensor.device
         for axis, keep in axes.items():
-            out = out.index_select(axis, keep.to(tensor.device))
-        return out.contiguous(), removed
+            out = out.index_select(axis, keep if keep.device == device else keep.to(device))
+        return out.contiguous(), [tensor]
     for axis, keep in axes.items():
         gone = _complement(keep, out.shape[axis]).to(tensor.device)  # on keep's device: meta has no nonzero
         removed.append(out.index_select(axis, gone).to("cpu"))
@@ -133,9 +133,11 @@ class SurgeryStats:
         self.undo_bytes += undo_bytes
 
 
-def size_attributes(module: nn.Module) -> dict[str, object]:
-    """The int, bool, float and tuple attributes of ``module`` (its sizes), to restore on failure."""
-    return {k: v for k, v in vars(module).items() if type(v) in (int, bool, float, tuple)}
+def size_attributes(module: nn.Module | dict[str, object]) -> dict[str, object]:
+    """The int, bool, float and tuple attributes of ``module`` (its sizes), to restore on failure;
+    ``module`` may also be a copy of a module's ``vars`` taken before the cut."""
+    attributes = module if isinstance(module, dict) else vars(module)
+    return {k: v for k, v in attributes.items() if type(v) in (int, bool, float, tuple)}
 
 
 def nbytes(*parts: torch.Tensor | None) -> int:
@@ -145,18 +147,19 @@ def nbytes(*parts: torch.Tensor | None) -> int:
 
 def stage(entry: Any, optimizer: torch.optim.Optimizer | None) -> tuple:
     """The new tensors of one entry and the undo record that rebuilds the old ones."""
-    whole = entry.tensor.device.type == "cpu"  # host memory already: keep the old tensors, copy nothing
-    try:
-        new, removed = slice_with_undo(entry.tensor.detach(), entry.axes, whole)
-        log = Undo(entry, entry.tensor.shape, removed, whole=whole)
-        grad, new_grad = entry.tensor.grad, None
+    tensor = entry.tensor
+    whole = tensor.is_cpu  # host memory already: keep the old tensors, copy nothing
+    try:  # a meta tensor is only read for its shape: no detached alias to make
+        new, removed = slice_with_undo(tensor if tensor.is_meta else tensor.detach(), entry.axes, whole)
+        log = Undo(entry, tensor.shape, removed, whole=whole)
+        grad, new_grad = tensor.grad, None
         if grad is not None:
             new_grad, log.grad_removed = slice_with_undo(grad, entry.axes, whole)
         state = None
-        if optimizer is not None and entry.tensor in optimizer.state:
-            state = dict(optimizer.state[entry.tensor])
+        if optimizer is not None and tensor in optimizer.state:
+            state = dict(optimizer.state[tensor])
             for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == entry.tensor.shape:
+                if isinstance(v, torch.Tensor) and v.shape == tensor.shape:
                     state[k], log.state_removed[k] = slice_with_undo(v, entry.axes, whole)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise SurgeryError(f"{type(entry.owner).__name__}.{entry.attr}: slicing failed: {exc}") from exc
