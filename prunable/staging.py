@@ -206,6 +206,9 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
     if param.is_meta and new.is_meta and not param._backward_hooks and param.grad is None:
         param.data = new  # a shape without values: no autograd history or hooks to carry over
         return
+    if _alone(param):  # no autograd node, view or hook holds it: nothing for a swap to carry over
+        param.data = new
+        return
     replacement = nn.Parameter(new, requires_grad=param.requires_grad)
     replacement.__dict__.update(param.__dict__)
     try:
@@ -221,3 +224,14 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
             setattr(param, attr, None)
             if hooks:
                 setattr(param, attr, type(hooks)(hooks))
+
+
+def _alone(param: nn.Parameter) -> bool:
+    """True when nothing but ``param`` itself refers to its tensor: no autograd graph (an
+    ``AccumulateGrad`` node holds the tensor while a graph from before the cut is alive),
+    no view, no tensor hook. Then ``param.data = new`` is what ``swap_tensors`` would do
+    (``swap_tensors`` itself falls back to it when the tensor is shared), minus its cost."""
+    if type(param) is not nn.Parameter or param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+        return False
+    use_count = getattr(param, "_use_count", None)  # what swap_tensors itself checks
+    return use_count is not None and use_count() == 1
