@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .staging import is_parameter
 from .surgery import handler_for
 
 __all__ = ["meta_clone"]
@@ -66,7 +67,7 @@ _META = torch.device("meta")
 
 def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
     meta = torch.empty_like(t, device=_META)
-    return nn.Parameter(meta, requires_grad=t.requires_grad) if _is_parameter(t) else meta
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if is_parameter(t) else meta
 
 
 def _meta_attributes(value: Any, memo: dict[int, Any], depth: int = 0) -> None:
@@ -146,22 +147,23 @@ _PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
 _FLAT = (OrderedDict, dict, set)
 
 
-def _is_parameter(t: torch.Tensor) -> bool:
-    """``isinstance(t, nn.Parameter)``, without its slow path for plain tensors."""
-    if type(t) is nn.Parameter:
-        return True
-    if type(t) is torch.Tensor and not t.__dict__:
-        return False
-    return isinstance(t, nn.Parameter)
-
-
 def _flat_copy(value: Any, memo: dict[int, Any]) -> Any:
     """What ``copy.deepcopy(value, memo)`` returns, made directly, for a module's
     tensor and hook tables and name sets (``deepcopy`` is slow on ``OrderedDict``
     and ``set``); None for anything else."""
-    if type(value) in (OrderedDict, dict):
-        if all(type(k) is str and (v is None or id(v) in memo) for k, v in value.items()):
-            return type(value)((k, None if v is None else memo[id(v)]) for k, v in value.items())
-    elif type(value) is set and all(type(v) is str for v in value):
+    kind = type(value)
+    if kind is dict or kind is OrderedDict:
+        copied = kind()
+        for k, v in value.items():
+            twin = None if v is None else memo.get(id(v), _MISSING)
+            if type(k) is not str or twin is _MISSING:
+                return None
+            copied[k] = twin
+        return copied
+    if kind is set and all(type(v) is str for v in value):
         return set(value)
     return None
+
+
+#: what ``memo.get`` answers for an object not copied yet
+_MISSING = object()

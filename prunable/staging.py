@@ -38,8 +38,11 @@ from .errors import SurgeryError
 
 __all__ = [
     "slice_with_undo", "unslice", "Undo", "SurgeryStats", "stage", "swap", "swap_parameter", "roll_back",
-    "nbytes", "size_attributes",
+    "nbytes", "size_attributes", "is_parameter",
 ]
+
+
+_META = torch.device("meta")
 
 
 def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,7 +61,7 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: 
         shape = list(tensor.shape)
         for axis, keep in axes.items():
             shape[axis] = keep.shape[0]
-        return torch.empty(shape, dtype=tensor.dtype, device="meta"), removed
+        return torch.empty(shape, dtype=tensor.dtype, device=_META), removed
     if whole:  # a whole tensor is its own undo
         device = tensor.device
         for axis, keep in axes.items():
@@ -151,7 +154,7 @@ def stage(entry: Any, optimizer: torch.optim.Optimizer | None) -> tuple:
     whole = tensor.is_cpu  # host memory already: keep the old tensors, copy nothing
     try:  # a meta tensor is only read for its shape: no detached alias to make
         new, removed = slice_with_undo(tensor if tensor.is_meta else tensor.detach(), entry.axes, whole)
-        log = Undo(entry, tensor.shape, removed, whole=whole)
+        log = Undo(entry, tensor.shape, removed, None, {}, whole)
         grad, new_grad = tensor.grad, None
         if grad is not None:
             new_grad, log.grad_removed = slice_with_undo(grad, entry.axes, whole)
@@ -187,13 +190,29 @@ def swap(entry: Any, new: torch.Tensor, new_grad: torch.Tensor | None, state: di
          optimizer: torch.optim.Optimizer | None) -> None:
     """Put ``new`` (and its gradient and optimizer state) in place of ``entry.tensor``."""
     tensor = entry.tensor
-    if isinstance(tensor, nn.Parameter):
+    if is_parameter(tensor):
         swap_parameter(tensor, new)
         tensor.grad = new_grad
         if state is not None:
             optimizer.state[tensor] = state
     else:
         entry.owner._buffers[entry.attr] = new
+
+
+def is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without the slow path of ``nn.Parameter``'s metaclass
+    for exact parameters and plain tensors.
+
+    Example
+    -------
+    >>> is_parameter(nn.Parameter(torch.ones(1))), is_parameter(torch.ones(1))
+    (True, False)
+    """
+    if type(t) is nn.Parameter:
+        return True
+    if type(t) is torch.Tensor and not t.__dict__:
+        return False
+    return isinstance(t, nn.Parameter)
 
 
 def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:

@@ -160,37 +160,36 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
     (and the parametrization's own state). Raises :class:`SurgeryError` naming
     the cut when it would leave nothing or an index is out of range.
     """
-    kept = cut.keep.shape[0]
+    module, role, full = cut.module, cut.role, cut.keep
+    kept = full.shape[0]
     if kept == 0:
         raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
-    resizes: list[tuple] = []
     if cut.param is None:
-        handler = handler_for(cut.module)
+        handler = handler_for(module)
         if handler is None:
-            raise SurgeryError(f"{cut.label()}: no handler for {type(cut.module).__name__}; "
+            raise SurgeryError(f"{cut.label()}: no handler for {type(module).__name__}; "
                                "register one with prunable.register_handler")
-        names = handler.params(cut.module, cut.role)
-        resizes.append((handler, cut.module, cut.role, kept))
+        names = handler.params(module, role)
+        resizes: list[tuple] = [(handler, module, role, kept)]
     else:
-        handler, names = _BARE, {cut.param: cut.axis}
+        handler, names, resizes = _BARE, {cut.param: cut.axis}, []
     out: list[TensorSlice] = []
     top = None  # the largest index kept, read once (when a tensor needs it) and checked against each tensor
     for name, axis in names.items():
-        keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
-        owner, attr = resolve(cut.module, name)
+        keep = handler.local_keep(module, role, name, full)
+        owner, attr = resolve(module, name) if "." in name else (module, name)
         if parametrized(owner, attr):
             out += _parametrized_slices(cut, owner, attr, axis, keep)
             continue
         tensor = _tensor_of(owner, attr)
         if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
-            resizes.append((_AttributeSize(attr), owner, cut.role, keep.shape[0]))  # a size attribute
+            resizes.append((_AttributeSize(attr), owner, role, keep.shape[0]))  # a size attribute
         elif tensor is not None:
-            if keep is cut.keep and top is None:
-                top = int(keep.max())
-            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep,
-                                top if keep is cut.keep else None))
+            if keep is full and top is None:
+                top = int(full.max())
+            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep, top if keep is full else None))
     if cut.rescale is not None:
-        resizes.append((cut.rescale.bound(cut.keep), cut.module, cut.role, kept))
+        resizes.append((cut.rescale.bound(full), module, role, kept))
     return out, resizes
 
 
