@@ -182,12 +182,15 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
             out += _parametrized_slices(cut, owner, attr, axis, keep)
             continue
         tensor = _tensor_of(owner, attr)
-        if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
+        if cut.param is not None and isinstance(tensor, int) and not isinstance(tensor, bool):
             resizes.append((_AttributeSize(attr), owner, role, keep.shape[0]))  # a size attribute
         elif tensor is not None:
-            if keep is full and top is None:
+            if keep is not full:  # a handler's own indices (grouped convolutions)
+                out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
+                continue
+            if top is None:
                 top = int(full.max())
-            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep, top if keep is full else None))
+            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep, top))
     if cut.rescale is not None:
         resizes.append((cut.rescale.bound(full), module, role, kept))
     return out, resizes
@@ -227,9 +230,9 @@ def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]
 def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor,
              top: int | None = None) -> TensorSlice:
     """The slice, once every index of ``keep`` (largest: ``top`` when known) is in range."""
-    if keep.shape[0] and top is None:
+    if top is None and keep.shape[0]:
         top = int(keep.max())
-    if keep.shape[0] and top >= tensor.shape[axis]:
+    if top is not None and top >= tensor.shape[axis]:
         raise SurgeryError(f"{cut.label()}: index {top} out of range for "
                            f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}")
     return owner, attr, tensor, axis, keep
