@@ -220,7 +220,9 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
 
     ``torch.utils.swap_tensors`` also replaces the autograd metadata, so a graph
     still alive from before the cut cannot poison the next backward with the old
-    shape. Falls back to ``.data`` assignment when swapping is impossible.
+    shape. Falls back to ``.data`` assignment when swapping is impossible. A parameter
+    nothing else refers to (no graph, view or tensor hook) takes ``.data`` directly:
+    there is nothing to carry over.
     """
     if param.is_meta and new.is_meta and not param._backward_hooks and param.grad is None:
         param.data = new  # a shape without values: no autograd history or hooks to carry over
@@ -248,8 +250,8 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
 def _alone(param: nn.Parameter) -> bool:
     """True when nothing but ``param`` itself refers to its tensor: no autograd graph (an
     ``AccumulateGrad`` node holds the tensor while a graph from before the cut is alive),
-    no view, no tensor hook. Then ``param.data = new`` is what ``swap_tensors`` would do
-    (``swap_tensors`` itself falls back to it when the tensor is shared), minus its cost."""
+    no view, no tensor hook, and ``param`` is an exact ``nn.Parameter``. Then no one can
+    tell ``param.data = new`` from a swap, which costs several times more."""
     if type(param) is not nn.Parameter or param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
         return False
     use_count = getattr(param, "_use_count", None)  # what swap_tensors itself checks
