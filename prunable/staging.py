@@ -252,7 +252,9 @@ def _alone(param: nn.Parameter) -> bool:
     ``AccumulateGrad`` node holds the tensor while a graph from before the cut is alive),
     no view, no tensor hook, and ``param`` is an exact ``nn.Parameter``. Then no one can
     tell ``param.data = new`` from a swap, which costs several times more."""
-    if type(param) is not nn.Parameter or param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
+    if type(param) is not nn.Parameter or param._backward_hooks:
+        return False
+    if getattr(param, "_post_accumulate_grad_hooks", None):
         return False
     use_count = getattr(param, "_use_count", None)  # what swap_tensors itself checks
     return use_count is not None and use_count() == 1
