@@ -5,9 +5,10 @@ LABEL``). Real-weight models are torchvision architectures (ViT-S/16:
 ``VisionTransformer`` with patch 16, 12 layers, 6 heads, width 384) built on
 ``meta`` and then given real CPU tensors filled with seeded uniform noise (the
 values only feed the L1 scores); the example input is 1×3×224×224. "Build" is
-``Pruner(model, x, criterion=WeightNorm())`` (trace + per-group trial runs on
-a meta copy); "step" is ``prune(plan(0.5, scope="layer"))`` (the plan's trial
-run on a meta copy, then the real tensors cut). The LLaMA-style model
+``Pruner(model, x, criterion=WeightNorm())`` (trace on a meta copy, + per-group
+trial runs there when the trace is fragile); "step" is ``prune(plan(0.5,
+scope="layer"))`` (the plan's trial run on a meta copy, then the real tensors
+cut; the pruned model's graph is traced when next needed). The LLaMA-style model
 (``transformers`` ``LlamaConfig``: hidden 2048, 22 layers, intermediate 5632,
 32 query and 4 key/value heads, vocabulary 32000 — TinyLlama's shape) is built
 under ``torch.device("meta")`` and never gets weights: criterion ``"random"``
@@ -20,7 +21,9 @@ peak resident set size of the first run's build + step, reset just before it
 (imports, the model's own weights); "process peak" includes them. The fits
 are least-squares lines of total time (build + step) against parameters and
 against modules with parameters, with R², over the real-weight rows and per
-family. The build
+family. When some
+operation of the forward pass could break a cut unseen by the graph (a reshape
+with sizes, a read channel count: the transformers here), the build
 validates every group with a trial prune on a meta copy; groups whose trial
 fails are found by bisection, each trial a whole forward pass, so a model with
 one failing group per layer (the LLaMA-style model's key projections) pays

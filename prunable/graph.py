@@ -279,10 +279,9 @@ class DependencyGraph:
 
     def _build(self, trace: Trace, mapping: dict[int, nn.Module]) -> None:
         root = components(trace.n_slots, trace.edges)
-        blocked: dict[int, SkipReason] = {}
+        blocked = _Blocked(trace.n_slots)
         for labels, reason in trace.blocked:
-            for r in distinct(root[labels]).tolist():
-                blocked.setdefault(r, reason)
+            blocked.add(root[labels], reason)
         producers, consumers = list(trace.producers.values()), list(trace.consumers.values())
         members = [Member(self._retarget(t, mapping), c, True)
                    for (t, _), c in zip(producers, _classes(root, [s for _, s in producers]))]
@@ -332,8 +331,8 @@ class DependencyGraph:
             axis = next((d for d in range(classes.dim()) if _only_varies_along(classes, d)), None)
             if axis is None:
                 present = distinct(classes)
-                for r in present[produced[present]].tolist():
-                    blocked.setdefault(r, SkipReason(SkipKind.MIXED, f"{t.label()} mixes channels over several axes"))
+                blocked.add(present[produced[present]], SkipReason(SkipKind.MIXED, f"{t.label()} mixes channels over "
+                                                                   "several axes"))
                 continue
             line = classes.movedim(axis, 0).reshape(classes.shape[axis], -1)[:, 0]
             out.append(Member(self._retarget(Target(t.module, t.name, None, t.param, axis, t.uid), mapping), line, False))
@@ -386,13 +385,18 @@ class DependencyGraph:
         return by_group
 
     @staticmethod
-    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: dict[int, SkipReason]) -> dict[int, SkipReason]:
-        """Group → the reason of its first blocked channel, for groups with one."""
-        hit = torch.nonzero(torch.isin(ordered, torch.tensor(list(blocked), dtype=torch.long))).flatten()
-        reasons: dict[int, SkipReason] = {}
-        for g, c in zip(owner[hit].tolist(), ordered[hit].tolist()):
-            reasons.setdefault(g, blocked[c])
-        return reasons
+    def _first_blocked(ordered: torch.Tensor, owner: torch.Tensor, blocked: "_Blocked") -> dict[int, SkipReason]:
+        """Group → the reason of its first blocked channel, for groups with one (``owner``: the
+        group of each class of ``ordered``, non-decreasing)."""
+        at = blocked.at[ordered]
+        hit = torch.nonzero(at >= 0).flatten()
+        if not len(hit):
+            return {}
+        group = owner[hit]
+        first = torch.ones(len(hit), dtype=torch.bool)  # the first hit of each group
+        first[1:] = group[1:] != group[:-1]
+        return {g: blocked.reasons[r] for g, r in zip(group[first].tolist(), at[hit][first].tolist())}
+
 
     # -- pruning -----------------------------------------------------------
     def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
@@ -403,20 +407,46 @@ class DependencyGraph:
         members: dict[tuple, Member] = {}
         for gid in removals:
             for m in by_id[gid].members:
-                members.setdefault((m.target.uid, m.target.role, m.target.param, m.target.axis), m)
+                t = m.target  # the role by identity: an enum member's hash is a Python call
+                members.setdefault((t.uid, id(t.role), t.param, t.axis), m)
         if not members:
             return []
         labels = [m.classes.reshape(-1) for m in members.values()]
-        sizes = torch.tensor([len(x) for x in labels])
-        owner = torch.repeat_interleave(torch.arange(len(labels)), sizes)
+        sizes = torch.tensor([x.numel() for x in labels])
+        ends = torch.cumsum(sizes, 0)
         flat = torch.cat(labels)
         drop = gone[(flat + 1).clamp(0, len(gone) - 1)]
-        dropped = torch.bincount(owner[drop], minlength=len(labels))
-        kept = torch.nonzero(~drop).flatten()
-        keeps = torch.split(kept - (torch.cumsum(sizes, 0) - sizes)[owner[kept]], (sizes - dropped).tolist())
+        # per member: indices dropped (a difference of running counts), and the indices kept, in order
+        running = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(drop, 0)])
+        dropped = (running[ends] - running[ends - sizes]).tolist()
+        local = torch.arange(len(flat)) - torch.repeat_interleave(ends - sizes, sizes)
+        keeps = torch.split(local[~drop], [n - d for n, d in zip(sizes.tolist(), dropped)])
         return [Cut(m.target.module, m.target.role, keep, m.target.param, m.target.axis, m.target.label(),
                     m.target.rescale)
-                for m, n, keep in zip(members.values(), dropped.tolist(), keeps) if n]
+                for m, n, keep in zip(members.values(), dropped, keeps) if n]
+
+
+class _Blocked:
+    """Class → why it cannot be pruned (the first reason given for it), as one table.
+
+    Example
+    -------
+    >>> b = _Blocked(4)
+    >>> b.add(torch.tensor([1, 2]), "first"); b.add(torch.tensor([2, 3]), "second")
+    >>> b.at.tolist(), b.reasons
+    ([-1, 0, 0, 1], ['first', 'second'])
+    """
+
+    def __init__(self, classes: int) -> None:
+        self.at = torch.full((classes,), -1, dtype=torch.long)  # class → index in reasons, -1: none
+        self.reasons: list[Any] = []
+
+    def add(self, classes: torch.Tensor, reason: Any) -> None:
+        """Block ``classes`` for ``reason``, but those blocked before."""
+        fresh = classes[self.at[classes] < 0]
+        if fresh.numel():
+            self.at[fresh] = len(self.reasons)
+            self.reasons.append(reason)
 
 
 def _mask(classes: torch.Tensor) -> torch.Tensor:

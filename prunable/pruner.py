@@ -89,7 +89,9 @@ class Pruner:
         λ of Molchanov et al.'s Eq. 9: scores become ``θ − λ·MFLOPs(channel)``, the
         FLOPs one channel costs per example, in millions; ``True`` means λ = 1e-3.
     validate
-        Check each group and each plan on a meta copy before touching the model.
+        Try each plan on a meta copy before touching the model, and at build, each group
+        (removing one channel) when the forward pass holds an operation through which a cut could
+        fail unseen by the graph (a reshape with sizes, a read channel count, a fixed-size operand).
 
     Attributes
     ----------
@@ -119,9 +121,10 @@ class Pruner:
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
         self.max_ratio = max_ratio
-        self._admission = Admission.of(model, min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
+        self._pending: tuple[Traced | None] | None = None  # set by a prune: the graph is rebuilt when next needed
+        self._adm = Admission.of(model, min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
                                        ignored=ignored_layers)  # caps, skipped groups and why
-        self.constraints, self.ignored = self._admission.constraints, self._admission.ignored
+        self.constraints, self.ignored = self._adm.constraints, self._adm.ignored
         _check_inputs(model, self.example_inputs)
         self.history: list[Plan] = []
         self.log: list[dict[str, Any]] = []
@@ -131,27 +134,69 @@ class Pruner:
         #: the :class:`~prunable.latency.LatencyTable` of the last ``prune_to(latency=|cost="latency")``
         self.latency_table: Any = None
         with _gc_paused():
-            self._rebuild(warn=True)
+            spare = self._rebuild(warn=True)
+        if spare is not None:  # the build's traced meta copy served no trial: it is the model as created
+            self._start.offer(spare)
         self.initial_widths = self.widths()
 
     # -- graph -----------------------------------------------------------------
-    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> None:
+    def _rebuild(self, warn: bool = False, traced: Traced | None = None, probe: bool = True) -> nn.Module | None:
         """Groups of the model from ``traced`` (a fresh trace when None), then validate them: groups
         with no channel that can go are skipped; with ``probe``, also those whose trial run of
-        removing one channel fails (after a prune, such a group is found by the next plan's trial)."""
+        removing one channel fails (after a prune, such a group is found by the next plan's trial).
+        That trial is left out when every operation the trace saw on channels is one whose effect
+        the graph follows exactly (:attr:`~prunable.shadow.Trace.fragile` is None): no cut the
+        graph allows can break such a forward pass, and every plan is still tried before a cut.
+        Returns the traced meta copy when no trial used it (else None)."""
         traced = trace_model(self.model, self.example_inputs) if traced is None else traced
         if traced.real is not None and self._real is None:
             self._real = traced.real
             warnings.warn(f"prunable: {type(self.model).__name__}'s forward pass cannot run on the meta device "
                           f"({traced.real}); tracing and trial runs use real copies of the model", stacklevel=3)
-        self.graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
-        self._trials = Trials(self.model, self.example_inputs, self.graph.cuts, real=self._real)
-        self._admission.update(self.graph.groups, (lambda selector: invalid_groups(
-            selector, self._trials.runner(traced.clone) if probe else None)) if self.validate else None)
-        for gid, reason in self.skipped.items() if warn else ():
+        self._graph = graph = DependencyGraph(self.model, self.example_inputs, traced=traced)
+        self._trials_of = trials = Trials(self.model, self.example_inputs, graph.cuts, real=self._real)
+        # the probe trial runs when some operation could break a cut unseen by the graph (trace.fragile)
+        probe = probe and (traced.real is not None or traced.trace.fragile is not None)
+        self._adm.update(graph.groups, (lambda selector: invalid_groups(
+            selector, trials.runner(traced.clone) if probe else None)) if self.validate else None)
+        for gid, reason in self._adm.skipped.items() if warn else ():
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
-        self._points = _measure_points(self.model, self.groups)
+        self._points_of = _measure_points(self.model, [g for g in graph.groups if g.id not in self._adm.skipped])
+        return traced.clone if not (probe and self.validate) else None  # the traced meta copy, when no trial used it
+
+    def _sync(self) -> None:
+        """Rebuild the graph after a prune, the first time it is needed: from the trace the
+        plan's trial kept (``vet``, ``measure``, ``step``), else from a fresh trace of the model."""
+        if self._pending is not None:
+            (traced,), self._pending = self._pending, None
+            try:
+                with _gc_paused():
+                    self._rebuild(traced=traced, probe=False)
+            except BaseException:
+                self._pending = (None,)  # never a stale graph: the next use traces afresh (and raises again)
+                raise
+
+    @property
+    def graph(self) -> DependencyGraph:
+        """The :class:`~prunable.graph.DependencyGraph` of the model as it is now."""
+        self._sync()
+        return self._graph
+
+    @property
+    def _admission(self) -> Admission:
+        self._sync()
+        return self._adm
+
+    @property
+    def _trials(self) -> Trials:
+        self._sync()
+        return self._trials_of
+
+    @property
+    def _points(self) -> dict[str, MeasurePoint]:
+        self._sync()
+        return self._points_of
 
     @property
     def skipped(self) -> dict[str, SkipReason]:
@@ -279,21 +324,23 @@ class Pruner:
             self._prune(plan)
 
     def _prune(self, plan: Plan) -> None:
-        """The body of :meth:`prune`. The plan's trial run traces the pruned meta copy,
-        so the graph of the pruned model needs no second trace."""
-        failing = self._trials.failing(plan) if self.validate else []
+        """The body of :meth:`prune`. The plan's trial run (a plain forward pass of the cut meta
+        copy, unless ``vet``/``measure``/``step`` traced it already) guards the cut; the graph of
+        the pruned model is rebuilt when next needed (:meth:`_sync`), from that trace if any."""
+        trials = self._trials
+        failing = trials.failing(plan, trace=False) if self.validate else []
         if failing:
             gid, error = failing[0]
             raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
-        traced = self._trials.traced(plan) if self.validate else None
+        traced = trials.traced(plan) if self.validate else None
         self._start.keep(self._real)
-        apply_cuts(self._trials.cuts(plan), self.optimizer)
+        apply_cuts(trials.cuts(plan), self.optimizer)
         sync_config(self.model)  # a Hugging Face config follows the new sizes
         self.history.append(plan)
         self.criterion.reset()
-        # no probe trial: this plan's trial guarded the cut, and a group that can no longer lose a
-        # channel is found (bisected, skipped with its reason) by the trial of the next plan holding it
-        self._rebuild(traced=traced, probe=False)
+        # the rebuild runs no probe trial: this plan's trial guarded the cut, and a group that can no longer
+        # lose a channel is found (bisected, skipped with its reason) by the trial of the next plan holding it
+        self._pending = (traced,)
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(

@@ -19,7 +19,7 @@ from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
 from .shadow import FREE, core_of, core_view, expand_shadow, labels_along, varying_dims
 
-__all__ = ["RULES", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
+__all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
 #: how channel labels flow through each operation: ONE table, operation name → rule
 #: (the method ``_<rule>`` of :class:`~prunable.trace.ChannelTracer`); an operation not listed
@@ -58,6 +58,38 @@ RULES: dict[str, str] = {
     #: torchvision's RoI pooling keeps the features' channels; ``t[i] = v`` writes v's channels into t
     "roi_align": "roi", "roi_pool": "roi", "__setitem__": "setitem",
 }
+#: operations whose effect on channels the graph follows exactly, taking no sizes and no channel
+#: count: cutting channels consistently through them cannot break the forward pass. Any other
+#: operation on a tensor with channels (a reshape with sizes, a split, a size read, an unknown
+#: function …) marks the trace fragile (:attr:`~prunable.shadow.Trace.fragile`): then the
+#: Pruner's build tries removing a channel of each group on a meta copy. Grouped convolutions
+#: and operands of a fixed size along the channels are checked where they occur.
+SIZE_FREE: frozenset[str] = frozenset((
+    # layers with handlers, the same tensor under another type or device
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+    "batch_norm", "instance_norm", "layer_norm", "rms_norm",
+    "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "detach", "clone",
+    "contiguous", "requires_grad_", "detach_", "property:data", "dim", "numel", "__len__", "property:dtype",
+    "property:device",
+    # moving dims, concatenating
+    "flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "cat", "concat", "concatenate",
+    # reductions over given dims
+    "mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum",
+    # elementwise: activations, arithmetic, dropout (an operand of a fixed size is checked)
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
+    "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "mish", "elu", "elu_", "selu", "celu",
+    "leaky_relu", "leaky_relu_", "softplus", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp", "clamp_",
+    "clip", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__iadd__", "__radd__",
+    "__sub__", "__isub__", "__rsub__", "__mul__", "__imul__", "__rmul__", "__truediv__", "__itruediv__",
+    "__rtruediv__", "__neg__", "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout",
+    # pooling over spatial dims (a pooling that changes the channels blocks them)
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
+    "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+))
+
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
 
@@ -130,6 +162,7 @@ class ShapeRules:
         for d in varying_dims(s) if asked is None else [int(asked) % x.dim()]:
             labels = labels_along(s, d)
             if labels is None or bool((labels >= 0).any()):
+                self.trace.mark_fragile(f"the channel count {int(x.shape[d])} is read")
                 read = core_of(s).reshape(-1) if labels is None else labels
                 self._shape_sizes.setdefault(int(x.shape[d]), []).append(read)
 
@@ -381,9 +414,13 @@ class ShapeRules:
             return
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, not bool((core_of(ops[i]) >= 0).any())))
+        free = [not bool((core_of(s) >= 0).any()) for s in ops]  # operands without channels
+        order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, free[i]))
         p = order[0]
         vary_p = set(varying_dims(full[p]))
+        if not free[p] and any(free[i] and not vary_p <= bcast[i] for i in order[1:]):
+            # a tensor the graph knows nothing of spans the channels (a constant, a plain tensor attribute)
+            self.trace.mark_fragile("a fixed-size operand spans the channels")
         for i in order[1:]:
             vary_i = set(varying_dims(full[i]))
             clash, shared = bcast[i] & vary_p | bcast[p] & vary_i, vary_i & vary_p

@@ -29,7 +29,10 @@ from .flops import module_flops
 from .inputs import batch_size
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize
 
-__all__ = ["aggregate", "flops_per_channel", "group_scores"]
+__all__ = ["NORM_EPS", "aggregate", "flops_per_channel", "group_scores"]
+
+#: a layer's scores with an L2 norm at most this are all zero after normalisation (as :func:`~prunable.importance.l2_normalize`)
+NORM_EPS = 1e-12
 
 
 def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[str, MeasurePoint],
@@ -70,9 +73,15 @@ def _group_score(g: Any, criterion: Criterion, points: Mapping[str, MeasurePoint
                 "(a model built under torch.device('meta') has shapes, no values): plan with criterion='random' "
                 "or with explicit channel indices, and apply the plan to the real model (prunable.apply_plan)")
         s = s.float().cpu()
-        if not bool(torch.isfinite(s).all()):
-            raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-        parts.append((l2_normalize(s) if criterion.normalize else s, index))
+        norm = float(torch.linalg.vector_norm(s))  # one read for both: finite whenever every score is
+        if not math.isfinite(norm):
+            if not bool(torch.isfinite(s).all()):
+                raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+            parts.append((l2_normalize(s) if criterion.normalize else s, index))  # finite scores, norm overflowed
+        elif criterion.normalize:
+            parts.append((s / norm if norm > NORM_EPS else torch.zeros_like(s), index))  # = l2_normalize(s)
+        else:
+            parts.append((s, index))
     score = aggregate(parts, g.channels, aggregation)
     return score - penalty if penalty else score
 
@@ -93,12 +102,13 @@ def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int, how: Ag
             ok = index >= 0
             out.scatter_reduce_(0, index[ok], s[ok], reduce="amax")
         return torch.where(torch.isinf(out), torch.zeros_like(out), out)
-    out = torch.zeros(size)
-    count = torch.zeros(size) if how is Aggregation.MEAN else None  # a sum needs no count
+    # a negative index (a channel of no producer here) adds to one spare entry past the end:
+    # no boolean-mask indexing, and the same sums in the same order
+    out = torch.zeros(size + 1)
+    count = torch.zeros(size + 1) if how is Aggregation.MEAN else None  # a sum needs no count
     for s, index in parts:
-        ok = index >= 0
-        index = index[ok]
-        out.index_add_(0, index, s[ok])
+        index = torch.where(index >= 0, index, size)
+        out.index_add_(0, index, s)
         if count is not None:
             count.index_add_(0, index, torch.ones(index.shape[0]))
-    return out / count.clamp(min=1) if count is not None else out
+    return out[:size] / count[:size].clamp(min=1) if count is not None else out[:size]

@@ -125,19 +125,20 @@ def count_tables(groups: Sequence[Any]) -> list[torch.Tensor]:
     channel[classes] = torch.arange(len(classes))
     group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # channel → its group
     labels = [m.classes.reshape(-1) for g in groups for m in g.members]
-    row = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(x) for x in labels]))
-    row_group = torch.repeat_interleave(torch.arange(len(groups)), rows)[row]  # group of each label's row
-    flat = torch.cat(labels)
-    inside = (flat >= 0) & (flat < len(channel))
-    at = torch.full_like(flat, -1)
-    at[inside] = channel[flat[inside]]
-    ok = at >= 0
-    ok[ok.clone()] = group_of[at[ok]] == row_group[ok]  # a label of another group counts for none
+    lengths = torch.tensor([len(x) for x in labels])
+    group_of_row = torch.repeat_interleave(torch.arange(len(groups)), rows)
     tables = rows * sizes
-    first_row, first_channel = torch.cumsum(rows, 0) - rows, torch.cumsum(sizes, 0) - sizes
-    g = row_group[ok]
-    index = (torch.cumsum(tables, 0) - tables)[g] + (row[ok] - first_row[g]) * sizes[g] + at[ok] - first_channel[g]
-    counts = torch.bincount(index, minlength=int(tables.sum()))
+    # where row r's table starts in the flat counts, less its group's first channel (per row, then per label)
+    offset = ((torch.cumsum(tables, 0) - tables - torch.cumsum(sizes, 0) + sizes)[group_of_row]
+              + (torch.arange(len(labels)) - (torch.cumsum(rows, 0) - rows)[group_of_row]) * sizes[group_of_row])
+    flat = torch.cat(labels)
+    # no boolean-mask indexing (each costs a nonzero and a gather): a label that counts for none
+    # (negative, of no group, of another group) is sent to one spare slot past the tables
+    at = torch.where((flat >= 0) & (flat < len(channel)), channel[flat.clamp(0, len(channel) - 1)], -1)
+    ok = (at >= 0) & (group_of[at.clamp(min=0)] == torch.repeat_interleave(group_of_row, lengths))
+    total = int(tables.sum())
+    index = torch.where(ok, torch.repeat_interleave(offset, lengths) + at, total)
+    counts = torch.bincount(index, minlength=total + 1)[:total]
     return [t.view(r, n) for t, r, n in zip(counts.split(tables.tolist()), rows.tolist(), sizes.tolist())]
 
 
@@ -299,9 +300,9 @@ class Selector:
         than ``min_channels``, exceeds a cap or empties a member."""
         for gid, idx in removals.items():
             _check_group(self.layouts.get(gid), gid, idx, skipped or {}, min_channels, list(self.layouts))
-            if len(list(idx)) > self.caps.get(gid, 0):
+            if len(idx) > self.caps.get(gid, 0):
                 raise PruningValueError(
-                    f"group {gid}: removing {len(list(idx))} channels exceeds the {self.caps.get(gid, 0)} it may "
+                    f"group {gid}: removing {len(idx)} channels exceeds the {self.caps.get(gid, 0)} it may "
                     "still lose (min_channels, round_to, max_ratio)")
         guard = self.guard()
         if guard.fits(removals):
@@ -480,9 +481,9 @@ def _check_group(g: GroupLayout | None, gid: str, idx: Sequence[int], skipped: M
         raise PruningValueError(f"unknown group {gid!r}; groups are {known[:8]}...")
     if gid in skipped:
         raise PruningValueError(f"group {gid} cannot be pruned: {skipped[gid]}")
-    bad = [i for i in idx if not 0 <= i < g.size]
-    if bad:
-        raise PruningValueError(f"group {gid}: channel index {bad[0]} out of range [0, {g.size})")
+    if idx and not (0 <= min(idx) and max(idx) < g.size):
+        bad = next(i for i in idx if not 0 <= i < g.size)
+        raise PruningValueError(f"group {gid}: channel index {bad} out of range [0, {g.size})")
     if g.size - len(idx) < min_channels:
         raise PruningValueError(f"group {gid}: removing {len(idx)} of {g.size} channels leaves fewer than "
                                 f"min_channels={min_channels}")

@@ -59,6 +59,16 @@ class Trace:
     blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     #: (module, module name, int attribute, labels): a size attribute used as a literal shape
     sizes: list[tuple[nn.Module, str, str, torch.Tensor]] = field(default_factory=list)
+    #: the first operation through which a cut could break the forward pass in a way the graph
+    #: does not see (a size read, a reshape, a fixed-size operand, an operation outside
+    #: :data:`~prunable.rules.SIZE_FREE`): then a trial run must try each group; None when every
+    #: operation on channels is one whose effect the graph follows exactly
+    fragile: str | None = None
+
+    def mark_fragile(self, why: str) -> None:
+        """Record ``why`` a trial run must try each group (the first reason is kept)."""
+        if self.fragile is None:
+            self.fragile = why
 
     def new_slots(self, n: int) -> torch.Tensor:
         slots = torch.arange(self.n_slots, self.n_slots + n)

@@ -67,6 +67,12 @@ class Baseline:
             self._counts = sizes(self.model, self.example_inputs)
         return self._counts
 
+    def offer(self, copy: nn.Module) -> None:
+        """``copy``, an unused meta copy of the model as it is now, never cut (the build's traced
+        copy): kept for :meth:`counts`, so :meth:`keep` needs no copy of its own."""
+        if self._counts is None and self._pristine is None:
+            self._pristine = copy
+
     def keep(self, real: str | None = None) -> None:
         """Before a cut: keep what :meth:`counts` needs, once (a meta copy of the model;
         the counts themselves when ``real`` says the forward pass needs real values)."""

@@ -38,8 +38,11 @@ from .errors import SurgeryError
 
 __all__ = [
     "slice_with_undo", "unslice", "Undo", "SurgeryStats", "stage", "swap", "swap_parameter", "roll_back",
-    "nbytes", "size_attributes",
+    "nbytes", "size_attributes", "is_parameter",
 ]
+
+
+_META = torch.device("meta")
 
 
 def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,12 +61,12 @@ def slice_with_undo(tensor: torch.Tensor, axes: dict[int, torch.Tensor], whole: 
         shape = list(tensor.shape)
         for axis, keep in axes.items():
             shape[axis] = keep.shape[0]
-        return torch.empty(shape, dtype=tensor.dtype, device="meta"), removed
+        return torch.empty(shape, dtype=tensor.dtype, device=_META), removed
     if whole:  # a whole tensor is its own undo
-        removed = [tensor]
+        device = tensor.device
         for axis, keep in axes.items():
-            out = out.index_select(axis, keep.to(tensor.device))
-        return out.contiguous(), removed
+            out = out.index_select(axis, keep if keep.device == device else keep.to(device))
+        return out.contiguous(), [tensor]
     for axis, keep in axes.items():
         gone = _complement(keep, out.shape[axis]).to(tensor.device)  # on keep's device: meta has no nonzero
         removed.append(out.index_select(axis, gone).to("cpu"))
@@ -133,9 +136,11 @@ class SurgeryStats:
         self.undo_bytes += undo_bytes
 
 
-def size_attributes(module: nn.Module) -> dict[str, object]:
-    """The int, bool, float and tuple attributes of ``module`` (its sizes), to restore on failure."""
-    return {k: v for k, v in vars(module).items() if type(v) in (int, bool, float, tuple)}
+def size_attributes(module: nn.Module | dict[str, object]) -> dict[str, object]:
+    """The int, bool, float and tuple attributes of ``module`` (its sizes), to restore on failure;
+    ``module`` may also be a copy of a module's ``vars`` taken before the cut."""
+    attributes = module if isinstance(module, dict) else vars(module)
+    return {k: v for k, v in attributes.items() if type(v) in (int, bool, float, tuple)}
 
 
 def nbytes(*parts: torch.Tensor | None) -> int:
@@ -145,18 +150,19 @@ def nbytes(*parts: torch.Tensor | None) -> int:
 
 def stage(entry: Any, optimizer: torch.optim.Optimizer | None) -> tuple:
     """The new tensors of one entry and the undo record that rebuilds the old ones."""
-    whole = entry.tensor.device.type == "cpu"  # host memory already: keep the old tensors, copy nothing
-    try:
-        new, removed = slice_with_undo(entry.tensor.detach(), entry.axes, whole)
-        log = Undo(entry, entry.tensor.shape, removed, whole=whole)
-        grad, new_grad = entry.tensor.grad, None
+    tensor = entry.tensor
+    whole = tensor.is_cpu  # host memory already: keep the old tensors, copy nothing
+    try:  # a meta tensor is only read for its shape: no detached alias to make
+        new, removed = slice_with_undo(tensor if tensor.is_meta else tensor.detach(), entry.axes, whole)
+        log = Undo(entry, tensor.shape, removed, None, {}, whole)
+        grad, new_grad = tensor.grad, None
         if grad is not None:
             new_grad, log.grad_removed = slice_with_undo(grad, entry.axes, whole)
         state = None
-        if optimizer is not None and entry.tensor in optimizer.state:
-            state = dict(optimizer.state[entry.tensor])
+        if optimizer is not None and tensor in optimizer.state:
+            state = dict(optimizer.state[tensor])
             for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == entry.tensor.shape:
+                if isinstance(v, torch.Tensor) and v.shape == tensor.shape:
                     state[k], log.state_removed[k] = slice_with_undo(v, entry.axes, whole)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise SurgeryError(f"{type(entry.owner).__name__}.{entry.attr}: slicing failed: {exc}") from exc
@@ -184,7 +190,7 @@ def swap(entry: Any, new: torch.Tensor, new_grad: torch.Tensor | None, state: di
          optimizer: torch.optim.Optimizer | None) -> None:
     """Put ``new`` (and its gradient and optimizer state) in place of ``entry.tensor``."""
     tensor = entry.tensor
-    if isinstance(tensor, nn.Parameter):
+    if is_parameter(tensor):
         swap_parameter(tensor, new)
         tensor.grad = new_grad
         if state is not None:
@@ -193,15 +199,36 @@ def swap(entry: Any, new: torch.Tensor, new_grad: torch.Tensor | None, state: di
         entry.owner._buffers[entry.attr] = new
 
 
+def is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without the slow path of ``nn.Parameter``'s metaclass
+    for exact parameters and plain tensors.
+
+    Example
+    -------
+    >>> is_parameter(nn.Parameter(torch.ones(1))), is_parameter(torch.ones(1))
+    (True, False)
+    """
+    if type(t) is nn.Parameter:
+        return True
+    if type(t) is torch.Tensor and not t.__dict__:
+        return False
+    return isinstance(t, nn.Parameter)
+
+
 def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
     """Give ``param`` the data (and shape) of ``new``, keeping the Python object.
 
     ``torch.utils.swap_tensors`` also replaces the autograd metadata, so a graph
     still alive from before the cut cannot poison the next backward with the old
-    shape. Falls back to ``.data`` assignment when swapping is impossible.
+    shape. Falls back to ``.data`` assignment when swapping is impossible. A parameter
+    nothing else refers to (no graph, view or tensor hook) takes ``.data`` directly:
+    there is nothing to carry over.
     """
     if param.is_meta and new.is_meta and not param._backward_hooks and param.grad is None:
         param.data = new  # a shape without values: no autograd history or hooks to carry over
+        return
+    if _alone(param):  # no autograd node, view or hook holds it: nothing for a swap to carry over
+        param.data = new
         return
     replacement = nn.Parameter(new, requires_grad=param.requires_grad)
     replacement.__dict__.update(param.__dict__)
@@ -218,3 +245,16 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
             setattr(param, attr, None)
             if hooks:
                 setattr(param, attr, type(hooks)(hooks))
+
+
+def _alone(param: nn.Parameter) -> bool:
+    """True when nothing but ``param`` itself refers to its tensor: no autograd graph (an
+    ``AccumulateGrad`` node holds the tensor while a graph from before the cut is alive),
+    no view, no tensor hook, and ``param`` is an exact ``nn.Parameter``. Then no one can
+    tell ``param.data = new`` from a swap, which costs several times more."""
+    if type(param) is not nn.Parameter or param._backward_hooks:
+        return False
+    if getattr(param, "_post_accumulate_grad_hooks", None):
+        return False
+    use_count = getattr(param, "_use_count", None)  # what swap_tensors itself checks
+    return use_count is not None and use_count() == 1

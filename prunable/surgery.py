@@ -139,7 +139,10 @@ def _expand(cuts: Sequence[Cut]) -> tuple[dict[tuple[int, str], _Pending], list[
         slices, sizes = cut_slices(cut)
         resizes += sizes
         for owner, attr, tensor, axis, keep in slices:
-            entry = pending.setdefault((id(owner), attr), _Pending(owner, attr, tensor, {}))
+            entry = pending.get((id(owner), attr))
+            if entry is None:
+                pending[id(owner), attr] = _Pending(owner, attr, tensor, {axis: keep})
+                continue
             if axis in entry.axes and not torch.equal(entry.axes[axis], keep):
                 raise SurgeryError(f"{cut.label()}: axis {axis} of {attr!r} cut twice differently")
             entry.axes[axis] = keep
@@ -157,36 +160,54 @@ def cut_slices(cut: Cut) -> tuple[list[TensorSlice], list[tuple]]:
     (and the parametrization's own state). Raises :class:`SurgeryError` naming
     the cut when it would leave nothing or an index is out of range.
     """
-    kept = cut.keep.shape[0]
+    module, role, full = cut.module, cut.role, cut.keep
+    kept = full.shape[0]
     if kept == 0:
         raise SurgeryError(f"{cut.label()}: the cut would leave no channels")
-    resizes: list[tuple] = []
     if cut.param is None:
-        handler = handler_for(cut.module)
+        handler = handler_for(module)
         if handler is None:
-            raise SurgeryError(f"{cut.label()}: no handler for {type(cut.module).__name__}; "
+            raise SurgeryError(f"{cut.label()}: no handler for {type(module).__name__}; "
                                "register one with prunable.register_handler")
-        names = handler.params(cut.module, cut.role)
-        resizes.append((handler, cut.module, cut.role, kept))
+        names = handler.params(module, role)
+        resizes: list[tuple] = [(handler, module, role, kept)]
     else:
-        handler, names = ModuleHandler(), {cut.param: cut.axis}
+        handler, names, resizes = _BARE, {cut.param: cut.axis}, []
     out: list[TensorSlice] = []
-    top = int(cut.keep.max())  # the largest index kept, checked against each tensor
+    top = None  # the largest index kept, read once (when a tensor needs it) and checked against each tensor
     for name, axis in names.items():
-        keep = handler.local_keep(cut.module, cut.role, name, cut.keep)
-        owner, attr = resolve(cut.module, name)
+        keep = handler.local_keep(module, role, name, full)
+        owner, attr = resolve(module, name) if "." in name else (module, name)
         if parametrized(owner, attr):
             out += _parametrized_slices(cut, owner, attr, axis, keep)
             continue
-        tensor = getattr(owner, attr, None)
-        if isinstance(tensor, int) and not isinstance(tensor, bool) and cut.param is not None:
-            resizes.append((_AttributeSize(attr), owner, cut.role, keep.shape[0]))  # a size attribute
+        tensor = _tensor_of(owner, attr)
+        if cut.param is not None and isinstance(tensor, int) and not isinstance(tensor, bool):
+            resizes.append((_AttributeSize(attr), owner, role, keep.shape[0]))  # a size attribute
         elif tensor is not None:
-            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep,
-                                top if keep is cut.keep else None))
+            if keep is not full:  # a handler's own indices (grouped convolutions)
+                out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep))
+                continue
+            if top is None:
+                top = int(full.max())
+            out.append(_checked(cut, owner, attr, tensor, axis % tensor.dim(), keep, top))
     if cut.rescale is not None:
-        resizes.append((cut.rescale.bound(cut.keep), cut.module, cut.role, kept))
+        resizes.append((cut.rescale.bound(full), module, role, kept))
     return out, resizes
+
+
+#: the handler of a cut naming its tensor (``Cut.param``): slices it as it is, resizes nothing
+_BARE = ModuleHandler()
+
+
+def _tensor_of(owner: nn.Module, attr: str) -> Any:
+    """``getattr(owner, attr, None)``, read straight from the module's parameter and buffer
+    tables when it is there (``nn.Module.__getattr__`` is the slow path of attribute lookup)."""
+    tables = owner.__dict__
+    for table in (tables.get("_parameters"), tables.get("_buffers")):
+        if table is not None and attr in table:
+            return table[attr]
+    return getattr(owner, attr, None)
 
 
 def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
@@ -209,9 +230,9 @@ def channel_parameters(cut: Cut) -> list[tuple[nn.Parameter, int, torch.Tensor]]
 def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: int, keep: torch.Tensor,
              top: int | None = None) -> TensorSlice:
     """The slice, once every index of ``keep`` (largest: ``top`` when known) is in range."""
-    if keep.shape[0] and top is None:
+    if top is None and keep.shape[0]:
         top = int(keep.max())
-    if keep.shape[0] and top >= tensor.shape[axis]:
+    if top is not None and top >= tensor.shape[axis]:
         raise SurgeryError(f"{cut.label()}: index {top} out of range for "
                            f"{attr!r} with {tensor.shape[axis]} channels on axis {axis}")
     return owner, attr, tensor, axis, keep
@@ -219,6 +240,11 @@ def _checked(cut: Cut, owner: nn.Module, attr: str, tensor: torch.Tensor, axis: 
 
 def parametrized(module: nn.Module, name: str) -> bool:
     """True if ``module.<name>`` is computed by ``torch.nn.utils.parametrize``."""
+    # ``parametrize`` keeps its ModuleDict in ``_modules``: without one there, skip its getattr
+    # (a miss raises and catches an AttributeError in ``nn.Module.__getattr__``)
+    modules = module.__dict__.get("_modules")
+    if modules is not None and "parametrizations" not in modules:
+        return False
     return parametrize.is_parametrized(module, name)
 
 
@@ -331,18 +357,18 @@ def apply_cuts(
     the bytes staged.
     """
     pending, resizes = _expand(cuts)
-    stats = stats if stats is not None else SurgeryStats()
     by_module: dict[int, list[_Pending]] = {}
     for entry in pending.values():
         by_module.setdefault(id(entry.owner), []).append(entry)
     undo: list[Undo] = []
-    sizes = [(module, size_attributes(module)) for _, module, _, _ in resizes]
+    sizes = {id(module): (module, vars(module).copy()) for _, module, _, _ in resizes}  # sizes: put back on failure
     try:
         for entries in by_module.values():
             staged = [stage(entry, optimizer) for entry in entries]
-            stats.staged(sum(nbytes(new, grad, *(state[k] for k in log.state_removed))
-                             for _, new, grad, state, log in staged),
-                         sum(log.nbytes for *_, log in staged))
+            if stats is not None:
+                stats.staged(sum(nbytes(new, grad, *(state[k] for k in log.state_removed))
+                                 for _, new, grad, state, log in staged),
+                             sum(log.nbytes for *_, log in staged))
             for entry, new, new_grad, state, log in staged:
                 swap(entry, new, new_grad, state, optimizer)
                 undo.append(log)
@@ -351,8 +377,8 @@ def apply_cuts(
             handler.resize(module, role, n)
     except Exception as exc:
         roll_back(undo, optimizer)
-        for module, saved in sizes:
-            vars(module).update(saved)
+        for module, saved in sizes.values():
+            vars(module).update(size_attributes(saved))
         if isinstance(exc, SurgeryError):
             raise
         raise SurgeryError(f"applying the cuts failed, model unchanged: {type(exc).__name__}: {exc}") from exc

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
-from .rules import ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
+from .rules import SIZE_FREE, ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
 from .shadow import FIXED, FREE, Target, Trace, canonical, expand_core, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
@@ -124,6 +124,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         self.stack.append(module)
         if self._opaque is None and getattr(handler_for(module), "trace_module", None) is not None:
             self._opaque = module
+            self.trace.mark_fragile(f"{type(module).__name__} is traced as one operation")
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
@@ -188,6 +189,8 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             name = func_name(func)
             rule = rule_of(name)
             _remember(func, name, rule)
+        if self.stack and self.trace.fragile is None and (name not in SIZE_FREE or rule == "conv"):
+            self._check_size_free(name, rule, args, kwargs)
         if rule == "ignore":
             return out
         if rule == "shape_read":
@@ -209,6 +212,18 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             getattr(self, "_" + rule)(name, args, kwargs, out, outs)
             self.after_rule(name, rule, args, kwargs, outs)
         return out
+
+    def _check_size_free(self, name: str, rule: str, args: tuple, kwargs: dict) -> None:
+        """Mark the trace fragile when ``name`` (an operation outside :data:`~prunable.rules.SIZE_FREE`,
+        or a grouped convolution that is not depthwise) reads a tensor with channels."""
+        if rule == "conv":
+            groups, x = arg(args, kwargs, 6, "groups", 1), args[0] if args else None
+            if groups == 1 or (isinstance(x, torch.Tensor) and x.dim() > 1 and groups == x.shape[1]):
+                return
+        elif rule == "shape_read":  # a read of a channel dim is marked by the rule
+            return
+        if any(self.has_labels(t) or id(t) in self.owners for t in self._tensors_in(args, kwargs)):
+            self.trace.mark_fragile(f"{name} on channels")
 
     # -- weighted operations -------------------------------------------------
     def _owner_target(self, weight: Any, role: Role, fallback: bool = False) -> tuple[Target | None, SkipReason | None]:

@@ -165,6 +165,7 @@ class Trials:
                  real: str | None = None) -> None:
         self.model, self.example_inputs, self.cuts_of, self.real = model, example_inputs, cuts_of, real
         self._last: tuple[Any, Traced] | None = None
+        self._passed: Any = None  # the last plan whose plain trial passed
         self._cuts: tuple[Any, list[Cut]] | None = None
 
     def cuts(self, plan: Any) -> list[Cut]:
@@ -178,15 +179,25 @@ class Trials:
         """A :func:`trial_runner` for this graph."""
         return trial_runner(self.model, self.example_inputs, self.cuts_of, clone, real=self.real)
 
-    def failing(self, plan: Any) -> list[tuple[str, str]]:
-        """The groups of ``plan`` whose cuts break the forward pass, with the error (bisected);
-        none when its traced trial passes (that trace is kept)."""
-        if self.traced(plan) is None:
+    def failing(self, plan: Any, *, trace: bool = True) -> list[tuple[str, str]]:
+        """The groups of ``plan`` whose cuts break the forward pass, with the error (bisected).
+
+        With ``trace``, the trial run is traced and, when it passes, its trace is kept
+        (:meth:`traced`: the graph of the pruned model at no second trace); without, it is a
+        plain forward pass of the cut copy, a few times cheaper. A plan that passed once
+        is not tried again.
+        """
+        if self.traced(plan) is not None or (not trace and self._passed is not None and self._passed == plan):
+            return []
+        if trace:
             traced = traced_trial(self.model, self.example_inputs, self.cuts(plan), real=self.real)
-            if traced is None:
-                return failing_groups(self.runner(), {k: list(v) for k, v in plan.removals.items()})
-            self._last = (plan, traced)
-        return []
+            if traced is not None:
+                self._last = (plan, traced)
+                return []
+        elif trial(self.model, self.example_inputs, self.cuts(plan), real=self.real) is None:
+            self._passed = plan
+            return []
+        return failing_groups(self.runner(), {k: list(v) for k, v in plan.removals.items()})
 
     def traced(self, plan: Any) -> Traced | None:
         """The trace of the model pruned by ``plan``, if ``plan`` is the last that passed."""

@@ -455,3 +455,70 @@ def test_depthwise_over_concat_with_model_input():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     dw = model.dw
     assert dw.weight.shape[0] == dw.out_channels == 11 and dw.groups == 11
+
+
+def _probe_finds(model: nn.Module, x: torch.Tensor) -> tuple[str | None, dict[str, str]]:
+    """The trace's fragile mark, and the groups a forced build probe skips as failing (with why)."""
+    import prunable.pruner
+    from prunable.graph import trace_model
+
+    def forced(*args, **kwargs):
+        traced = trace_model(*args, **kwargs)
+        fragile = traced.trace.fragile
+        traced.trace.mark_fragile("forced")
+        forced.fragile = fragile
+        return traced
+
+    original = prunable.pruner.trace_model
+    prunable.pruner.trace_model = forced
+    try:
+        pruner = make_pruner(model, x)
+    finally:
+        prunable.pruner.trace_model = original
+    return forced.fragile, {g: str(r) for g, r in pruner.skipped.items() if r.kind is SkipKind.TRIAL_FAILED}
+
+
+class TailedNet(ProgramNet):
+    """A drawn CNN with, after block ``at``, an operation written with the literal sizes of that
+    point (what a cut there breaks, unseen by the graph), or none."""
+
+    TAILS = ("none", "scale", "constant", "view", "assert")
+
+    def __init__(self, program: dict, at: int, tail: str, shape: tuple[int, ...]) -> None:
+        super().__init__(program)
+        self.at, self.tail, self.shape = at, tail, shape
+        self.scale = torch.ones(shape[1], 1, 1)  # a plain tensor attribute, not a parameter or buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = self.shape
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == self.at and self.tail == "scale":
+                x = x * self.scale
+            elif i == self.at and self.tail == "constant":
+                x = x + torch.zeros(1, c, 1, 1)
+            elif i == self.at and self.tail == "view":
+                x = x.view(n, c, h * w).view(n, c, h, w)
+            elif i == self.at and self.tail == "assert":
+                assert x.shape[1] == c
+        x = torch.flatten(x, 1) if self.flatten else x.mean((2, 3))
+        return self.head(x)
+
+
+@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True, phases=NO_SHRINK,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs(depthwise_multiplier=True), st.data())
+def test_a_trace_not_marked_fragile_passes_the_build_probe(program, data):
+    """The build leaves its probe trial out when the trace is not fragile: then a forced probe finds nothing."""
+    plain, x = build(program)
+    at = data.draw(st.integers(0, len(plain.blocks) - 1))
+    tail = data.draw(st.sampled_from(TailedNet.TAILS))
+    with torch.no_grad():
+        for block in plain.blocks[:at + 1]:
+            x_at = block(x if block is plain.blocks[0] else x_at)
+    model = TailedNet(program, at, tail, tuple(x_at.shape))
+    model.load_state_dict(plain.state_dict())
+    fragile, failed = _probe_finds(model.eval(), x)
+    note(f"tail {tail} after block {at}; fragile: {fragile}; failed: {failed}")
+    assert fragile is not None or not failed
+    assert tail == "none" or fragile is not None

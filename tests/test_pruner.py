@@ -297,11 +297,20 @@ def test_measure_of_a_plan_equals_the_pruned_model_and_touches_nothing():
     assert predicted == {"flops": count_flops(model, X), "params": count_params(model)} == pruner.measure()
 
 
-def test_baseline_after_prunes_is_the_model_before_the_first_one():
-    """The baseline is counted lazily, on a meta copy kept at the first prune: asked only after
-    two prunes, it still gives the unpruned model's FLOPs and params, and the model runs."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 6, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+class _ReadsWidth(nn.Module):
+    """Reads its input's channel count (which makes the trace fragile: the build runs its probe trial)."""
+
+    def forward(self, x):
+        return x * (x.size(1) > 0)
+
+
+@pytest.mark.parametrize("reader", [nn.Identity, _ReadsWidth], ids=["build-copy", "copy-at-first-prune"])
+def test_baseline_after_prunes_is_the_model_before_the_first_one(reader):
+    """The baseline is counted lazily, on a meta copy (the build's traced copy when no probe trial used
+    it, else one made at the first prune): asked only after two prunes, it still gives the unpruned
+    model's FLOPs and params, and the model runs."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 6, 3), reader(),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
     x = torch.randn(1, 3, 9, 9)
     before = {"flops": count_flops(model, x), "params": sum(p.numel() for p in model.parameters())}
     pruner = Pruner(model, x, criterion=WeightNorm())
@@ -310,3 +319,87 @@ def test_baseline_after_prunes_is_the_model_before_the_first_one():
     assert model[0].out_channels == 5
     assert pruner.baseline == before
     assert pruner.measure()["flops"] < before["flops"]
+
+
+# -- the build's probe trial: run where the graph cannot vouch for a cut ----------------------------------
+class _Fragile(nn.Module):
+    """conv c1 (8 channels) → ``op`` → conv c2: ``op`` breaks when c1 loses a channel, unseen by the graph."""
+
+    OPS = {
+        "plain tensor attribute": lambda self, y: y * self.scale,
+        "constant": lambda self, y: y + torch.zeros(1, 8, 1, 1),
+        "new_zeros": lambda self, y: y + y.new_zeros(8)[None, :, None, None],
+        "arange": lambda self, y: y + torch.arange(8.0).view(1, 8, 1, 1),
+        "assert on the size": lambda self, y: _asserted(y, 8),
+        "view with literal sizes": lambda self, y: y.view(1, 8, 36).view(1, 8, 6, 6),
+        "channels split by literal sizes": lambda self, y: y.reshape(1, 2, 4, 6, 6).flatten(1, 2),
+    }
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.c1, self.c2, self.op = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), op
+        self.scale = torch.ones(8, 1, 1)
+
+    def forward(self, x):
+        return self.c2(self.OPS[self.op](self, self.c1(x)))
+
+
+def _asserted(y, n):
+    assert y.shape[1] == n
+    return y
+
+
+@pytest.mark.parametrize("op", list(_Fragile.OPS))
+def test_build_probe_skips_a_group_whose_cut_breaks_the_forward_pass_unseen_by_the_graph(op):
+    from prunable.graph import trace_model
+    from prunable.reasons import SkipKind
+
+    model, x = _Fragile(op), torch.randn(1, 3, 8, 8)
+    assert trace_model(model, x).trace.fragile is not None
+    with pytest.warns(UserWarning, match="trial prune failed"):
+        pruner = Pruner(model, x, criterion=WeightNorm())
+    assert pruner.skipped["c1"].kind is SkipKind.TRIAL_FAILED
+
+
+def _count_trials(monkeypatch):
+    import prunable.validation
+
+    runs = []
+    real = prunable.validation.trial
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prunable.validation, "trial", counted)
+    return runs
+
+
+def test_build_probes_only_a_fragile_trace_and_skips_the_same_groups(monkeypatch):
+    import prunable.pruner
+    from prunable.graph import trace_model
+
+    model, x = torchvision.models.mobilenet_v2(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    assert trace_model(model, x).trace.fragile is None  # convs, norms, activations, adds, pooling
+    runs = _count_trials(monkeypatch)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    assert runs == []
+
+    def fragile(*args, **kwargs):  # the same trace, called fragile: the probe runs
+        traced = trace_model(*args, **kwargs)
+        traced.trace.mark_fragile("forced")
+        return traced
+
+    monkeypatch.setattr(prunable.pruner, "trace_model", fragile)
+    probed = Pruner(model, x, criterion=WeightNorm())
+    assert runs and probed.skipped == pruner.skipped and probed.caps == pruner.caps
+
+
+def test_grouped_convolution_that_is_not_depthwise_makes_the_trace_fragile():
+    from prunable.graph import trace_model
+
+    x = torch.randn(1, 4, 8, 8)
+    depthwise = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 2, 1))
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 2, 1))
+    assert trace_model(depthwise, x).trace.fragile is None
+    assert "conv2d" in trace_model(grouped, x).trace.fragile

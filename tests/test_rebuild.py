@@ -1,5 +1,6 @@
-"""After ``prune``, the pruner's graph (traced on the cut meta copy that served as the
-plan's trial) must equal the graph a fresh ``Pruner`` builds on the pruned model."""
+"""After ``prune``, the pruner's graph (rebuilt when next needed: traced on the cut meta copy
+that served as the plan's traced trial, or afresh) must equal the graph a fresh ``Pruner``
+builds on the pruned model."""
 
 import warnings
 
@@ -59,8 +60,9 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("vetted", [False, True], ids=["fresh-trace", "trial-trace"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_graph_after_prune_equals_fresh_graph(name):
+def test_graph_after_prune_equals_fresh_graph(name, vetted):
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, 32 if name == "vit" else 64, 32 if name == "vit" else 64)
@@ -68,7 +70,10 @@ def test_graph_after_prune_equals_fresh_graph(name):
         warnings.simplefilter("ignore")
         pruner = Pruner(model, x, criterion=WeightNorm())
         for step, fraction in enumerate((0.5, 0.3)):
-            pruner.prune(_plan(pruner, fraction, step))
+            plan = _plan(pruner, fraction, step)
+            if vetted:  # the traced trial's trace becomes the new graph
+                assert pruner.vet(plan) == []
+            pruner.prune(plan)
             fresh = Pruner(model, x, criterion=WeightNorm())
             _assert_same_graph(pruner.graph, fresh.graph, model)
             assert pruner.skipped == fresh.skipped
@@ -77,6 +82,60 @@ def test_graph_after_prune_equals_fresh_graph(name):
     assert model(x).shape == (1, 10)
     if name == "vit":  # the stream and the heads' dims went too
         assert model.hidden_dim < 48 and model.encoder.layers[0].self_attention.head_dim < 24
+
+
+def _count_traces(monkeypatch):
+    """Calls of the two tracing entry points the pruner uses (a fresh trace, a traced trial)."""
+    import prunable.pruner
+    import prunable.validation
+
+    calls = []
+    for module, name in ((prunable.pruner, "trace_model"), (prunable.validation, "trace_cut")):
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_prune_traces_nothing_until_the_graph_is_needed(monkeypatch):
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    calls = _count_traces(monkeypatch)
+    pruner.prune(pruner.plan(0.25, scope="layer"))
+    assert calls == []  # a plain trial run guarded the cut
+    widths = pruner.widths()  # the graph is needed: one fresh trace of the pruned model
+    assert calls == ["trace_model"] and widths["conv1"] == 48
+    plan = pruner.plan(0.25, scope="layer")
+    assert pruner.vet(plan) == [] and calls == ["trace_model", "trace_cut"]
+    pruner.prune(plan)
+    assert len(pruner.groups) > 0 and calls == ["trace_model", "trace_cut"]  # the vetted trial's trace serves
+    assert pruner.widths()["conv1"] == 36
+
+
+def test_a_rebuild_that_fails_is_tried_again_never_served_stale(monkeypatch):
+    import prunable.pruner
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    x = torch.randn(1, 3, 12, 12)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    pruner.prune({"0": [0, 1]})
+    real = prunable.pruner.trace_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(prunable.pruner, "trace_model", broken)
+    for _ in range(2):  # every use raises while the model cannot be traced
+        with pytest.raises(RuntimeError, match="trace failed"):
+            pruner.plan(1)
+    monkeypatch.setattr(prunable.pruner, "trace_model", real)
+    assert pruner.widths() == {"0": 6, "2": 6, "4": 4}
+    _assert_same_graph(pruner.graph, Pruner(model, x, criterion=WeightNorm()).graph, model)
 
 
 def test_failing_plan_leaves_model_and_graph_unchanged():

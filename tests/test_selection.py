@@ -152,6 +152,28 @@ def test_count_tables_of_all_groups_at_once_equal_counting_each_member():
         assert table.tolist() == expected, g.id
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_count_tables_ignore_negative_foreign_and_unknown_labels(seed):
+    from types import SimpleNamespace as NS
+
+    from prunable.selection import count_tables
+
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(60, generator=gen)  # labels 0..59 shared out among the groups, in random order
+    sizes = torch.randint(1, 6, (5,), generator=gen).tolist()
+    groups, start = [], 0
+    for size in sizes:
+        classes = perm[start:start + size]
+        start += size
+        members = [NS(classes=torch.randint(-3, 70, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen))
+                   for _ in range(int(torch.randint(1, 4, (1,), generator=gen)))]
+        members.append(NS(classes=classes[torch.randint(0, size, (4,), generator=gen)]))  # its own labels, repeated
+        groups.append(NS(classes=classes, channels=size, members=members))
+    for g, table in zip(groups, count_tables(groups)):
+        expected = [[int((m.classes.reshape(-1) == c).sum()) for c in g.classes.tolist()] for m in g.members]
+        assert table.tolist() == expected
+
+
 def _first_by_tuple_sort(scores, caps, n):
     """The global order spelled out: (score, group id, channel) ascending, the first n under the caps."""
     chosen = {}
