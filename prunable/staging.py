@@ -257,7 +257,7 @@ def _forget_accumulator(param: nn.Parameter) -> None:
     so only on a dtype or device change), so the next forward pass makes a fresh one.
     """
     if param.requires_grad:
-        param.data = torch.empty(0, dtype=torch.float64 if param.dtype != torch.float64 else torch.float32,
+        param.data = torch.empty(0, dtype=torch.float16 if param.dtype != torch.float16 else torch.float32,
                                  device=param.device)
 
 
