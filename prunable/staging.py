@@ -234,7 +234,8 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
     replacement.__dict__.update(param.__dict__)
     try:
         torch.utils.swap_tensors(param, replacement)
-    except RuntimeError:
+    except RuntimeError:  # refused: a view (or another tensor) shares this one
+        _forget_accumulator(param)
         param.data = new
         return
     # the hook dicts still point at the old tensor's autograd hooks: hand them to the new one,
@@ -245,6 +246,19 @@ def swap_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
             setattr(param, attr, None)
             if hooks:
                 setattr(param, attr, type(hooks)(hooks))
+
+
+def _forget_accumulator(param: nn.Parameter) -> None:
+    """Make autograd drop ``param``'s gradient accumulator before its data changes shape.
+
+    A graph alive from before the cut (a differentiable view of the weight, ``w[0]``) keeps
+    the accumulator, which still expects the old shape: the next backward through the
+    pruned layer would fail. ``.data`` of another dtype makes autograd forget it (it does
+    so only on a dtype or device change), so the next forward pass makes a fresh one.
+    """
+    if param.requires_grad:
+        param.data = torch.empty(0, dtype=torch.float16 if param.dtype != torch.float16 else torch.float32,
+                                 device=param.device)
 
 
 def _alone(param: nn.Parameter) -> bool:

@@ -62,6 +62,24 @@ def test_a_parameter_something_else_holds_is_swapped(swaps, holder):
     assert conv.weight.grad.shape == (4, 3, 3, 3)
 
 
+def test_a_differentiable_view_alive_across_the_cut_does_not_break_the_next_backward(swaps):
+    """``v = conv.weight[0]`` keeps the weight's gradient accumulator (and makes the swap
+    impossible): the data is replaced, the accumulator forgotten, and the pruned layer's
+    next backward gives gradients of the new shape."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    _step(conv, opt)  # a gradient and a momentum buffer to cut too
+    view = conv.weight[0]
+    kept, grad = conv.weight.detach()[[0, 2, 3, 5]].clone(), conv.weight.grad[[0, 2, 3, 5]].clone()
+    apply_cuts([Cut(conv, Role.OUT, keep_indices(6, [1, 4]))], opt)
+    assert (6, 3, 3, 3) in swaps and view.grad_fn is not None  # the swap was tried, and refused
+    assert torch.equal(conv.weight.detach(), kept) and conv.weight.dtype == torch.float32
+    assert torch.equal(conv.weight.grad, grad) and opt.state[conv.weight]["momentum_buffer"].shape == (4, 3, 3, 3)
+    _step(conv, opt)
+    assert conv.weight.grad.shape == (4, 3, 3, 3)
+
+
 def _no_grad_view(t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return t[0]
