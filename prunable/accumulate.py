@@ -127,22 +127,26 @@ class Scratch:
     """
 
     def __init__(self) -> None:
-        self._free: torch.Tensor | None = None
+        self._free: list[torch.Tensor] = []  # pop and append are atomic: threads never share a buffer
 
     def take(self, numel: int, device: torch.device) -> torch.Tensor:
         """A float32 buffer of at least ``numel`` elements on ``device``, now the caller's."""
-        buf, self._free = self._free, None
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = None
         if buf is None or buf.numel() < numel or buf.device != device:
             buf = torch.empty(numel, dtype=torch.float32, device=device)
         return buf
 
     def give(self, buf: torch.Tensor) -> None:
         """Return ``buf`` for the next :meth:`take`."""
-        self._free = buf
+        if not self._free:
+            self._free.append(buf)
 
     def remove(self) -> None:
         """Free the buffer."""
-        self._free = None
+        self._free.clear()
 
 
 class ScoreAccumulator:

@@ -70,8 +70,8 @@ def test_criterion_frees_its_scratch_with_its_hooks(monkeypatch):
     criterion = TaylorActivation()
     with estimating(criterion, [MeasurePoint("conv", conv, 1, conv)]):
         conv(torch.randn(6, 3, 5, 5)).square().sum().backward()
-        assert criterion.scratch._free is not None
-    assert criterion.scratch._free is None
+        assert criterion.scratch._free
+    assert not criterion.scratch._free
     assert criterion.accumulators["conv"].count == 6
 
 
