@@ -88,3 +88,13 @@ def test_cpu_accumulator_skips_exactly_the_non_finite_batches():
     torch.testing.assert_close(acc.value(), torch.tensor([1.0 + 3e38 + 3e37, 2.0 + 3e38]) / 3)
     acc.reset()
     assert (acc.count, acc.skipped) == (0, 0)
+
+
+@pytest.mark.parametrize("abs_after_batch_mean", [False, True])
+def test_add_keeps_the_running_total_outside_autograd(abs_after_batch_mean):
+    x = torch.randn(3, 4, requires_grad=True)
+    acc = ScoreAccumulator(abs_after_batch_mean)
+    acc.add(x * 2)
+    assert not acc.total.requires_grad
+    torch.testing.assert_close(acc.value(), (2 * x.detach()).abs().mean(0) if not abs_after_batch_mean
+                               else (2 * x.detach()).mean(0).abs())
