@@ -253,7 +253,7 @@ class MeanActivation(Criterion):
     needs_activations = True
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-        return taylor_per_example(a.relu(), torch.ones_like(a), dim, scratch=self.scratch)
+        return taylor_per_example(a.relu(), _ones(a, a.dtype), dim, scratch=self.scratch)
 
 
 class APoZ(Criterion):
@@ -262,7 +262,12 @@ class APoZ(Criterion):
     needs_activations = True
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
-        return taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), dim, scratch=self.scratch)
+        return taylor_per_example(a > 0, _ones(a, torch.float32), dim, scratch=self.scratch)
+
+
+def _ones(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ones shaped like ``a`` without allocating them (one element, expanded)."""
+    return torch.ones((), dtype=dtype, device=a.device).expand_as(a)
 
 
 class WeightNorm(Criterion):

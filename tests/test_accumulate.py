@@ -98,3 +98,19 @@ def test_add_keeps_the_running_total_outside_autograd(abs_after_batch_mean):
     assert not acc.total.requires_grad
     torch.testing.assert_close(acc.value(), (2 * x.detach()).abs().mean(0) if not abs_after_batch_mean
                                else (2 * x.detach()).mean(0).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 2 * 5 * 3 * 3])
+def test_mean_activation_and_apoz_read_no_full_size_ones(monkeypatch, dtype, chunk):
+    """Their per-example values are bitwise those of the full-size formulas, in one block and in blocks."""
+    from prunable import APoZ, MeanActivation
+
+    if chunk is not None:
+        monkeypatch.setattr(accumulate, "CHUNK_ELEMENTS", chunk)
+    a, _ = _pair((7, 5, 3, 3), dtype, "contiguous")
+    mean, apoz = MeanActivation(), APoZ()
+    assert torch.equal(mean.per_example(a, None, 1), taylor_per_example(a.relu(), torch.ones_like(a), 1))
+    want = taylor_per_example((a > 0).float(), torch.ones_like(a, dtype=torch.float32), 1)
+    assert torch.equal(apoz.per_example(a, None, 1), want)
+    assert 0 < float(want.min()) and float(want.max()) < 1  # the fractions are not all 0 or 1
