@@ -397,7 +397,6 @@ class DependencyGraph:
         first[1:] = group[1:] != group[:-1]
         return {g: blocked.reasons[r] for g, r in zip(group[first].tolist(), at[hit][first].tolist())}
 
-
     # -- pruning -----------------------------------------------------------
     def cuts(self, removals: dict[str, Iterable[int]]) -> list[Cut]:
         """Cuts removing channel indices ``removals[group_id]`` of the named groups."""

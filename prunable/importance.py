@@ -38,9 +38,10 @@ __all__ = [
 ]
 
 
-def l2_normalize(scores: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``scores / ||scores||_2``; an all-zero vector stays zero (no NaN)."""
-    norm = torch.linalg.vector_norm(scores.float())
+def l2_normalize(scores: torch.Tensor, eps: float = 1e-12, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores / ||scores||_2``; an all-zero vector stays zero (no NaN). ``norm``: that norm,
+    when the caller has it already."""
+    norm = torch.linalg.vector_norm(scores.float()) if norm is None else norm
     return scores.float() / norm if norm > eps else torch.zeros_like(scores, dtype=torch.float32)
 
 

@@ -162,7 +162,7 @@ class Pruner:
         for gid, reason in self._adm.skipped.items() if warn else ():
             if not reason.kind.expected:
                 warnings.warn(f"prunable: group {gid} is not pruned: {reason}", stacklevel=3)
-        self._points_of = _measure_points(self.model, [g for g in graph.groups if g.id not in self._adm.skipped])
+        self._points_of = _measure_points(self.model, self.groups)  # (no prune is pending here: nothing to sync)
         return traced.clone if not (probe and self.validate) else None  # the traced meta copy, when no trial used it
 
     def _sync(self) -> None:

@@ -64,18 +64,18 @@ RULES: dict[str, str] = {
 #: function …) marks the trace fragile (:attr:`~prunable.shadow.Trace.fragile`): then the
 #: Pruner's build tries removing a channel of each group on a meta copy. Grouped convolutions
 #: and operands of a fixed size along the channels are checked where they occur.
-SIZE_FREE: frozenset[str] = frozenset((
-    # layers with handlers, the same tensor under another type or device
-    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
-    "batch_norm", "instance_norm", "layer_norm", "rms_norm",
+SIZE_FREE: frozenset[str] = frozenset(
+    # layers with handlers, reductions over given dims, attribute reads (a read of a channel count
+    # is marked by its rule)
+    name for name, rule in RULES.items()
+    if rule in ("conv", "norm", "linear", "layer_norm", "reduce", "ignore", "shape_read")
+) | frozenset((
+    # the same tensor under another type or device
     "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "detach", "clone",
-    "contiguous", "requires_grad_", "detach_", "property:data", "dim", "numel", "__len__", "property:dtype",
-    "property:device",
+    "contiguous", "requires_grad_", "detach_", "property:data",
     # moving dims, concatenating
     "flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes",
     "swapdims", "cat", "concat", "concatenate",
-    # reductions over given dims
-    "mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum",
     # elementwise: activations, arithmetic, dropout (an operand of a fixed size is checked)
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
     "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "mish", "elu", "elu_", "selu", "celu",

@@ -29,10 +29,7 @@ from .flops import module_flops
 from .inputs import batch_size
 from .importance import Aggregation, Criterion, MeasurePoint, l2_normalize
 
-__all__ = ["NORM_EPS", "aggregate", "flops_per_channel", "group_scores"]
-
-#: a layer's scores with an L2 norm at most this are all zero after normalisation (as :func:`~prunable.importance.l2_normalize`)
-NORM_EPS = 1e-12
+__all__ = ["aggregate", "flops_per_channel", "group_scores"]
 
 
 def group_scores(groups: Iterable[Any], criterion: Criterion, points: Mapping[str, MeasurePoint],
@@ -73,15 +70,10 @@ def _group_score(g: Any, criterion: Criterion, points: Mapping[str, MeasurePoint
                 "(a model built under torch.device('meta') has shapes, no values): plan with criterion='random' "
                 "or with explicit channel indices, and apply the plan to the real model (prunable.apply_plan)")
         s = s.float().cpu()
-        norm = float(torch.linalg.vector_norm(s))  # one read for both: finite whenever every score is
-        if not math.isfinite(norm):
-            if not bool(torch.isfinite(s).all()):
-                raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
-            parts.append((l2_normalize(s) if criterion.normalize else s, index))  # finite scores, norm overflowed
-        elif criterion.normalize:
-            parts.append((s / norm if norm > NORM_EPS else torch.zeros_like(s), index))  # = l2_normalize(s)
-        else:
-            parts.append((s, index))
+        norm = torch.linalg.vector_norm(s)  # finite whenever every score is; else (or on overflow) check each
+        if not math.isfinite(float(norm)) and not bool(torch.isfinite(s).all()):
+            raise EstimationError(f"group {g.id}: non-finite importance from {name}: {s.tolist()[:8]}")
+        parts.append((l2_normalize(s, norm=norm) if criterion.normalize else s, index))
     score = aggregate(parts, g.channels, aggregation)
     return score - penalty if penalty else score
 

@@ -220,8 +220,6 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             groups, x = arg(args, kwargs, 6, "groups", 1), args[0] if args else None
             if groups == 1 or (isinstance(x, torch.Tensor) and x.dim() > 1 and groups == x.shape[1]):
                 return
-        elif rule == "shape_read":  # a read of a channel dim is marked by the rule
-            return
         if any(self.has_labels(t) or id(t) in self.owners for t in self._tensors_in(args, kwargs)):
             self.trace.mark_fragile(f"{name} on channels")
 

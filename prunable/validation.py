@@ -187,7 +187,7 @@ class Trials:
         plain forward pass of the cut copy, a few times cheaper. A plan that passed once
         is not tried again.
         """
-        if self.traced(plan) is not None or (not trace and self._passed is not None and self._passed == plan):
+        if self.traced(plan) is not None or (not trace and self._passed == plan):
             return []
         if trace:
             traced = traced_trial(self.model, self.example_inputs, self.cuts(plan), real=self.real)
