@@ -154,14 +154,14 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     named = list(model.named_modules(remove_duplicate=False))  # one walk of the module tree
     names, owners = _owners(named)
     tracer = ChannelTracer(names, owners)
-    hooks = []
-    for module in {id(m): m for _, m in named}.values():  # model.modules(): each module once, in order
-        hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
-        hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
+    # two hooks common to all modules (the tracer keeps to the model's own): one pair per
+    # module costs more to add and remove than the forward pass spends in them
+    hooks = [nn.modules.module.register_module_forward_pre_hook(tracer.enter),
+             nn.modules.module.register_module_forward_hook(tracer.leave, with_kwargs=True)]
     try:
+        for t in input_tensors(example_inputs):
+            tracer.mark_input(t)
         with torch.no_grad(), tracer:
-            for t in input_tensors(example_inputs):
-                tracer.mark_input(t)
             out = call_model(model, example_inputs)
         tracer.finish()
         for t in tree_flatten(out)[0]:

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
-from .shadow import FREE, core_of, core_view, expand_shadow, labels_along, varying_dims
+from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, labels_along, varying_dims
 
 __all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
@@ -440,7 +440,6 @@ class ShapeRules:
             for t in outs:
                 self.mark_input(t)
             return
-        for d in changed:
-            s = s.narrow(d, 0, 1)
+        core = core_of(s)  # of size one along every changed dim: the outputs' core too
         for t in outs:
-            self.set_shadow(t, s.expand(t.shape))
+            self.set_shadow(t, expand_core(core, t.shape))

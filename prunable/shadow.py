@@ -78,11 +78,14 @@ class Trace:
     def union(self, a: torch.Tensor, b: torch.Tensor,
               reason: SkipReason = SkipReason(SkipKind.FIXED_INPUT, "fixed-size operand")) -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
-        if a.dim() == 1 and a.shape == b.shape and a.numel():  # two label vectors: nothing to narrow or deduplicate
+        if a.dim() != 1 or a.shape != b.shape:
+            a, b = _compress(a, b)
+            if sum(n > 1 for n in a.shape) <= 1:  # paired position by position: two label vectors
+                a, b = a.reshape(-1), b.reshape(-1)
+        if a.dim() == 1 and a.numel():  # two label vectors: nothing to narrow or deduplicate
             if int(torch.minimum(a.min(), b.min())) >= 0:
                 self.edges.append(torch.stack([a, b], 1))
                 return
-        a, b = _compress(a, b)
         labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
         both = None if labelled else (a >= 0) & (b >= 0)
         if labelled or both.any():
@@ -191,6 +194,8 @@ def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
     cores = [core_of(s) for s in shadows]
+    if all(c.shape == cores[0].shape for c in cores[1:]):  # the usual case: nothing to expand
+        return tuple(cores)
     # an empty dim (no detections left) stays empty: there is nothing to relate along it
     shape = [min(sizes) if 0 in sizes else max(sizes) for sizes in zip(*(c.shape for c in cores))]
     return tuple(c.expand(shape) for c in cores)

@@ -118,9 +118,12 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         return self.trace.params[id(p)][1]
 
     # -- modules -------------------------------------------------------------
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook: track the module stack; a module whose handler defines
-        ``trace_module`` (attention, recurrent layers) runs as one operation."""
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook (of every module: those outside the traced model are passed over):
+        track the module stack; a module whose handler defines ``trace_module`` (attention,
+        recurrent layers) runs as one operation."""
+        if id(module) not in self.names:
+            return
         self.stack.append(module)
         if self._opaque is None and getattr(handler_for(module), "trace_module", None) is not None:
             self._opaque = module
@@ -128,6 +131,8 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
+        if id(module) not in self.names:
+            return
         self.stack.pop()
         if module is self._opaque:
             # the handler's bookkeeping on shadows must not be traced itself (nor pay for dispatch)
