@@ -17,7 +17,7 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
+    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
     "expand_shadow", "varying_dims", "labels_along",
 ]
 
@@ -72,6 +72,7 @@ class Trace:
 
     def new_slots(self, n: int) -> torch.Tensor:
         slots = torch.arange(self.n_slots, self.n_slots + n)
+        slots.__dict__[_SLOTS] = True
         self.n_slots += n
         return slots
 
@@ -83,7 +84,7 @@ class Trace:
             if sum(n > 1 for n in a.shape) <= 1:  # paired position by position: two label vectors
                 a, b = a.reshape(-1), b.reshape(-1)
         if a.dim() == 1 and a.numel():  # two label vectors: nothing to narrow or deduplicate
-            if int(torch.minimum(a.min(), b.min())) >= 0:
+            if all_slots(a) and all_slots(b):
                 self.edges.append(torch.stack([a, b], 1))
                 return
         labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
@@ -129,6 +130,22 @@ def distinct(values: torch.Tensor) -> torch.Tensor:
 
 #: attribute of a canonical shadow holding its core (shadows are never modified in place)
 _CORE = "_prunable_core"
+#: attribute of a canonical shadow holding ``(dim, labels)``: its labels vary along ``dim`` only
+_ALONG = "_prunable_along"
+#: attribute of a label vector made by :meth:`Trace.new_slots`: every entry is a slot (no ``FREE``, ``FIXED``)
+_SLOTS = "_prunable_slots"
+
+
+def all_slots(labels: torch.Tensor) -> bool:
+    """True when every entry of ``labels`` is a slot (none is ``FREE`` or ``FIXED``); free for
+    the vectors of :meth:`Trace.new_slots`.
+
+    Example
+    -------
+    >>> all_slots(Trace().new_slots(3)), all_slots(torch.tensor([4, FREE]))
+    (True, False)
+    """
+    return bool(labels.__dict__.get(_SLOTS)) or bool((labels >= 0).all())
 
 
 def core_view(shadow: torch.Tensor) -> torch.Tensor:
@@ -161,9 +178,11 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def expand_core(core: torch.Tensor, shape: torch.Size, along: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``core.expand(shape)`` as a canonical shadow, for a ``core`` known to be the smallest
     (labels that differ along each of its dims longer than one: a layer's fresh slots).
+    ``along`` = ``(dim, labels)`` when ``core`` is the vector ``labels`` laid along ``dim``
+    (:func:`labels_along` then answers without a copy).
 
     Example
     -------
@@ -173,6 +192,8 @@ def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """
     out = core.expand(shape)
     out.__dict__[_CORE] = core
+    if along is not None:
+        out.__dict__[_ALONG] = along
     return out
 
 
@@ -208,7 +229,11 @@ def varying_dims(shadow: torch.Tensor) -> list[int]:
 
 
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """Label of each index of ``dim`` if labels are constant along other dims, else None."""
+    """Label of each index of ``dim`` if labels are constant along other dims, else None
+    (not a copy: shadows and label vectors are never modified in place)."""
+    along = shadow.__dict__.get(_ALONG)
+    if along is not None and along[0] == dim % shadow.dim():
+        return along[1]
     core = core_of(shadow)
     if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
         return None  # mixed, or an empty tensor whose labels were not kept

@@ -31,7 +31,7 @@ from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
 from .rules import SIZE_FREE, ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
-from .shadow import FIXED, FREE, Target, Trace, canonical, expand_core, labels_along
+from .shadow import FIXED, FREE, Target, Trace, all_slots, canonical, expand_core, labels_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
 __all__ = ["ChannelTracer", "Target", "Trace"]
@@ -284,7 +284,10 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         shape = [1] * out.dim()
         shape[dim] = -1
         core = slots.view(shape)
-        self.set_shadow(out, expand_core(core, out.shape) if fresh else core.expand(out.shape))
+        if fresh:
+            self.set_shadow(out, expand_core(core, out.shape, (dim % out.dim(), slots)))
+        else:
+            self.set_shadow(out, core.expand(out.shape))
 
     def _conv(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         """conv1d/2d/3d and conv_transpose1d/2d/3d: ``groups`` is argument 6 of both."""
@@ -312,12 +315,12 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
                 self.trace.union(part, part[:1].expand_as(part))
         elif groups > 1:  # depthwise: output o comes from input o // multiplier
             mult = cout // groups
-            if bool((labels < 0).any()):
+            if not all_slots(labels):
                 reason = SkipReason(SkipKind.FIXED_INPUT, f"{target.name}: depthwise convolution of a fixed input")
                 self.trace.block(slots, reason)
                 self.trace.block(labels, reason)
             else:
-                self.trace.union(slots, labels.repeat_interleave(mult))
+                self.trace.union(slots, labels if mult == 1 else labels.repeat_interleave(mult))
         self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), ch)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
         self._out_shadow(out, slots, ch, fresh=True)
