@@ -70,8 +70,11 @@ class Trace:
         if self.fragile is None:
             self.fragile = why
 
-    def new_slots(self, n: int) -> torch.Tensor:
+    def new_slots(self, n: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` fresh slots (shaped ``shape``, default a vector), known to :func:`all_slots`."""
         slots = torch.arange(self.n_slots, self.n_slots + n)
+        if shape is not None:
+            slots = slots.view(shape)
         slots.__dict__[_SLOTS] = True
         self.n_slots += n
         return slots
@@ -87,11 +90,13 @@ class Trace:
             if all_slots(a) and all_slots(b):
                 self.edges.append(torch.stack([a, b], 1))
                 return
-        labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
+        labelled = all_slots(a) and all_slots(b) if a.numel() else False
         both = None if labelled else (a >= 0) & (b >= 0)
         if labelled or both.any():
             x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
-            if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
+            # pairs with distinct fresh slots (a parameter's) are distinct already
+            if len(x) > 64 and not (labelled and (_fresh(a) or _fresh(b))):
+                # deduplicate through one 1-D key: much faster than unique(dim=0)
                 base = int(y.max()) + 1
                 key = distinct(x * base + y)
                 x, y = key // base, key % base
@@ -145,7 +150,12 @@ def all_slots(labels: torch.Tensor) -> bool:
     >>> all_slots(Trace().new_slots(3)), all_slots(torch.tensor([4, FREE]))
     (True, False)
     """
-    return bool(labels.__dict__.get(_SLOTS)) or bool((labels >= 0).all())
+    return _fresh(labels) or bool((labels >= 0).all())
+
+
+def _fresh(labels: torch.Tensor) -> bool:
+    """``labels`` is a tensor of :meth:`Trace.new_slots`: distinct slots."""
+    return bool(labels.__dict__.get(_SLOTS))
 
 
 def core_view(shadow: torch.Tensor) -> torch.Tensor:
@@ -205,6 +215,8 @@ def core_of(shadow: torch.Tensor) -> torch.Tensor:
 
 def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``shadow.expand(shape)``, canonical (and known to be) when ``shadow`` is."""
+    if shadow.shape == shape:
+        return shadow
     out = shadow.expand(shape)
     core = shadow.__dict__.get(_CORE)
     if core is not None:
@@ -219,7 +231,7 @@ def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(cores)
     # an empty dim (no detections left) stays empty: there is nothing to relate along it
     shape = [min(sizes) if 0 in sizes else max(sizes) for sizes in zip(*(c.shape for c in cores))]
-    return tuple(c.expand(shape) for c in cores)
+    return tuple(c if list(c.shape) == shape else c.expand(shape) for c in cores)
 
 
 def varying_dims(shadow: torch.Tensor) -> list[int]:

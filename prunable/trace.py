@@ -113,7 +113,7 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     def _param_shadow(self, p: torch.Tensor) -> torch.Tensor:
         if id(p) not in self.trace.params:
             module, mname, attr = self.owners[id(p)]
-            slots = self.trace.new_slots(p.numel()).view(p.shape)
+            slots = self.trace.new_slots(p.numel(), p.shape)
             self.trace.params[id(p)] = (Target(module, mname, None, attr, 0, id(module)), slots)
         return self.trace.params[id(p)][1]
 
