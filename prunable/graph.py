@@ -123,14 +123,16 @@ def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) ->
     return smallest[group]  # the smallest class of its component, as components() labels it
 
 
-def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The class (component root) of every label of each of ``labels``; labels below zero
-    (``FREE``, ``FIXED``) are kept. One pass over all of them instead of one per member."""
+def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The class (component root) of every label of each of ``labels``, flattened one after the
+    other and as one tensor per entry of ``labels``; labels below zero (``FREE``, ``FIXED``) are
+    kept. One pass over all of them instead of one per member."""
     if not labels:
-        return []
+        return torch.empty(0, dtype=torch.long), []
     flat = torch.cat([x.reshape(-1) for x in labels])
     classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
-    return [c.view(x.shape) for c, x in zip(torch.split(classes, [x.numel() for x in labels]), labels)]
+    parts = torch.split(classes, [x.numel() for x in labels])
+    return classes, [c if x.dim() == 1 else c.view(x.shape) for c, x in zip(parts, labels)]
 
 
 def _owners(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
@@ -283,14 +285,20 @@ class DependencyGraph:
         for labels, reason in trace.blocked:
             blocked.add(root[labels], reason)
         producers, consumers = list(trace.producers.values()), list(trace.consumers.values())
-        members = [Member(self._retarget(t, mapping), c, True)
-                   for (t, _), c in zip(producers, _classes(root, [s for _, s in producers]))]
-        members += [Member(self._retarget(t, mapping), c, False)
-                    for (t, _), c in zip(consumers, _classes(root, [labels for _, labels in consumers]))]
-        members += self._param_members(trace, root, mapping, blocked)
-        for (module, name, attr, _), c in zip(trace.sizes, _classes(root, [entry[3] for entry in trace.sizes])):
-            members.append(Member(self._retarget(Target(module, name, None, attr, 0, id(module)), mapping), c, False))
-        self.groups = self._group(members, blocked, trace, root, mapping)
+        sizes = [Target(module, name, None, attr, 0, id(module)) for module, name, attr, _ in trace.sizes]
+        # the classes of every producer, consumer and size attribute in one pass (and one flat
+        # tensor, which grouping the members reads again)
+        flat, classes = _classes(root, [s for _, s in producers] + [labels for _, labels in consumers]
+                                 + [entry[3] for entry in trace.sizes])
+        members = [Member(self._retarget(t, mapping), c, i < len(producers))
+                   for i, (t, c) in enumerate(zip([t for t, _ in producers + consumers] + sizes, classes))]
+        params = self._param_members(trace, root, mapping, blocked, classes[:len(producers)])
+        if params:  # members in the order producers, consumers, parameters, size attributes
+            at = len(producers) + len(consumers)
+            cut = sum(c.numel() for c in classes[:at])
+            flat = torch.cat([flat[:cut], *(m.classes.reshape(-1) for m in params), flat[cut:]])
+            members[at:at] = params
+        self.groups = self._group(members, flat, blocked, trace, mapping)
         self._attach_blocks(trace, root)
 
     def _attach_blocks(self, trace: Trace, root: torch.Tensor) -> None:
@@ -318,11 +326,13 @@ class DependencyGraph:
                 group.skip_reason = group.skip_reason or SkipReason(
                     SkipKind.BLOCKS, f"{group.blocks_of} and {what} split the channels differently")
 
-    def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
+    def _param_members(self, trace, root, mapping, blocked, produced_classes) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
+        if not trace.params:
+            return []
         produced = torch.zeros(len(root), dtype=torch.bool)
-        if trace.producers:
-            produced[torch.cat([root[s] for _, s in trace.producers.values()])] = True
+        if produced_classes:
+            produced[torch.cat(produced_classes)] = True
         out = []
         for t, slots in trace.params.values():
             classes = root[slots]
@@ -338,7 +348,8 @@ class DependencyGraph:
             out.append(Member(self._retarget(Target(t.module, t.name, None, t.param, axis, t.uid), mapping), line, False))
         return out
 
-    def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
+    def _group(self, members, flat, blocked, trace, mapping) -> list[ChannelGroup]:
+        """``flat``: the classes of every member, one member after the other."""
         producers = [m for m in members if m.producer]
         if not producers:
             return []
@@ -346,8 +357,8 @@ class DependencyGraph:
         values, inverse = torch.unique(produced, return_inverse=True)
         lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
         lookup[values] = torch.arange(len(values))
-        comp = _producer_components(inverse, torch.tensor([len(m.classes) for m in producers]), len(values))
-        by_group = self._members_by_group(members, lookup, comp)
+        comp = _producer_components(inverse, torch.tensor([m.classes.numel() for m in producers]), len(values))
+        by_group = self._members_by_group(members, flat, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)
         first.scatter_reduce_(0, inverse, torch.arange(len(produced)), reduce="amin")
@@ -371,17 +382,21 @@ class DependencyGraph:
         return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
     @staticmethod
-    def _members_by_group(members: list[Member], lookup: torch.Tensor, comp: torch.Tensor) -> dict[int, list[Member]]:
-        """Group (component) → the members holding one of its classes, in member order."""
-        flat = torch.cat([m.classes.reshape(-1) for m in members])
+    def _members_by_group(members: list[Member], flat: torch.Tensor, lookup: torch.Tensor,
+                          comp: torch.Tensor) -> dict[int, list[Member]]:
+        """Group (component) → the members holding one of its classes, in member order
+        (``flat``: the classes of every member, one after the other)."""
         owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
-        index = lookup[flat.clamp(0, len(lookup) - 1)]
-        known = (flat >= 0) & (flat < len(lookup)) & (index >= 0)  # no boolean indexing: masks are slow
-        pairs = distinct(torch.where(known, owner * len(comp) + comp[index.clamp(min=0)], -1)).tolist()
+        # class → its group; FIXED, FREE (shifted to 0, 1) and classes no producer holds → -1
+        table = torch.cat([torch.full((2,), -1, dtype=torch.long), torch.where(lookup >= 0, comp[lookup], -1),
+                           torch.full((1,), -1, dtype=torch.long)])
+        group = table[(flat + 2).clamp(0, len(table) - 1)]  # no boolean indexing: masks are slow
+        pairs = distinct(torch.where(group >= 0, owner * len(comp) + group, -1)).tolist()
         pairs = pairs[1:] if pairs and pairs[0] < 0 else pairs
         by_group: dict[int, list[Member]] = {}
+        n = len(comp)  # a tensor's len() is a Python call: not in the loop
         for pair in pairs:
-            by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])
+            by_group.setdefault(pair % n, []).append(members[pair // n])
         return by_group
 
     @staticmethod
