@@ -143,7 +143,11 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         size = [p.shape[d] if d == dim else small[d] for d in range(p.dim())]
         pieces.append(c if list(c.shape) == size else c.expand(size))
     out = torch.cat(pieces, dim)
-    return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
+    shape = [out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())]
+    if out.numel() and any(c.shape[dim] > 1 for c in cores):
+        # the smallest core already: each other dim is one or varies in some part, and a part varies along dim
+        return expand_core(out, torch.Size(shape))
+    return out.expand(shape)
 
 class ShapeRules:
     """Rules of the shape and elementwise operations, mixed into :class:`~prunable.trace.ChannelTracer`
@@ -238,7 +242,10 @@ class ShapeRules:
             return self._block(name, args, kwargs, out, tensors_of(out))
         if name in ("cat", "concat", "concatenate"):
             sout = self._token_concat(sargs, skwargs, sout)
-        real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
+        if isinstance(out, torch.Tensor):
+            real, shadow = [out], [sout]
+        else:
+            real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
         if name in ("view", "reshape") and isinstance(sout, torch.Tensor):
             self._size_attribute(args, sargs[0], sout)
         for t, s in zip(real, shadow):
@@ -336,9 +343,12 @@ class ShapeRules:
         parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
         if not _same_rank(parts):  # the legacy empty 1-d part (a key/value cache's first step)
             return sout
-        varying = [varying_dims(p) for p in parts]
-        if sum(p.shape[dim] > 0 for p in parts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
+        if sum(p.shape[dim] > 0 for p in parts) < 2:
             return sout
+        for p in parts:  # one part with channels along dim (or none at all) settles it
+            v = varying_dims(p)
+            if dim % p.dim() in v or not v:
+                return sout
         firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         if any(not bool((core_view(f) >= 0).any()) for f in firsts):
             return sout
