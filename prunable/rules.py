@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
-from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, labels_along, varying_dims
+from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, has_slots, labels_along, varying_dims
 
 __all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
@@ -90,6 +90,9 @@ SIZE_FREE: frozenset[str] = frozenset(
     "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
 ))
 
+#: operations that only reorder dims: applied to a shadow's core, they give the result's core
+_DIM_MOVES = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims"}
+
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
 
@@ -126,6 +129,11 @@ def func_name(func: Any) -> str:
     if name == "__get__":
         return "property:" + getattr(getattr(func, "__self__", None), "__name__", "")
     return name
+
+
+def _plain(a: Any) -> bool:
+    """A list or tuple of numbers (sizes, dims): nothing in it to convert."""
+    return isinstance(a, (list, tuple)) and not any(isinstance(e, (torch.Tensor, list, tuple, dict)) for e in a)
 
 
 def _same_rank(parts: Any) -> bool:
@@ -212,7 +220,7 @@ class ShapeRules:
         else:
             first = tree_map(lambda a: convert(a, True), first)
         rest = args[1:]
-        if any(isinstance(a, _CONTAINERS) for a in (*rest, *kwargs.values())):  # index lists, sizes
+        if any(isinstance(a, _CONTAINERS) and not _plain(a) for a in (*rest, *kwargs.values())):  # index lists
             sargs, skwargs = (*first, *tree_map(convert, rest)), tree_map(convert, kwargs)
         else:
             sargs = (*first, *(convert(a) for a in rest))
@@ -232,6 +240,9 @@ class ShapeRules:
                 sout = self._indexed(args[0], args[1], out.shape)
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
                 sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
+            elif name in _DIM_MOVES and isinstance(out, torch.Tensor):  # the core moves the same way
+                moved = getattr(torch.Tensor, name)(core_of(sargs[0]), *sargs[1:], **skwargs)
+                sout = expand_core(moved, out.shape)
             elif isinstance(args[0], torch.Tensor) and func is not None:
                 # shadows may be non-contiguous where the real tensor is not: reshape, never view
                 method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
@@ -424,7 +435,7 @@ class ShapeRules:
             return
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        free = [not bool((core_of(s) >= 0).any()) for s in ops]  # operands without channels
+        free = [not has_slots(s) for s in ops]  # operands without channels
         order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, free[i]))
         p = order[0]
         vary_p = set(varying_dims(full[p]))

@@ -17,7 +17,7 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
+    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "has_slots", "lay_along", "components", "core_of", "core_view", "distinct", "expand_core",
     "expand_shadow", "varying_dims", "labels_along",
 ]
 
@@ -84,13 +84,10 @@ class Trace:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
         if a.dim() != 1 or a.shape != b.shape:
             a, b = _compress(a, b)
-            if sum(n > 1 for n in a.shape) <= 1:  # paired position by position: two label vectors
-                a, b = a.reshape(-1), b.reshape(-1)
-        if a.dim() == 1 and a.numel():  # two label vectors: nothing to narrow or deduplicate
-            if all_slots(a) and all_slots(b):
-                self.edges.append(torch.stack([a, b], 1))
-                return
         labelled = all_slots(a) and all_slots(b) if a.numel() else False
+        if labelled and sum(n > 1 for n in a.shape) <= 1:  # two label vectors paired position by position
+            self.edges.append(torch.stack([a.reshape(-1), b.reshape(-1)], 1))
+            return
         both = None if labelled else (a >= 0) & (b >= 0)
         if labelled or both.any():
             x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
@@ -151,6 +148,31 @@ def all_slots(labels: torch.Tensor) -> bool:
     (True, False)
     """
     return _fresh(labels) or bool((labels >= 0).all())
+
+
+def has_slots(shadow: torch.Tensor) -> bool:
+    """True when some label of ``shadow`` is a slot (it holds channels, not only ``FREE``/``FIXED``)."""
+    core = core_of(shadow)
+    return _fresh(core) or bool((core >= 0).any())
+
+
+def lay_along(labels: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """A canonical shadow of ``shape`` holding the distinct ``labels`` along ``dim`` (a layer's
+    fresh output slots): its core is known, and :func:`labels_along` answers without a copy.
+
+    Example
+    -------
+    >>> s = lay_along(torch.arange(3), 1, torch.Size([2, 3, 4]))
+    >>> core_of(s).shape == (1, 3, 1), labels_along(s, 1).tolist()
+    (True, [0, 1, 2])
+    """
+    dim %= len(shape)
+    size = [1] * len(shape)
+    size[dim] = -1
+    core = labels.view(size)
+    if _fresh(labels):
+        core.__dict__[_SLOTS] = True
+    return expand_core(core, shape, (dim, labels))
 
 
 def _fresh(labels: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
 from .rules import SIZE_FREE, ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
-from .shadow import FIXED, FREE, Target, Trace, all_slots, canonical, expand_core, labels_along
+from .shadow import FIXED, FREE, Target, Trace, all_slots, canonical, expand_core, labels_along, lay_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
 __all__ = ["ChannelTracer", "Target", "Trace"]
@@ -114,6 +114,8 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
         if id(p) not in self.trace.params:
             module, mname, attr = self.owners[id(p)]
             slots = self.trace.new_slots(p.numel(), p.shape)
+            if p.numel():  # distinct slots: their own smallest core
+                slots = expand_core(slots, p.shape)
             self.trace.params[id(p)] = (Target(module, mname, None, attr, 0, id(module)), slots)
         return self.trace.params[id(p)][1]
 
@@ -281,13 +283,11 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int, fresh: bool = False) -> None:
         """``out`` holds labels ``slots`` along ``dim``; ``fresh`` slots (distinct: a layer's outputs)
         are known to be the shadow's smallest core."""
+        if fresh:
+            return self.set_shadow(out, lay_along(slots, dim, out.shape))
         shape = [1] * out.dim()
         shape[dim] = -1
-        core = slots.view(shape)
-        if fresh:
-            self.set_shadow(out, expand_core(core, out.shape, (dim % out.dim(), slots)))
-        else:
-            self.set_shadow(out, core.expand(out.shape))
+        self.set_shadow(out, slots.view(shape).expand(out.shape))
 
     def _conv(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         """conv1d/2d/3d and conv_transpose1d/2d/3d: ``groups`` is argument 6 of both."""
