@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
-from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, has_slots, labels_along, varying_dims
+from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, has_slots, labels_along, moved, varying_dims
 
 __all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
@@ -241,8 +241,8 @@ class ShapeRules:
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
                 sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
             elif name in _DIM_MOVES and isinstance(out, torch.Tensor):  # the core moves the same way
-                moved = getattr(torch.Tensor, name)(core_of(sargs[0]), *sargs[1:], **skwargs)
-                sout = expand_core(moved, out.shape)
+                move = getattr(torch.Tensor, name)
+                sout = moved(sargs[0], lambda core: move(core, *sargs[1:], **skwargs), out.shape)
             elif isinstance(args[0], torch.Tensor) and func is not None:
                 # shadows may be non-contiguous where the real tensor is not: reshape, never view
                 method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)

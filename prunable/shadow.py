@@ -17,7 +17,7 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "has_slots", "lay_along", "components", "core_of", "core_view", "distinct", "expand_core",
+    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "has_slots", "lay_along", "moved", "components", "core_of", "core_view", "distinct", "expand_core",
     "expand_shadow", "varying_dims", "labels_along",
 ]
 
@@ -173,6 +173,24 @@ def lay_along(labels: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor
     if _fresh(labels):
         core.__dict__[_SLOTS] = True
     return expand_core(core, shape, (dim, labels))
+
+
+def moved(shadow: torch.Tensor, move: Any, shape: torch.Size) -> torch.Tensor:
+    """``move(shadow)`` (of size ``shape``) for a ``move`` that only reorders dims (permute,
+    transpose …), computed on the core of ``shadow``: canonical, with no copy or check.
+
+    Example
+    -------
+    >>> s = moved(lay_along(torch.arange(3), 1, torch.Size([2, 3, 4])), lambda t: t.transpose(1, 2), torch.Size([2, 4, 3]))
+    >>> core_of(s).shape == (1, 1, 3), labels_along(s, 2).tolist()
+    (True, [0, 1, 2])
+    """
+    core = move(core_of(shadow))
+    along = shadow.__dict__.get(_ALONG)
+    if along is not None:  # the one dim along which the labels vary, moved
+        dims = [d for d, n in enumerate(core.shape) if n > 1]
+        along = (dims[0], along[1]) if len(dims) == 1 else None
+    return expand_core(core, shape, along)
 
 
 def _fresh(labels: torch.Tensor) -> bool:
