@@ -48,7 +48,8 @@ class Trace:
     """Raw result of tracing: slots, union edges, producers and consumers."""
 
     n_slots: int = 0
-    edges: list[torch.Tensor] = field(default_factory=list)
+    #: ``(u, v)``: label vectors of one length; ``u[i]`` and ``v[i]`` are the same channel
+    edges: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     blocked: list[tuple[torch.Tensor, SkipReason]] = field(default_factory=list)
     producers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
@@ -86,7 +87,7 @@ class Trace:
             a, b = _compress(a, b)
         labelled = all_slots(a) and all_slots(b) if a.numel() else False
         if labelled and sum(n > 1 for n in a.shape) <= 1:  # two label vectors paired position by position
-            self.edges.append(torch.stack([a.reshape(-1), b.reshape(-1)], 1))
+            self.edges.append((a.reshape(-1), b.reshape(-1)))
             return
         both = None if labelled else (a >= 0) & (b >= 0)
         if labelled or both.any():
@@ -97,7 +98,7 @@ class Trace:
                 base = int(y.max()) + 1
                 key = distinct(x * base + y)
                 x, y = key // base, key % base
-            self.edges.append(torch.stack([x, y], 1))
+            self.edges.append((x, y))
         for x, y in ((a, b), (b, a)) if not labelled else ():
             hit = (x >= 0) & (y == FIXED)
             if hit.any():
@@ -260,7 +261,11 @@ def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     out = shadow.expand(shape)
     core = shadow.__dict__.get(_CORE)
     if core is not None:
-        out.__dict__[_CORE] = core.reshape((1,) * (len(shape) - core.dim()) + tuple(core.shape))
+        extra = len(shape) - core.dim()
+        out.__dict__[_CORE] = core.reshape((1,) * extra + tuple(core.shape)) if extra else core
+        along = shadow.__dict__.get(_ALONG)
+        if along is not None:
+            out.__dict__[_ALONG] = (along[0] + extra, along[1])
     return out
 
 
@@ -292,7 +297,7 @@ def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
     return core.reshape(-1).expand(shadow.shape[dim]).clone()
 
 
-def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+def components(n: int, edges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Connected-component representative (smallest id) of each of ``n`` nodes.
 
     A node on one edge only (a slot of a parameter such as a position embedding, tied
@@ -301,15 +306,14 @@ def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
 
     Example
     -------
-    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
+    >>> components(6, [(torch.tensor([4, 1]), torch.tensor([1, 5])), (torch.tensor([3]), torch.tensor([2]))]).tolist()
     [0, 1, 2, 2, 1, 1]
     """
     label = torch.arange(n)
     if not edges or n == 0:
         return label
-    e = torch.cat(edges)
-    u, v = e[:, 0], e[:, 1]
-    degree = torch.bincount(e.reshape(-1), minlength=n)
+    u, v = torch.cat([x for x, _ in edges]), torch.cat([y for _, y in edges])
+    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
     leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
     attached = leaf_u | leaf_v
     if not bool(attached.any()):

@@ -260,7 +260,8 @@ def test_components_are_the_smallest_node_of_each_component(case):
     from prunable.shadow import components
 
     n, parts = case
-    edges = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
+    pairs = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
+    edges = [(e[:, 0], e[:, 1]) for e in pairs]
     expected = _smallest_per_component(n, [tuple(e) for p in parts for e in p] if n else [])
     assert components(n, edges).tolist() == expected
 
