@@ -354,9 +354,12 @@ class DependencyGraph:
         if not producers:
             return []
         produced = torch.cat([m.classes for m in producers])
-        values, inverse = torch.unique(produced, return_inverse=True)
-        lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
-        lookup[values] = torch.arange(len(values))
+        # torch.unique(produced, return_inverse=True) through a table over the classes: no sort
+        held = torch.zeros(int(produced.max()) + 1, dtype=torch.bool)
+        held[produced] = True
+        values = torch.nonzero(held).flatten()
+        lookup = torch.where(held, torch.cumsum(held, 0) - 1, -1)  # class → index in values, -1: none
+        inverse = lookup[produced]
         comp = _producer_components(inverse, torch.tensor([m.classes.numel() for m in producers]), len(values))
         by_group = self._members_by_group(members, flat, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
