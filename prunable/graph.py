@@ -374,14 +374,12 @@ class DependencyGraph:
         chunks = dict(zip(torch.unique_consecutive(owner).tolist(), torch.split(ordered, sizes[sizes > 0].tolist())))
         measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
         reasons = self._first_blocked(ordered, owner, blocked)
-        lowest = torch.full((len(values),), len(values), dtype=torch.long)
-        lowest = lowest.scatter_reduce_(0, comp, torch.arange(len(values)), reduce="amin").tolist()  # values are sorted
-        groups = []
+        groups = []  # in order of their smallest class: a group's id g (comp) is its smallest class already
         for g, ms in by_group.items():
             ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
             group = ChannelGroup(ms[0].target.name, chunks[g], ms, reasons.get(g))
             group.measure = [(*_measure_point(m, measure), position[m.classes]) for m in group.producers]
-            groups.append((lowest[g], group))
+            groups.append((g, group))
         return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
     @staticmethod
@@ -389,12 +387,19 @@ class DependencyGraph:
                           comp: torch.Tensor) -> dict[int, list[Member]]:
         """Group (component) → the members holding one of its classes, in member order
         (``flat``: the classes of every member, one after the other)."""
-        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
+        sizes = torch.tensor([m.classes.numel() for m in members])
         # class → its group; FIXED, FREE (shifted to 0, 1) and classes no producer holds → -1
         table = torch.cat([torch.full((2,), -1, dtype=torch.long), torch.where(lookup >= 0, comp[lookup], -1),
                            torch.full((1,), -1, dtype=torch.long)])
         group = table[(flat + 2).clamp(0, len(table) - 1)]  # no boolean indexing: masks are slow
-        pairs = distinct(torch.where(group >= 0, owner * len(comp) + group, -1)).tolist()
+        # runs of one group within one member: their first entries are all the pairs there are
+        starts = torch.cumsum(sizes, 0) - sizes
+        edge = torch.ones(len(group), dtype=torch.bool)
+        edge[1:] = group[1:] != group[:-1]
+        edge[starts[sizes > 0]] = True
+        at = torch.nonzero(edge).flatten()
+        owner = torch.searchsorted(starts, at, right=True) - 1  # the member of each run
+        pairs = distinct(torch.where(group[at] >= 0, owner * len(comp) + group[at], -1)).tolist()
         pairs = pairs[1:] if pairs and pairs[0] < 0 else pairs
         by_group: dict[int, list[Member]] = {}
         n = len(comp)  # a tensor's len() is a Python call: not in the loop
