@@ -37,7 +37,7 @@ from .attention import AttentionHandler
 from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
-from .shadow import components, distinct
+from .shadow import classes_of, components, distinct, producer_components
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
@@ -98,41 +98,6 @@ class ChannelGroup:
         return f"{text}  ({self.channels} channels{note})"
 
     __repr__ = __str__
-
-
-def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
-    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
-    instead of over every class."""
-    p = len(counts)
-    owner = torch.repeat_interleave(torch.arange(p), counts)
-    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
-    parent = list(range(p))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
-        a, b = find(link // p), find(link % p)
-        parent[max(a, b)] = min(a, b)
-    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
-    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
-    return smallest[group]  # the smallest class of its component, as components() labels it
-
-
-def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The class (component root) of every label of each of ``labels``, flattened one after the
-    other and as one tensor per entry of ``labels``; labels below zero (``FREE``, ``FIXED``) are
-    kept. One pass over all of them instead of one per member."""
-    if not labels:
-        return torch.empty(0, dtype=torch.long), []
-    flat = torch.cat([x.reshape(-1) for x in labels])
-    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
-    parts = torch.split(classes, [x.numel() for x in labels])
-    return classes, [c if x.dim() == 1 else c.view(x.shape) for c, x in zip(parts, labels)]
 
 
 def _owners(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
@@ -288,7 +253,7 @@ class DependencyGraph:
         sizes = [Target(module, name, None, attr, 0, id(module)) for module, name, attr, _ in trace.sizes]
         # the classes of every producer, consumer and size attribute in one pass (and one flat
         # tensor, which grouping the members reads again)
-        flat, classes = _classes(root, [s for _, s in producers] + [labels for _, labels in consumers]
+        flat, classes = classes_of(root, [s for _, s in producers] + [labels for _, labels in consumers]
                                  + [entry[3] for entry in trace.sizes])
         members = [Member(self._retarget(t, mapping), c, i < len(producers))
                    for i, (t, c) in enumerate(zip([t for t, _ in producers + consumers] + sizes, classes))]
@@ -360,7 +325,7 @@ class DependencyGraph:
         values = torch.nonzero(held).flatten()
         lookup = torch.where(held, torch.cumsum(held, 0) - 1, -1)  # class → index in values, -1: none
         inverse = lookup[produced]
-        comp = _producer_components(inverse, torch.tensor([m.classes.numel() for m in producers]), len(values))
+        comp = producer_components(inverse, torch.tensor([m.classes.numel() for m in producers]), len(values))
         by_group = self._members_by_group(members, flat, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)

@@ -19,7 +19,7 @@ from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
 from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, has_slots, labels_along, moved, varying_dims
 
-__all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
+__all__ = ["RULES", "SIZE_FREE", "cat_cores", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
 #: how channel labels flow through each operation: ONE table, operation name → rule
 #: (the method ``_<rule>`` of :class:`~prunable.trace.ChannelTracer`); an operation not listed
@@ -140,7 +140,7 @@ def _same_rank(parts: Any) -> bool:
     return isinstance(parts, (list, tuple)) and len(parts) > 0 and len({p.dim() for p in parts}) == 1
 
 
-def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+def cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(parts, dim)`` of shadows, concatenating their cores: dims along
     which every part is constant are never materialised."""
     dim %= parts[0].dim()
@@ -239,7 +239,7 @@ class ShapeRules:
             elif name == "__getitem__" and isinstance(out, torch.Tensor):
                 sout = self._indexed(args[0], args[1], out.shape)
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
-                sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
+                sout = cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
             elif name in _DIM_MOVES and isinstance(out, torch.Tensor):  # the core moves the same way
                 move = getattr(torch.Tensor, name)
                 sout = moved(sargs[0], lambda core: move(core, *sargs[1:], **skwargs), out.shape)

@@ -17,8 +17,9 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "has_slots", "lay_along", "moved", "components", "core_of", "core_view", "distinct", "expand_core",
-    "expand_shadow", "varying_dims", "labels_along",
+    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "classes_of", "components", "core_of", "core_view",
+    "distinct", "expand_core", "expand_shadow", "has_slots", "labels_along", "lay_along", "moved",
+    "producer_components", "varying_dims",
 ]
 
 FREE, FIXED = -1, -2
@@ -182,7 +183,8 @@ def moved(shadow: torch.Tensor, move: Any, shape: torch.Size) -> torch.Tensor:
 
     Example
     -------
-    >>> s = moved(lay_along(torch.arange(3), 1, torch.Size([2, 3, 4])), lambda t: t.transpose(1, 2), torch.Size([2, 4, 3]))
+    >>> s = lay_along(torch.arange(3), 1, torch.Size([2, 3, 4]))
+    >>> s = moved(s, lambda t: t.transpose(1, 2), torch.Size([2, 4, 3]))
     >>> core_of(s).shape == (1, 1, 3), labels_along(s, 2).tolist()
     (True, [0, 1, 2])
     """
@@ -356,3 +358,38 @@ def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
         if torch.equal(new, label):
             return label
         label = new
+
+
+def producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
+    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
+    instead of over every class."""
+    p = len(counts)
+    owner = torch.repeat_interleave(torch.arange(p), counts)
+    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
+    parent = list(range(p))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
+        a, b = find(link // p), find(link % p)
+        parent[max(a, b)] = min(a, b)
+    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
+    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    return smallest[group]  # the smallest class of its component, as components() labels it
+
+
+def classes_of(root: torch.Tensor, labels: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The class (component root) of every label of each of ``labels``, flattened one after the
+    other and as one tensor per entry of ``labels``; labels below zero (``FREE``, ``FIXED``) are
+    kept. One pass over all of them instead of one per member."""
+    if not labels:
+        return torch.empty(0, dtype=torch.long), []
+    flat = torch.cat([x.reshape(-1) for x in labels])
+    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
+    parts = torch.split(classes, [x.numel() for x in labels])
+    return classes, [c if x.dim() == 1 else c.view(x.shape) for c, x in zip(parts, labels)]
