@@ -154,7 +154,8 @@ def cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     shape = [out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())]
     if out.numel() and any(c.shape[dim] > 1 for c in cores):
         # the smallest core already: each other dim is one or varies in some part, and a part varies along dim
-        return expand_core(out, torch.Size(shape))
+        along = (dim, out.reshape(-1)) if all(n == 1 for d, n in enumerate(out.shape) if d != dim) else None
+        return expand_core(out, torch.Size(shape), along)
     return out.expand(shape)
 
 class ShapeRules:

@@ -29,6 +29,9 @@ def _assert_same_shadow(fast, shape):
     assert torch.equal(fast, plain.expand(shape))
     assert core_of(fast).shape == core_of(plain).shape  # the smallest core, as canonical finds it
     assert torch.equal(core_of(fast), core_of(plain))
+    for d in range(len(shape)):  # and the label vector it may remember
+        along, expected = labels_along(fast, d), labels_along(plain, d)
+        assert (along is None) == (expected is None) and (along is None or torch.equal(along, expected))
 
 
 @st.composite
@@ -66,6 +69,9 @@ def test_moved_core_equals_the_canonical_core(shadow, rnd):
     """A permutation applied to the core gives the permuted labels' smallest core."""
     order = list(range(shadow.dim()))
     rnd.shuffle(order)
+    varying = [d for d, n in enumerate(core_of(shadow).shape) if n > 1]
+    if len(varying) == 1:  # as a layer's output: its label vector remembered
+        shadow = lay_along(core_of(shadow).reshape(-1).clone(), varying[0], shadow.shape)
     fast = moved(shadow, lambda t: t.permute(order), shadow.permute(order).shape)
     _assert_same_shadow(fast, shadow.permute(order).shape)
 
