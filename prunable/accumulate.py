@@ -378,6 +378,15 @@ class StepScores:
             for acc, start, c, _ in columns:  # some points not reached, or a sum not finite: point by point
                 acc._add(batch[start:start + c], n)
 
+    def __getstate__(self) -> dict:
+        """Flushed, without the layout (a copy's accumulators keep their totals, laid out again by
+        the next :meth:`add`; a pickle does not keep them views of one tensor) and the lock."""
+        self.flush()
+        return {**self.__dict__, "_columns": {}, "_buf": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
+
     def retain(self, names: list[str]) -> None:
         """Flush, and lay out only points ``names`` from now on (those hooked: the others would never be written)."""
         with self._lock:

@@ -91,3 +91,25 @@ def test_resnet_scores_equal_the_per_point_scores(dtype):
     for k in got[0]:
         assert got[0][k][1] == got[1][k][1]
         torch.testing.assert_close(got[0][k][0], got[1][k][0], rtol=1e-6, atol=0)
+
+
+def test_a_criterion_with_step_scores_copies_and_pickles():
+    import copy
+    import pickle
+
+    from prunable.importance import MeasurePoint, estimating
+
+    conv, gen = nn.Conv2d(2, 3, 1), torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 2, 3, 3, generator=gen) for _ in range(3)]
+    criterion, point = TaylorActivation(), MeasurePoint("conv", conv, 1, conv)
+    with estimating(criterion, [point]):
+        for x in batches[:2]:
+            conv(x).square().sum().backward()
+        copies = [copy.deepcopy(criterion), pickle.loads(pickle.dumps(criterion))]  # a batch pending in the buffer
+    for other in [criterion, *copies]:  # each goes on with one more batch
+        with estimating(other, [point]):
+            conv(batches[2]).square().sum().backward()
+    for other in copies:
+        assert other.accumulators["conv"].count == 12
+        torch.testing.assert_close(other.accumulators["conv"].value(), criterion.accumulators["conv"].value(),
+                                   rtol=0, atol=0)
