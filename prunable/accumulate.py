@@ -90,7 +90,8 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
     >>> out[0]
     tensor([1.5000, 1.5000, 1.5000, 1.5000])
     """
-    a, g = activation.detach(), grad.detach()
+    a = activation.detach() if activation.requires_grad else activation
+    g = grad.detach() if grad.requires_grad else grad
     if a.dim() <= 2:  # (N, C): nothing to average
         torch.mul(a.float(), g.float(), out=out)
         return 1
@@ -103,7 +104,10 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
     step = min(step, n)
     flat = (scratch or Scratch()).take(step * size, a.device)
     block = flat[: step * size].view((step,) + a.shape[1:])
-    for i in range(0, n, step):
+    if step == n:  # one block: no slices (each is an operation)
+        _product(a, g, block)
+        torch.sum(block, reduced, out=out)
+    for i in range(0, n if step < n else 0, step):
         j = min(n, i + step)
         _product(a[i:j], g[i:j], block[: j - i])
         torch.sum(block[: j - i], reduced, out=out[i:j])
@@ -316,8 +320,8 @@ class StepScores:
 
     def __init__(self, abs_after_batch_mean: bool = False) -> None:
         self.abs_after_batch_mean = abs_after_batch_mean
-        #: name -> (accumulator, first column, channels, the accumulator's total as bound)
-        self._columns: dict[str, tuple[ScoreAccumulator, int, int, torch.Tensor]] = {}
+        #: name -> (accumulator, first column, channels, the accumulator's total as bound, its columns of the buffer)
+        self._columns: dict[str, tuple[ScoreAccumulator, int, int, torch.Tensor, torch.Tensor]] = {}
         self._positions: dict[str, int] = {}
         self._written: dict[str, int] = {}  # points written since the last flush
         self._buf: torch.Tensor | None = None  # (N, ΣC)
@@ -336,11 +340,10 @@ class StepScores:
                 column = self._columns[name]
             elif name in self._written:
                 self.flush()
-            start = column[1]
-            positions = taylor_sums(activation, grad, channel_dim, out=self._buf[:, start:start + c], scratch=scratch)
+            positions = taylor_sums(activation, grad, channel_dim, out=column[4], scratch=scratch)
             if self._positions.get(name) != positions:
                 self._positions[name] = positions
-                self._scale[start:start + c] = positions
+                self._scale[column[1]:column[1] + c] = positions
             self._written[name] = n
 
     def _layout(self, name: str, acc: ScoreAccumulator, n: int, c: int) -> None:
@@ -357,7 +360,7 @@ class StepScores:
                 view.copy_(a.total)
             a.total, a.sync = view, self.flush
             self._scale[start:start + c] = self._positions.get(key, 1)
-            self._columns[key], start = (a, start, c, view), start + c
+            self._columns[key], start = (a, start, c, view, self._buf[:, start:start + c]), start + c
 
     def flush(self) -> None:
         """Score the batches written since the last flush into their accumulators."""
@@ -369,13 +372,13 @@ class StepScores:
             buf.div_(self._scale)
             batch = buf.mean(0).abs_().mul_(n) if self.abs_after_batch_mean else torch.sum(buf.abs_(), 0)
             columns = [self._columns[name] for name in written]
-            if (len(columns) == len(self._columns) and all(acc.total is view for acc, _, _, view in columns)
+            if (len(columns) == len(self._columns) and all(acc.total is view for acc, _, _, view, _ in columns)
                     and math.isfinite(float(batch.sum()))):
                 self._total.add_(batch)
                 for acc, *_ in columns:
                     acc._offered += n
                 return
-            for acc, start, c, _ in columns:  # some points not reached, or a sum not finite: point by point
+            for acc, start, c, *_ in columns:  # some points not reached, or a sum not finite: point by point
                 acc._add(batch[start:start + c], n)
 
     def __getstate__(self) -> dict:
