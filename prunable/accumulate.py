@@ -308,7 +308,9 @@ class StepScores:
     A point writing its columns again (the next step, or a retained graph run
     backward again), :meth:`remove` (the end of estimation) and any read of an
     accumulator flush. Points not reached in a step, batch sizes, input sizes
-    and channel counts that change between steps are all handled.
+    and channel counts that change between steps are all handled; a point
+    whose first dim differs from the others' in a step (an RNN's ``(T, N, H)``)
+    is added on its own, as :meth:`ScoreAccumulator.add` does.
 
     Example
     -------
@@ -334,6 +336,9 @@ class StepScores:
         n, c = activation.shape[0], activation.shape[channel_dim]
         with self._lock:
             column = self._columns.get(name)
+            if self._buf is not None and self._buf.shape[0] != n and self._written and name not in self._written:
+                acc.add(taylor_per_example(activation, grad, channel_dim, scratch=scratch))  # another N in this step
+                return
             if (column is None or column[0] is not acc or column[2] != c or column[3] is not acc.total
                     or self._buf is None or self._buf.shape[0] != n):
                 self._layout(name, acc, n, c)

@@ -27,13 +27,17 @@ def _steps():
         [("a", 2, 3, False), ("c", 2, 3, False)],
         [("a", 2, 3, False), ("b", 2, 3, False), ("c", 2, 3, False), ("b", 2, 3, False)],
         [("c", 7, 2, False), ("b", 7, 2, False), ("a", 7, 2, False)],
+        [("a", 7, 2, False), ("b", 3, 2, False), ("c", 7, 2, False)],  # another first dim in a step
+        [("a", 7, 2, False), ("b", 3, 2, False), ("c", 7, 2, False)],
     ]
 
 
 @pytest.mark.parametrize("abs_after_batch_mean", [False, True])
-def test_step_scores_accumulate_what_per_point_adds_accumulate(abs_after_batch_mean):
+def test_step_scores_accumulate_what_per_point_adds_accumulate(monkeypatch, abs_after_batch_mean):
     gen = torch.Generator().manual_seed(0)
-    steps = StepScores(abs_after_batch_mean)
+    steps, layouts = StepScores(abs_after_batch_mean), []
+    layout = steps._layout
+    monkeypatch.setattr(steps, "_layout", lambda *args: layouts.append(args[2]) or layout(*args))
     ours = {k: ScoreAccumulator(abs_after_batch_mean) for k in POINTS}
     plain = {k: ScoreAccumulator(abs_after_batch_mean) for k in POINTS}
     for step in _steps():
@@ -48,6 +52,7 @@ def test_step_scores_accumulate_what_per_point_adds_accumulate(abs_after_batch_m
         assert (ours[name].count, ours[name].skipped) == (plain[name].count, plain[name].skipped)
         torch.testing.assert_close(ours[name].value(), plain[name].value(), rtol=1e-6, atol=0)
     assert ours["b"].skipped == 1 and ours["a"].skipped == 0
+    assert layouts == [5, 5, 5, 2, 7]  # three new points, two new batch sizes; none for another first dim
 
 
 def test_a_read_flushes_the_pending_step_and_a_new_layout_keeps_the_totals():
