@@ -37,7 +37,7 @@ from .attention import AttentionHandler
 from .copies import meta_clone
 from .reasons import SkipKind, SkipReason
 from .surgery import Cut, Role, apply_cuts, check_copyable, handler_for
-from .shadow import components, distinct
+from .shadow import classes_of, components, distinct, producer_components
 from .trace import ChannelTracer, Target, Trace
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "positions"]
@@ -100,39 +100,6 @@ class ChannelGroup:
     __repr__ = __str__
 
 
-def _producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
-    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
-    instead of over every class."""
-    p = len(counts)
-    owner = torch.repeat_interleave(torch.arange(p), counts)
-    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
-    parent = list(range(p))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
-        a, b = find(link // p), find(link % p)
-        parent[max(a, b)] = min(a, b)
-    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
-    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
-    return smallest[group]  # the smallest class of its component, as components() labels it
-
-
-def _classes(root: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The class (component root) of every label of each of ``labels``; labels below zero
-    (``FREE``, ``FIXED``) are kept. One pass over all of them instead of one per member."""
-    if not labels:
-        return []
-    flat = torch.cat([x.reshape(-1) for x in labels])
-    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
-    return [c.view(x.shape) for c, x in zip(torch.split(classes, [x.numel() for x in labels]), labels)]
-
-
 def _owners(named: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[int, tuple[nn.Module, str, str]]]:
     """Module names by id, and the owner ``(module, module name, attribute)`` of each tensor,
     from ``named_modules(remove_duplicate=False)``."""
@@ -154,14 +121,14 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     named = list(model.named_modules(remove_duplicate=False))  # one walk of the module tree
     names, owners = _owners(named)
     tracer = ChannelTracer(names, owners)
-    hooks = []
-    for module in {id(m): m for _, m in named}.values():  # model.modules(): each module once, in order
-        hooks.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
-        hooks.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
+    # two hooks common to all modules (the tracer keeps to the model's own): one pair per
+    # module costs more to add and remove than the forward pass spends in them
+    hooks = [nn.modules.module.register_module_forward_pre_hook(tracer.enter),
+             nn.modules.module.register_module_forward_hook(tracer.leave, with_kwargs=True)]
     try:
+        for t in input_tensors(example_inputs):
+            tracer.mark_input(t)
         with torch.no_grad(), tracer:
-            for t in input_tensors(example_inputs):
-                tracer.mark_input(t)
             out = call_model(model, example_inputs)
         tracer.finish()
         for t in tree_flatten(out)[0]:
@@ -283,14 +250,20 @@ class DependencyGraph:
         for labels, reason in trace.blocked:
             blocked.add(root[labels], reason)
         producers, consumers = list(trace.producers.values()), list(trace.consumers.values())
-        members = [Member(self._retarget(t, mapping), c, True)
-                   for (t, _), c in zip(producers, _classes(root, [s for _, s in producers]))]
-        members += [Member(self._retarget(t, mapping), c, False)
-                    for (t, _), c in zip(consumers, _classes(root, [labels for _, labels in consumers]))]
-        members += self._param_members(trace, root, mapping, blocked)
-        for (module, name, attr, _), c in zip(trace.sizes, _classes(root, [entry[3] for entry in trace.sizes])):
-            members.append(Member(self._retarget(Target(module, name, None, attr, 0, id(module)), mapping), c, False))
-        self.groups = self._group(members, blocked, trace, root, mapping)
+        sizes = [Target(module, name, None, attr, 0, id(module)) for module, name, attr, _ in trace.sizes]
+        # the classes of every producer, consumer and size attribute in one pass (and one flat
+        # tensor, which grouping the members reads again)
+        flat, classes = classes_of(root, [s for _, s in producers] + [labels for _, labels in consumers]
+                                 + [entry[3] for entry in trace.sizes])
+        members = [Member(self._retarget(t, mapping), c, i < len(producers))
+                   for i, (t, c) in enumerate(zip([t for t, _ in producers + consumers] + sizes, classes))]
+        params = self._param_members(trace, root, mapping, blocked, classes[:len(producers)])
+        if params:  # members in the order producers, consumers, parameters, size attributes
+            at = len(producers) + len(consumers)
+            cut = sum(c.numel() for c in classes[:at])
+            flat = torch.cat([flat[:cut], *(m.classes.reshape(-1) for m in params), flat[cut:]])
+            members[at:at] = params
+        self.groups = self._group(members, flat, blocked, trace, mapping)
         self._attach_blocks(trace, root)
 
     def _attach_blocks(self, trace: Trace, root: torch.Tensor) -> None:
@@ -318,11 +291,13 @@ class DependencyGraph:
                 group.skip_reason = group.skip_reason or SkipReason(
                     SkipKind.BLOCKS, f"{group.blocks_of} and {what} split the channels differently")
 
-    def _param_members(self, trace, root, mapping, blocked) -> list[Member]:
+    def _param_members(self, trace, root, mapping, blocked, produced_classes) -> list[Member]:
         """Bare parameters (layer scale, class token): find the axis holding channels."""
+        if not trace.params:
+            return []
         produced = torch.zeros(len(root), dtype=torch.bool)
-        if trace.producers:
-            produced[torch.cat([root[s] for _, s in trace.producers.values()])] = True
+        if produced_classes:
+            produced[torch.cat(produced_classes)] = True
         out = []
         for t, slots in trace.params.values():
             classes = root[slots]
@@ -338,16 +313,20 @@ class DependencyGraph:
             out.append(Member(self._retarget(Target(t.module, t.name, None, t.param, axis, t.uid), mapping), line, False))
         return out
 
-    def _group(self, members, blocked, trace, root, mapping) -> list[ChannelGroup]:
+    def _group(self, members, flat, blocked, trace, mapping) -> list[ChannelGroup]:
+        """``flat``: the classes of every member, one member after the other."""
         producers = [m for m in members if m.producer]
         if not producers:
             return []
         produced = torch.cat([m.classes for m in producers])
-        values, inverse = torch.unique(produced, return_inverse=True)
-        lookup = torch.full((int(values.max()) + 1,), -1, dtype=torch.long)
-        lookup[values] = torch.arange(len(values))
-        comp = _producer_components(inverse, torch.tensor([len(m.classes) for m in producers]), len(values))
-        by_group = self._members_by_group(members, lookup, comp)
+        # torch.unique(produced, return_inverse=True) through a table over the classes: no sort
+        held = torch.zeros(int(produced.max()) + 1, dtype=torch.bool)
+        held[produced] = True
+        values = torch.nonzero(held).flatten()
+        lookup = torch.where(held, torch.cumsum(held, 0) - 1, -1)  # class → index in values, -1: none
+        inverse = lookup[produced]
+        comp = producer_components(inverse, torch.tensor([m.classes.numel() for m in producers]), len(values))
+        by_group = self._members_by_group(members, flat, lookup, comp)
         # a group's channels: its classes in order of first appearance among the producers
         first = torch.full((len(values),), len(produced), dtype=torch.long)
         first.scatter_reduce_(0, inverse, torch.arange(len(produced)), reduce="amin")
@@ -360,28 +339,37 @@ class DependencyGraph:
         chunks = dict(zip(torch.unique_consecutive(owner).tolist(), torch.split(ordered, sizes[sizes > 0].tolist())))
         measure = {trace.producers[k][0].name: v for k, v in trace.measure.items() if k in trace.producers}
         reasons = self._first_blocked(ordered, owner, blocked)
-        lowest = torch.full((len(values),), len(values), dtype=torch.long)
-        lowest = lowest.scatter_reduce_(0, comp, torch.arange(len(values)), reduce="amin").tolist()  # values are sorted
-        groups = []
+        groups = []  # in order of their smallest class: a group's id g (comp) is its smallest class already
         for g, ms in by_group.items():
             ms.sort(key=lambda m: (not m.producer, m.target.role is not Role.IN, m.target.name))
             group = ChannelGroup(ms[0].target.name, chunks[g], ms, reasons.get(g))
             group.measure = [(*_measure_point(m, measure), position[m.classes]) for m in group.producers]
-            groups.append((lowest[g], group))
+            groups.append((g, group))
         return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
     @staticmethod
-    def _members_by_group(members: list[Member], lookup: torch.Tensor, comp: torch.Tensor) -> dict[int, list[Member]]:
-        """Group (component) → the members holding one of its classes, in member order."""
-        flat = torch.cat([m.classes.reshape(-1) for m in members])
-        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([m.classes.numel() for m in members]))
-        index = lookup[flat.clamp(0, len(lookup) - 1)]
-        known = (flat >= 0) & (flat < len(lookup)) & (index >= 0)  # no boolean indexing: masks are slow
-        pairs = distinct(torch.where(known, owner * len(comp) + comp[index.clamp(min=0)], -1)).tolist()
+    def _members_by_group(members: list[Member], flat: torch.Tensor, lookup: torch.Tensor,
+                          comp: torch.Tensor) -> dict[int, list[Member]]:
+        """Group (component) → the members holding one of its classes, in member order
+        (``flat``: the classes of every member, one after the other)."""
+        sizes = torch.tensor([m.classes.numel() for m in members])
+        # class → its group; FIXED, FREE (shifted to 0, 1) and classes no producer holds → -1
+        table = torch.cat([torch.full((2,), -1, dtype=torch.long), torch.where(lookup >= 0, comp[lookup], -1),
+                           torch.full((1,), -1, dtype=torch.long)])
+        group = table[(flat + 2).clamp(0, len(table) - 1)]  # no boolean indexing: masks are slow
+        # runs of one group within one member: their first entries are all the pairs there are
+        starts = torch.cumsum(sizes, 0) - sizes
+        edge = torch.ones(len(group), dtype=torch.bool)
+        edge[1:] = group[1:] != group[:-1]
+        edge[starts[sizes > 0]] = True
+        at = torch.nonzero(edge).flatten()
+        owner = torch.searchsorted(starts, at, right=True) - 1  # the member of each run
+        pairs = distinct(torch.where(group[at] >= 0, owner * len(comp) + group[at], -1)).tolist()
         pairs = pairs[1:] if pairs and pairs[0] < 0 else pairs
         by_group: dict[int, list[Member]] = {}
+        n = len(comp)  # a tensor's len() is a Python call: not in the loop
         for pair in pairs:
-            by_group.setdefault(pair % len(comp), []).append(members[pair // len(comp)])
+            by_group.setdefault(pair % n, []).append(members[pair // n])
         return by_group
 
     @staticmethod

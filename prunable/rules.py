@@ -17,9 +17,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
-from .shadow import FREE, core_of, core_view, expand_shadow, labels_along, varying_dims
+from .shadow import FREE, core_of, core_view, expand_core, expand_shadow, has_slots, labels_along, moved, varying_dims
 
-__all__ = ["RULES", "SIZE_FREE", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
+__all__ = ["RULES", "SIZE_FREE", "cat_cores", "rule_of", "ShapeRules", "tensors_of", "func_name", "mixed", "unsupported"]
 
 #: how channel labels flow through each operation: ONE table, operation name → rule
 #: (the method ``_<rule>`` of :class:`~prunable.trace.ChannelTracer`); an operation not listed
@@ -90,6 +90,9 @@ SIZE_FREE: frozenset[str] = frozenset(
     "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
 ))
 
+#: operations that only reorder dims: applied to a shadow's core, they give the result's core
+_DIM_MOVES = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims"}
+
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
 
@@ -128,11 +131,16 @@ def func_name(func: Any) -> str:
     return name
 
 
+def _plain(a: Any) -> bool:
+    """A list or tuple of numbers (sizes, dims): nothing in it to convert."""
+    return isinstance(a, (list, tuple)) and not any(isinstance(e, (torch.Tensor, list, tuple, dict)) for e in a)
+
+
 def _same_rank(parts: Any) -> bool:
     return isinstance(parts, (list, tuple)) and len(parts) > 0 and len({p.dim() for p in parts}) == 1
 
 
-def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+def cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(parts, dim)`` of shadows, concatenating their cores: dims along
     which every part is constant are never materialised."""
     dim %= parts[0].dim()
@@ -143,7 +151,11 @@ def _cat_cores(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         size = [p.shape[d] if d == dim else small[d] for d in range(p.dim())]
         pieces.append(c if list(c.shape) == size else c.expand(size))
     out = torch.cat(pieces, dim)
-    return out.expand([out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())])
+    shape = [out.shape[d] if d == dim else parts[0].shape[d] for d in range(out.dim())]
+    if out.numel() and any(c.shape[dim] > 1 for c in cores):
+        # the smallest core already: each other dim is one or varies in some part, and a part varies along dim
+        return expand_core(out, torch.Size(shape))
+    return out.expand(shape)
 
 class ShapeRules:
     """Rules of the shape and elementwise operations, mixed into :class:`~prunable.trace.ChannelTracer`
@@ -208,7 +220,7 @@ class ShapeRules:
         else:
             first = tree_map(lambda a: convert(a, True), first)
         rest = args[1:]
-        if any(isinstance(a, _CONTAINERS) for a in (*rest, *kwargs.values())):  # index lists, sizes
+        if any(isinstance(a, _CONTAINERS) and not _plain(a) for a in (*rest, *kwargs.values())):  # index lists
             sargs, skwargs = (*first, *tree_map(convert, rest)), tree_map(convert, kwargs)
         else:
             sargs = (*first, *(convert(a) for a in rest))
@@ -227,7 +239,10 @@ class ShapeRules:
             elif name == "__getitem__" and isinstance(out, torch.Tensor):
                 sout = self._indexed(args[0], args[1], out.shape)
             elif name in ("cat", "concat", "concatenate") and _same_rank(sargs[0]):
-                sout = _cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
+                sout = cat_cores(sargs[0], arg(sargs, skwargs, 1, "dim", 0))
+            elif name in _DIM_MOVES and isinstance(out, torch.Tensor):  # the core moves the same way
+                move = getattr(torch.Tensor, name)
+                sout = moved(sargs[0], lambda core: move(core, *sargs[1:], **skwargs), out.shape)
             elif isinstance(args[0], torch.Tensor) and func is not None:
                 # shadows may be non-contiguous where the real tensor is not: reshape, never view
                 method = {"view": "reshape", "view_as": "reshape_as"}.get(name, name)
@@ -238,7 +253,10 @@ class ShapeRules:
             return self._block(name, args, kwargs, out, tensors_of(out))
         if name in ("cat", "concat", "concatenate"):
             sout = self._token_concat(sargs, skwargs, sout)
-        real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
+        if isinstance(out, torch.Tensor):
+            real, shadow = [out], [sout]
+        else:
+            real, shadow = tree_flatten(out)[0], tree_flatten(sout)[0]
         if name in ("view", "reshape") and isinstance(sout, torch.Tensor):
             self._size_attribute(args, sargs[0], sout)
         for t, s in zip(real, shadow):
@@ -336,9 +354,12 @@ class ShapeRules:
         parts, dim = sargs[0], arg(sargs, skwargs, 1, "dim", 0)
         if not _same_rank(parts):  # the legacy empty 1-d part (a key/value cache's first step)
             return sout
-        varying = [varying_dims(p) for p in parts]
-        if sum(p.shape[dim] > 0 for p in parts) < 2 or any(dim % p.dim() in v or not v for p, v in zip(parts, varying)):
+        if sum(p.shape[dim] > 0 for p in parts) < 2:
             return sout
+        for p in parts:  # one part with channels along dim (or none at all) settles it
+            v = varying_dims(p)
+            if dim % p.dim() in v or not v:
+                return sout
         firsts = [p.narrow(dim, 0, 1) for p in parts if p.shape[dim] > 0]
         if any(not bool((core_view(f) >= 0).any()) for f in firsts):
             return sout
@@ -414,7 +435,7 @@ class ShapeRules:
             return
         bcast = [{d for d in range(len(shape)) if (d - len(shape) + s.dim() < 0 or
                   s.shape[d - len(shape) + s.dim()] == 1) and shape[d] > 1} for s in ops]
-        free = [not bool((core_of(s) >= 0).any()) for s in ops]  # operands without channels
+        free = [not has_slots(s) for s in ops]  # operands without channels
         order = sorted(range(len(ops)), key=lambda i: (len(bcast[i]) > 0, free[i]))
         p = order[0]
         vary_p = set(varying_dims(full[p]))
@@ -440,7 +461,6 @@ class ShapeRules:
             for t in outs:
                 self.mark_input(t)
             return
-        for d in changed:
-            s = s.narrow(d, 0, 1)
+        core = core_of(s)  # of size one along every changed dim: the outputs' core too
         for t in outs:
-            self.set_shadow(t, s.expand(t.shape))
+            self.set_shadow(t, expand_core(core, t.shape))

@@ -64,7 +64,7 @@ from .meta import arg, broadcast
 from .reasons import SkipKind, SkipReason
 from .shadow import Target, core_of, labels_along, varying_dims
 from .surgery import Role, handler_for, parametrized, resolve
-from .temperature import QueryScale, derived_scales, scalar_operand
+from .temperature import SCALING, QueryScale, derived_scales, scalar_operand
 
 __all__ = ["QueryScale", "AttentionRules", "OuterSplit", "HOMOGENEOUS"]  # QueryScale: from prunable.temperature
 
@@ -207,9 +207,10 @@ class AttentionRules:
         """Bookkeeping after every traced operation: the producing layer of shape operations'
         outputs; reshapes and reductions that could merge the rows of a split (see :meth:`finish`);
         Python numbers scaling tensors (:func:`prunable.temperature.derived_scales`)."""
-        value = scalar_operand(name, args, kwargs)
-        if value is not None:
-            self._scalars.append((self.stack[-1] if self.stack else None, value))
+        if name in SCALING:
+            value = scalar_operand(name, args, kwargs)
+            if value is not None:
+                self._scalars.append((self.stack[-1] if self.stack else None, value))
         if self._outer and rule == "reduce" and isinstance(args[0], torch.Tensor) and self.has_labels(args[0]):
             dim = arg(args, kwargs, 1, "dim")
             core = core_of(self.shadow(args[0]))
@@ -228,7 +229,9 @@ class AttentionRules:
             key = self.source_of(tensors[0])
         else:  # a layer's output used by anything else: rescaling its queries would show there
             query = arg(args, kwargs, 0, "query") if rule == "sdpa" else None
-            self._escaped += [core_of(self.shadow(t)) for t in tensors if t is not query and self.source_of(t)]
+            sources, made = self._sources, self._made_by  # most operands (weights) are in neither
+            self._escaped += [core_of(self.shadow(t)) for t in tensors if t is not query
+                              and (id(t) in sources or id(t) in made) and self.source_of(t)]
             return
         if key is not None:
             for t in outs:

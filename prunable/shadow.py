@@ -17,8 +17,9 @@ from .reasons import SkipKind, SkipReason
 from .surgery import Role
 
 __all__ = [
-    "FREE", "FIXED", "Target", "Trace", "canonical", "components", "core_of", "core_view", "distinct", "expand_core",
-    "expand_shadow", "varying_dims", "labels_along",
+    "FREE", "FIXED", "Target", "Trace", "all_slots", "canonical", "classes_of", "components", "core_of", "core_view",
+    "distinct", "expand_core", "expand_shadow", "has_slots", "labels_along", "lay_along", "moved",
+    "producer_components", "varying_dims",
 ]
 
 FREE, FIXED = -1, -2
@@ -48,7 +49,8 @@ class Trace:
     """Raw result of tracing: slots, union edges, producers and consumers."""
 
     n_slots: int = 0
-    edges: list[torch.Tensor] = field(default_factory=list)
+    #: ``(u, v)``: label vectors of one length; ``u[i]`` and ``v[i]`` are the same channel
+    edges: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     blocked: list[tuple[torch.Tensor, SkipReason]] = field(default_factory=list)
     producers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
     consumers: dict[tuple, tuple[Target, torch.Tensor]] = field(default_factory=dict)
@@ -70,28 +72,34 @@ class Trace:
         if self.fragile is None:
             self.fragile = why
 
-    def new_slots(self, n: int) -> torch.Tensor:
+    def new_slots(self, n: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` fresh slots (shaped ``shape``, default a vector), known to :func:`all_slots`."""
         slots = torch.arange(self.n_slots, self.n_slots + n)
+        if shape is not None:
+            slots = slots.view(shape)
+        slots.__dict__[_SLOTS] = True
         self.n_slots += n
         return slots
 
     def union(self, a: torch.Tensor, b: torch.Tensor,
               reason: SkipReason = SkipReason(SkipKind.FIXED_INPUT, "fixed-size operand")) -> None:
         """Record that labels ``a`` and ``b`` (same shape) are the same channel."""
-        if a.dim() == 1 and a.shape == b.shape and a.numel():  # two label vectors: nothing to narrow or deduplicate
-            if int(torch.minimum(a.min(), b.min())) >= 0:
-                self.edges.append(torch.stack([a, b], 1))
-                return
-        a, b = _compress(a, b)
-        labelled = bool(a.min() >= 0) and bool(b.min() >= 0) if a.numel() else False
+        if a.dim() != 1 or a.shape != b.shape:
+            a, b = _compress(a, b)
+        labelled = all_slots(a) and all_slots(b) if a.numel() else False
+        if labelled and sum(n > 1 for n in a.shape) <= 1:  # two label vectors paired position by position
+            self.edges.append((a.reshape(-1), b.reshape(-1)))
+            return
         both = None if labelled else (a >= 0) & (b >= 0)
         if labelled or both.any():
             x, y = (a.reshape(-1), b.reshape(-1)) if labelled else (a[both], b[both])
-            if len(x) > 64:  # deduplicate through one 1-D key: much faster than unique(dim=0)
+            # pairs with distinct fresh slots (a parameter's) are distinct already
+            if len(x) > 64 and not (labelled and (_fresh(a) or _fresh(b))):
+                # deduplicate through one 1-D key: much faster than unique(dim=0)
                 base = int(y.max()) + 1
                 key = distinct(x * base + y)
                 x, y = key // base, key % base
-            self.edges.append(torch.stack([x, y], 1))
+            self.edges.append((x, y))
         for x, y in ((a, b), (b, a)) if not labelled else ():
             hit = (x >= 0) & (y == FIXED)
             if hit.any():
@@ -126,6 +134,71 @@ def distinct(values: torch.Tensor) -> torch.Tensor:
 
 #: attribute of a canonical shadow holding its core (shadows are never modified in place)
 _CORE = "_prunable_core"
+#: attribute of a canonical shadow holding ``(dim, labels)``: its labels vary along ``dim`` only
+_ALONG = "_prunable_along"
+#: attribute of a label vector made by :meth:`Trace.new_slots`: every entry is a slot (no ``FREE``, ``FIXED``)
+_SLOTS = "_prunable_slots"
+
+
+def all_slots(labels: torch.Tensor) -> bool:
+    """True when every entry of ``labels`` is a slot (none is ``FREE`` or ``FIXED``); free for
+    the vectors of :meth:`Trace.new_slots`.
+
+    Example
+    -------
+    >>> all_slots(Trace().new_slots(3)), all_slots(torch.tensor([4, FREE]))
+    (True, False)
+    """
+    return _fresh(labels) or bool((labels >= 0).all())
+
+
+def has_slots(shadow: torch.Tensor) -> bool:
+    """True when some label of ``shadow`` is a slot (it holds channels, not only ``FREE``/``FIXED``)."""
+    core = core_of(shadow)
+    return _fresh(core) or bool((core >= 0).any())
+
+
+def lay_along(labels: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """A canonical shadow of ``shape`` holding the distinct ``labels`` along ``dim`` (a layer's
+    fresh output slots): its core is known, and :func:`labels_along` answers without a copy.
+
+    Example
+    -------
+    >>> s = lay_along(torch.arange(3), 1, torch.Size([2, 3, 4]))
+    >>> core_of(s).shape == (1, 3, 1), labels_along(s, 1).tolist()
+    (True, [0, 1, 2])
+    """
+    dim %= len(shape)
+    size = [1] * len(shape)
+    size[dim] = -1
+    core = labels.view(size)
+    if _fresh(labels):
+        core.__dict__[_SLOTS] = True
+    return expand_core(core, shape, (dim, labels))
+
+
+def moved(shadow: torch.Tensor, move: Any, shape: torch.Size) -> torch.Tensor:
+    """``move(shadow)`` (of size ``shape``) for a ``move`` that only reorders dims (permute,
+    transpose …), computed on the core of ``shadow``: canonical, with no copy or check.
+
+    Example
+    -------
+    >>> s = lay_along(torch.arange(3), 1, torch.Size([2, 3, 4]))
+    >>> s = moved(s, lambda t: t.transpose(1, 2), torch.Size([2, 4, 3]))
+    >>> core_of(s).shape == (1, 1, 3), labels_along(s, 2).tolist()
+    (True, [0, 1, 2])
+    """
+    core = move(core_of(shadow))
+    along = shadow.__dict__.get(_ALONG)
+    if along is not None:  # the one dim along which the labels vary, moved
+        dims = [d for d, n in enumerate(core.shape) if n > 1]
+        along = (dims[0], along[1]) if len(dims) == 1 else None
+    return expand_core(core, shape, along)
+
+
+def _fresh(labels: torch.Tensor) -> bool:
+    """``labels`` is a tensor of :meth:`Trace.new_slots`: distinct slots."""
+    return bool(labels.__dict__.get(_SLOTS))
 
 
 def core_view(shadow: torch.Tensor) -> torch.Tensor:
@@ -158,9 +231,11 @@ def canonical(shadow: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def expand_core(core: torch.Tensor, shape: torch.Size, along: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``core.expand(shape)`` as a canonical shadow, for a ``core`` known to be the smallest
     (labels that differ along each of its dims longer than one: a layer's fresh slots).
+    ``along`` = ``(dim, labels)`` when ``core`` is the vector ``labels`` laid along ``dim``
+    (:func:`labels_along` then answers without a copy).
 
     Example
     -------
@@ -170,6 +245,8 @@ def expand_core(core: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """
     out = core.expand(shape)
     out.__dict__[_CORE] = core
+    if along is not None:
+        out.__dict__[_ALONG] = along
     return out
 
 
@@ -181,19 +258,27 @@ def core_of(shadow: torch.Tensor) -> torch.Tensor:
 
 def expand_shadow(shadow: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``shadow.expand(shape)``, canonical (and known to be) when ``shadow`` is."""
+    if shadow.shape == shape:
+        return shadow
     out = shadow.expand(shape)
     core = shadow.__dict__.get(_CORE)
     if core is not None:
-        out.__dict__[_CORE] = core.reshape((1,) * (len(shape) - core.dim()) + tuple(core.shape))
+        extra = len(shape) - core.dim()
+        out.__dict__[_CORE] = core.reshape((1,) * extra + tuple(core.shape)) if extra else core
+        along = shadow.__dict__.get(_ALONG)
+        if along is not None:
+            out.__dict__[_ALONG] = (along[0] + extra, along[1])
     return out
 
 
 def _compress(*shadows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Narrow dims along which every shadow is constant to size one."""
     cores = [core_of(s) for s in shadows]
+    if all(c.shape == cores[0].shape for c in cores[1:]):  # the usual case: nothing to expand
+        return tuple(cores)
     # an empty dim (no detections left) stays empty: there is nothing to relate along it
     shape = [min(sizes) if 0 in sizes else max(sizes) for sizes in zip(*(c.shape for c in cores))]
-    return tuple(c.expand(shape) for c in cores)
+    return tuple(c if list(c.shape) == shape else c.expand(shape) for c in cores)
 
 
 def varying_dims(shadow: torch.Tensor) -> list[int]:
@@ -203,14 +288,18 @@ def varying_dims(shadow: torch.Tensor) -> list[int]:
 
 
 def labels_along(shadow: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """Label of each index of ``dim`` if labels are constant along other dims, else None."""
+    """Label of each index of ``dim`` if labels are constant along other dims, else None
+    (not a copy: shadows and label vectors are never modified in place)."""
+    along = shadow.__dict__.get(_ALONG)
+    if along is not None and along[0] == dim % shadow.dim():
+        return along[1]
     core = core_of(shadow)
     if any(core.shape[d] > 1 for d in range(core.dim()) if d != dim % core.dim()) or not core.numel():
         return None  # mixed, or an empty tensor whose labels were not kept
     return core.reshape(-1).expand(shadow.shape[dim]).clone()
 
 
-def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
+def components(n: int, edges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Connected-component representative (smallest id) of each of ``n`` nodes.
 
     A node on one edge only (a slot of a parameter such as a position embedding, tied
@@ -219,15 +308,14 @@ def components(n: int, edges: list[torch.Tensor]) -> torch.Tensor:
 
     Example
     -------
-    >>> components(6, [torch.tensor([[4, 1], [1, 5]]), torch.tensor([[3, 2]])]).tolist()
+    >>> components(6, [(torch.tensor([4, 1]), torch.tensor([1, 5])), (torch.tensor([3]), torch.tensor([2]))]).tolist()
     [0, 1, 2, 2, 1, 1]
     """
     label = torch.arange(n)
     if not edges or n == 0:
         return label
-    e = torch.cat(edges)
-    u, v = e[:, 0], e[:, 1]
-    degree = torch.bincount(e.reshape(-1), minlength=n)
+    u, v = torch.cat([x for x, _ in edges]), torch.cat([y for _, y in edges])
+    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
     leaf_u, leaf_v = degree[u] == 1, degree[v] == 1
     attached = leaf_u | leaf_v
     if not bool(attached.any()):
@@ -270,3 +358,38 @@ def _propagate(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
         if torch.equal(new, label):
             return label
         label = new
+
+
+def producer_components(inverse: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`components` of ``n`` classes where each producer's classes (``counts[p]`` entries of
+    ``inverse`` each, in order) are one set: the sets are merged over the producers (a few dozen)
+    instead of over every class."""
+    p = len(counts)
+    owner = torch.repeat_interleave(torch.arange(p), counts)
+    low = torch.full((n,), p, dtype=torch.long).scatter_reduce_(0, inverse, owner, reduce="amin")  # first holder
+    parent = list(range(p))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for link in distinct(owner * p + low[inverse]).tolist():  # producer, first producer of one of its classes
+        a, b = find(link // p), find(link % p)
+        parent[max(a, b)] = min(a, b)
+    group = torch.tensor([find(a) for a in range(p)], dtype=torch.long)[low]  # of each class
+    smallest = torch.full((p,), n, dtype=torch.long).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    return smallest[group]  # the smallest class of its component, as components() labels it
+
+
+def classes_of(root: torch.Tensor, labels: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The class (component root) of every label of each of ``labels``, flattened one after the
+    other and as one tensor per entry of ``labels``; labels below zero (``FREE``, ``FIXED``) are
+    kept. One pass over all of them instead of one per member."""
+    if not labels:
+        return torch.empty(0, dtype=torch.long), []
+    flat = torch.cat([x.reshape(-1) for x in labels])
+    classes = torch.where(flat >= 0, root[flat.clamp(min=0)], flat)
+    parts = torch.split(classes, [x.numel() for x in labels])
+    return classes, [c if x.dim() == 1 else c.view(x.shape) for c, x in zip(parts, labels)]

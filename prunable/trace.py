@@ -31,7 +31,7 @@ from .meta import arg, call
 from .reasons import SkipKind, SkipReason
 from .sdpa import AttentionRules
 from .rules import SIZE_FREE, ShapeRules, func_name, mixed, rule_of, tensors_of, unsupported
-from .shadow import FIXED, FREE, Target, Trace, canonical, expand_core, labels_along
+from .shadow import FIXED, FREE, Target, Trace, all_slots, canonical, expand_core, labels_along, lay_along
 from .surgery import Role, handler_for, is_depthwise, parametrization_problem, parametrized
 
 __all__ = ["ChannelTracer", "Target", "Trace"]
@@ -113,14 +113,19 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     def _param_shadow(self, p: torch.Tensor) -> torch.Tensor:
         if id(p) not in self.trace.params:
             module, mname, attr = self.owners[id(p)]
-            slots = self.trace.new_slots(p.numel()).view(p.shape)
+            slots = self.trace.new_slots(p.numel(), p.shape)
+            if p.numel():  # distinct slots: their own smallest core
+                slots = expand_core(slots, p.shape)
             self.trace.params[id(p)] = (Target(module, mname, None, attr, 0, id(module)), slots)
         return self.trace.params[id(p)][1]
 
     # -- modules -------------------------------------------------------------
-    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook: track the module stack; a module whose handler defines
-        ``trace_module`` (attention, recurrent layers) runs as one operation."""
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook (of every module: those outside the traced model are passed over):
+        track the module stack; a module whose handler defines ``trace_module`` (attention,
+        recurrent layers) runs as one operation."""
+        if id(module) not in self.names:
+            return
         self.stack.append(module)
         if self._opaque is None and getattr(handler_for(module), "trace_module", None) is not None:
             self._opaque = module
@@ -128,6 +133,8 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
+        if id(module) not in self.names:
+            return
         self.stack.pop()
         if module is self._opaque:
             # the handler's bookkeeping on shadows must not be traced itself (nor pay for dispatch)
@@ -276,10 +283,11 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
     def _out_shadow(self, out: torch.Tensor, slots: torch.Tensor, dim: int, fresh: bool = False) -> None:
         """``out`` holds labels ``slots`` along ``dim``; ``fresh`` slots (distinct: a layer's outputs)
         are known to be the shadow's smallest core."""
+        if fresh:
+            return self.set_shadow(out, lay_along(slots, dim, out.shape))
         shape = [1] * out.dim()
         shape[dim] = -1
-        core = slots.view(shape)
-        self.set_shadow(out, expand_core(core, out.shape) if fresh else core.expand(out.shape))
+        self.set_shadow(out, slots.view(shape).expand(out.shape))
 
     def _conv(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, outs: list) -> None:
         """conv1d/2d/3d and conv_transpose1d/2d/3d: ``groups`` is argument 6 of both."""
@@ -307,12 +315,12 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
                 self.trace.union(part, part[:1].expand_as(part))
         elif groups > 1:  # depthwise: output o comes from input o // multiplier
             mult = cout // groups
-            if bool((labels < 0).any()):
+            if not all_slots(labels):
                 reason = SkipReason(SkipKind.FIXED_INPUT, f"{target.name}: depthwise convolution of a fixed input")
                 self.trace.block(slots, reason)
                 self.trace.block(labels, reason)
             else:
-                self.trace.union(slots, labels.repeat_interleave(mult))
+                self.trace.union(slots, labels if mult == 1 else labels.repeat_interleave(mult))
         self._made_by[id(out)] = (weakref.ref(out), (target.uid, Role.OUT), ch)
         self.trace.measure[(target.uid, Role.OUT)] = (target.name, ch)
         self._out_shadow(out, slots, ch, fresh=True)

@@ -260,7 +260,8 @@ def test_components_are_the_smallest_node_of_each_component(case):
     from prunable.shadow import components
 
     n, parts = case
-    edges = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
+    pairs = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
+    edges = [(e[:, 0], e[:, 1]) for e in pairs]
     expected = _smallest_per_component(n, [tuple(e) for p in parts for e in p] if n else [])
     assert components(n, edges).tolist() == expected
 
@@ -325,3 +326,30 @@ def test_a_producer_whose_channels_belong_to_two_others_joins_them_in_one_group(
     assert [m.classes.tolist() for m in groups[0].producers] == [groups[0].classes[:2].tolist(),
                                                                   groups[0].classes[2:].tolist(),
                                                                   groups[0].classes.tolist()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda k: st.tuples(
+    st.lists(st.integers(-1, k - 1), min_size=k, max_size=k),
+    st.lists(st.lists(st.integers(-2, k + 2), max_size=6), min_size=1, max_size=6))))
+def test_members_by_group_lists_each_member_under_every_group_it_holds(case):
+    """Member → groups through runs of one group: the same lists as asking channel by channel
+    (fails when a run crosses into the next member, or an empty member shifts the owners)."""
+    from types import SimpleNamespace
+
+    groups_of_class, parts = case
+    held = [c for c, g in enumerate(groups_of_class) if g >= 0]  # the classes producers hold
+    if not held:
+        return
+    lookup = torch.full((len(groups_of_class),), -1, dtype=torch.long)
+    lookup[held] = torch.arange(len(held))
+    label = [groups_of_class[c] for c in held]
+    comp = torch.tensor([label.index(x) for x in label], dtype=torch.long)  # a group: its smallest held class
+    members = [SimpleNamespace(classes=torch.tensor(p, dtype=torch.long)) for p in parts]
+    flat = torch.cat([m.classes for m in members])
+    got = DependencyGraph._members_by_group(members, flat, lookup, comp)
+    expected: dict[int, list] = {}
+    for m, p in zip(members, parts):
+        for g in sorted({int(comp[lookup[c]]) for c in p if 0 <= c < len(lookup) and lookup[c] >= 0}):
+            expected.setdefault(g, []).append(m)
+    assert {g: [id(m) for m in ms] for g, ms in got.items()} == {g: [id(m) for m in ms] for g, ms in expected.items()}
