@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["KeptActivation", "ScoreAccumulator", "Scratch", "taylor_per_example"]
+__all__ = ["KeptActivation", "ScoreAccumulator", "Scratch", "StepScores", "taylor_per_example", "taylor_sums"]
 
 
 #: elements of ``activation * grad`` formed at a time per torch thread: a share small enough to stay
@@ -67,26 +69,51 @@ def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim
     tensor([[0.5000, 0.5000, 0.5000, 0.5000],
             [0.5000, 0.5000, 0.5000, 0.5000]])
     """
-    a, g = activation.detach(), grad.detach()
+    n, c = activation.shape[0], activation.shape[channel_dim]
+    out = torch.empty(n, c, dtype=torch.float32, device=activation.device)
+    positions = taylor_sums(activation, grad, channel_dim, out=out, scratch=scratch)
+    return out.div_(positions) if positions != 1 else out
+
+
+def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1, *, out: torch.Tensor,
+                scratch: "Scratch | None" = None) -> int:
+    """:func:`taylor_per_example` before its division: the per-example, per-channel sums of
+    ``activation * grad``, written into ``out`` (float32, ``(N, C)``, any strides).
+
+    Returns the number of positions summed per channel (the divisor of the mean).
+
+    Example
+    -------
+    >>> out = torch.empty(2, 4)
+    >>> taylor_sums(torch.ones(2, 3, 4), torch.full((2, 3, 4), 0.5), -1, out=out)
+    3
+    >>> out[0]
+    tensor([1.5000, 1.5000, 1.5000, 1.5000])
+    """
+    a = activation.detach() if activation.requires_grad else activation
+    g = grad.detach() if grad.requires_grad else grad
     if a.dim() <= 2:  # (N, C): nothing to average
-        return a.float() * g.float()
+        torch.mul(a.float(), g.float(), out=out)
+        return 1
     reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
     n = a.shape[0]
-    out = torch.empty(n, a.shape[channel_dim], dtype=torch.float32, device=a.device)
     if a.device.type != "cpu" or (step >= n and not (a.is_contiguous() and g.is_contiguous())):
         # one block (a GPU reads it in one kernel); a strided one keeps the layout the product takes
         torch.sum(a.float() * g.float(), reduced, out=out)
-        return out.div_(positions)
+        return positions
     step = min(step, n)
     flat = (scratch or Scratch()).take(step * size, a.device)
     block = flat[: step * size].view((step,) + a.shape[1:])
-    for i in range(0, n, step):
+    if step == n:  # one block: no slices (each is an operation)
+        _product(a, g, block)
+        torch.sum(block, reduced, out=out)
+    for i in range(0, n if step < n else 0, step):
         j = min(n, i + step)
         _product(a[i:j], g[i:j], block[: j - i])
         torch.sum(block[: j - i], reduced, out=out[i:j])
     if scratch is not None:
         scratch.give(flat)
-    return out.div_(positions)
+    return positions
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,6 +212,8 @@ class ScoreAccumulator:
 
     def __init__(self, abs_after_batch_mean: bool = False) -> None:
         self.abs_after_batch_mean = abs_after_batch_mean
+        #: called before a read: a :class:`StepScores` holding batches of this accumulator adds them
+        self.sync: Callable[[], None] | None = None
         self.reset()
 
     def add(self, per_example: torch.Tensor) -> None:
@@ -232,11 +261,15 @@ class ScoreAccumulator:
     @property
     def count(self) -> int:
         """Examples accumulated (those of skipped batches not included)."""
+        if self.sync is not None:
+            self.sync()
         return self._offered - self._bad_host - (int(self._bad) if self._bad is not None else 0)
 
     @property
     def skipped(self) -> int:
         """Batches left out because their scores were not finite."""
+        if self.sync is not None:
+            self.sync()
         return self._bad_batches_host + (int(self._bad_batches) if self._bad_batches is not None else 0)
 
     def value(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
@@ -258,6 +291,121 @@ class ScoreAccumulator:
         """Drop the entries of removed channels, keeping indices ``keep``."""
         if self.total is not None:
             self.total = self.total.index_select(0, keep.to(self.total.device))
+
+
+class StepScores:
+    """The per-example sums of every measure point of a step in one buffer, scored at once (CPU).
+
+    Each small operation costs microseconds on the CPU whatever its size, so a
+    point's backward hook only writes its sums (:func:`taylor_sums`) into its
+    own columns of an ``(N, ΣC)`` float32 buffer, and one :meth:`flush` per
+    step divides them by the positions, takes ``abs``, sums over N, checks
+    finiteness (one host read) and adds into one running total, of which every
+    point's :class:`ScoreAccumulator` total is a view. The result is
+    :meth:`ScoreAccumulator.add` of each point's :func:`taylor_per_example` up
+    to float rounding; a batch that is not finite is left out per point, as there.
+
+    A point writing its columns again (the next step, or a retained graph run
+    backward again), :meth:`remove` (the end of estimation) and any read of an
+    accumulator flush. Points not reached in a step, batch sizes, input sizes
+    and channel counts that change between steps are all handled; a point
+    whose first dim differs from the others' in a step (an RNN's ``(T, N, H)``)
+    is added on its own, as :meth:`ScoreAccumulator.add` does.
+
+    Example
+    -------
+    >>> acc, steps = ScoreAccumulator(), StepScores()
+    >>> steps.add("conv", acc, torch.ones(2, 3, 4), torch.ones(2, 3, 4))
+    >>> acc.count, acc.value()  # a read flushes
+    (2, tensor([1., 1., 1.]))
+    """
+
+    def __init__(self, abs_after_batch_mean: bool = False) -> None:
+        self.abs_after_batch_mean = abs_after_batch_mean
+        #: name -> (accumulator, first column, channels, the accumulator's total as bound, its columns of the buffer)
+        self._columns: dict[str, tuple[ScoreAccumulator, int, int, torch.Tensor, torch.Tensor]] = {}
+        self._positions: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # points written since the last flush
+        self._buf: torch.Tensor | None = None  # (N, ΣC)
+        self._scale = self._total = torch.zeros(0, dtype=torch.float32)  # positions and running total per column
+        self._lock = threading.RLock()
+
+    def add(self, name: str, acc: ScoreAccumulator, activation: torch.Tensor, grad: torch.Tensor,
+            channel_dim: int = 1, *, scratch: Scratch | None = None) -> None:
+        """Write one batch of point ``name`` (scored into ``acc`` at the next flush)."""
+        n, c = activation.shape[0], activation.shape[channel_dim]
+        with self._lock:
+            column = self._columns.get(name)
+            if self._buf is not None and self._buf.shape[0] != n and self._written and name not in self._written:
+                acc.add(taylor_per_example(activation, grad, channel_dim, scratch=scratch))  # another N in this step
+                return
+            if (column is None or column[0] is not acc or column[2] != c or column[3] is not acc.total
+                    or self._buf is None or self._buf.shape[0] != n):
+                self._layout(name, acc, n, c)
+                column = self._columns[name]
+            elif name in self._written:
+                self.flush()
+            positions = taylor_sums(activation, grad, channel_dim, out=column[4], scratch=scratch)
+            if self._positions.get(name) != positions:
+                self._positions[name] = positions
+                self._scale[column[1]:column[1] + c] = positions
+            self._written[name] = n
+
+    def _layout(self, name: str, acc: ScoreAccumulator, n: int, c: int) -> None:
+        """Lay the columns out anew (a new point, batch size or channel count), keeping the totals."""
+        self.flush()
+        accs = {k: (v[0], v[2]) for k, v in self._columns.items()} | {name: (acc, c)}
+        width = sum(c for _, c in accs.values())
+        self._buf = torch.empty(n, width, dtype=torch.float32)
+        self._scale, self._total = torch.ones(width, dtype=torch.float32), torch.zeros(width, dtype=torch.float32)
+        self._columns, start = {}, 0
+        for key, (a, c) in accs.items():
+            view = self._total[start:start + c]
+            if a.total is not None:
+                view.copy_(a.total)
+            a.total, a.sync = view, self.flush
+            self._scale[start:start + c] = self._positions.get(key, 1)
+            self._columns[key], start = (a, start, c, view, self._buf[:, start:start + c]), start + c
+
+    def flush(self) -> None:
+        """Score the batches written since the last flush into their accumulators."""
+        with self._lock:
+            if not self._written:
+                return
+            written, self._written, buf = self._written, {}, self._buf
+            n = buf.shape[0]
+            buf.div_(self._scale)
+            batch = buf.mean(0).abs_().mul_(n) if self.abs_after_batch_mean else torch.sum(buf.abs_(), 0)
+            columns = [self._columns[name] for name in written]
+            if (len(columns) == len(self._columns) and all(acc.total is view for acc, _, _, view, _ in columns)
+                    and math.isfinite(float(batch.sum()))):
+                self._total.add_(batch)
+                for acc, *_ in columns:
+                    acc._offered += n
+                return
+            for acc, start, c, *_ in columns:  # some points not reached, or a sum not finite: point by point
+                acc._add(batch[start:start + c], n)
+
+    def __getstate__(self) -> dict:
+        """Flushed, without the layout (a copy's accumulators keep their totals, laid out again by
+        the next :meth:`add`; a pickle does not keep them views of one tensor) and the lock."""
+        self.flush()
+        return {**self.__dict__, "_columns": {}, "_buf": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
+
+    def retain(self, names: list[str]) -> None:
+        """Flush, and lay out only points ``names`` from now on (those hooked: the others would never be written)."""
+        with self._lock:
+            self.flush()
+            self._columns = {k: v for k, v in self._columns.items() if k in names}
+            self._buf = None
+
+    def remove(self) -> None:
+        """Flush and free the buffer (a hook handle's interface)."""
+        self.flush()
+        self._buf = None
 
 
 class KeptActivation:

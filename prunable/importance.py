@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import KeptActivation, ScoreAccumulator, Scratch, taylor_per_example
+from .accumulate import KeptActivation, ScoreAccumulator, Scratch, StepScores, taylor_per_example
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
@@ -161,7 +161,7 @@ class Criterion:
         keep = KeptActivation(point.name)
         # bound once: a hook runs on every step, where each Python call costs (its caches are cold)
         handler, dim, per_example = handler_for(point.module) or ModuleHandler(), point.dim, self.per_example
-        activation, view = handler.activation, handler.channel_view
+        activation, view, accumulate, name = handler.activation, handler.channel_view, self.accumulate, point.name
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             output = activation(module, output)
@@ -174,7 +174,7 @@ class Criterion:
                     def backward_hook(g: torch.Tensor) -> None:
                         a = keep.use(held)
                         if a is not None:
-                            acc.add(per_example(a, view(module, g, dim), dim))
+                            accumulate(name, acc, a, view(module, g, dim), dim)
                             keep.release(held)
 
                     output.register_hook(backward_hook)
@@ -186,6 +186,10 @@ class Criterion:
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
         """Per-example, per-channel values ``(N, C)`` for activation criteria."""
         raise NotImplementedError
+
+    def accumulate(self, name: str, acc: ScoreAccumulator, a: torch.Tensor, g: torch.Tensor, dim: int) -> None:
+        """Score one batch of point ``name`` (activation ``a``, its gradient ``g``) into ``acc``."""
+        acc.add(self.per_example(a, g, dim))
 
     def scores(self, point: MeasurePoint) -> torch.Tensor:
         """Importance of each output channel of ``point.producer``."""
@@ -238,14 +242,23 @@ class TaylorActivation(Criterion):
     def __init__(self, abs_after_batch_mean: bool = False) -> None:
         super().__init__()
         self.abs_after_batch_mean = abs_after_batch_mean
+        #: the CPU batches of a step, scored at once at its end (flushed with the hooks, and on every read)
+        self.steps = StepScores(abs_after_batch_mean)
 
     def attach(self, points: list[MeasurePoint]) -> list[Any]:
         for point in points:
             self.accumulators.setdefault(point.name, ScoreAccumulator(self.abs_after_batch_mean))
-        return super().attach(points)
+        self.steps.retain([point.name for point in points])
+        handles = super().attach(points)
+        return handles + [self.steps] if handles else handles
 
     def per_example(self, a: torch.Tensor, g: torch.Tensor | None, dim: int) -> torch.Tensor:
         return taylor_per_example(a, g, dim, scratch=self.scratch)
+
+    def accumulate(self, name: str, acc: ScoreAccumulator, a: torch.Tensor, g: torch.Tensor, dim: int) -> None:
+        if a.device.type != "cpu":  # a GPU runs the per-point operations without waiting for the host
+            return super().accumulate(name, acc, a, g, dim)
+        self.steps.add(name, acc, a, g, dim, scratch=self.scratch)
 
 
 class MeanActivation(Criterion):

@@ -37,7 +37,15 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
         torch.save({"params": params, "local": local, "plan": plan.to_json()}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _leave()
+
+
+def _leave() -> None:
+    """Tear the group down only when every rank is done with it: without the barrier gloo can abort
+    (SIGABRT, "terminate called without an active exception") a rank still tearing down while the
+    other has exited, under load."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_two_ranks_prune_identically(tmp_path):
@@ -79,7 +87,7 @@ def _nan_worker(rank: int, world: int, init: str, out: str, poison: str) -> None
         with open(f"{out}/rank{rank}.txt", "w") as f:
             f.write(f"{unchanged}\n{result}")
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 @pytest.mark.parametrize("poison", ["weights", "missing"])
