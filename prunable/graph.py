@@ -124,7 +124,11 @@ def run_traced(model: nn.Module, example_inputs: Any) -> tuple[ChannelTracer, An
     # two hooks common to all modules (the tracer keeps to the model's own): one pair per
     # module costs more to add and remove than the forward pass spends in them
     hooks = [nn.modules.module.register_module_forward_pre_hook(tracer.enter),
-             nn.modules.module.register_module_forward_hook(tracer.leave, with_kwargs=True)]
+             nn.modules.module.register_module_forward_hook(tracer.leave)]
+    # keyword arguments only where a handler traces its module as one operation (a global hook
+    # with them needs torch >= 2.5, and its handle leaves a flag behind that torch.compile warns of)
+    hooks += [m.register_forward_hook(tracer.leave_opaque, with_kwargs=True) for m in {id(m): m for _, m in named}.values()
+              if getattr(handler_for(m), "trace_module", None) is not None]
     try:
         for t in input_tensors(example_inputs):
             tracer.mark_input(t)

@@ -131,11 +131,14 @@ class ChannelTracer(AttentionRules, ShapeRules, TorchFunctionMode):
             self._opaque = module
             self.trace.mark_fragile(f"{type(module).__name__} is traced as one operation")
 
-    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook: pop the stack; let the handler of a module run as one operation label its output."""
-        if id(module) not in self.names:
-            return
-        self.stack.pop()
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook (of every module, like :meth:`enter`): pop the stack."""
+        if id(module) in self.names:
+            self.stack.pop()
+
+    def leave_opaque(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook (with keyword arguments) of a module whose handler defines ``trace_module``,
+        run after :meth:`leave`: when it ran as one operation, its handler labels its output."""
         if module is self._opaque:
             # the handler's bookkeeping on shadows must not be traced itself (nor pay for dispatch)
             try:

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -353,3 +354,31 @@ def test_members_by_group_lists_each_member_under_every_group_it_holds(case):
         for g in sorted({int(comp[lookup[c]]) for c in p if 0 <= c < len(lookup) and lookup[c] >= 0}):
             expected.setdefault(g, []).append(m)
     assert {g: [id(m) for m in ms] for g, ms in got.items()} == {g: [id(m) for m in ms] for g, ms in expected.items()}
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_tracing_leaves_no_global_hook_behind(attention):
+    """torch.compile warns of any global module hook left registered (a global hook's handle
+    with keyword arguments leaves its flag behind); a module traced as one operation (attention)
+    still gets its keyword arguments."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True) if attention else None
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.proj(x)
+            if self.attn is not None:
+                h = self.attn(h, h, h, need_weights=False)[0]
+            return self.head(h)
+
+    net, x = Net().eval(), torch.randn(2, 5, 8)
+    graph = DependencyGraph(net, x)
+    assert graph.groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch._dynamo.reset()
+        out = torch.compile(net, backend="eager")(x)
+    torch.testing.assert_close(out, net(x))
