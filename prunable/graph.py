@@ -205,6 +205,13 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
     return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
+def trace_clone(clone: nn.Module, model: nn.Module, example_inputs: Any) -> Traced:
+    """The trace of ``model`` from ``clone``, a meta copy of it (:func:`~prunable.copies.meta_clone`,
+    cut as ``model`` is now); ``model`` is not run."""
+    tracer, _ = run_traced(clone, _to_meta(example_inputs))
+    return Traced(tracer.trace, _module_map(clone, model), clone)
+
+
 def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut], *, real: str | None = None) -> Traced:
     """Trace ``model`` as it will be after ``cuts``, on a meta copy (a real copy when
     ``real`` says why the forward pass needs one); ``model`` is not touched.

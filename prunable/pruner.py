@@ -36,7 +36,7 @@ from .admission import Admission
 from .distributed import unwrap
 from .configs import sync_config
 from .errors import PruningValueError, SurgeryError
-from .graph import ChannelGroup, DependencyGraph, Traced, trace_model
+from .graph import ChannelGroup, DependencyGraph, Traced, trace_clone, trace_model
 from .importance import Aggregation, Criterion, MeasurePoint, estimating, make_criterion
 from .inputs import input_tensors
 from .plan import Plan
@@ -121,7 +121,9 @@ class Pruner:
         self.flops_regularization = 1e-3 if flops_regularization is True else float(flops_regularization)
         self.validate = validate
         self.max_ratio = max_ratio
-        self._pending: tuple[Traced | None] | None = None  # set by a prune: the graph is rebuilt when next needed
+        #: set by a prune, the graph is rebuilt when next needed (:meth:`_sync`) from: the trial's trace, the
+        #: trial's cut meta copy, and the model's :func:`_layout` then
+        self._pending: tuple[Traced | None, nn.Module | None, tuple | None] | None = None
         self._adm = Admission.of(model, min_channels=min_channels, round_to=round_to, max_ratio=max_ratio,
                                        ignored=ignored_layers)  # caps, skipped groups and why
         self.constraints, self.ignored = self._adm.constraints, self._adm.ignored
@@ -167,14 +169,20 @@ class Pruner:
 
     def _sync(self) -> None:
         """Rebuild the graph after a prune, the first time it is needed: from the trace the
-        plan's trial kept (``vet``, ``measure``, ``step``), else from a fresh trace of the model."""
+        plan's trial kept (``vet``, ``measure``, ``step``), else by tracing the meta copy its plain
+        trial cut and ran, else (or when the model's modules, modes or sizes changed since the
+        prune) from a fresh trace of the model."""
         if self._pending is not None:
-            (traced,), self._pending = self._pending, None
+            (traced, clone, layout), self._pending = self._pending, None
             try:
                 with _gc_paused():
+                    if layout != _layout(self.model):  # changed since the prune (modules, modes, sizes): trace it now
+                        traced = clone = None
+                    if traced is None and clone is not None:
+                        traced = trace_clone(clone, self.model, self.example_inputs)
                     self._rebuild(traced=traced, probe=False)
             except BaseException:
-                self._pending = (None,)  # never a stale graph: the next use traces afresh (and raises again)
+                self._pending = (None, None, None)  # never a stale graph: the next use traces afresh (and raises again)
                 raise
 
     @property
@@ -326,13 +334,16 @@ class Pruner:
     def _prune(self, plan: Plan) -> None:
         """The body of :meth:`prune`. The plan's trial run (a plain forward pass of the cut meta
         copy, unless ``vet``/``measure``/``step`` traced it already) guards the cut; the graph of
-        the pruned model is rebuilt when next needed (:meth:`_sync`), from that trace if any."""
+        the pruned model is rebuilt when next needed (:meth:`_sync`), from that trace or copy."""
         trials = self._trials
         failing = trials.failing(plan, trace=False) if self.validate else []
         if failing:
             gid, error = failing[0]
             raise SurgeryError(f"group {gid}: pruning it breaks the forward pass ({error}); model unchanged")
         traced = trials.traced(plan) if self.validate else None
+        # else the meta copy the plain trial cut and ran is traced at the rebuild (not for a model whose
+        # config follows its sizes: that copy ran with the config as it was)
+        clone = trials.passed_copy(plan) if traced is None and getattr(self.model, "config", None) is None else None
         self._start.keep(self._real)
         apply_cuts(trials.cuts(plan), self.optimizer)
         sync_config(self.model)  # a Hugging Face config follows the new sizes
@@ -340,7 +351,7 @@ class Pruner:
         self.criterion.reset()
         # the rebuild runs no probe trial: this plan's trial guarded the cut, and a group that can no longer
         # lose a channel is found (bisected, skipped with its reason) by the trial of the next plan holding it
-        self._pending = (traced,)
+        self._pending = (traced, clone, _layout(self.model))
 
     # -- schedule and report ------------------------------------------------------
     def prune_to(
@@ -371,6 +382,14 @@ def _measure_points(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, M
     modules = dict(model.named_modules())
     return {name: MeasurePoint(name, modules[name], dim, member.target.module)
             for g in groups for (name, dim, _), member in zip(g.measure, g.producers) if dim is not None}
+
+
+def _layout(model: nn.Module) -> tuple:
+    """What a trace of ``model`` depends on besides its code: every module (name, identity,
+    train/eval mode) and the shapes of its parameters; compared to tell whether the model
+    changed since a prune."""
+    return tuple((name, id(m), m.training, tuple(None if p is None else p.shape for p in m._parameters.values()))
+                 for name, m in model.named_modules(remove_duplicate=False))
 
 
 @contextlib.contextmanager

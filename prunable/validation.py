@@ -50,11 +50,11 @@ def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
 
 
 def trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], clone: nn.Module | None = None,
-          real: str | None = None) -> str | None:
+          real: str | None = None, *, passed: list[nn.Module] | None = None) -> str | None:
     """Apply ``cuts`` to a copy of ``model`` (see :func:`cut_copy`) and run it.
 
-    Returns the error as one line of text, or None when the cut model runs.
-    ``model`` is never touched.
+    Returns the error as one line of text, or None when the cut model runs (then
+    the cut copy is appended to ``passed``, when given). ``model`` is never touched.
     """
     try:
         cut = cut_copy(model, cuts, clone, real)
@@ -62,6 +62,8 @@ def trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], clone: nn.Modu
             call_model(cut, example_inputs if real is not None else inputs_to(example_inputs, "meta"))
     except Exception as exc:  # noqa: BLE001 - reported to the caller
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if passed is not None:
+        passed.append(cut)
     return None
 
 
@@ -166,6 +168,7 @@ class Trials:
         self.model, self.example_inputs, self.cuts_of, self.real = model, example_inputs, cuts_of, real
         self._last: tuple[Any, Traced] | None = None
         self._passed: Any = None  # the last plan whose plain trial passed
+        self._passed_copy: nn.Module | None = None  # the meta copy that trial cut and ran
         self._cuts: tuple[Any, list[Cut]] | None = None
 
     def cuts(self, plan: Any) -> list[Cut]:
@@ -194,10 +197,18 @@ class Trials:
             if traced is not None:
                 self._last = (plan, traced)
                 return []
-        elif trial(self.model, self.example_inputs, self.cuts(plan), real=self.real) is None:
-            self._passed = plan
+        elif trial(self.model, self.example_inputs, self.cuts(plan), real=self.real, passed=(kept := [])) is None:
+            self._passed, self._passed_copy = plan, kept[0] if self.real is None else None
             return []
         return failing_groups(self.runner(), {k: list(v) for k, v in plan.removals.items()})
+
+    def passed_copy(self, plan: Any) -> nn.Module | None:
+        """The meta copy that the last passing plain trial of ``plan`` cut and ran (the model as
+        ``plan`` leaves it), handed out once; None for another plan."""
+        if self._passed != plan:
+            return None
+        clone, self._passed_copy = self._passed_copy, None
+        return clone
 
     def traced(self, plan: Any) -> Traced | None:
         """The trace of the model pruned by ``plan``, if ``plan`` is the last that passed."""

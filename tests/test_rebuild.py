@@ -1,5 +1,5 @@
-"""After ``prune``, the pruner's graph (rebuilt when next needed: traced on the cut meta copy
-that served as the plan's traced trial, or afresh) must equal the graph a fresh ``Pruner``
+"""After ``prune``, the pruner's graph (rebuilt when next needed: the trace of the plan's traced
+trial, or a trace of the cut meta copy its plain trial ran, or a fresh one) must equal the graph a fresh ``Pruner``
 builds on the pruned model."""
 
 import warnings
@@ -60,9 +60,14 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("vetted", [False, True], ids=["fresh-trace", "trial-trace"])
+@pytest.mark.parametrize("path", ["trial-copy", "trial-trace", "fresh-trace"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_graph_after_prune_equals_fresh_graph(name, vetted):
+def test_graph_after_prune_equals_fresh_graph(name, path, monkeypatch):
+    import prunable.validation
+
+    vetted = path == "trial-trace"
+    if path == "fresh-trace":  # no cut copy kept by the plain trial: the pruned model is traced afresh
+        monkeypatch.setattr(prunable.validation.Trials, "passed_copy", lambda self, plan: None)
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, 32 if name == "vit" else 64, 32 if name == "vit" else 64)
@@ -90,7 +95,8 @@ def _count_traces(monkeypatch):
     import prunable.validation
 
     calls = []
-    for module, name in ((prunable.pruner, "trace_model"), (prunable.validation, "trace_cut")):
+    for module, name in ((prunable.pruner, "trace_model"), (prunable.pruner, "trace_clone"),
+                         (prunable.validation, "trace_cut")):
         real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -108,12 +114,12 @@ def test_prune_traces_nothing_until_the_graph_is_needed(monkeypatch):
     calls = _count_traces(monkeypatch)
     pruner.prune(pruner.plan(0.25, scope="layer"))
     assert calls == []  # a plain trial run guarded the cut
-    widths = pruner.widths()  # the graph is needed: one fresh trace of the pruned model
-    assert calls == ["trace_model"] and widths["conv1"] == 48
+    widths = pruner.widths()  # the graph is needed: the trial's cut copy is traced
+    assert calls == ["trace_clone"] and widths["conv1"] == 48
     plan = pruner.plan(0.25, scope="layer")
-    assert pruner.vet(plan) == [] and calls == ["trace_model", "trace_cut"]
+    assert pruner.vet(plan) == [] and calls == ["trace_clone", "trace_cut"]
     pruner.prune(plan)
-    assert len(pruner.groups) > 0 and calls == ["trace_model", "trace_cut"]  # the vetted trial's trace serves
+    assert len(pruner.groups) > 0 and calls == ["trace_clone", "trace_cut"]  # the vetted trial's trace serves
     assert pruner.widths()["conv1"] == 36
 
 
@@ -129,12 +135,38 @@ def test_a_rebuild_that_fails_is_tried_again_never_served_stale(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("trace failed")
 
+    real_clone = prunable.pruner.trace_clone
     monkeypatch.setattr(prunable.pruner, "trace_model", broken)
+    monkeypatch.setattr(prunable.pruner, "trace_clone", broken)
     for _ in range(2):  # every use raises while the model cannot be traced
         with pytest.raises(RuntimeError, match="trace failed"):
             pruner.plan(1)
     monkeypatch.setattr(prunable.pruner, "trace_model", real)
+    monkeypatch.setattr(prunable.pruner, "trace_clone", real_clone)
     assert pruner.widths() == {"0": 6, "2": 6, "4": 4}
+    _assert_same_graph(pruner.graph, Pruner(model, x, criterion=WeightNorm()).graph, model)
+
+
+@pytest.mark.parametrize("change", ["mode", "module", "vetted-mode"])
+def test_a_model_changed_after_the_prune_is_traced_afresh(monkeypatch, change):
+    """The trial's copy or trace is of the model as the prune left it: a module replaced or a mode
+    switched since then makes the rebuild trace the model as it is now."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    pruner = Pruner(model, x, criterion=WeightNorm())
+    calls = _count_traces(monkeypatch)
+    plan = {"0": [0, 1]}
+    if change == "vetted-mode":
+        assert pruner.vet(plan) == []
+    pruner.prune(plan)
+    if change == "module":
+        model[2] = nn.Conv2d(6, 5, 3)
+        model[4] = nn.Conv2d(5, 4, 3)
+    else:
+        model.train()
+    widths = pruner.widths()
+    assert calls[-1] == "trace_model"
+    assert widths == ({"0": 6, "2": 5, "4": 4} if change == "module" else {"0": 6, "2": 6, "4": 4})
     _assert_same_graph(pruner.graph, Pruner(model, x, criterion=WeightNorm()).graph, model)
 
 
