@@ -101,3 +101,19 @@ def zero_producers(model: nn.Module, pruner, removals: dict) -> None:
                 for name, axis in handler_for(module).params(module, Role.OUT).items():
                     getattr(module, name).index_fill_(axis, torch.nonzero(mask).flatten(), 0.0)
     zero_plan(model, pruner.graph, removals)
+
+
+def smallest_per_component(n, pairs):
+    """Plain union-find: the smallest node of each node's component (the oracle)."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return [find(a) for a in range(n)]

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from prunable import DependencyGraph, ModuleHandler, Pruner, SkipKind, WeightNorm, register_handler
 from prunable.handlers import unregister_handler
-from helpers import Opaque, randomize_bn, zero_plan
+from helpers import Opaque, randomize_bn, smallest_per_component, zero_plan
 
 
 def _plan(pruner, fraction=0.3, seed=0):
@@ -236,22 +236,6 @@ def test_group_skipped_for_a_value_not_its_text():
     assert reason.kind is SkipKind.MODEL_OUTPUT and str(reason) == "model output" and "output" in reason
 
 
-def _smallest_per_component(n, pairs):
-    """Plain union-find: the smallest node of each node's component (the oracle)."""
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    return [find(a) for a in range(n)]
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 40).flatmap(lambda n: st.tuples(st.just(n), st.lists(
     st.lists(st.tuples(st.integers(0, max(n - 1, 0)), st.integers(0, max(n - 1, 0))), max_size=12), max_size=4))))
@@ -263,7 +247,7 @@ def test_components_are_the_smallest_node_of_each_component(case):
     n, parts = case
     pairs = [torch.tensor(p, dtype=torch.long).reshape(-1, 2) for p in parts] if n else []
     edges = [(e[:, 0], e[:, 1]) for e in pairs]
-    expected = _smallest_per_component(n, [tuple(e) for p in parts for e in p] if n else [])
+    expected = smallest_per_component(n, [tuple(e) for p in parts for e in p] if n else [])
     assert components(n, edges).tolist() == expected
 
 

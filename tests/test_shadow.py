@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from prunable import DependencyGraph
+from helpers import smallest_per_component
 from prunable.rules import cat_cores
 from prunable.shadow import (
     FIXED, Trace, canonical, components, core_of, expand_shadow, labels_along, lay_along, moved,
@@ -89,20 +90,6 @@ def test_a_layer_output_keeps_its_label_vector_through_moves_and_broadcasts():
     _assert_same_shadow(wide, wide.shape)
 
 
-def _union_find(n, pairs):
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    return [find(a) for a in range(n)]
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 4).flatmap(lambda r: st.tuples(shadows(rank=r), shadows(rank=r))), st.booleans())
 def test_union_relates_exactly_the_labelled_pairs(case, fresh):
@@ -121,7 +108,7 @@ def test_union_relates_exactly_the_labelled_pairs(case, fresh):
     trace.union(a, b)
     pa, pb = _materialised(a).reshape(-1).tolist(), _materialised(b).reshape(-1).tolist()
     pairs = [(x, y) for x, y in zip(pa, pb) if x >= 0 and y >= 0]
-    assert components(trace.n_slots, trace.edges).tolist() == _union_find(trace.n_slots, pairs)
+    assert components(trace.n_slots, trace.edges).tolist() == smallest_per_component(trace.n_slots, pairs)
     blocked = {x for x, y in zip(pa, pb) if x >= 0 and y == FIXED}
     blocked |= {y for x, y in zip(pa, pb) if y >= 0 and x == FIXED}
     assert sorted({v for labels, _ in trace.blocked for v in labels.tolist()}) == sorted(blocked)
