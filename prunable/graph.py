@@ -180,8 +180,7 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
     real copy, and :attr:`Traced.real` says which operation forced it."""
     check_copyable(model)
     try:
-        clone = meta_clone(model)
-        tracer, _ = run_traced(clone, _to_meta(example_inputs))
+        return trace_clone(meta_clone(model), model, example_inputs)
     except Exception as meta_exc:  # noqa: BLE001 - data-dependent code needs real values
         clone = copy.deepcopy(model)
         try:
@@ -202,7 +201,6 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Traced:
                 f"example_inputs {shapes}: the model's forward failed on them: {type(exc).__name__}: {exc}"
             ) from exc
         return Traced(tracer.trace, _module_map(clone, model), real=first_failing_op(meta_exc))
-    return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
 def trace_clone(clone: nn.Module, model: nn.Module, example_inputs: Any) -> Traced:
@@ -212,6 +210,17 @@ def trace_clone(clone: nn.Module, model: nn.Module, example_inputs: Any) -> Trac
     return Traced(tracer.trace, _module_map(clone, model), clone)
 
 
+def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
+             real: str | None = None) -> nn.Module:
+    """A copy of ``model`` with ``cuts`` applied: ``clone`` (a copy to cut), else a meta copy,
+    else (``real`` says why the forward pass needs real values) a real one."""
+    if clone is None:
+        clone = meta_clone(model) if real is None else copy.deepcopy(model)
+    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
+    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
+    return clone
+
+
 def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut], *, real: str | None = None) -> Traced:
     """Trace ``model`` as it will be after ``cuts``, on a meta copy (a real copy when
     ``real`` says why the forward pass needs one); ``model`` is not touched.
@@ -219,11 +228,11 @@ def trace_cut(model: nn.Module, example_inputs: Any, cuts: list[Cut], *, real: s
     Raises whatever applying the cuts or the forward pass of the cut copy raises.
     The result is the trace of the model once the same cuts are applied to it.
     """
-    clone = meta_clone(model) if real is None else copy.deepcopy(model)
-    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
-    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
-    tracer, _ = run_traced(clone, _to_meta(example_inputs) if real is None else example_inputs)
-    return Traced(tracer.trace, _module_map(clone, model), clone if real is None else None, real)
+    clone = cut_copy(model, cuts, real=real)
+    if real is None:
+        return trace_clone(clone, model, example_inputs)
+    tracer, _ = run_traced(clone, example_inputs)
+    return Traced(tracer.trace, _module_map(clone, model), None, real)
 
 
 class DependencyGraph:

@@ -19,34 +19,21 @@ True
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .copies import meta_clone
 from .flops import count_flops, count_params
-from .graph import Traced, trace_cut
+from .graph import Traced, cut_copy, trace_cut
 from .inputs import call_model, inputs_to
 from .meta import MetaShortcuts
 from .reasons import SkipKind, SkipReason
-from .surgery import Cut, apply_cuts
+from .surgery import Cut
 
 __all__ = ["Trials", "cut_copy", "failing_groups", "invalid_groups", "trial", "trial_failed", "trial_runner",
            "traced_trial"]
-
-
-def cut_copy(model: nn.Module, cuts: list[Cut], clone: nn.Module | None = None,
-             real: str | None = None) -> nn.Module:
-    """A copy of ``model`` with ``cuts`` applied: ``clone`` (a copy to cut), else a meta copy,
-    else (``real`` says why the forward pass needs real values) a real one."""
-    if clone is None:
-        clone = meta_clone(model) if real is None else copy.deepcopy(model)
-    twin = dict(zip((id(m) for m in model.modules()), clone.modules()))
-    apply_cuts([Cut(twin[id(c.module)], c.role, c.keep, c.param, c.axis, c.name) for c in cuts])
-    return clone
 
 
 def trial(model: nn.Module, example_inputs: Any, cuts: list[Cut], clone: nn.Module | None = None,
