@@ -107,10 +107,11 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
     if step == n:  # one block: no slices (each is an operation)
         _product(a, g, block)
         torch.sum(block, reduced, out=out)
-    for i in range(0, n if step < n else 0, step):
-        j = min(n, i + step)
-        _product(a[i:j], g[i:j], block[: j - i])
-        torch.sum(block[: j - i], reduced, out=out[i:j])
+    else:
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            _product(a[i:j], g[i:j], block[: j - i])
+            torch.sum(block[: j - i], reduced, out=out[i:j])
     if scratch is not None:
         scratch.give(flat)
     return positions
