@@ -58,6 +58,9 @@ RULES: dict[str, str] = {
     #: torchvision's RoI pooling keeps the features' channels; ``t[i] = v`` writes v's channels into t
     "roi_align": "roi", "roi_pool": "roi", "__setitem__": "setitem",
 }
+#: operations that only reorder dims: applied to a shadow's core, they give the result's core
+_DIM_MOVES = frozenset(("permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims"))
+
 #: operations whose effect on channels the graph follows exactly, taking no sizes and no channel
 #: count: cutting channels consistently through them cannot break the forward pass. Any other
 #: operation on a tensor with channels (a reshape with sizes, a split, a size read, an unknown
@@ -74,8 +77,7 @@ SIZE_FREE: frozenset[str] = frozenset(
     "to", "float", "half", "double", "bfloat16", "type", "type_as", "cpu", "cuda", "detach", "clone",
     "contiguous", "requires_grad_", "detach_", "property:data",
     # moving dims, concatenating
-    "flatten", "permute", "transpose", "t", "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes",
-    "swapdims", "cat", "concat", "concatenate",
+    *_DIM_MOVES, "flatten", "squeeze", "unsqueeze", "cat", "concat", "concatenate",
     # elementwise: activations, arithmetic, dropout (an operand of a fixed size is checked)
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
     "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "mish", "elu", "elu_", "selu", "celu",
@@ -89,9 +91,6 @@ SIZE_FREE: frozenset[str] = frozenset(
     "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
     "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
 ))
-
-#: operations that only reorder dims: applied to a shadow's core, they give the result's core
-_DIM_MOVES = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims"}
 
 #: splits whose sizes follow the tensor (chunk(n), tensor_split(n)): even parts along channels stay equal
 ADAPTIVE_SPLITS = {"chunk", "tensor_split"}
