@@ -28,12 +28,17 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["KeptActivation", "ScoreAccumulator", "Scratch", "StepScores", "taylor_per_example", "taylor_sums"]
+__all__ = ["CLAMPS", "InPlaceClamps", "KeptActivation", "ScoreAccumulator", "Scratch", "StepScores",
+           "taylor_per_example", "taylor_sums"]
 
 
 #: elements of ``activation * grad`` formed at a time per torch thread: a share small enough to stay
 #: in a core's cache (one block per thread count: smaller blocks cost a parallel region each)
 CHUNK_ELEMENTS = 1 << 18
+#: at most this many positions per channel (a 4×4 map) are summed as rows by a matrix-vector
+#: product: over a few elements per row that is 2-3× faster on the CPU than ``torch.sum``; from
+#: an 8×8 map on, ``torch.sum`` is as fast or faster (bench: a ResNet-18's 2×2-8×8 maps)
+ROW_SUM_POSITIONS = 16
 
 
 def taylor_per_example(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int = 1, *,
@@ -96,25 +101,81 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
         torch.mul(a.float(), g.float(), out=out)
         return 1
     reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
-    n = a.shape[0]
-    if a.device.type != "cpu" or (step >= n and not (a.is_contiguous() and g.is_contiguous())):
+    if a.device.type != "cpu" or (step >= a.shape[0] and not (a.is_contiguous() and g.is_contiguous())):
         # one block (a GPU reads it in one kernel); a strided one keeps the layout the product takes
         torch.sum(a.float() * g.float(), reduced, out=out)
         return positions
-    step = min(step, n)
-    flat = (scratch or Scratch()).take(step * size, a.device)
-    block = flat[: step * size].view((step,) + a.shape[1:])
-    if step == n:  # one block: no slices (each is an operation)
-        _product(a, g, block)
-        torch.sum(block, reduced, out=out)
-    else:
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            _product(a[i:j], g[i:j], block[: j - i])
-            torch.sum(block[: j - i], reduced, out=out[i:j])
-    if scratch is not None:
-        scratch.give(flat)
+    scratch = scratch or Scratch()
+    flat = scratch.take(_work_elements(a.shape, channel_dim), a.device)
+    _sums_plan(a, g, channel_dim, out, flat, scratch)(a, g)
+    scratch.give(flat)
     return positions
+
+
+def _work_elements(shape: torch.Size, channel_dim: int) -> int:
+    """Elements of the work buffer :func:`_sums_plan` needs for inputs of ``shape``."""
+    _, positions, step, size = _blocking(shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+    step = min(step, shape[0])
+    return step * size + (step * shape[1] if _by_rows(positions, channel_dim, len(shape)) else 0)
+
+
+def _by_rows(positions: int, channel_dim: int, dims: int) -> bool:
+    """Whether the positions are summed as rows by a matrix-vector product: few positions per
+    channel, in the trailing dims (``torch.sum``'s kernel takes several times longer over rows
+    of 2-16 elements; from an 8×8 map on it is as fast or faster)."""
+    return positions <= ROW_SUM_POSITIONS and channel_dim % dims == 1
+
+
+def _sums_plan(a: torch.Tensor, g: torch.Tensor, channel_dim: int, out: torch.Tensor, flat: torch.Tensor,
+               scratch: Scratch) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The CPU block path of :func:`taylor_sums` for inputs laid out as ``a`` and ``g`` (shape,
+    dtypes): a function of ``(activation, grad)`` that writes their sums into ``out``, forming the
+    blocks in ``flat`` (:func:`_work_elements` long). Its views are made here once, so a point
+    scored every step runs only the product and the reduction of each block (on the CPU each
+    operation, however small, costs microseconds, tens of them in a training step's cold caches).
+    """
+    reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+    n, c = a.shape[0], a.shape[1]
+    step = min(step, n)
+    by_rows = _by_rows(positions, channel_dim, a.dim())
+    product = torch.mul if a.dtype == g.dtype == torch.float32 else _widened_product
+    ones = scratch.ones(positions, a.device) if by_rows else None
+    blocks = []
+    for i in range(0, n, step):
+        k = min(n, i + step) - i
+        target = out if k == n else out[i:i + k]
+        block = flat[: k * size].view((k,) + a.shape[1:])
+        if not by_rows:
+            blocks.append((i, k, block, functools.partial(torch.sum, block, reduced, out=target)))
+            continue
+        rows = target.view(-1) if target.is_contiguous() else flat[step * size: step * size + k * c]
+        mv = functools.partial(torch.mv, flat[: k * size].view(-1, positions), ones, out=rows)
+        if rows.data_ptr() == target.data_ptr():
+            blocks.append((i, k, block, mv))
+        else:
+            blocks.append((i, k, block, _then_copy(mv, target, rows.view(k, c))))
+    if len(blocks) == 1:  # one block: no slices (each is an operation)
+        block, reduce = blocks[0][2], blocks[0][3]
+
+        def run(a: torch.Tensor, g: torch.Tensor) -> None:
+            product(a, g, out=block)
+            reduce()
+    else:
+        pairs = [(block, reduce) for _, _, block, reduce in blocks]
+
+        def run(a: torch.Tensor, g: torch.Tensor) -> None:
+            for a_part, g_part, (block, reduce) in zip(a.split(step), g.split(step), pairs):  # one call each
+                product(a_part, g_part, out=block)
+                reduce()
+    return run
+
+
+def _then_copy(reduce: Callable[[], torch.Tensor], target: torch.Tensor, rows: torch.Tensor) -> Callable[[], None]:
+    """``reduce()`` into the contiguous ``rows``, then copied into the strided ``target``."""
+    def run() -> None:
+        reduce()
+        target.copy_(rows)
+    return run
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,13 +189,15 @@ def _blocking(shape: torch.Size, channel_dim: int, budget: int) -> tuple[tuple[i
     return reduced, positions, max(1, budget // max(size, 1)), size
 
 
-def _product(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+def _sums_into(channel_dim: int, out: torch.Tensor, scratch: Scratch, a: torch.Tensor, g: torch.Tensor) -> None:
+    """:func:`taylor_sums` of ``a`` and ``g`` into ``out`` (a plan for the layouts it does not cover)."""
+    taylor_sums(a, g, channel_dim, out=out, scratch=scratch)
+
+
+def _widened_product(a: torch.Tensor, g: torch.Tensor, *, out: torch.Tensor) -> None:
     """``out = float(a) * float(g)`` without a float32 copy of either (a product in the
     inputs' lower precision would round before the cast)."""
-    if a.dtype == g.dtype == torch.float32:
-        torch.mul(a, g, out=out)
-    else:
-        out.copy_(a).mul_(g)  # in place: computed in out's float32, ``g`` widened exactly
+    out.copy_(a).mul_(g)  # in place: computed in out's float32, ``g`` widened exactly
 
 
 class Scratch:
@@ -156,6 +219,15 @@ class Scratch:
 
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []  # pop and append are atomic: threads never share a buffer
+        self._ones: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def ones(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A float32 vector of ``numel`` ones on ``device`` (made once, never written)."""
+        key = (numel, device)
+        ones = self._ones.get(key)
+        if ones is None:
+            ones = self._ones[key] = torch.ones(numel, dtype=torch.float32, device=device)
+        return ones
 
     def take(self, numel: int, device: torch.device) -> torch.Tensor:
         """A float32 buffer of at least ``numel`` elements on ``device``, now the caller's."""
@@ -175,6 +247,7 @@ class Scratch:
     def remove(self) -> None:
         """Free the buffer."""
         self._free.clear()
+        self._ones.clear()
 
 
 class ScoreAccumulator:
@@ -330,34 +403,71 @@ class StepScores:
         self._buf: torch.Tensor | None = None  # (N, ΣC)
         self._scale = self._total = torch.zeros(0, dtype=torch.float32)  # positions and running total per column
         self._lock = threading.RLock()
+        #: name -> (the layout of its batches, accumulator, its total, the function writing its sums, N): made once
+        #: per layout; every plan is dropped when the columns are laid out anew
+        self._plans: dict[str, tuple] = {}
+        self._work: torch.Tensor | None = None  # the plans' block buffer, shared (points are scored one at a time)
 
     def add(self, name: str, acc: ScoreAccumulator, activation: torch.Tensor, grad: torch.Tensor,
             channel_dim: int = 1, *, scratch: Scratch | None = None) -> None:
         """Write one batch of point ``name`` (scored into ``acc`` at the next flush)."""
-        n, c = activation.shape[0], activation.shape[channel_dim]
+        layout = (activation.shape, activation.stride(), grad.stride(), activation.dtype, grad.dtype, channel_dim,
+                  activation.requires_grad or grad.requires_grad)
         with self._lock:
-            column = self._columns.get(name)
-            if self._buf is not None and self._buf.shape[0] != n and self._written and name not in self._written:
-                acc.add(taylor_per_example(activation, grad, channel_dim, scratch=scratch))  # another N in this step
-                return
-            if (column is None or column[0] is not acc or column[2] != c or column[3] is not acc.total
-                    or self._buf is None or self._buf.shape[0] != n):
-                self._layout(name, acc, n, c)
-                column = self._columns[name]
+            plan = self._plans.get(name)
+            if plan is None or plan[0] != layout or plan[1] is not acc or plan[2] is not acc.total:
+                plan = self._prepare(name, acc, activation, grad, channel_dim, layout, scratch)
+                if plan is None:
+                    return
             elif name in self._written:
                 self.flush()
-            positions = taylor_sums(activation, grad, channel_dim, out=column[4], scratch=scratch)
-            if self._positions.get(name) != positions:
-                self._positions[name] = positions
-                self._scale[column[1]:column[1] + c] = positions
-            self._written[name] = n
+            plan[3](activation, grad)
+            self._written[name] = plan[4]
+
+    def _prepare(self, name: str, acc: ScoreAccumulator, activation: torch.Tensor, grad: torch.Tensor,
+                 channel_dim: int, layout: tuple, scratch: Scratch | None) -> tuple | None:
+        """:meth:`add`'s set-up for a point whose plan is missing or stale: its columns (laid out anew if
+        needed), its positions, and its plan ``(layout, acc, acc.total, write the sums, N)``; None when the
+        batch was scored on its own (another first dim than the others' in this step)."""
+        n, c = activation.shape[0], activation.shape[channel_dim]
+        column = self._columns.get(name)
+        if self._buf is not None and self._buf.shape[0] != n and self._written and name not in self._written:
+            acc.add(taylor_per_example(activation, grad, channel_dim, scratch=scratch))  # another N in this step
+            return None
+        if (column is None or column[0] is not acc or column[2] != c or column[3] is not acc.total
+                or self._buf is None or self._buf.shape[0] != n):
+            self._layout(name, acc, n, c)
+            column = self._columns[name]
+        elif name in self._written:
+            self.flush()
+        write, positions = self._plan(activation, grad, channel_dim, column[4], scratch)
+        if self._positions.get(name) != positions:
+            self._positions[name] = positions
+            self._scale[column[1]:column[1] + c] = positions
+        plan = self._plans[name] = (layout, acc, acc.total, write, n)
+        return plan
+
+    def _plan(self, a: torch.Tensor, g: torch.Tensor, channel_dim: int, out: torch.Tensor, scratch: Scratch | None
+              ) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], int]:
+        """The function writing the sums of inputs laid out as ``a`` and ``g`` into ``out``, and its positions:
+        :func:`taylor_sums`' CPU block path with its views made once, or :func:`taylor_sums` itself."""
+        scratch = scratch or Scratch()
+        _, positions, step, _ = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+        if (a.device.type != "cpu" or a.dim() <= 2 or a.requires_grad or g.requires_grad
+                or (step >= a.shape[0] and not (a.is_contiguous() and g.is_contiguous()))):
+            return functools.partial(_sums_into, channel_dim, out, scratch), positions
+        need = _work_elements(a.shape, channel_dim)
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need, dtype=torch.float32)
+            self._plans = {}  # their views are of the old buffer
+        return _sums_plan(a, g, channel_dim, out, self._work, scratch), positions
 
     def _layout(self, name: str, acc: ScoreAccumulator, n: int, c: int) -> None:
         """Lay the columns out anew (a new point, batch size or channel count), keeping the totals."""
         self.flush()
         accs = {k: (v[0], v[2]) for k, v in self._columns.items()} | {name: (acc, c)}
         width = sum(c for _, c in accs.values())
-        self._buf = torch.empty(n, width, dtype=torch.float32)
+        self._buf, self._plans = torch.empty(n, width, dtype=torch.float32), {}  # the plans wrote to the old columns
         self._scale, self._total = torch.ones(width, dtype=torch.float32), torch.zeros(width, dtype=torch.float32)
         self._columns, start = {}, 0
         for key, (a, c) in accs.items():
@@ -391,7 +501,7 @@ class StepScores:
         """Flushed, without the layout (a copy's accumulators keep their totals, laid out again by
         the next :meth:`add`; a pickle does not keep them views of one tensor) and the lock."""
         self.flush()
-        return {**self.__dict__, "_columns": {}, "_buf": None, "_lock": None}
+        return {**self.__dict__, "_columns": {}, "_buf": None, "_lock": None, "_plans": {}, "_work": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.RLock())
@@ -401,12 +511,12 @@ class StepScores:
         with self._lock:
             self.flush()
             self._columns = {k: v for k, v in self._columns.items() if k in names}
-            self._buf = None
+            self._buf, self._plans = None, {}
 
     def remove(self) -> None:
-        """Flush and free the buffer (a hook handle's interface)."""
+        """Flush and free the buffers (a hook handle's interface)."""
         self.flush()
-        self._buf = None
+        self._buf, self._plans, self._work = None, {}, None
 
 
 class KeptActivation:
@@ -421,6 +531,13 @@ class KeptActivation:
     copied only where the model changes it. A batch whose uncopied activation was
     changed anyway (the forward pass took another path) is left out with a warning,
     never mixed into the scores.
+
+    One change needs no copy: an in-place clamp module (:data:`CLAMPS`: ReLU, ReLU6,
+    Hardtanh) applied to the whole output, and nothing else. Its gradient ``dL/dy`` is
+    zero wherever the clamp changed a value, so ``clamp(y)·dL/dy == y·dL/dy`` exactly.
+    :class:`InPlaceClamps` proves it batch by batch: the clamp module's forward hook
+    marks the hold when the output it returns is this one (same storage, shape and
+    strides) one version later, and the backward finds that version still.
 
     A copy whose batch has been scored is reused for the next batch of the same
     shape, so a copied point allocates no new memory per step (fresh copies cost
@@ -440,34 +557,57 @@ class KeptActivation:
     True
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clamps: "InPlaceClamps | None" = None) -> None:
         self.name = name
         self.copies: bool | None = None  # unknown until the first backward
+        #: the output is changed after the layer by an in-place clamp only (learnt): kept without a copy
+        self.clamped = False
+        self._clamps = clamps
         self._spare: _Held | None = None  # a copy whose batch was scored, free for the next hold
+        self._last: _Held | None = None  # the latest hold a clamp may mark (while one may)
 
     def hold(self, a: torch.Tensor) -> "_Held":
         """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
         if self.copies is False:
-            return _Held(a, a)
-        alias = None if self.copies else a  # the output itself is kept only to learn whether it changes
-        spare, self._spare = self._spare, None
-        if spare is not None and (spare.kept.shape, spare.kept.stride(), spare.kept.dtype, spare.kept.device) == (
-                a.shape, a.stride(), a.dtype, a.device):
-            return _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
-        return _Held(a.clone(), alias)
+            held = _Held(a, a)
+        else:
+            alias = None if self.copies else a  # the output itself is kept only to learn whether it changes
+            spare, self._spare = self._spare, None
+            if spare is not None and (spare.kept.shape, spare.kept.stride(), spare.kept.dtype, spare.kept.device) == (
+                    a.shape, a.stride(), a.dtype, a.device):
+                held = _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
+            else:
+                held = _Held(a.clone(), alias)
+        if self._clamps is not None and (self.copies is None or self.clamped):
+            self._last = held
+            self._clamps.note(self, a)
+        return held
+
+    def clamp(self, output: torch.Tensor) -> None:
+        """An in-place clamp module returned ``output``: mark the latest hold if that is its activation,
+        changed once, by the clamp alone."""
+        held = self._last
+        if (held is not None and held.alias is not None and output._version == held.version + 1
+                and output.data_ptr() == held.alias.data_ptr() and output.shape == held.alias.shape
+                and output.stride() == held.alias.stride()):
+            held.clamped = True
 
     def use(self, held: "_Held") -> torch.Tensor | None:
-        """The activation as the layer produced it, or None if it was lost."""
+        """The activation as the layer produced it (or clamped in place: the same products), or None if it was lost."""
+        if self._last is held:
+            self._last = None
         if held.owner[0] is not held.token:
             warnings.warn(f"prunable: {self.name}'s kept activation was reused by a later forward pass before "
                           "this backward (a retained graph run backward again?); the batch is left out",
                           stacklevel=2)
             return None
         changed = held.alias is not None and held.alias._version != held.version
+        clamped = changed and held.clamped and held.alias._version == held.version + 1
         if self.copies is None:
-            self.copies = changed
-        elif changed and not self.copies:
-            self.copies = True
+            self.copies = changed and not clamped
+            self.clamped = clamped  # from now on the clamped output itself is read
+        elif changed and not self.copies and not clamped:
+            self.copies, self.clamped = True, False
             warnings.warn(f"prunable: {self.name}'s output was changed in place after the layer in this batch "
                           "only; the batch is left out of its estimate, and its output is copied from now on",
                           stacklevel=2)
@@ -481,16 +621,70 @@ class KeptActivation:
             self._spare = held
 
 
+#: modules whose in-place form leaves ``a·dL/da`` of its input exact (its gradient is zero wherever it
+#: changed a value); exact types: a subclass may compute something else
+CLAMPS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh)
+
+
+class InPlaceClamps:
+    """Finds the kept activation an in-place clamp module (:data:`CLAMPS`) changes, by storage.
+
+    :meth:`hook` is the clamp modules' forward hook; :meth:`note` records each hold
+    that a clamp may mark (one per measure point: the latest). :meth:`remove` forgets
+    them (a hook handle's interface).
+
+    Example
+    -------
+    >>> clamps, relu = InPlaceClamps(), torch.nn.ReLU(inplace=True)
+    >>> handle = relu.register_forward_hook(clamps.hook)
+    >>> keep = KeptActivation("bn", clamps)
+    >>> y = torch.tensor([[-1.0, 2.0]])
+    >>> held = keep.hold(y)
+    >>> _ = relu(y)
+    >>> keep.use(held) is held.kept, keep.clamped  # learnt: no copy from now on
+    (True, True)
+    """
+
+    def __init__(self) -> None:
+        self._by_storage: dict[int, KeptActivation] = {}
+        self._storage: dict[KeptActivation, int] = {}
+
+    @staticmethod
+    def modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules of ``model`` of a :data:`CLAMPS` type (whether in place is read when they run)."""
+        return [m for m in model.modules() if type(m) in CLAMPS]
+
+    def note(self, keep: KeptActivation, a: torch.Tensor) -> None:
+        """``keep`` holds ``a`` now (its previous hold can no longer be marked)."""
+        ptr = a.data_ptr()
+        old = self._storage.get(keep)
+        if old is not None and self._by_storage.get(old) is keep:
+            del self._by_storage[old]
+        self._by_storage[ptr], self._storage[keep] = keep, ptr
+
+    def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        """Forward hook of a clamp module: mark the hold whose activation it changed in place."""
+        if getattr(module, "inplace", False) and isinstance(output, torch.Tensor):
+            keep = self._by_storage.get(output.data_ptr())
+            if keep is not None:
+                keep.clamp(output)
+
+    def remove(self) -> None:
+        """Forget every hold."""
+        self._by_storage.clear()
+        self._storage.clear()
+
+
 class _Held:
     """A kept activation, the output it was read from (None when not needed) and its version then.
 
     ``owner`` is shared by every hold of the same copy; it holds the ``token``
     of the hold whose activation the copy holds now."""
 
-    __slots__ = ("kept", "alias", "version", "owner", "token")
+    __slots__ = ("kept", "alias", "version", "owner", "token", "clamped")
 
     def __init__(self, kept: torch.Tensor, alias: torch.Tensor | None, owner: list | None = None) -> None:
-        self.kept, self.alias = kept, alias
+        self.kept, self.alias, self.clamped = kept, alias, False
         self.version = alias._version if alias is not None else None
         self.token = object()
         self.owner = owner if owner is not None else [None]

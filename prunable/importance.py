@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import KeptActivation, ScoreAccumulator, Scratch, StepScores, taylor_per_example
+from .accumulate import InPlaceClamps, KeptActivation, ScoreAccumulator, Scratch, StepScores, taylor_per_example
 from .errors import EstimationError
 from .handlers import ModuleHandler, Role, handler_for
 from .surgery import originals
@@ -136,6 +136,8 @@ class Criterion:
         self._warned_skips = False
         #: where activation criteria form their products, reused by every point; freed with the hooks
         self.scratch = Scratch()
+        #: the holds an in-place clamp module may mark (gradient criteria: no copy of outputs it changes)
+        self.clamps = InPlaceClamps()
 
     def attach(self, points: list[MeasurePoint]) -> list[Any]:
         """Install hooks on ``points``; returns removable handles.
@@ -151,31 +153,43 @@ class Criterion:
             acc = self.accumulators.setdefault(point.name, ScoreAccumulator())
             handles += self._hooks(point, acc)
         if handles:
-            handles += [_EagerStance(), self.scratch]
+            handles += [_EagerStance(), self.scratch, self.clamps]
         return handles
+
+    def watch(self, modules: list[nn.Module]) -> list[Any]:
+        """Forward hooks on in-place clamp modules (:data:`~prunable.accumulate.CLAMPS`, e.g. from
+        :meth:`InPlaceClamps.modules`) after :meth:`attach`: an output they alone change in place
+        is read as is at the backward, not copied in the forward (the products are the same).
+        Returns removable handles; none for criteria that read no gradients."""
+        if not (self.needs_activations and self.needs_grad):
+            return []
+        return [m.register_forward_hook(self.clamps.hook) for m in modules]
 
     def _hooks(self, point: MeasurePoint, acc: ScoreAccumulator) -> list[Any]:
         if not self.needs_activations:
             return []
 
-        keep = KeptActivation(point.name)
+        keep = KeptActivation(point.name, self.clamps if self.needs_grad else None)
         # bound once: a hook runs on every step, where each Python call costs (its caches are cold)
         handler, dim, per_example = handler_for(point.module) or ModuleHandler(), point.dim, self.per_example
         activation, view, accumulate, name = handler.activation, handler.channel_view, self.accumulate, point.name
+        hold, use, release, needs_grad, grad_enabled = keep.hold, keep.use, keep.release, self.needs_grad, \
+            torch.is_grad_enabled
+        identity = type(handler).channel_view is ModuleHandler.channel_view  # the tensor as it is: no call
 
         def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             output = activation(module, output)
             if output is None:
                 return
-            if self.needs_grad:
-                if torch.is_grad_enabled() and output.requires_grad:
-                    held = keep.hold(view(module, output.detach(), dim))
+            if needs_grad:
+                if grad_enabled() and output.requires_grad:
+                    held = hold(output.detach() if identity else view(module, output.detach(), dim))
 
                     def backward_hook(g: torch.Tensor) -> None:
-                        a = keep.use(held)
+                        a = use(held)
                         if a is not None:
-                            accumulate(name, acc, a, view(module, g, dim), dim)
-                            keep.release(held)
+                            accumulate(name, acc, a, g if identity else view(module, g, dim), dim)
+                            release(held)
 
                     output.register_hook(backward_hook)
             else:
@@ -256,7 +270,7 @@ class TaylorActivation(Criterion):
         return taylor_per_example(a, g, dim, scratch=self.scratch)
 
     def accumulate(self, name: str, acc: ScoreAccumulator, a: torch.Tensor, g: torch.Tensor, dim: int) -> None:
-        if a.device.type != "cpu":  # a GPU runs the per-point operations without waiting for the host
+        if not a.is_cpu:  # a GPU runs the per-point operations without waiting for the host
             return super().accumulate(name, acc, a, g, dim)
         self.steps.add(name, acc, a, g, dim, scratch=self.scratch)
 
@@ -435,8 +449,12 @@ class TaylorBN(_ParamTaylor):
 
 
 @contextlib.contextmanager
-def estimating(criterion: Criterion, points: list[MeasurePoint]) -> Iterator[None]:
+def estimating(criterion: Criterion, points: list[MeasurePoint], clamps: list[nn.Module] | None = None
+               ) -> Iterator[None]:
     """``criterion``'s hooks on ``points`` while the block runs; removed on exit, also when it raises.
+
+    ``clamps``: the model's in-place clamp modules to watch (:meth:`Criterion.watch`; the Pruner
+    passes :meth:`InPlaceClamps.modules` of its model); none by default.
 
     Raises :class:`EstimationError` up front if the criterion needs gradients and they are disabled.
 
@@ -453,6 +471,8 @@ def estimating(criterion: Criterion, points: list[MeasurePoint]) -> Iterator[Non
         raise EstimationError(f"{type(criterion).__name__} needs gradients but they are "
                               "disabled (torch.no_grad / inference_mode) around estimate()")
     handles = criterion.attach(points)
+    if handles and clamps:
+        handles += criterion.watch(clamps)
     try:
         yield
     finally:

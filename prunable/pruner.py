@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import schedule
+from .accumulate import InPlaceClamps
 from .admission import Admission
 from .distributed import unwrap
 from .configs import sync_config
@@ -233,7 +234,7 @@ class Pruner:
 
         Hooks are removed on exit, also when the block raises.
         """
-        with estimating(self.criterion, list(self._points.values())):
+        with estimating(self.criterion, list(self._points.values()), InPlaceClamps.modules(self.model)):
             yield self
 
     def scores(self) -> dict[str, torch.Tensor]:
