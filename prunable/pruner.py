@@ -232,7 +232,10 @@ class Pruner:
     def estimate(self) -> Iterator["Pruner"]:
         """Collect data-driven importance while the block runs forward/backward passes.
 
-        Hooks are removed on exit, also when the block raises.
+        Hooks are removed on exit, also when the block raises. A measured output that
+        the model changes in place afterwards is copied in the forward pass, unless an
+        in-place ReLU, ReLU6 or Hardtanh module alone changes it (its gradient is zero
+        wherever the clamp changed a value, so the clamped output gives the same scores).
         """
         with estimating(self.criterion, list(self._points.values()), InPlaceClamps.modules(self.model)):
             yield self

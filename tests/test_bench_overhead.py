@@ -60,3 +60,13 @@ def test_rounds_are_shuffled_and_timed_on_one_thread_then_two(overhead, monkeypa
     assert len({tuple(c for c, _ in g) for g in groups}) > 1  # the order changes
     for c in overhead.TIMED:
         assert all(len(out[c]["steps"][t].cpu) == len(out[c]["steps"][t].wall) == 6 for t in (1, 2))
+
+
+def test_the_goal_is_met_only_when_the_whole_interval_lies_below_it(overhead):
+    below = [1.01, 1.02, 1.015, 1.012, 1.018]
+    assert overhead.verdict(below, [1.0] * 5).endswith("goal is met")
+    touching = below + [1.04, 1.05, 1.045]  # the median still below 1.03, the interval not
+    mid, low, high = overhead.paired_ratio(touching, [1.0] * 8)
+    assert mid < overhead.GOAL <= high
+    assert "not shown to be met" in overhead.verdict(touching, [1.0] * 8)
+    assert f"{high:.3f}" in overhead.verdict(touching, [1.0] * 8)
