@@ -2,7 +2,6 @@
 
 import math
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -156,19 +155,19 @@ class ClampedBN(nn.Module):
         return self.head(out.mean((2, 3)))
 
 
-def _clamp_run(tail: str, inplace: bool = True, batches: int = 3):
-    """TaylorActivation at the BN of a :class:`ClampedBN` through ``estimating`` with its clamp modules watched,
-    against the 2017 formula from a separate hook that copies ``y`` and keeps ``dL/dy``; with the
-    point's kept-activation state and the clamp hooks left after the block."""
+def _clamp_run(tails: list[str], inplace: bool = True):
+    """TaylorActivation at the BN of a :class:`ClampedBN` through ``estimating`` with its clamp modules
+    watched, one batch per entry of ``tails``; with a separate hook's copies of ``y`` and ``dL/dy``, the
+    point's kept-activation state, the clamp hooks left after the block and the batches that warned."""
     from prunable.accumulate import InPlaceClamps
     from prunable.importance import MeasurePoint
 
     torch.manual_seed(0)
-    model = ClampedBN(tail)
+    model = ClampedBN(tails[0])
     model.act.inplace = inplace
     criterion = TaylorActivation()
     point = MeasurePoint("conv", model.bn, 1, model.conv)
-    seen = []
+    seen, warned = [], []
 
     def copy_hook(module, inputs, y):
         seen.append([y.detach().clone(), None])
@@ -176,14 +175,21 @@ def _clamp_run(tail: str, inplace: bool = True, batches: int = 3):
 
     hand = model.bn.register_forward_hook(copy_hook)
     with estimating(criterion, [point], InPlaceClamps.modules(model)):
-        for _ in range(batches):
+        for batch, tail in enumerate(tails):
+            model.tail = tail
             x, target = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
-            nn.functional.cross_entropy(model(x), target).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                nn.functional.cross_entropy(model(x), target).backward()
+            warned += [batch for w in caught if "changed in place" in str(w.message)]
         (keep,) = criterion.clamps._storage or [None]
     hand.remove()
-    want = torch.cat([(a * g).sum((2, 3)).div(25).abs() for a, g in seen]).mean(0)
     hooks_left = sum(len(m._forward_hooks) for m in model.modules())
-    return criterion.scores(point), want, keep, hooks_left, seen
+    return criterion, point, seen, keep, hooks_left, warned
+
+
+def _taylor(pairs) -> torch.Tensor:
+    return torch.cat([(a * g).sum((2, 3)).div(25).abs() for a, g in pairs]).mean(0)
 
 
 @pytest.mark.parametrize("tail", ["relu", "relu6", "hardtanh"])
@@ -191,13 +197,15 @@ def test_an_output_clamped_in_place_by_a_clamp_module_is_read_uncopied_and_exact
     """After the first batch (copied, to learn), the clamped output itself is read: the clamp's gradient
     is zero wherever it changed a value, so the scores are the unclamped formula's, to the bit of a
     model whose clamp is not in place."""
-    scores, want, keep, hooks_left, seen = _clamp_run(tail)
+    criterion, point, seen, keep, hooks_left, warned = _clamp_run([tail] * 3)
     assert keep is not None and keep.clamped and keep.copies is False
     assert keep._spare is None  # no copy buffer kept
     assert any((a < 0).any() for a, _ in seen)  # the clamp did change values
-    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-8)
-    assert hooks_left == 0
-    assert torch.equal(_clamp_run(tail, inplace=False)[0], scores)
+    scores = criterion.scores(point)
+    torch.testing.assert_close(scores, _taylor(seen), rtol=1e-5, atol=1e-8)
+    assert hooks_left == 0 and warned == []
+    criterion, point = _clamp_run([tail] * 3, inplace=False)[:2]
+    assert torch.equal(criterion.scores(point), scores)
 
 
 @pytest.mark.parametrize("tail", ["leaky", "subclass", "slice", "add_first", "functional"])
@@ -205,46 +213,22 @@ def test_any_other_change_in_place_is_copied(tail):
     """LeakyReLU changes values its gradient passes; a subclass may compute anything; a clamp of a
     part, another change before the clamp, an in-place call without a module: no proof, so the
     output is copied and the scores are still exact."""
-    scores, want, keep, hooks_left, _ = _clamp_run(tail)
+    criterion, point, seen, keep, hooks_left, warned = _clamp_run([tail] * 3)
     assert keep is None or not keep.clamped
-    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-8)
-    assert hooks_left == 0
+    torch.testing.assert_close(criterion.scores(point), _taylor(seen), rtol=1e-5, atol=1e-8)
+    assert hooks_left == 0 and warned == []
 
 
 def test_a_batch_changed_otherwise_after_the_clamp_was_learnt_is_left_out_with_a_warning():
     """A point learnt to be clamped only, whose output a later batch changes another way (here:
-    ``+= 1``, then the clamp) is never scored from that output: the batch is left out, with a warning, and
-    the point copies from then on."""
-    from prunable.accumulate import InPlaceClamps
-    from prunable.importance import MeasurePoint
-
-    torch.manual_seed(0)
-    model = ClampedBN("relu")
-    criterion = TaylorActivation()
-    point = MeasurePoint("conv", model.bn, 1, model.conv)
-    seen = []
-
-    def copy_hook(module, inputs, y):
-        seen.append([y.detach().clone(), None])
-        y.register_hook(lambda g, i=len(seen) - 1: seen[i].__setitem__(1, g.clone()))
-
-    hand = model.bn.register_forward_hook(copy_hook)
-    with estimating(criterion, [point], InPlaceClamps.modules(model)):
-        for tail in ["relu", "relu", "add_first", "add_first", "relu"]:
-            model.tail = tail
-            x, target = torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                nn.functional.cross_entropy(model(x), target).backward()
-            assert [str(w.message) for w in caught if "changed in place" in str(w.message)] == (
-                [] if len(seen) != 3 else [mock.ANY])
-        (keep,) = criterion.clamps._storage or [None]
-    hand.remove()
-    used = [seen[i] for i in (0, 1, 3, 4)]  # batch 3 left out
-    want = torch.cat([(a * g).sum((2, 3)).div(25).abs() for a, g in used]).mean(0)
-    torch.testing.assert_close(criterion.scores(point), want, rtol=1e-5, atol=1e-8)
+    ``+= 1``, then the clamp) is never scored from that output: the batch is left out, with a warning,
+    and the point copies from then on."""
+    criterion, point, seen, keep, _, warned = _clamp_run(["relu", "relu", "add_first", "add_first", "relu"])
+    assert warned == [2]
+    torch.testing.assert_close(criterion.scores(point), _taylor([seen[i] for i in (0, 1, 3, 4)]),
+                               rtol=1e-5, atol=1e-8)
     assert criterion.accumulators["conv"].count == 24
-    assert keep is None or not keep.clamped
+    assert keep is not None and not keep.clamped and keep.copies
 
 
 def test_the_pruner_watches_the_clamps_of_its_model_and_scores_as_without_in_place():
