@@ -533,11 +533,15 @@ class KeptActivation:
     never mixed into the scores.
 
     One change needs no copy: an in-place clamp module (:data:`CLAMPS`: ReLU, ReLU6,
-    Hardtanh) applied to the whole output, and nothing else. Its gradient ``dL/dy`` is
-    zero wherever the clamp changed a value, so ``clamp(y)·dL/dy == y·dL/dy`` exactly.
+    Hardtanh) applied to the whole output as its first reader, and nothing else. Every
+    gradient then reaches ``y`` through the clamp, which passes none wherever it
+    changed a value, so ``clamp(y)·dL/dy == y·dL/dy`` exactly. (A reader before the
+    clamp, ``z = 2 * y``, would send ``y`` gradient where the clamp zeroed it.)
     :class:`InPlaceClamps` proves it batch by batch: the clamp module's forward hook
     marks the hold when the output it returns is this one (same storage, shape and
-    strides) one version later, and the backward finds that version still.
+    strides) one version later, and its autograd node is the very next one recorded
+    after the layer's (no operation read ``y`` with gradients in between); the backward
+    then finds that version still.
 
     A copy whose batch has been scored is reused for the next batch of the same
     shape, so a copied point allocates no new memory per step (fresh copies cost
@@ -566,8 +570,11 @@ class KeptActivation:
         self._spare: _Held | None = None  # a copy whose batch was scored, free for the next hold
         self._last: _Held | None = None  # the latest hold a clamp may mark (while one may)
 
-    def hold(self, a: torch.Tensor) -> "_Held":
-        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version."""
+    def hold(self, a: torch.Tensor, source: torch.Tensor | None = None) -> "_Held":
+        """What the backward hook needs: the activation (a copy unless known unchanged), its alias, its version.
+
+        ``source``: the tensor ``a`` was detached from (its autograd node dates the layer for
+        :meth:`clamp`); without it no clamp is proved."""
         if self.copies is False:
             held = _Held(a, a)
         else:
@@ -578,9 +585,11 @@ class KeptActivation:
                 held = _Held(spare.kept.copy_(a), alias, spare.owner)  # an older hold of it can no longer read it
             else:
                 held = _Held(a.clone(), alias)
-        if self._clamps is not None and (self.copies is None or self.clamped):
-            self._last = held
-            self._clamps.note(self, a)
+        if self._clamps is not None and (self.copies is None or self.clamped) and source is not None:
+            held.node = _node_number(source)
+            if held.node is not None:
+                self._last = held
+                self._clamps.note(self, a)
         return held
 
     def clamp(self, output: torch.Tensor) -> None:
@@ -589,7 +598,7 @@ class KeptActivation:
         held = self._last
         if (held is not None and held.alias is not None and output._version == held.version + 1
                 and output.data_ptr() == held.alias.data_ptr() and output.shape == held.alias.shape
-                and output.stride() == held.alias.stride()):
+                and output.stride() == held.alias.stride() and _node_number(output) == held.node + 1):
             held.clamped = True
 
     def use(self, held: "_Held") -> torch.Tensor | None:
@@ -621,6 +630,14 @@ class KeptActivation:
             self._spare = held
 
 
+def _node_number(t: torch.Tensor) -> int | None:
+    """The sequence number of ``t``'s autograd node (nodes are numbered as the forward pass records
+    them, per thread), or None (no node, or a torch without the number)."""
+    node = t.grad_fn
+    number = getattr(node, "_sequence_nr", None) if node is not None else None
+    return number() if number is not None else None
+
+
 #: modules whose in-place form leaves ``a·dL/da`` of its input exact (its gradient is zero wherever it
 #: changed a value); exact types: a subclass may compute something else
 CLAMPS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh)
@@ -635,12 +652,12 @@ class InPlaceClamps:
 
     Example
     -------
-    >>> clamps, relu = InPlaceClamps(), torch.nn.ReLU(inplace=True)
+    >>> clamps, relu, bn = InPlaceClamps(), torch.nn.ReLU(inplace=True), torch.nn.BatchNorm1d(2)
     >>> handle = relu.register_forward_hook(clamps.hook)
     >>> keep = KeptActivation("bn", clamps)
-    >>> y = torch.tensor([[-1.0, 2.0]])
-    >>> held = keep.hold(y)
-    >>> _ = relu(y)
+    >>> y = bn(torch.tensor([[-1.0, 2.0], [3.0, -4.0]], requires_grad=True))
+    >>> held = keep.hold(y.detach(), y)
+    >>> _ = relu(y)  # the first reader of y, in place
     >>> keep.use(held) is held.kept, keep.clamped  # learnt: no copy from now on
     (True, True)
     """
@@ -681,10 +698,10 @@ class _Held:
     ``owner`` is shared by every hold of the same copy; it holds the ``token``
     of the hold whose activation the copy holds now."""
 
-    __slots__ = ("kept", "alias", "version", "owner", "token", "clamped")
+    __slots__ = ("kept", "alias", "version", "owner", "token", "clamped", "node")
 
     def __init__(self, kept: torch.Tensor, alias: torch.Tensor | None, owner: list | None = None) -> None:
-        self.kept, self.alias, self.clamped = kept, alias, False
+        self.kept, self.alias, self.clamped, self.node = kept, alias, False, None
         self.version = alias._version if alias is not None else None
         self.token = object()
         self.owner = owner if owner is not None else [None]

@@ -183,7 +183,7 @@ class Criterion:
                 return
             if needs_grad:
                 if grad_enabled() and output.requires_grad:
-                    held = hold(output.detach() if identity else view(module, output.detach(), dim))
+                    held = hold(output.detach() if identity else view(module, output.detach(), dim), output)
 
                     def backward_hook(g: torch.Tensor) -> None:
                         a = use(held)

@@ -138,7 +138,8 @@ class ClampedBN(nn.Module):
         self.act = {"relu": nn.ReLU(inplace=True), "relu6": nn.ReLU6(inplace=True),
                     "hardtanh": nn.Hardtanh(-0.5, 0.5, inplace=True), "leaky": nn.LeakyReLU(0.1, inplace=True),
                     "subclass": _ReLUSubclass(inplace=True), "slice": nn.ReLU(inplace=True),
-                    "add_first": nn.ReLU(inplace=True), "functional": nn.Identity()}[tail]
+                    "add_first": nn.ReLU(inplace=True), "functional": nn.Identity(),
+                    "read_first": nn.ReLU(inplace=True), "no_grad": nn.ReLU(inplace=True)}[tail]
         self.tail = tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +149,13 @@ class ClampedBN(nn.Module):
             out = y
         elif self.tail == "functional":  # in place, but no module to prove it
             out = torch.relu_(y)
+        elif self.tail == "read_first":  # another reader before the clamp: its gradient reaches y unclamped
+            z = 0.5 * y
+            out = self.act(y) + z
+        elif self.tail == "no_grad":  # clamped outside autograd: its gradient is not masked
+            with torch.no_grad():
+                self.act(y)
+            out = y * 1.0
         else:
             if self.tail == "add_first":  # another change before the clamp (torchvision's residual sum)
                 y += 1.0
@@ -208,11 +216,12 @@ def test_an_output_clamped_in_place_by_a_clamp_module_is_read_uncopied_and_exact
     assert torch.equal(criterion.scores(point), scores)
 
 
-@pytest.mark.parametrize("tail", ["leaky", "subclass", "slice", "add_first", "functional"])
+@pytest.mark.parametrize("tail", ["leaky", "subclass", "slice", "add_first", "functional", "read_first", "no_grad"])
 def test_any_other_change_in_place_is_copied(tail):
     """LeakyReLU changes values its gradient passes; a subclass may compute anything; a clamp of a
-    part, another change before the clamp, an in-place call without a module: no proof, so the
-    output is copied and the scores are still exact."""
+    part, another change before the clamp, an in-place call without a module, another reader before
+    the clamp (its gradient reaches y where the clamp zeroed it), a clamp outside autograd: no proof,
+    so the output is copied and the scores are still exact."""
     criterion, point, seen, keep, hooks_left, warned = _clamp_run([tail] * 3)
     assert keep is None or not keep.clamped
     torch.testing.assert_close(criterion.scores(point), _taylor(seen), rtol=1e-5, atol=1e-8)
@@ -238,7 +247,7 @@ def test_the_pruner_watches_the_clamps_of_its_model_and_scores_as_without_in_pla
 
     from prunable import Pruner
 
-    def run(inplace: bool) -> dict[str, torch.Tensor]:
+    def run(inplace: bool) -> tuple[dict[str, torch.Tensor], int]:
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=5)
         for m in model.modules():
@@ -251,10 +260,12 @@ def test_the_pruner_watches_the_clamps_of_its_model_and_scores_as_without_in_pla
             for _ in range(2):
                 model.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
+            clamped = sum(keep.clamped for keep in pruner.criterion.clamps._storage)
         assert sum(len(m._forward_hooks) for m in model.modules()) == 0
-        return pruner.scores()
+        return pruner.scores(), clamped
 
-    in_place, out_of_place = run(True), run(False)
+    (in_place, clamped), (out_of_place, none) = run(True), run(False)
+    assert (clamped, none) == (9, 0)  # every bn1 (8 blocks and the stem) read uncopied; bn2 has `+= identity`
     assert in_place.keys() == out_of_place.keys() and len(in_place) > 5
     for gid in in_place:
         assert torch.equal(in_place[gid], out_of_place[gid]), gid
