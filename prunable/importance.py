@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,9 +114,9 @@ class _EagerStance:
         self._stance = set_stance("force_eager") if set_stance is not None else None
 
     def remove(self) -> None:
-        if self._stance is not None:
+        if self._stance is not None and not sys.is_finalizing():  # at exit nothing is left to restore
             self._stance.__exit__(None, None, None)
-            self._stance = None
+        self._stance = None
 
 
 class Criterion:

@@ -427,3 +427,25 @@ def test_l1_norm_in_blocks_of_rows_equals_the_sum_of_abs(monkeypatch, shape):
     monkeypatch.setattr(importance, "L1_BLOCK", 13)
     point = MeasurePoint("c", conv, 1, conv)
     assert torch.allclose(WeightNorm(1).scores(point), _l1_rows(conv), rtol=1e-6, atol=0)
+
+
+def test_an_estimate_left_open_at_interpreter_exit_ends_quietly(tmp_path):
+    """A script that exits inside ``with pruner.estimate():`` (the block never left) must not print
+    an "Exception ignored" traceback when Python shuts down and the estimate is finalised."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import torch\n"
+        "from prunable import Pruner\n"
+        "model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+        "                            torch.nn.Conv2d(4, 2, 3))\n"
+        "pruner = Pruner(model, torch.randn(1, 3, 8, 8))\n"
+        "block = pruner.estimate()\n"
+        "block.__enter__()\n"
+        "model(torch.randn(2, 3, 8, 8)).sum().backward()\n"
+        "print('done')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr
