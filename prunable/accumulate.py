@@ -100,9 +100,8 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
     if a.dim() <= 2:  # (N, C): nothing to average
         torch.mul(a.float(), g.float(), out=out)
         return 1
-    reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
-    if a.device.type != "cpu" or (step >= a.shape[0] and not (a.is_contiguous() and g.is_contiguous())):
-        # one block (a GPU reads it in one kernel); a strided one keeps the layout the product takes
+    reduced, positions, step, _ = _blocks(a.shape, channel_dim)
+    if not _in_blocks(a, g, step):
         torch.sum(a.float() * g.float(), reduced, out=out)
         return positions
     scratch = scratch or Scratch()
@@ -112,17 +111,28 @@ def taylor_sums(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int =
     return positions
 
 
+def _blocks(shape: torch.Size, channel_dim: int) -> tuple[tuple[int, ...], int, int, int]:
+    """:func:`_blocking` of ``shape`` with this thread count's budget (:data:`CHUNK_ELEMENTS` per torch thread)."""
+    return _blocking(shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+
+
+def _in_blocks(a: torch.Tensor, g: torch.Tensor, step: int) -> bool:
+    """Whether the product is formed in blocks of a CPU buffer (``step`` examples each): not on a
+    GPU (which reads it in one kernel), nor for one block of a strided input (the product then
+    keeps the layout it takes)."""
+    return a.device.type == "cpu" and (step < a.shape[0] or (a.is_contiguous() and g.is_contiguous()))
+
+
 def _work_elements(shape: torch.Size, channel_dim: int) -> int:
     """Elements of the work buffer :func:`_sums_plan` needs for inputs of ``shape``."""
-    _, positions, step, size = _blocking(shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+    _, positions, step, size = _blocks(shape, channel_dim)
     step = min(step, shape[0])
     return step * size + (step * shape[1] if _by_rows(positions, channel_dim, len(shape)) else 0)
 
 
 def _by_rows(positions: int, channel_dim: int, dims: int) -> bool:
-    """Whether the positions are summed as rows by a matrix-vector product: few positions per
-    channel, in the trailing dims (``torch.sum``'s kernel takes several times longer over rows
-    of 2-16 elements; from an 8×8 map on it is as fast or faster)."""
+    """Whether the positions are summed as rows by a matrix-vector product: at most
+    :data:`ROW_SUM_POSITIONS` per channel, in the trailing dims."""
     return positions <= ROW_SUM_POSITIONS and channel_dim % dims == 1
 
 
@@ -134,37 +144,32 @@ def _sums_plan(a: torch.Tensor, g: torch.Tensor, channel_dim: int, out: torch.Te
     scored every step runs only the product and the reduction of each block (on the CPU each
     operation, however small, costs microseconds, tens of them in a training step's cold caches).
     """
-    reduced, positions, step, size = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
+    reduced, positions, step, size = _blocks(a.shape, channel_dim)
     n, c = a.shape[0], a.shape[1]
     step = min(step, n)
     by_rows = _by_rows(positions, channel_dim, a.dim())
     product = torch.mul if a.dtype == g.dtype == torch.float32 else _widened_product
     ones = scratch.ones(positions, a.device) if by_rows else None
-    blocks = []
+    blocks = []  # (where the block's product is formed, the reduction of it into its rows of out)
     for i in range(0, n, step):
         k = min(n, i + step) - i
         target = out if k == n else out[i:i + k]
         block = flat[: k * size].view((k,) + a.shape[1:])
         if not by_rows:
-            blocks.append((i, k, block, functools.partial(torch.sum, block, reduced, out=target)))
+            blocks.append((block, functools.partial(torch.sum, block, reduced, out=target)))
             continue
         rows = target.view(-1) if target.is_contiguous() else flat[step * size: step * size + k * c]
         mv = functools.partial(torch.mv, flat[: k * size].view(-1, positions), ones, out=rows)
-        if rows.data_ptr() == target.data_ptr():
-            blocks.append((i, k, block, mv))
-        else:
-            blocks.append((i, k, block, _then_copy(mv, target, rows.view(k, c))))
+        blocks.append((block, mv if rows.data_ptr() == target.data_ptr() else _then_copy(mv, target, rows.view(k, c))))
     if len(blocks) == 1:  # one block: no slices (each is an operation)
-        block, reduce = blocks[0][2], blocks[0][3]
+        ((block, reduce),) = blocks
 
         def run(a: torch.Tensor, g: torch.Tensor) -> None:
             product(a, g, out=block)
             reduce()
     else:
-        pairs = [(block, reduce) for _, _, block, reduce in blocks]
-
         def run(a: torch.Tensor, g: torch.Tensor) -> None:
-            for a_part, g_part, (block, reduce) in zip(a.split(step), g.split(step), pairs):  # one call each
+            for a_part, g_part, (block, reduce) in zip(a.split(step), g.split(step), blocks):  # one call each
                 product(a_part, g_part, out=block)
                 reduce()
     return run
@@ -452,9 +457,8 @@ class StepScores:
         """The function writing the sums of inputs laid out as ``a`` and ``g`` into ``out``, and its positions:
         :func:`taylor_sums`' CPU block path with its views made once, or :func:`taylor_sums` itself."""
         scratch = scratch or Scratch()
-        _, positions, step, _ = _blocking(a.shape, channel_dim, CHUNK_ELEMENTS * torch.get_num_threads())
-        if (a.device.type != "cpu" or a.dim() <= 2 or a.requires_grad or g.requires_grad
-                or (step >= a.shape[0] and not (a.is_contiguous() and g.is_contiguous()))):
+        _, positions, step, _ = _blocks(a.shape, channel_dim)
+        if a.dim() <= 2 or a.requires_grad or g.requires_grad or not _in_blocks(a, g, step):
             return functools.partial(_sums_into, channel_dim, out, scratch), positions
         need = _work_elements(a.shape, channel_dim)
         if self._work is None or self._work.numel() < need:
